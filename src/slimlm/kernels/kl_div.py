@@ -1,0 +1,111 @@
+"""The fused distillation-divergence op: backends, fake implementation, autograd.
+
+``kl_div_fwd`` computes, in one pass per row, the loss and the student gradient.
+The autograd function stores that gradient and its backward only scales it, in place,
+so peak memory above the inputs is one gradient-sized buffer.
+"""
+from __future__ import annotations
+
+import torch
+
+from slimlm import _extension
+from slimlm.kernels import dispatch, reference
+
+
+def _compiled(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad):
+    return torch.ops.slimlm.kl_div_fwd(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad)
+
+
+def _triton(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad):
+    from slimlm.kernels.triton import kl_div as triton_kl_div
+
+    return triton_kl_div.kl_div_fwd(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad)
+
+
+def _impls() -> dict:
+    impls = {"torch": reference.kl_div_fwd, "triton": _triton}
+    if _extension.has_op("kl_div_fwd"):
+        impls["cpu"] = _compiled
+        impls["cuda"] = _compiled
+    return impls
+
+
+if _extension.has_op("kl_div_fwd"):
+
+    @torch.library.register_fake("slimlm::kl_div_fwd")
+    def _kl_div_fwd_fake(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad):
+        loss = student.new_empty(student.shape[0], dtype=torch.float32)
+        grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
+        return loss, grad
+
+
+def kl_div_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    scale: float = 1.0,
+    compute_grad: bool = True,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss (fp32, (N,)) and student gradient ((N, V), student dtype) of 2-D contiguous logits.
+
+    Inputs are assumed valid (``slimlm.losses.kl_div_loss`` checks them). ``backend``
+    overrides the dispatcher's choice (see ``slimlm.kernels.dispatch``).
+    """
+    impls = _impls()
+    if student.dtype == torch.float64:
+        impls = {"torch": impls["torch"]}
+        backend = "torch"
+    return dispatch.run(
+        "kl_div",
+        impls,
+        student.device,
+        student,
+        teacher,
+        labels,
+        ignore_index,
+        temperature,
+        beta,
+        scale,
+        compute_grad,
+        backend=backend,
+    )
+
+
+class KLDivFunction(torch.autograd.Function):
+    """loss = reduce(scale · divergence rows); the gradient comes from the forward pass.
+
+    ``norm`` is the reduction's divisor as a 0-dim tensor (or None): dividing by it in
+    backward instead of before the kernel avoids a host sync on the valid-row count.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, ignore_index, temperature, beta, scale, norm, reduce_rows, backend):
+        loss_rows, grad = kl_div_fwd(
+            student, teacher, labels, ignore_index, temperature, beta, scale, student.requires_grad, backend
+        )
+        ctx.reduce_rows = reduce_rows
+        ctx.consumed = False
+        ctx.save_for_backward(grad, norm if norm is not None else torch.ones((), device=student.device))
+        if not reduce_rows:
+            return loss_rows
+        loss = loss_rows.sum()
+        return loss / norm if norm is not None else loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, norm = ctx.saved_tensors
+        if ctx.consumed:
+            raise RuntimeError(
+                "kl_div_loss: backward ran twice through the same graph; its gradient is computed in "
+                "the forward pass and scaled in place, so recompute the loss instead of retain_graph=True"
+            )
+        ctx.consumed = True
+        factor = grad_output / norm if ctx.reduce_rows else grad_output.reshape(-1, 1)
+        # On CPU the check is free and the common factor 1 saves a pass over (N, V).
+        if grad.device.type != "cpu" or not bool((factor == 1).all()):
+            grad.mul_(factor.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None, None, None
