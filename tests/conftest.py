@@ -9,14 +9,26 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from slimlm.kernels import dispatch  # noqa: E402
+from slimlm.kernels.triton import runtime as triton_runtime  # noqa: E402
 
 
-def available_backends(device: str = "cpu") -> list:
-    """pytest params for every backend, skipped (with the reason) where it cannot run."""
+def native_device(backend: str) -> torch.device:
+    """Where a backend's test tensors live: CUDA for ``cuda``, and for ``triton`` when a GPU
+    exists (it is interpreted on CPU tensors only without one); CPU for ``torch`` and ``cpu``."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def available_backends(device: str | None = "cpu") -> list:
+    """pytest params for every backend that runs tensors on ``device``, skipped (with the reason)
+    where it cannot run here. ``device=None``: each backend on its ``native_device``; such
+    tests take the ``device`` fixture and put their tensors there."""
     live = dispatch.backends()
     params = []
     for name in dispatch.BACKENDS:
-        if name == "cuda" and device == "cpu":
+        where = native_device(name) if device is None else torch.device(device)
+        if (name, where.type) in (("cuda", "cpu"), ("cpu", "cuda")):
             continue
         reason = None
         if not live[name]:
@@ -25,11 +37,20 @@ def available_backends(device: str = "cpu") -> list:
                 "cuda": "no CUDA build or device",
                 "triton": "triton not installed / no GPU and not interpreted",
             }.get(name, "unavailable")
+        elif where.type == "cuda" and not torch.cuda.is_available():
+            reason = "no CUDA device"
+        elif name == "triton" and where.type == "cpu" and not triton_runtime.interpreted():
+            reason = "Triton runs on CUDA tensors here (TRITON_INTERPRET is not set)"
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(name, marks=marks, id=name))
     return params
 
 
 @pytest.fixture
-def device():
+def device(request):
+    """The test's tensor device: the native device of its ``backend`` parameter if it has one,
+    else CUDA when present."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "backend" in callspec.params:
+        return native_device(callspec.params["backend"])
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

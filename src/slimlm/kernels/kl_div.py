@@ -105,7 +105,8 @@ class KLDivFunction(torch.autograd.Function):
             )
         ctx.consumed = True
         factor = grad_output / norm if ctx.reduce_rows else grad_output.reshape(-1, 1)
-        # On CPU the check is free and the common factor 1 saves a pass over (N, V).
-        if grad.device.type != "cpu" or not bool((factor == 1).all()):
+        # On CPU the check is free and the common factor 1 saves a pass over (N, V);
+        # a compiled graph cannot branch on a tensor's value, so it always scales.
+        if grad.device.type != "cpu" or torch.compiler.is_compiling() or not bool((factor == 1).all()):
             grad.mul_(factor.to(grad.dtype))
         return grad, None, None, None, None, None, None, None, None, None
