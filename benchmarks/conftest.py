@@ -3,11 +3,14 @@
 Every benchmark compares providers in the same run and records rows
 (op, provider, shape, dtype, metric, value, unit, device, version) to
 ``$SLIMLM_BENCH_CSV`` (default ``.benchmarks/results.csv``); BENCHMARKS.md's tables
-are made from them. ``SLIMLM_BENCH_QUICK=1`` (CI) shrinks shapes and rounds.
+are made from them, and the end of the run prints them as tables with each provider's
+speed-up over the eager and compiled baselines. ``SLIMLM_BENCH_QUICK=1`` (CI) shrinks
+shapes and rounds.
 """
 from __future__ import annotations
 
 import csv
+import ctypes
 import gc
 import os
 import platform
@@ -21,6 +24,10 @@ import slimlm
 QUICK = os.environ.get("SLIMLM_BENCH_QUICK") == "1"
 CSV_PATH = os.environ.get("SLIMLM_BENCH_CSV", os.path.join(".benchmarks", "results.csv"))
 FIELDS = ("op", "provider", "shape", "dtype", "metric", "value", "unit", "device", "version")
+# This session's rows, for the table printed at the end of the run (pytest_terminal_summary).
+SESSION_ROWS: list[dict] = []
+# Providers every time is compared with in that table, when they ran in the same group.
+BASELINES = ("eager", "compile")
 
 
 def device_name(device: torch.device | str = "cpu") -> str:
@@ -33,14 +40,14 @@ def device_name(device: torch.device | str = "cpu") -> str:
 def record_row(op, provider, shape, dtype, metric, value, unit, device="cpu") -> None:
     os.makedirs(os.path.dirname(CSV_PATH) or ".", exist_ok=True)
     new = not os.path.exists(CSV_PATH)
+    row = dict(op=op, provider=provider, shape=str(shape), dtype=str(dtype).replace("torch.", ""), metric=metric,
+               value=f"{value:.6g}", unit=unit, device=device_name(device), version=slimlm.__version__)
     with open(CSV_PATH, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         if new:
             writer.writeheader()
-        writer.writerow(
-            dict(op=op, provider=provider, shape=str(shape), dtype=str(dtype).replace("torch.", ""), metric=metric,
-                 value=f"{value:.6g}", unit=unit, device=device_name(device), version=slimlm.__version__)
-        )
+        writer.writerow(row)
+    SESSION_ROWS.append({**row, "value": float(value)})
 
 
 @pytest.fixture
@@ -89,3 +96,57 @@ def median_seconds(fn, rounds: int, warmup: int = 1) -> float:
         times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2]
+
+
+def release_freed_memory() -> None:
+    """Returns memory that earlier measurements freed to the OS (gc, then glibc's malloc_trim),
+    so a resident-set peak counts the next function's own allocations rather than pages malloc kept."""
+    gc.collect()
+    if platform.system() == "Linux":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _summary_cell(value: float, unit: str) -> tuple[str, str]:
+    """(column header unit, text) for one value: seconds are shown in milliseconds."""
+    if unit == "s":
+        return "ms", f"{value * 1e3:.1f}"
+    return unit, f"{value:.4g}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One table per (op, shape, dtype, device) measured in this session: every metric of every
+    provider and, for times, the speed-up over each baseline provider that ran beside it
+    (baseline time / provider time: 2.0x = twice as fast)."""
+    if not SESSION_ROWS:
+        return
+    groups: dict[tuple, dict[str, dict[tuple[str, str], float]]] = {}
+    for row in SESSION_ROWS:
+        key = (row["op"], row["shape"], row["dtype"], row["device"])
+        groups.setdefault(key, {}).setdefault(row["provider"], {})[(row["metric"], row["unit"])] = row["value"]
+    terminalreporter.section("slimlm benchmarks (this run)")
+    for (op, shape, dtype, device), providers in groups.items():
+        metrics = list(dict.fromkeys(metric for values in providers.values() for metric in values))
+        header = ["provider"]
+        for metric, unit in metrics:
+            header.append(f"{metric} [{_summary_cell(0.0, unit)[0]}]")
+            if unit == "s":
+                header += [f"vs {base}" for base in BASELINES if (metric, unit) in providers.get(base, {})]
+        lines = [header]
+        for provider, values in providers.items():
+            line = [provider]
+            for metric, unit in metrics:
+                value = values.get((metric, unit))
+                line.append("-" if value is None else _summary_cell(value, unit)[1])
+                if unit == "s":
+                    for base in BASELINES:
+                        base_value = providers.get(base, {}).get((metric, unit))
+                        if base_value is not None:
+                            line.append("-" if not value else f"{base_value / value:.2f}x")
+            lines.append(line)
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        terminalreporter.write_line(f"{op}  shape {shape}  {dtype}  on {device}")
+        for line in lines:
+            terminalreporter.write_line("  " + "  ".join(cell.rjust(width) for cell, width in zip(line, widths)))

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import available_backends
+from conftest import available_backends, native_device
 from slimlm import kl_div_loss
 from slimlm.kernels import kl_div as kl_ops
 from slimlm.kernels import reference
@@ -28,15 +28,22 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+def on_device(fn, device, *args, **kwargs):
+    """``fn`` on copies of the tensor arguments moved to ``device``; tensor results come back to the CPU."""
+    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    result = fn(*moved, **kwargs)
+    return tuple(r.cpu() for r in result) if isinstance(result, tuple) else result.cpu()
+
+
 def fp64_truth(student, teacher, labels, temperature, beta, scale):
     return reference.kl_div_fwd(student.double(), teacher.double(), labels, -100, temperature, beta, scale, True)
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", available_backends(None))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("beta,temperature", DIVERGENCES)
 @pytest.mark.parametrize("rows,vocab", SHAPES)
-def test_backend_matches_fp64_reference(backend, dtype, beta, temperature, rows, vocab):
+def test_backend_matches_fp64_reference(backend, device, dtype, beta, temperature, rows, vocab):
     student = realistic_logits(rows, vocab, dtype, seed=rows * vocab)
     teacher = realistic_logits(rows, vocab, dtype, seed=rows * vocab + 1)
     labels = torch.arange(rows) * 3
@@ -44,7 +51,8 @@ def test_backend_matches_fp64_reference(backend, dtype, beta, temperature, rows,
     scale = temperature**2
     loss64, grad64 = fp64_truth(student, teacher, labels, temperature, beta, scale)
     loss_t, grad_t = reference.kl_div_fwd(student, teacher, labels, -100, temperature, beta, scale, True)
-    loss_b, grad_b = kl_ops.kl_div_fwd(student, teacher, labels, -100, temperature, beta, scale, True, backend=backend)
+    loss_b, grad_b = on_device(kl_ops.kl_div_fwd, device, student, teacher, labels, -100, temperature, beta, scale, True,
+                               backend=backend)
 
     assert loss_b.dtype == torch.float32 and loss_b.shape == (rows,)
     assert grad_b.dtype == dtype and grad_b.shape == student.shape
@@ -58,19 +66,19 @@ def test_backend_matches_fp64_reference(backend, dtype, beta, temperature, rows,
     assert torch.all(grad_b[ignored] == 0)
 
 
-@pytest.mark.parametrize("backend", available_backends())
-def test_forward_only_returns_empty_grad(backend):
+@pytest.mark.parametrize("backend", available_backends(None))
+def test_forward_only_returns_empty_grad(backend, device):
     student = realistic_logits(4, 300, torch.float32, 0)
     teacher = realistic_logits(4, 300, torch.float32, 1)
-    loss, grad = kl_ops.kl_div_fwd(student, teacher, None, -100, 1.0, 0.0, 1.0, False, backend=backend)
+    loss, grad = on_device(kl_ops.kl_div_fwd, device, student, teacher, None, -100, 1.0, 0.0, 1.0, False, backend=backend)
     ref, _ = reference.kl_div_fwd(student, teacher, None, -100, 1.0, 0.0, 1.0, True)
     assert grad.numel() == 0
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", available_backends(None))
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_negative_infinity_logits(backend, beta):
+def test_negative_infinity_logits(backend, device, beta):
     """A masked vocabulary (-inf logits) gives finite losses and gradients.
 
     Columns 500+ are masked on both sides; in row 1 one side alone is masked where the
@@ -81,7 +89,7 @@ def test_negative_infinity_logits(backend, beta):
     student[:, 500:] = float("-inf")
     teacher[:, 500:] = float("-inf")
     (student if beta == 1.0 else teacher)[1, :50] = float("-inf")
-    loss, grad = kl_ops.kl_div_fwd(student, teacher, None, -100, 1.0, beta, 1.0, True, backend=backend)
+    loss, grad = on_device(kl_ops.kl_div_fwd, device, student, teacher, None, -100, 1.0, beta, 1.0, True, backend=backend)
     ref_loss, ref_grad = fp64_truth(student, teacher, None, 1.0, beta, 1.0)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-4)
@@ -89,12 +97,12 @@ def test_negative_infinity_logits(backend, beta):
     assert torch.all(grad[:, 500:] == 0)
 
 
-@pytest.mark.parametrize("backend", available_backends())
-def test_all_rows_ignored_gives_zero_loss_and_grad(backend, monkeypatch):
+@pytest.mark.parametrize("backend", available_backends(None))
+def test_all_rows_ignored_gives_zero_loss_and_grad(backend, device, monkeypatch):
     monkeypatch.setenv("SLIMLM_BACKEND", backend)
-    student = torch.randn(2, 3, 77, requires_grad=True)
-    teacher = torch.randn(2, 3, 77)
-    labels = torch.full((2, 3), -100)
+    student = torch.randn(2, 3, 77).to(device).requires_grad_()
+    teacher = torch.randn(2, 3, 77).to(device)
+    labels = torch.full((2, 3), -100).to(device)
     for reduction in ("batchmean", "mean", "sum"):
         loss = kl_div_loss(student, teacher, labels=labels, reduction=reduction)
         loss.backward()
@@ -103,20 +111,24 @@ def test_all_rows_ignored_gives_zero_loss_and_grad(backend, monkeypatch):
         student.grad = None
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", available_backends(None))
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
-def test_loss_and_grad_match_autograd_of_reference(backend, reduction, monkeypatch):
+def test_loss_and_grad_match_autograd_of_reference(backend, device, reduction, monkeypatch):
     monkeypatch.setenv("SLIMLM_BACKEND", backend)
     torch.manual_seed(0)
-    student = (torch.randn(2, 5, 301) * 4).requires_grad_()
+    student = torch.randn(2, 5, 301) * 4
     teacher = torch.randn(2, 5, 301) * 4
     labels = torch.randint(0, 301, (2, 5))
     labels[0, :3] = -100
     temperature, beta = 2.0, 0.5
-
-    loss = kl_div_loss(student, teacher, labels=labels, temperature=temperature, beta=beta, reduction=reduction)
     weights = torch.randn(2, 5) if reduction == "none" else torch.tensor(1.7)
-    (loss * weights).sum().backward()
+
+    student_on_device = student.to(device).requires_grad_()
+    loss = kl_div_loss(
+        student_on_device, teacher.to(device), labels=labels.to(device), temperature=temperature, beta=beta,
+        reduction=reduction,
+    )
+    (loss * weights.to(device)).sum().backward()
 
     leaf = student.detach().clone().requires_grad_()
     rows = reference.divergence_rows(leaf, teacher, temperature, beta) * temperature**2
@@ -129,8 +141,8 @@ def test_loss_and_grad_match_autograd_of_reference(backend, reduction, monkeypat
         "none": rows,
     }[reduction]
     (expected * weights).sum().backward()
-    torch.testing.assert_close(loss, expected.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(student.grad, leaf.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss.detach().cpu(), expected.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(student_on_device.grad.cpu(), leaf.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_num_items_in_batch_makes_accumulation_match_one_batch():
@@ -230,3 +242,132 @@ BAD_INPUTS = [
 def test_bad_input_is_a_clear_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         kl_div_loss(**kwargs)
+
+
+def assert_within_error_rule(loss, grad, student, teacher, labels, temperature, beta):
+    """The rule of test_backend_matches_fp64_reference, for outputs on the CPU (scale 1)."""
+    loss64, grad64 = fp64_truth(student, teacher, labels, temperature, beta, 1.0)
+    loss_t, grad_t = reference.kl_div_fwd(student, teacher, labels, -100, temperature, beta, 1.0, True)
+    assert max_err(loss, loss64) <= 2 * max_err(loss_t, loss64) + 1e-5 * (1 + loss64.abs().max().item())
+    assert max_err(grad, grad64) <= 2 * max_err(grad_t, grad64) + 1e-6 * (1 + grad64.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", available_backends(None))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_at_unaligned_addresses(backend, device, dtype):
+    """Student, teacher and gradient rows need not share an alignment (views at odd offsets)."""
+    vocab = 1003
+    student_storage = realistic_logits(5, vocab, dtype, 6).to(device)
+    teacher_storage = realistic_logits(6, vocab, dtype, 7).to(device)
+    student, teacher = student_storage[1:4], teacher_storage[3:6]
+    assert student.is_contiguous() and teacher.is_contiguous()
+    labels = torch.tensor([1, -100, 2], device=device)
+    for beta in (0.0, 0.5, 1.0):
+        loss, grad = kl_ops.kl_div_fwd(student, teacher, labels, -100, 1.5, beta, 1.0, True, backend=backend)
+        assert_within_error_rule(loss.cpu(), grad.cpu(), student.cpu(), teacher.cpu(), labels.cpu(), 1.5, beta)
+
+
+def _triton_op():
+    """The Triton backend's custom op, imported on demand (Triton is optional)."""
+    if not kl_ops.dispatch.backends()["triton"]:
+        pytest.skip("triton not installed / no GPU and not interpreted")
+    from slimlm.kernels.triton import kl_div as triton_kl_div  # noqa: F401  (registers the op)
+
+    return torch.ops.slimlm.kl_div_fwd_triton.default
+
+
+def test_triton_opcheck():
+    op = _triton_op()
+    device = native_device("triton")
+    student = realistic_logits(4, 129, torch.float32, 4).to(device)
+    teacher = realistic_logits(4, 129, torch.float32, 5).to(device)
+    labels = torch.tensor([1, -100, 3, 4], device=device)
+    for args in [
+        (student, teacher, labels, -100, 1.0, 0.0, 1.0, True),
+        (student, teacher, None, -100, 2.0, 0.5, 4.0, False),
+        (student.bfloat16(), teacher.bfloat16(), labels, -100, 1.0, 1.0, 1.0, True),
+    ]:
+        torch.library.opcheck(op, args)
+
+
+def test_triton_compiles_fullgraph():
+    """The Triton op traces through its fake implementation and runs the kernel when compiled."""
+    _triton_op()
+    device = native_device("triton")
+    student = realistic_logits(6, 300, torch.float32, 8).to(device)
+    teacher = realistic_logits(6, 300, torch.float32, 9).to(device)
+    labels = torch.tensor([0, 1, -100, 3, 4, 5], device=device)
+
+    def step(s, t, y):
+        loss_rows, grad = kl_ops.kl_div_fwd(s, t, y, -100, 2.0, 0.5, 4.0, True, backend="triton")
+        return loss_rows.sum(), grad * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, grad = compiled(student, teacher, labels)
+    expected_loss, expected_grad = step(student, teacher, labels)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+GPU_BACKENDS = [p for p in available_backends("cuda") if p.values[0] in ("cuda", "triton")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize(
+    "rows,vocab,dtype", [(16, 128256, torch.bfloat16), (8, 151936, torch.float32), (8, 50257, torch.float16)], ids=str
+)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_llm_vocabularies_on_gpu(backend, rows, vocab, dtype, beta):
+    """Real LLM vocabulary sizes (Llama 3, Qwen2, GPT-2's odd one) on the GPU kernels."""
+    student = realistic_logits(rows, vocab, dtype, seed=vocab)
+    teacher = realistic_logits(rows, vocab, dtype, seed=vocab + 1)
+    labels = torch.arange(rows)
+    labels[1::3] = -100
+    loss, grad = on_device(kl_ops.kl_div_fwd, "cuda", student, teacher, labels, -100, 1.0, beta, 1.0, True,
+                           backend=backend)
+    assert_within_error_rule(loss, grad, student, teacher, labels, 1.0, beta)
+    assert torch.all(grad[labels == -100] == 0)
+
+
+CPU_ISAS = ["scalar", "avx2", "avx512"]
+
+
+@pytest.mark.skipif(not kl_ops._extension.has_op("kl_div_fwd"), reason="slimlm._C not built")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_kernel_under_each_instruction_set(isa, dtype, monkeypatch):
+    """Each compiled variant of the CPU kernel (SLIMLM_CPU_ISA picks one) follows the error rule,
+    on rows ending in a partial vector of every width, with masked (-inf) columns and ignored rows;
+    a 16 MB gradient, written with non-temporal stores, equals the same rows computed alone."""
+    monkeypatch.setenv("SLIMLM_CPU_ISA", isa)
+    if kl_ops._extension.build_info().get("cpu_isa") != isa:
+        pytest.skip(f"no {isa} on this CPU or in this build")
+    for rows, vocab in [(1, 7), (2, 33), (3, 4097), (4, 2048)]:
+        student = realistic_logits(rows, vocab, dtype, seed=vocab)
+        teacher = realistic_logits(rows, vocab, dtype, seed=vocab + 1)
+        if vocab > 20:
+            student[:, -19:] = float("-inf")
+            teacher[:, -19:] = float("-inf")
+        labels = torch.arange(rows)
+        labels[1::3] = -100
+        for beta, temperature in [(0.0, 1.0), (0.5, 2.0), (1.0, 0.5)]:
+            loss, grad = kl_ops.kl_div_fwd(student, teacher, labels, -100, temperature, beta, 1.0, True, backend="cpu")
+            assert_within_error_rule(loss, grad, student, teacher, labels, temperature, beta)
+            assert torch.all(grad[labels == -100] == 0) and torch.all(loss[labels == -100] == 0)
+            if vocab > 20:
+                assert torch.all(grad[:, -19:] == 0)
+
+    vocab = 32768
+    rows = (16 << 20) // (vocab * torch.tensor([], dtype=dtype).element_size())
+    student = realistic_logits(rows, vocab, dtype, seed=rows)
+    teacher = realistic_logits(rows, vocab, dtype, seed=rows + 1)
+    labels = torch.arange(rows)
+    labels[1::3] = -100
+    for beta in (0.0, 0.5, 1.0):
+        loss, grad = kl_ops.kl_div_fwd(student, teacher, labels, -100, 1.0, beta, 1.0, True, backend="cpu")
+        loss_alone, grad_alone = kl_ops.kl_div_fwd(
+            student[:4], teacher[:4], labels[:4], -100, 1.0, beta, 1.0, True, backend="cpu"
+        )
+        assert torch.equal(loss[:4], loss_alone) and torch.equal(grad[:4], grad_alone)
+        assert torch.all(grad[labels == -100] == 0) and torch.all(loss[labels == -100] == 0)

@@ -21,9 +21,14 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 CUDA_DEFAULT: dict[str, str] = {}
 
 
+# What the extension was built with, read once: backends() also runs while torch.compile
+# traces a loss, and Dynamo cannot call the extension's pybind functions.
+_BUILT = _extension.build_info()
+
+
 def backends() -> dict[str, bool]:
     """Which backends can run in this process."""
-    info = _extension.build_info()
+    info = _BUILT
     return {
         "torch": True,
         "cpu": bool(info.get("cpu")),
