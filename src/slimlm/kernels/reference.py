@@ -68,3 +68,97 @@ def kl_div_fwd(
         rows = torch.where(valid, rows, torch.zeros_like(rows))
         grad = torch.autograd.grad(rows.sum(), leaf)[0].to(student.dtype) if compute_grad else student.new_empty(0)
     return rows.detach().to(torch.float64 if student.dtype == torch.float64 else torch.float32), grad
+
+
+def masked_seq_stats(x: torch.Tensor, mask: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """Reference of ``torch.ops.slimlm.masked_seq_stats``: per-sample sequence sums of (B, S, C) activations.
+
+    v[b, s, j] = x[b, s, j] when ``group_size`` is 1, else the L2 norm of channels
+    j·g … j·g + g − 1 (g = ``group_size``: a head's slice of a (B, S, H·D) tensor).
+    Returns fp32 (fp64 for fp64 input) of shape (3, B, C / g): over the tokens s with
+    ``mask[b, s]`` true (all tokens without a mask), Σ_s v, Σ_s |v|, Σ_s v².
+    Masked tokens are never read into the sums (NaN there does not leak).
+    """
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    batch, seq, channels = x.shape
+    values = x.to(compute_dtype)
+    if group_size > 1:
+        values = values.reshape(batch, seq, channels // group_size, group_size).square().sum(-1).sqrt()
+    if mask is not None:
+        values = torch.where(mask.reshape(batch, seq, 1).bool(), values, torch.zeros((), dtype=compute_dtype))
+    return torch.stack([values.sum(1), values.abs().sum(1), values.square().sum(1)])
+
+
+def masked_row_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Reference of ``torch.ops.slimlm.masked_row_cosine`` on 2-D (N, C) inputs.
+
+    cos[n] = Σ_c a·b / max(‖a_n‖·‖b_n‖, eps), accumulated in fp32 (fp64 stays fp64);
+    rows with ``mask[n]`` false are 0.
+    """
+    compute_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a, b = a.to(compute_dtype), b.to(compute_dtype)
+    norms = a.square().sum(-1).sqrt() * b.square().sum(-1).sqrt()
+    cosine = (a * b).sum(-1) / norms.clamp_min(eps)
+    if mask is not None:
+        cosine = torch.where(mask.reshape(-1).bool(), cosine, torch.zeros((), dtype=compute_dtype))
+    return cosine
+
+
+def topk_bucket_logprobs(
+    student: torch.Tensor, topk_logprobs: torch.Tensor, topk_indices: torch.Tensor, temperature: float, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probabilities on the teacher's top-k support, (N, k) or (N, k + 1).
+
+    The student is log_softmax(student / τ) over the full vocabulary, gathered at the indices.
+    ``renormalize``: the teacher's top-k is renormalised to sum to 1 and the student's full-vocab
+    log-probs are used as they are (no tail). Otherwise both get a last "tail" bucket holding the
+    mass outside the top-k, 1 − Σ exp(top-k), clamped at the dtype's smallest normal number.
+    """
+    compute_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    log_q = F.log_softmax(student.to(compute_dtype) / temperature, dim=-1).gather(-1, topk_indices.long())
+    log_p = topk_logprobs.to(compute_dtype)
+    if renormalize:
+        return log_p - torch.logsumexp(log_p, dim=-1, keepdim=True), log_q
+    tiny = torch.finfo(compute_dtype).tiny
+    tail_p = (1.0 - log_p.exp().sum(-1, keepdim=True)).clamp(min=tiny).log()
+    tail_q = (1.0 - log_q.exp().sum(-1, keepdim=True)).clamp(min=tiny).log()
+    return torch.cat([log_p, tail_p], -1), torch.cat([log_q, tail_q], -1)
+
+
+def divergence_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """``divergence_rows``'s D(P‖Q) for already-normalised log-probabilities (no softmax)."""
+    if beta == 0.0:
+        return _kl_from_logs(log_p, log_q)
+    if beta == 1.0:
+        return _kl_from_logs(log_q, log_p)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * _kl_from_logs(log_p, log_m) + (1.0 - beta) * _kl_from_logs(log_q, log_m)
+
+
+def topk_kl_fwd(
+    student: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    topk_indices: torch.Tensor,
+    labels: torch.Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    beta: float,
+    scale: float,
+    renormalize: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``torch.ops.slimlm.topk_kl_fwd``: the sparse-teacher divergence of (N, V) logits.
+
+    Teacher: (N, k) log-probabilities log softmax(t / τ) at (N, k) distinct vocabulary indices.
+    Returns (scale · D per row over ``topk_bucket_logprobs``'s support, fp32, ignored rows 0;
+    d(sum of rows)/d student in the student's dtype, or an empty tensor). ``renormalize``
+    supports forward KL only (β = 0).
+    """
+    valid = valid_rows(labels, student.shape[0], ignore_index, student.device)
+    with torch.enable_grad():
+        leaf = student.detach().requires_grad_(compute_grad)
+        log_p, log_q = topk_bucket_logprobs(leaf, topk_logprobs.detach(), topk_indices, temperature, renormalize)
+        rows = divergence_from_logprobs(log_p, log_q, beta) * scale
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+        grad = torch.autograd.grad(rows.sum(), leaf)[0].to(student.dtype) if compute_grad else student.new_empty(0)
+    return rows.detach().to(torch.float64 if student.dtype == torch.float64 else torch.float32), grad

@@ -1,0 +1,115 @@
+"""The sparse-teacher divergence op: backends, fake implementation, autograd.
+
+``topk_kl_fwd`` computes, per row of student logits, the divergence against a teacher given
+only as its top-k log-probabilities and their vocabulary indices, and the student gradient,
+in two passes over the row: (1) max and log-sum-exp over the full vocabulary, (2) a dense
+write of the gradient's softmax part followed by a scatter at the k indices. The k-sized
+bookkeeping in between (tail bucket, divergence, per-index weights) is identical in every
+backend and written out in ``reference.topk_kl_fwd``'s terms:
+
+    q_i = exp(s[idx_i]/τ − lse), p_i = exp(lp_i);   w_i = q_i · ∂D/∂q_i (through the tail),
+    c = Σ_i w_i;   grad_u = scale/τ · (w_u − c · q_u)   with w_u = 0 off the top-k.
+"""
+from __future__ import annotations
+
+import torch
+
+from slimlm import _extension
+from slimlm.kernels import dispatch, reference
+
+
+def _compiled(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, compute_grad):
+    return torch.ops.slimlm.topk_kl_fwd(
+        student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, compute_grad
+    )
+
+
+def _triton(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, compute_grad):
+    from slimlm.kernels.triton import topk_kl as triton_topk_kl
+
+    return triton_topk_kl.topk_kl_fwd(
+        student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, compute_grad
+    )
+
+
+def _impls() -> dict:
+    impls = {"torch": reference.topk_kl_fwd, "triton": _triton}
+    if _extension.has_op("topk_kl_fwd"):
+        impls["cpu"] = _compiled
+        impls["cuda"] = _compiled
+    return impls
+
+
+if _extension.has_op("topk_kl_fwd"):
+
+    @torch.library.register_fake("slimlm::topk_kl_fwd")
+    def _topk_kl_fwd_fake(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize,
+                          compute_grad):
+        loss = student.new_empty(student.shape[0], dtype=torch.float32)
+        grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
+        return loss, grad
+
+
+def topk_kl_fwd(
+    student: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    topk_indices: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    scale: float = 1.0,
+    renormalize: bool = False,
+    compute_grad: bool = True,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss (fp32, (N,)) and student gradient ((N, V), student dtype).
+
+    Inputs are assumed valid and laid out for the kernels (``slimlm.losses.topk_kl_div_loss``
+    checks them): student (N, V) contiguous, log-probs (N, k) fp32, indices (N, k) int64 in
+    [0, V) and distinct per row, labels (N,) int64 or None.
+    """
+    impls = _impls()
+    if student.dtype == torch.float64:
+        impls = {"torch": impls["torch"]}
+        backend = "torch"
+    return dispatch.run(
+        "topk_kl", impls, student.device, student, topk_logprobs, topk_indices, labels, ignore_index, temperature,
+        beta, scale, renormalize, compute_grad, backend=backend,
+    )
+
+
+class TopKKLFunction(torch.autograd.Function):
+    """loss = reduce(scale · sparse-teacher divergence rows); the gradient comes from the forward.
+
+    ``norm``: the reduction's divisor as a 0-dim tensor (or None when folded into ``scale``).
+    """
+
+    @staticmethod
+    def forward(ctx, student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, norm,
+                reduce_rows, backend):
+        loss_rows, grad = topk_kl_fwd(student, logprobs, indices, labels, ignore_index, temperature, beta, scale,
+                                      renormalize, student.requires_grad, backend)
+        ctx.reduce_rows = reduce_rows
+        ctx.consumed = False
+        ctx.save_for_backward(grad, norm if norm is not None else torch.ones((), device=student.device))
+        if not reduce_rows:
+            return loss_rows
+        loss = loss_rows.sum()
+        return loss / norm if norm is not None else loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, norm = ctx.saved_tensors
+        if ctx.consumed:
+            raise RuntimeError(
+                "topk_kl_div_loss: backward ran twice through the same graph; its gradient is computed in the "
+                "forward pass and scaled in place, so recompute the loss instead of retain_graph=True"
+            )
+        ctx.consumed = True
+        factor = grad_output / norm if ctx.reduce_rows else grad_output.reshape(-1, 1)
+        # On CPU the check is free and the common factor 1 saves a pass over (N, V); a
+        # compiled graph cannot branch on a tensor's value, so it always scales.
+        if grad.device.type != "cpu" or torch.compiler.is_compiling() or not bool((factor == 1).all()):
+            grad.mul_(factor.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None, None, None, None, None
