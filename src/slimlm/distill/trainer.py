@@ -1,0 +1,289 @@
+"""Knowledge distillation on the Hugging Face Trainer.
+
+``DistillationTrainer`` is constructed like ``transformers.Trainer`` plus a teacher::
+
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args,
+                                  train_dataset=ds, distillation_config=DistillationConfig(temperature=1.0))
+    trainer.train()
+
+The loss never materialises logits: both models run with ``logits_to_keep`` empty and
+``fused_linear_kl_div_loss`` works from their last hidden states and LM-head weights in
+row chunks. Loss = kd_weight·KD + ce_weight·CE + hidden_loss_weight·hidden, normalised by
+the global number of valid (shifted) label tokens that the Trainer passes as
+``num_items_in_batch``, so gradient accumulation and data parallelism give the loss of one
+big batch. DDP, FSDP and DeepSpeed come from the Trainer (``accelerate launch``/``torchrun``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import transformers
+
+from safetensors.torch import load_file, save_file
+
+from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, lm_head_spec
+
+
+@dataclass
+class DistillationConfig:
+    """How the student learns from the teacher.
+
+    kd_weight, ce_weight: weights of the logit distillation loss and of the next-token
+    cross-entropy on the labels (kd_weight=0, ce_weight=1 is plain fine-tuning).
+    temperature, beta: as in ``slimlm.losses`` (β=0 forward KL, 1 reverse KL, between JSD).
+    hidden_loss_weight, hidden_loss_kind, layer_map: an extra cosine/MSE loss between hidden
+    states; ``layer_map`` maps indices into the student's and teacher's ``hidden_states``
+    tuples (0: embeddings, i: after layer i; default ``slimlm.losses.depth_layer_map``), with
+    a learnable projection per mapped layer when the widths differ (saved with checkpoints
+    as ``hidden_projections.safetensors``).
+    chunk_size: rows per chunk of the fused loss (None: chosen from a memory budget).
+    """
+
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    beta: float = 0.0
+    hidden_loss_weight: float = 0.0
+    hidden_loss_kind: str = "cosine"
+    layer_map: dict[int, int] | None = None
+    chunk_size: int | None = None
+
+    def check(self) -> None:
+        for name in ("kd_weight", "ce_weight", "hidden_loss_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_loss_weight == 0:
+            raise ValueError("kd_weight, ce_weight and hidden_loss_weight are all 0: there is nothing to learn")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if self.hidden_loss_kind not in ("cosine", "mse"):
+            raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
+
+
+def check_vocabularies(student, teacher, student_tokenizer=None, teacher_tokenizer=None) -> int:
+    """The vocabulary size both models share; padding-only differences are allowed (the
+    extra rows are trimmed with a warning), a real tokenizer mismatch is an error."""
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+            raise ValueError(
+                f"student and teacher tokenizers differ ({len(student_tokenizer)} vs {len(teacher_tokenizer)} tokens); "
+                "distillation needs the same tokenizer"
+            )
+        real = len(student_tokenizer)
+        if min(student_vocab, teacher_vocab) < real:
+            raise ValueError(f"an LM head has fewer rows than the tokenizer's {real} tokens")
+    if student_vocab != teacher_vocab:
+        smaller, larger = sorted((student_vocab, teacher_vocab))
+        # Checkpoints pad their embedding to a multiple of 64 or 128 rows (151936 vs 152064).
+        if larger - smaller >= 1024 or (student_tokenizer is None and teacher_tokenizer is None and larger - smaller > 256):
+            raise ValueError(
+                f"student vocabulary ({student_vocab}) and teacher vocabulary ({teacher_vocab}) differ by more "
+                "than padding; distillation needs the same tokenizer"
+            )
+        transformers.logging.get_logger(__name__).warning(
+            f"student LM head has {student_vocab} rows and the teacher's {teacher_vocab}: padding-only difference, "
+            f"the loss uses the first {smaller}"
+        )
+    return min(student_vocab, teacher_vocab)
+
+
+PROJECTIONS_FILE = "hidden_projections.safetensors"
+
+
+def _first_rows(bias, rows: int, device=None):
+    if bias is None:
+        return None
+    return bias[:rows].to(device) if device is not None else bias[:rows]
+
+
+def _no_logits(input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long, device=input_ids.device)
+
+
+class DistillationTrainer(transformers.Trainer):
+    """``transformers.Trainer`` whose loss distills ``teacher_model`` into ``model``.
+
+    teacher_model: any causal LM with the student's tokenizer; it runs in eval mode under
+    no_grad in its own dtype, on ``teacher_device`` (default: the training device), or where
+    it already is when loaded with ``device_map``. Logs per step: each loss term, tokens/s,
+    teacher forward seconds, peak memory.
+    """
+
+    def __init__(self, model=None, teacher_model=None, args=None, distillation_config=None, teacher_device=None, **kwargs):
+        if teacher_model is None:
+            raise ValueError("DistillationTrainer needs teacher_model")
+        self.distillation_config = distillation_config or DistillationConfig()
+        self.distillation_config.check()
+        train_dataset = kwargs.get("train_dataset")
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty: there is nothing to distill on")
+        super().__init__(model=model, args=args, **kwargs)
+        self.teacher = teacher_model
+        self.vocab_size = check_vocabularies(self.model, teacher_model)
+        if getattr(teacher_model, "hf_device_map", None) is None:
+            teacher_model.to(teacher_device or self.args.device)
+        teacher_model.eval()
+        teacher_model.requires_grad_(False)
+        self.hidden_distiller = None
+        if self.distillation_config.hidden_loss_weight > 0:
+            student_config, teacher_config = self.model.config, teacher_model.config
+            layer_map = self.distillation_config.layer_map or depth_layer_map(
+                student_config.num_hidden_layers, teacher_config.num_hidden_layers
+            )
+            self.hidden_distiller = HiddenStateDistiller(
+                student_config.hidden_size, teacher_config.hidden_size, layer_map,
+                kind=self.distillation_config.hidden_loss_kind, device=self.args.device,
+            )
+        self._metrics: dict[str, float] = {}
+        self._window_start = time.perf_counter()
+
+    # ------------------------------------------------------------------ loss
+    def _hidden(self, model, inputs, need_all: bool):
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            logits_to_keep=_no_logits(inputs["input_ids"]),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        return outputs.hidden_states
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        config = self.distillation_config
+        labels = inputs.get("labels")
+        if labels is None:
+            labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", 1) == 0, -100)
+        student_states = self._hidden(model, inputs, config.hidden_loss_weight > 0)
+
+        teacher_device = next(self.teacher.parameters()).device
+        teacher_inputs = {k: v.to(teacher_device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        start = time.perf_counter()
+        with torch.no_grad():
+            teacher_states = self._hidden(self.teacher, teacher_inputs, config.hidden_loss_weight > 0)
+        if teacher_device.type == "cuda":
+            torch.cuda.synchronize(teacher_device)
+        self._add_metric("teacher_forward_s", time.perf_counter() - start)
+
+        device = student_states[-1].device
+        shifted_labels = labels[:, 1:].reshape(-1).to(device)
+        student_hidden = student_states[-1][:, :-1].reshape(-1, student_states[-1].shape[-1])
+        teacher_hidden = teacher_states[-1][:, :-1].reshape(-1, teacher_states[-1].shape[-1]).to(device)
+        student_head = lm_head_spec(self.accelerator.unwrap_model(model))
+        teacher_head = lm_head_spec(self.teacher)
+        if num_items_in_batch is None:
+            num_items_in_batch = (shifted_labels != -100).sum()
+
+        terms = fused_linear_kl_div_loss(
+            student_hidden,
+            student_head["weight"][: self.vocab_size],
+            teacher_hidden,
+            teacher_head["weight"][: self.vocab_size].to(device),
+            student_bias=_first_rows(student_head["bias"], self.vocab_size),
+            teacher_bias=_first_rows(teacher_head["bias"], self.vocab_size, device),
+            labels=shifted_labels,
+            temperature=config.temperature,
+            beta=config.beta,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=config.chunk_size,
+            kd_weight=config.kd_weight,
+            ce_weight=config.ce_weight,
+            student_logit_scale=student_head["logit_scale"],
+            teacher_logit_scale=teacher_head["logit_scale"],
+            student_softcap=student_head["softcap"],
+            teacher_softcap=teacher_head["softcap"],
+            return_terms=True,
+        )
+        loss = terms["loss"]
+        for name in ("kd", "ce"):
+            if name in terms:
+                self._add_metric(f"{name}_loss", float(terms[name]))
+        if config.hidden_loss_weight > 0:
+            mask = inputs.get("attention_mask")
+            hidden = self.hidden_distiller(
+                student_states, [state.to(device) for state in teacher_states], mask.bool() if mask is not None else None
+            )
+            self._add_metric("hidden_loss", float(hidden))
+            loss = loss + config.hidden_loss_weight * hidden
+        self._add_metric("tokens", float(inputs["input_ids"].numel()))
+
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.world_size > 1:
+            # DDP averages gradients over ranks; the loss is already divided by the global count.
+            loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+    # ------------------------------------------- hidden-state projections
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.hidden_distiller is not None and any(True for _ in self.hidden_distiller.parameters()):
+            optimizer.add_param_group({"params": list(self.hidden_distiller.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        super().save_model(output_dir, _internal_call)
+        if self.hidden_distiller is not None and len(self.hidden_distiller.projections) and self.args.should_save:
+            output_dir = output_dir or self.args.output_dir
+            state = {k: v.detach().cpu().contiguous() for k, v in self.hidden_distiller.state_dict().items()}
+            save_file(state, os.path.join(output_dir, PROJECTIONS_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
+        if self.hidden_distiller is not None and os.path.isfile(path):
+            self.hidden_distiller.load_state_dict(load_file(path, device=str(self.args.device)))
+
+    # --------------------------------------------------------------- logging
+    def _add_metric(self, name: str, value: float) -> None:
+        self._metrics[name] = self._metrics.get(name, 0.0) + value
+        self._metrics[f"_{name}_count"] = self._metrics.get(f"_{name}_count", 0.0) + 1
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self._metrics and "loss" in logs:
+            elapsed = time.perf_counter() - self._window_start
+            for name in ("kd_loss", "ce_loss", "hidden_loss"):
+                if name in self._metrics:
+                    logs[name] = round(self._metrics[name] / self._metrics[f"_{name}_count"], 6)
+            logs["tokens_per_s"] = round(self._metrics.get("tokens", 0.0) / max(elapsed, 1e-9), 2)
+            logs["teacher_forward_s"] = round(self._metrics.get("teacher_forward_s", 0.0), 4)
+            logs["peak_memory_mb"] = round(peak_memory_bytes(self.args.device) / 2**20, 1)
+            self._metrics = {}
+            self._window_start = time.perf_counter()
+        super().log(logs, *args, **kwargs)
+
+
+def correct_teacher(teacher, train_dataset, args: transformers.TrainingArguments, **trainer_kwargs):
+    """Minitron's "teacher correction": fine-tune the teacher briefly with next-token
+    cross-entropy on the distillation data before distilling, so that it predicts that data
+    well when its original training set is not available. Returns the teacher, in eval mode."""
+    if len(train_dataset) == 0:
+        raise ValueError("teacher correction needs a non-empty train_dataset")
+    teacher.requires_grad_(True)
+    teacher.train()
+    transformers.Trainer(model=teacher, args=args, train_dataset=train_dataset, **trainer_kwargs).train()
+    return teacher.eval()
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak memory so far: the CUDA allocator's peak, else the process's peak resident set."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+

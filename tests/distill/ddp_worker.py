@@ -1,0 +1,53 @@
+"""Trains a tiny student with DistillationTrainer and writes the logged losses as JSON.
+
+Run alone (one process) or under ``torchrun --nproc_per_node=2`` (gloo on CPU); the test
+compares the two loss curves on the same global batch.
+"""
+import json
+import os
+import sys
+
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from slimlm.distill.trainer import DistillationTrainer  # noqa: E402
+from tiny import tiny_llama  # noqa: E402
+
+VOCAB = 96
+
+
+def dataset(num=32, seq=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(num):
+        ids = torch.randint(3, VOCAB, (seq,), generator=gen)
+        mask = torch.ones(seq, dtype=torch.long)
+        pad = int(torch.randint(0, 5, (), generator=gen))
+        if pad:
+            ids[-pad:], mask[-pad:] = 0, 0
+        items.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return items
+
+
+def main(out_path, per_device_batch):
+    torch.set_num_threads(1)
+    args = transformers.TrainingArguments(
+        output_dir=os.path.join(os.path.dirname(out_path), "run"), per_device_train_batch_size=per_device_batch,
+        learning_rate=3e-3, max_steps=5, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant",
+        weight_decay=0.0, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+    student = tiny_llama(vocab_size=VOCAB, seed=2).train()
+    teacher = tiny_llama(vocab_size=VOCAB, seed=1, hidden_size=48, intermediate_size=96, num_hidden_layers=3)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset())
+    trainer.train()
+    if trainer.args.process_index == 0:
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        with open(out_path, "w") as handle:
+            json.dump({"losses": losses, "world_size": trainer.args.world_size}, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

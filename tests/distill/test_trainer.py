@@ -1,0 +1,205 @@
+"""DistillationTrainer on tiny random models: it distills, it is plain fine-tuning when asked,
+gradient accumulation does not change the loss, resume is exact, bad input is refused."""
+import math
+
+import pytest
+import torch
+import transformers
+
+from slimlm.distill.trainer import DistillationConfig, DistillationTrainer, check_vocabularies
+from slimlm.losses import kl_div_loss
+from tiny import tiny_llama
+
+VOCAB = 96
+
+
+def token_dataset(num, seq, seed):
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(num):
+        ids = torch.randint(3, VOCAB, (seq,), generator=gen)
+        mask = torch.ones(seq, dtype=torch.long)
+        pad = int(torch.randint(0, 4, (), generator=gen))
+        if pad:
+            ids[-pad:] = 0
+            mask[-pad:] = 0
+        items.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return items
+
+
+def training_args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=3e-3, max_steps=8,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0,
+        disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant", weight_decay=0.0,
+    )
+    kwargs.update(overrides)
+    return transformers.TrainingArguments(**kwargs)
+
+
+def models():
+    teacher = tiny_llama(vocab_size=VOCAB, seed=1, hidden_size=48, intermediate_size=96, num_hidden_layers=3)
+    student = tiny_llama(vocab_size=VOCAB, seed=2)
+    return student.train(), teacher
+
+
+def heldout_kl(student, teacher, data):
+    batch = {k: torch.stack([d[k] for d in data]) for k in data[0]}
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return kl_div_loss(s[:, :-1], t[:, :-1], labels=batch["labels"][:, 1:]).item()
+
+
+def losses_of(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_distillation_lowers_heldout_kl(tmp_path):
+    student, teacher = models()
+    train, heldout = token_dataset(64, 24, seed=0), token_dataset(16, 24, seed=1)
+    before = heldout_kl(student, teacher, heldout)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=training_args(tmp_path, max_steps=30), train_dataset=train,
+        distillation_config=DistillationConfig(temperature=1.0),
+    )
+    trainer.train()
+    after = heldout_kl(student, teacher, heldout)
+    assert after < 0.7 * before
+    logged = trainer.state.log_history[0]
+    for key in ("kd_loss", "tokens_per_s", "teacher_forward_s", "peak_memory_mb"):
+        assert key in logged and logged[key] >= 0
+
+
+def test_ce_only_matches_hf_trainer(tmp_path):
+    data = token_dataset(32, 16, seed=3)
+    student, teacher = models()
+    reference = transformers.Trainer(model=tiny_llama(vocab_size=VOCAB, seed=2).train(),
+                                     args=training_args(tmp_path, max_steps=5), train_dataset=data)
+    reference.train()
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=training_args(tmp_path, max_steps=5), train_dataset=data,
+        distillation_config=DistillationConfig(kd_weight=0.0, ce_weight=1.0),
+    )
+    trainer.train()
+    assert losses_of(trainer) == pytest.approx(losses_of(reference), rel=1e-4, abs=1e-5)
+
+
+def test_gradient_accumulation_gives_the_one_batch_loss(tmp_path):
+    data = token_dataset(32, 16, seed=4)
+    runs = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        student, teacher = models()
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, train_dataset=data,
+            args=training_args(tmp_path, max_steps=4, per_device_train_batch_size=batch,
+                               gradient_accumulation_steps=accumulation),
+        )
+        trainer.train()
+        runs.append(losses_of(trainer))
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4, abs=1e-5)
+
+
+class StopAt(transformers.TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def test_resume_continues_the_loss_trajectory(tmp_path):
+    data = token_dataset(48, 16, seed=5)
+    args = dict(max_steps=8, save_strategy="steps", save_steps=4)
+    student, teacher = models()
+    whole = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=data,
+                                args=training_args(tmp_path / "whole", **args))
+    whole.train()
+
+    student, teacher = models()
+    first = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=data,
+                                args=training_args(tmp_path / "split", **args), callbacks=[StopAt(4)])
+    first.train()  # "killed" after step 4 with its checkpoint written
+    student, teacher = models()
+    second = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=data,
+                                 args=training_args(tmp_path / "split", **args))
+    second.train(resume_from_checkpoint=True)
+    resumed = losses_of(first)[:4] + [e["loss"] for e in second.state.log_history if "loss" in e and e["step"] > 4]
+    assert resumed == pytest.approx(losses_of(whole), rel=1e-4, abs=1e-5)
+
+
+def test_hidden_state_loss_is_logged_and_finite(tmp_path):
+    student, teacher = models()
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=training_args(tmp_path, max_steps=2),
+        train_dataset=token_dataset(8, 16, seed=6),
+        distillation_config=DistillationConfig(hidden_loss_weight=1.0, layer_map={1: 2, 2: 3}),
+    )
+    trainer.train()
+    assert all(math.isfinite(e["hidden_loss"]) for e in trainer.state.log_history if "hidden_loss" in e)
+
+
+def test_vocabulary_checks():
+    student, teacher = tiny_llama(vocab_size=96), tiny_llama(vocab_size=128)
+    assert check_vocabularies(student, teacher) == 96
+    with pytest.raises(ValueError, match=r"student vocabulary \(96\) and teacher vocabulary \(2000\)"):
+        check_vocabularies(student, tiny_llama(vocab_size=2000))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kd_weight=0.0, ce_weight=0.0), "nothing to learn"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(beta=2.0), "beta"),
+    (dict(hidden_loss_kind="l1"), "hidden_loss_kind"),
+])
+def test_bad_configuration(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DistillationConfig(**kwargs).check()
+
+
+def test_two_process_gloo_matches_one_process(tmp_path):
+    """Data parallelism (torchrun, 2 CPU processes on gloo) gives the loss curve of one
+    process on the same global batch: the loss is normalised by the global token count."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    one = tmp_path / "one" / "losses.json"
+    two = tmp_path / "two" / "losses.json"
+    one.parent.mkdir()
+    two.parent.mkdir()
+    subprocess.run([sys.executable, worker, str(one), "4"], check=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", worker, str(two), "2"],
+        check=True, env=env, timeout=300,
+    )
+    single, distributed = json.loads(one.read_text()), json.loads(two.read_text())
+    assert distributed["world_size"] == 2 and len(single["losses"]) == 5
+    assert distributed["losses"] == pytest.approx(single["losses"], rel=1e-4, abs=1e-5)
+
+
+def test_teacher_correction_fits_the_distillation_data(tmp_path):
+    from slimlm.distill.trainer import correct_teacher
+
+    _, teacher = models()
+    data = token_dataset(16, 16, seed=7)
+    batch = {k: torch.stack([d[k] for d in data]) for k in data[0]}
+    with torch.no_grad():
+        before = teacher(**batch).loss.item()
+    corrected = correct_teacher(teacher, data, training_args(tmp_path, max_steps=10, learning_rate=1e-2))
+    with torch.no_grad():
+        after = corrected(**batch).loss.item()
+    assert not corrected.training and after < before - 0.05
+    with pytest.raises(ValueError, match="non-empty"):
+        correct_teacher(teacher, [], training_args(tmp_path))
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    student, teacher = models()
+    with pytest.raises(ValueError, match="empty"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path), train_dataset=[])
