@@ -203,3 +203,26 @@ def test_empty_dataset_is_refused(tmp_path):
     student, teacher = models()
     with pytest.raises(ValueError, match="empty"):
         DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path), train_dataset=[])
+
+
+def test_distills_from_a_cached_topk_teacher_without_a_live_one(tmp_path):
+    from slimlm.distill import cache_teacher_topk
+
+    student, teacher = models()
+    train = [{k: v for k, v in d.items()} for d in token_dataset(48, 16, seed=8)]
+    for item in train:  # the cache holds whole sequences: no padding
+        item["attention_mask"] = torch.ones_like(item["input_ids"])
+    heldout = token_dataset(16, 16, seed=9)
+    cache_teacher_topk(teacher, [d["input_ids"] for d in train], k=16, path=tmp_path / "topk")
+    before = heldout_kl(student, teacher, heldout)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=None, args=training_args(tmp_path, max_steps=30),
+        distillation_config=DistillationConfig(topk=str(tmp_path / "topk")),
+    )
+    assert len(trainer.train_dataset) == 48
+    trainer.train()
+    assert heldout_kl(student, teacher, heldout) < 0.8 * before
+    assert all(math.isfinite(e["topk_loss"]) for e in trainer.state.log_history if "topk_loss" in e)
+    with pytest.raises(ValueError, match="cached at temperature 1.0, asked for 2.0"):
+        DistillationTrainer(model=student, teacher_model=None, args=training_args(tmp_path),
+                            distillation_config=DistillationConfig(topk=str(tmp_path / "topk"), temperature=2.0))

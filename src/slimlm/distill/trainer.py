@@ -25,7 +25,8 @@ import transformers
 
 from safetensors.torch import load_file, save_file
 
-from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, lm_head_spec
+from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
+from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, lm_head_spec, topk_kl_div_loss
 
 
 @dataclass
@@ -41,6 +42,9 @@ class DistillationConfig:
     a learnable projection per mapped layer when the widths differ (saved with checkpoints
     as ``hidden_projections.safetensors``).
     chunk_size: rows per chunk of the fused loss (None: chosen from a memory budget).
+    topk, topk_tail: a folder written by ``slimlm.distill.cache_teacher_topk``: the student then
+    learns from the cached sparse teacher (``topk_kl_div_loss`` with tail "bucket" or
+    "renormalize") and no live teacher is needed; the training set is the cache's sequences.
     """
 
     kd_weight: float = 1.0
@@ -51,6 +55,8 @@ class DistillationConfig:
     hidden_loss_kind: str = "cosine"
     layer_map: dict[int, int] | None = None
     chunk_size: int | None = None
+    topk: str | None = None
+    topk_tail: str = "bucket"
 
     def check(self) -> None:
         for name in ("kd_weight", "ce_weight", "hidden_loss_weight"):
@@ -63,6 +69,10 @@ class DistillationConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if self.topk is not None and self.hidden_loss_weight > 0:
+            raise ValueError("hidden_loss_weight needs a live teacher; it cannot be used with a top-k cache (topk)")
+        if self.topk_tail not in ("bucket", "renormalize"):
+            raise ValueError(f"topk_tail must be 'bucket' or 'renormalize', got {self.topk_tail!r}")
         if self.hidden_loss_kind not in ("cosine", "mse"):
             raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
 
@@ -97,6 +107,7 @@ def check_vocabularies(student, teacher, student_tokenizer=None, teacher_tokeniz
 
 
 PROJECTIONS_FILE = "hidden_projections.safetensors"
+TOPK_COLUMNS = ("topk_logprobs", "topk_indices")
 
 
 def _first_rows(bias, rows: int, device=None):
@@ -119,20 +130,31 @@ class DistillationTrainer(transformers.Trainer):
     """
 
     def __init__(self, model=None, teacher_model=None, args=None, distillation_config=None, teacher_device=None, **kwargs):
-        if teacher_model is None:
-            raise ValueError("DistillationTrainer needs teacher_model")
         self.distillation_config = distillation_config or DistillationConfig()
         self.distillation_config.check()
+        self.topk_cache = None
+        if self.distillation_config.topk is not None:
+            self.topk_cache = load_teacher_topk(self.distillation_config.topk)
+            self.topk_cache.check_compatible(
+                vocab_size=model.get_output_embeddings().weight.shape[0], temperature=self.distillation_config.temperature
+            )
+            if kwargs.get("train_dataset") is None:
+                kwargs["train_dataset"] = topk_examples(self.topk_cache)
+        elif teacher_model is None:
+            raise ValueError("DistillationTrainer needs teacher_model (or a top-k cache: DistillationConfig(topk=...))")
         train_dataset = kwargs.get("train_dataset")
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("train_dataset is empty: there is nothing to distill on")
         super().__init__(model=model, args=args, **kwargs)
         self.teacher = teacher_model
-        self.vocab_size = check_vocabularies(self.model, teacher_model)
-        if getattr(teacher_model, "hf_device_map", None) is None:
-            teacher_model.to(teacher_device or self.args.device)
-        teacher_model.eval()
-        teacher_model.requires_grad_(False)
+        if teacher_model is not None:
+            self.vocab_size = check_vocabularies(self.model, teacher_model)
+            if getattr(teacher_model, "hf_device_map", None) is None:
+                teacher_model.to(teacher_device or self.args.device)
+            teacher_model.eval()
+            teacher_model.requires_grad_(False)
+        else:
+            self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.hidden_distiller = None
         if self.distillation_config.hidden_loss_weight > 0:
             student_config, teacher_config = self.model.config, teacher_model.config
@@ -163,6 +185,8 @@ class DistillationTrainer(transformers.Trainer):
         if labels is None:
             labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", 1) == 0, -100)
         student_states = self._hidden(model, inputs, config.hidden_loss_weight > 0)
+        if "topk_logprobs" in inputs:
+            return self._topk_loss(model, inputs, student_states[-1], labels, num_items_in_batch, return_outputs)
 
         teacher_device = next(self.teacher.parameters()).device
         teacher_inputs = {k: v.to(teacher_device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
@@ -211,7 +235,7 @@ class DistillationTrainer(transformers.Trainer):
             hidden = self.hidden_distiller(
                 student_states, [state.to(device) for state in teacher_states], mask.bool() if mask is not None else None
             )
-            self._add_metric("hidden_loss", float(hidden))
+            self._add_metric("hidden_loss", float(hidden.detach()))
             loss = loss + config.hidden_loss_weight * hidden
         self._add_metric("tokens", float(inputs["input_ids"].numel()))
 
@@ -219,6 +243,44 @@ class DistillationTrainer(transformers.Trainer):
             # DDP averages gradients over ranks; the loss is already divided by the global count.
             loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
+
+    def _topk_loss(self, model, inputs, student_last, labels, num_items_in_batch, return_outputs):
+        config = self.distillation_config
+        head = lm_head_spec(self.accelerator.unwrap_model(model))
+        shifted_labels = labels[:, 1:].reshape(-1)
+        if num_items_in_batch is None:
+            num_items_in_batch = (shifted_labels != -100).sum()
+        # Cache row t is the teacher's distribution for the token at t + 1, as the student's logits at t.
+        k = inputs["topk_logprobs"].shape[-1]
+        loss = topk_kl_div_loss(
+            student_last[:, :-1].reshape(-1, student_last.shape[-1]),
+            inputs["topk_logprobs"][:, :-1].reshape(-1, k),
+            inputs["topk_indices"][:, :-1].reshape(-1, k),
+            student_weight=head["weight"],
+            student_bias=head["bias"],
+            student_logit_scale=head["logit_scale"],
+            student_softcap=head["softcap"],
+            tail=config.topk_tail,
+            labels=shifted_labels,
+            temperature=config.temperature,
+            beta=config.beta,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=config.chunk_size,
+            kd_weight=config.kd_weight,
+            ce_weight=config.ce_weight,
+        )
+        self._add_metric("topk_loss", float(loss.detach()))
+        self._add_metric("tokens", float(inputs["input_ids"].numel()))
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+    def _set_signature_columns_if_needed(self):
+        # The Trainer drops dataset columns the model's forward does not take; keep the cached teacher's.
+        super()._set_signature_columns_if_needed()
+        for column in TOPK_COLUMNS:
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     # ------------------------------------------- hidden-state projections
     def create_optimizer(self, model=None):
@@ -248,7 +310,7 @@ class DistillationTrainer(transformers.Trainer):
     def log(self, logs: dict, *args, **kwargs) -> None:
         if self._metrics and "loss" in logs:
             elapsed = time.perf_counter() - self._window_start
-            for name in ("kd_loss", "ce_loss", "hidden_loss"):
+            for name in ("kd_loss", "ce_loss", "hidden_loss", "topk_loss"):
                 if name in self._metrics:
                     logs[name] = round(self._metrics[name] / self._metrics[f"_{name}_count"], 6)
             logs["tokens_per_s"] = round(self._metrics.get("tokens", 0.0) / max(elapsed, 1e-9), 2)
@@ -257,6 +319,18 @@ class DistillationTrainer(transformers.Trainer):
             self._metrics = {}
             self._window_start = time.perf_counter()
         super().log(logs, *args, **kwargs)
+
+
+def topk_examples(cache: TeacherTopKCache) -> list[dict]:
+    """Training examples from a top-k cache: input_ids, attention_mask, labels and the teacher's
+    top-k log-probs/indices per token (sequences of one length batch with the default collator)."""
+    examples = []
+    for item in cache:
+        ids = item["input_ids"]
+        examples.append({**item, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    if not examples:
+        raise ValueError(f"the top-k cache {cache.path} holds no sequences")
+    return examples
 
 
 def correct_teacher(teacher, train_dataset, args: transformers.TrainingArguments, **trainer_kwargs):
