@@ -1,0 +1,11 @@
+"""Llama (Llama 2/3, SmolLM2, ...): the default layout, optional attention and MLP biases."""
+from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+from slimlm.surgery.architectures import register
+from slimlm.surgery.architectures.base import DecoderAdapter
+
+
+@register("llama")
+class LlamaAdapter(DecoderAdapter):
+    causal_lm_class = LlamaForCausalLM
+    hidden_multiple_of_heads = True

@@ -1,0 +1,10 @@
+"""Mistral: the Llama layout with one sliding window shared by every layer (no per-layer list)."""
+from transformers.models.mistral.modeling_mistral import MistralForCausalLM
+
+from slimlm.surgery.architectures import register
+from slimlm.surgery.architectures.base import DecoderAdapter
+
+
+@register("mistral")
+class MistralAdapter(DecoderAdapter):
+    causal_lm_class = MistralForCausalLM

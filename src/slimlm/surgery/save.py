@@ -1,0 +1,96 @@
+"""``save_pruned``: write a pruned model as a standard checkpoint, atomically.
+
+The checkpoint is written to a temporary sibling folder and renamed into place, so an
+interrupted save leaves either the previous folder or nothing at the output path, never a
+half-written checkpoint. ``slimlm_prune.json`` beside the weights records the plan, the
+kept layers and the fingerprints of the source and the pruned model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from slimlm.importance.scores import model_fingerprint
+from slimlm.models import as_plain_model
+from slimlm.surgery.apply import sync_with_config
+
+RECORD_FILE = "slimlm_prune.json"
+
+
+def _same_or_inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or folder.startswith(path.rstrip(os.sep) + os.sep)
+
+
+def _describe(folder: str) -> str:
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        return f"{len(os.listdir(folder))} entries and no config.json"
+    try:
+        with open(config_path) as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return "an unreadable config.json"
+    return (f"a {config.get('model_type')} model (hidden_size={config.get('hidden_size')}, "
+            f"num_hidden_layers={config.get('num_hidden_layers')})")
+
+
+def _holds_this_model(folder: str, fingerprint: str) -> bool:
+    try:
+        with open(os.path.join(folder, RECORD_FILE)) as handle:
+            return json.load(handle).get("fingerprint") == fingerprint
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def save_pruned(model, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
+                max_shard_size: str | int = "5GB") -> str:
+    """Save ``model`` (and ``tokenizer``) to ``path`` as safetensors + config that
+    ``AutoModelForCausalLM.from_pretrained`` loads with stock transformers; returns the path.
+
+    Refuses (ValueError): the folder the model was loaded from (or one containing it), even
+    with ``overwrite``; an existing non-empty folder holding anything but this same model,
+    unless ``overwrite=True``; a config that disagrees with the weights. A GGUF-loaded model
+    (weights already plain tensors) loses its GGUF quantizer first, as ``save_pretrained``
+    refuses it otherwise.
+    """
+    path = os.path.abspath(os.fspath(path))
+    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if source and os.path.isdir(source) and _same_or_inside(path, source):
+        raise ValueError(f"refusing to save into {path}: the model was loaded from {source}, which it would overwrite")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} exists and is not a folder")
+    sync_with_config(model, check_only=True)
+    fingerprint = model_fingerprint(model)
+    replace = os.path.isdir(path) and bool(os.listdir(path))
+    if replace and not overwrite and not _holds_this_model(path, fingerprint):
+        raise ValueError(f"{path} already holds {_describe(path)}; pass overwrite=True to replace it")
+
+    as_plain_model(model)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+    backup = None
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        record = {"fingerprint": fingerprint, **(getattr(model, "slimlm_prune_record", None) or {})}
+        with open(os.path.join(staging, RECORD_FILE), "w") as handle:
+            json.dump(record, handle, indent=2, default=str)
+        if os.path.isdir(path):
+            backup = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+            os.rmdir(backup)
+            os.rename(path, backup)
+        os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if backup is not None and not os.path.exists(path):
+            os.rename(backup, path)
+            backup = None
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return path

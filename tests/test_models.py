@@ -1,0 +1,68 @@
+"""slimlm.models: loading folders, GGUF files and cached hub ids, never downloading."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from slimlm.models import as_plain_model, load_model, load_tokenizer, smollm2_gguf_path
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model(smollm2_gguf_path())
+
+
+def test_smollm2_gguf_path_points_at_the_packaged_file():
+    path = smollm2_gguf_path()
+    assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.getsize(path) > 50_000_000
+
+
+# Loading and dequantizing the 135M GGUF takes ~15-25 s on the 2-core machines: slow-marked.
+@pytest.mark.slow
+def test_gguf_model_becomes_an_ordinary_model_that_round_trips(smollm2, tmp_path):
+    model = smollm2
+    assert getattr(model, "hf_quantizer", None) is None
+    assert not hasattr(model.config, "quantization_config") and not model.is_quantized
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    model.save_pretrained(tmp_path / "plain")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
+    input_ids = torch.tensor([[1, 504, 3458, 314, 4649, 28, 253, 3737]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_gguf_tokenizer_matches_the_model(smollm2):
+    tokenizer = load_tokenizer(smollm2_gguf_path())
+    ids = tokenizer("The capital of France is")["input_ids"]
+    assert len(ids) > 2 and max(ids) < smollm2.config.vocab_size
+    assert tokenizer.decode(ids).strip().endswith("The capital of France is")
+
+
+def test_load_model_from_folder_with_dtype(tmp_path):
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+                         num_hidden_layers=1, vocab_size=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny")
+    model = load_model(tmp_path / "tiny", dtype=torch.bfloat16, device="cpu")
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert as_plain_model(model) is model  # not GGUF: unchanged
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("slimlm-tests/surely-not-in-the-cache", "not in the local Hugging Face cache"),
+    ("./no/such/folder", "neither a model folder"),
+    ("missing.gguf", "does not exist"),
+])
+def test_unresolvable_specs_fail_clearly(spec, message):
+    with pytest.raises(FileNotFoundError, match=message):
+        load_model(spec)
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="without config.json"):
+        load_model(tmp_path)
