@@ -1,4 +1,5 @@
 """Importance estimation: which heads, neurons, channels and layers matter."""
+from slimlm.importance.estimate import estimate_importance
 from slimlm.importance.scores import ImportanceScores, model_fingerprint
 
-__all__ = ["ImportanceScores", "model_fingerprint"]
+__all__ = ["ImportanceScores", "estimate_importance", "model_fingerprint"]
