@@ -16,6 +16,7 @@ import torch
 
 from slimlm import _extension
 from slimlm.kernels import dispatch, reference
+from slimlm.kernels.precomputed_grad import save_and_reduce, scaled_saved_grad
 
 
 def _compiled(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, compute_grad):
@@ -90,26 +91,9 @@ class TopKKLFunction(torch.autograd.Function):
                 reduce_rows, backend):
         loss_rows, grad = topk_kl_fwd(student, logprobs, indices, labels, ignore_index, temperature, beta, scale,
                                       renormalize, student.requires_grad, backend)
-        ctx.reduce_rows = reduce_rows
-        ctx.consumed = False
-        ctx.save_for_backward(grad, norm if norm is not None else torch.ones((), device=student.device))
-        if not reduce_rows:
-            return loss_rows
-        loss = loss_rows.sum()
-        return loss / norm if norm is not None else loss
+        return save_and_reduce(ctx, loss_rows, grad, norm, reduce_rows)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad, norm = ctx.saved_tensors
-        if ctx.consumed:
-            raise RuntimeError(
-                "topk_kl_div_loss: backward ran twice through the same graph; its gradient is computed in the "
-                "forward pass and scaled in place, so recompute the loss instead of retain_graph=True"
-            )
-        ctx.consumed = True
-        factor = grad_output / norm if ctx.reduce_rows else grad_output.reshape(-1, 1)
-        # On CPU the check is free and the common factor 1 saves a pass over (N, V); a
-        # compiled graph cannot branch on a tensor's value, so it always scales.
-        if grad.device.type != "cpu" or torch.compiler.is_compiling() or not bool((factor == 1).all()):
-            grad.mul_(factor.to(grad.dtype))
+        grad = scaled_saved_grad(ctx, grad_output, "topk_kl_div_loss")
         return grad, None, None, None, None, None, None, None, None, None, None, None
