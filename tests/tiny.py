@@ -39,3 +39,19 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, **overrides) -> LlamaForCaus
     config.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def token_dataset(vocab_size: int, num: int, seq: int, seed: int, max_pad: int = 3) -> list[dict]:
+    """Random training examples (input_ids, attention_mask, labels = ids with -100 on padding),
+    each right-padded with 0..max_pad pad tokens (id 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(num):
+        ids = torch.randint(3, vocab_size, (seq,), generator=gen)
+        mask = torch.ones(seq, dtype=torch.long)
+        pad = int(torch.randint(0, max_pad + 1, (), generator=gen))
+        if pad:
+            ids[-pad:] = 0
+            mask[-pad:] = 0
+        items.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return items

@@ -111,22 +111,13 @@ def kl_div_loss(
     flat_labels = labels.reshape(-1).contiguous() if labels is not None else None
     scale = float(temperature) ** 2 if scale_by_temperature_sq else 1.0
 
-    norm = None
-    if reduction in ("batchmean", "mean"):
-        if num_items_in_batch is not None:
-            count = num_items_in_batch
-        elif flat_labels is not None:
-            count = (flat_labels != ignore_index).sum()
-        else:
-            count = student.shape[0]
-        per_row = vocab if reduction == "mean" else 1
-        if student.device.type == "cpu" and not torch.compiler.is_compiling():
-            # No device sync on CPU: fold the divisor into the kernel's scale. Not while
-            # compiling: a count read from labels is data-dependent, and the op takes a float.
-            scale /= max(float(count), 1.0) * per_row
-        else:
-            count = torch.as_tensor(count, device=student.device, dtype=torch.float32)
-            norm = count.clamp(min=1.0) * per_row
+    _, host_norm, norm = _valid_rows_and_norm(
+        flat_labels, student.shape[0], ignore_index, reduction, num_items_in_batch, student.device, False
+    )
+    per_row = vocab if reduction == "mean" else 1
+    scale /= host_norm * (per_row if norm is None else 1)
+    if norm is not None:
+        norm = norm * per_row
 
     loss = KLDivFunction.apply(
         student, teacher, flat_labels, ignore_index, float(temperature), float(beta), scale, norm,

@@ -13,22 +13,9 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slimlm.distill.trainer import DistillationTrainer  # noqa: E402
-from tiny import tiny_llama  # noqa: E402
+from tiny import tiny_llama, token_dataset  # noqa: E402
 
 VOCAB = 96
-
-
-def dataset(num=32, seq=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    items = []
-    for _ in range(num):
-        ids = torch.randint(3, VOCAB, (seq,), generator=gen)
-        mask = torch.ones(seq, dtype=torch.long)
-        pad = int(torch.randint(0, 5, (), generator=gen))
-        if pad:
-            ids[-pad:], mask[-pad:] = 0, 0
-        items.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    return items
 
 
 def main(out_path, per_device_batch):
@@ -41,7 +28,8 @@ def main(out_path, per_device_batch):
     )
     student = tiny_llama(vocab_size=VOCAB, seed=2).train()
     teacher = tiny_llama(vocab_size=VOCAB, seed=1, hidden_size=48, intermediate_size=96, num_hidden_layers=3)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset())
+    data = token_dataset(VOCAB, 32, 16, seed=0, max_pad=4)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
     trainer.train()
     if trainer.args.process_index == 0:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

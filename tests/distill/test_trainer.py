@@ -8,23 +8,14 @@ import transformers
 
 from slimlm.distill.trainer import DistillationConfig, DistillationTrainer, check_vocabularies
 from slimlm.losses import kl_div_loss
+import tiny
 from tiny import tiny_llama
 
 VOCAB = 96
 
 
 def token_dataset(num, seq, seed):
-    gen = torch.Generator().manual_seed(seed)
-    items = []
-    for _ in range(num):
-        ids = torch.randint(3, VOCAB, (seq,), generator=gen)
-        mask = torch.ones(seq, dtype=torch.long)
-        pad = int(torch.randint(0, 4, (), generator=gen))
-        if pad:
-            ids[-pad:] = 0
-            mask[-pad:] = 0
-        items.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    return items
+    return tiny.token_dataset(VOCAB, num, seq, seed)
 
 
 def training_args(tmp_path, **overrides):
