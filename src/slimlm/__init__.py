@@ -4,13 +4,51 @@ Pipeline: importance → prune → distill → evaluate, with fused C++/CUDA/Tri
 for the importance reductions and the distillation losses.
 """
 from slimlm import _extension
+from slimlm.importance import ImportanceScores, estimate_importance
 from slimlm.kernels.dispatch import backends
-from slimlm.losses import kl_div_loss
+from slimlm.losses import (
+    FusedLinearKLDivLoss,
+    HiddenStateDistiller,
+    HiddenStateProjection,
+    causal_lm_kl_div_loss,
+    depth_layer_map,
+    fused_linear_kl_div_loss,
+    hidden_state_loss,
+    kl_div_loss,
+    lm_head_spec,
+    topk_kl_div_loss,
+)
+from slimlm.models import load_model, load_tokenizer, smollm2_gguf_path
+from slimlm.surgery import PrunePlan, Target, plan, prune, save_pruned
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "backends", "build_info", "kl_div_loss"]
-
 build_info = _extension.build_info
+
+__all__ = [
+    "FusedLinearKLDivLoss",
+    "HiddenStateDistiller",
+    "HiddenStateProjection",
+    "ImportanceScores",
+    "PrunePlan",
+    "Target",
+    "__version__",
+    "backends",
+    "build_info",
+    "causal_lm_kl_div_loss",
+    "depth_layer_map",
+    "estimate_importance",
+    "fused_linear_kl_div_loss",
+    "hidden_state_loss",
+    "kl_div_loss",
+    "lm_head_spec",
+    "load_model",
+    "load_tokenizer",
+    "plan",
+    "prune",
+    "save_pruned",
+    "smollm2_gguf_path",
+    "topk_kl_div_loss",
+]
 
 _extension.warn_if_missing()
