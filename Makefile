@@ -39,8 +39,9 @@ bench: build
 bench-quick: build
 	SLIMLM_BENCH_QUICK=1 $(PY) -m pytest -q benchmarks --benchmark-only
 
+# The real-model demo: SmolLM2-135M pruned to half and distilled back (report in slimlm-demo/report).
 demo: build
-	$(PY) -m pytest -q benchmarks/bench_kl_div.py --benchmark-only
+	$(PY) -m slimlm demo
 
 nvcc-check:
 	bash scripts/nvcc_check.sh

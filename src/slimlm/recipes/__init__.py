@@ -1,0 +1,181 @@
+"""One-file recipes: the whole pipeline (importance → prune → synthetic data → distill → eval →
+report) from a YAML file, resumable stage by stage.
+
+A recipe (``examples/recipe.yaml`` is a commented one; ``demo.yaml`` / ``demo-quick.yaml``
+here are the demo's)::
+
+    teacher: path/to/model | model.gguf | org/name
+    out: run/                      # default: the recipe's name + "-run" beside it
+    data: {train: "docs/*.txt", heldout: "heldout/*.txt"}   # or heldout_fraction: 0.1
+    importance: {num_samples: 64, seq_len: 256, metrics: [activation], depth: [block_influence]}
+    target: {target_params: 0.5}   # any slimlm.surgery.Target field
+    synthetic: {num_prompts: 64, max_new_tokens: 64, mix: 0.3}   # optional
+    distill: {seq_len: 256, max_tokens: 200000, lr: 1e-3, temperature: 1.0, training_args: {}}
+    eval: {seq_len: 256, max_blocks: 32, prompts: ["The model"], max_new_tokens: 32}
+
+Every field is checked before any work starts; an error names the file and the field.
+Stage outputs in ``out``: ``scores/``, ``pruned/``, ``synthetic.jsonl``, ``distilled/``
+(checkpoints in ``distilled.checkpoints/``), ``eval.json``, ``report/``. A stage is skipped
+when its output exists and was made from the same inputs (fingerprints recorded beside it),
+so a rerun after an interruption resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from importlib import resources
+
+import yaml
+
+from slimlm.recipes.stages import InputError
+
+__all__ = ["InputError", "RECIPE_FIELDS", "builtin_recipe", "load_recipe", "run_recipe", "validate_recipe"]
+
+_ANY = object()
+# section → field → (expected type(s), default). None as default: optional.
+RECIPE_FIELDS = {
+    None: {"teacher": (str, _ANY), "out": (str, None), "seed": (int, 0), "dtype": (str, "auto"),
+           "device": (str, None), "data": (dict, _ANY), "importance": (dict, {}), "target": (dict, _ANY),
+           "synthetic": ((dict, type(None)), None), "distill": (dict, {}), "eval": (dict, {}), "report": (dict, {})},
+    "data": {"train": ((str, list), _ANY), "heldout": ((str, list), None), "heldout_fraction": (float, 0.1),
+             "text_field": (str, "text")},
+    "importance": {"num_samples": (int, 64), "seq_len": (int, 256), "batch_size": (int, 8),
+                   "metrics": (list, ["activation"]), "depth": (list, ["block_influence"]),
+                   "loss_drop_samples": (int, None)},
+    "synthetic": {"num_prompts": (int, 64), "max_new_tokens": (int, 64), "temperature": (float, 0.8),
+                  "top_p": (float, 0.95), "batch_size": (int, 8), "mix": (float, 0.3), "chat": (bool, False)},
+    "distill": {"seq_len": (int, 256), "max_tokens": (int, None), "max_minutes": (float, None), "lr": (float, 1e-4),
+                "batch_size": (int, 8), "temperature": (float, 1.0), "beta": (float, 0.0), "kd_weight": (float, 1.0),
+                "ce_weight": (float, 0.0), "training_args": (dict, {})},
+    "eval": {"seq_len": (int, 256), "max_blocks": (int, 64), "batch_size": (int, 8), "prompts": (list, []),
+             "max_new_tokens": (int, 32)},
+    "report": {"title": (str, "slimlm report")},
+}
+
+
+def _type_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
+                        dict: "a mapping", type(None): "null"}[k] for k in kinds)
+
+
+def _check_value(where: str, value, kind):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and bool not in kinds:
+        raise InputError(f"{where}: expected {_type_name(kind)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise InputError(f"{where}: expected {_type_name(kind)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_section(name: str, section: dict, fields: dict, where: str) -> dict:
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        raise InputError(f"{where}: unknown field {'.'.join(filter(None, (name, unknown[0])))!r} "
+                         f"(known: {', '.join(sorted(fields))})")
+    checked = {}
+    for field, (kind, default) in fields.items():
+        label = f"{where}: {'.'.join(filter(None, (name, field)))}"
+        if field not in section or section[field] is None and default is not _ANY:
+            if default is _ANY:
+                raise InputError(f"{label} is required")
+            checked[field] = copy.deepcopy(default)
+            continue
+        checked[field] = _check_value(label, section[field], kind)
+    return checked
+
+
+def validate_recipe(raw, where: str) -> dict:
+    """The recipe with every default filled in; InputError naming ``where`` and the field otherwise."""
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    recipe = _check_section(None, raw, RECIPE_FIELDS[None], where)
+    for section in ("data", "importance", "distill", "eval", "report"):
+        recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
+    if recipe["synthetic"] is not None:
+        recipe["synthetic"] = _check_section("synthetic", recipe["synthetic"], RECIPE_FIELDS["synthetic"], where)
+    _check_semantics(recipe, where)
+    return recipe
+
+
+def _check_semantics(recipe: dict, where: str) -> None:
+    from slimlm.importance.estimate import DEPTH_METRICS, WIDTH_METRICS
+    from slimlm.surgery import Target
+
+    try:
+        Target.coerce(recipe["target"])
+    except (ValueError, TypeError) as error:
+        raise InputError(f"{where}: target: {error}") from None
+    positive = [("importance", "num_samples"), ("importance", "seq_len"), ("importance", "batch_size"),
+                ("distill", "seq_len"), ("distill", "batch_size"), ("distill", "lr"), ("distill", "temperature"),
+                ("eval", "seq_len"), ("eval", "max_blocks"), ("eval", "batch_size"), ("eval", "max_new_tokens"),
+                ("distill", "max_tokens"), ("distill", "max_minutes")]
+    if recipe["synthetic"] is not None:
+        positive += [("synthetic", "num_prompts"), ("synthetic", "max_new_tokens"), ("synthetic", "batch_size")]
+    for section, field in positive:
+        value = recipe[section][field]
+        if value is not None and not value > 0:
+            raise InputError(f"{where}: {section}.{field} must be > 0, got {value}")
+    for field, known in (("metrics", WIDTH_METRICS), ("depth", DEPTH_METRICS)):
+        for value in recipe["importance"][field]:
+            if value not in known:
+                raise InputError(f"{where}: importance.{field}: unknown value {value!r} (known: {', '.join(known)})")
+    if not 0.0 < recipe["data"]["heldout_fraction"] < 1.0:
+        raise InputError(f"{where}: data.heldout_fraction must be in (0, 1), got {recipe['data']['heldout_fraction']}")
+    if not 0.0 <= recipe["distill"]["beta"] <= 1.0:
+        raise InputError(f"{where}: distill.beta must be in [0, 1], got {recipe['distill']['beta']}")
+    if recipe["synthetic"] is not None and not 0.0 <= recipe["synthetic"]["mix"] <= 1.0:
+        raise InputError(f"{where}: synthetic.mix must be in [0, 1], got {recipe['synthetic']['mix']}")
+    if recipe["dtype"] not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        raise InputError(f"{where}: dtype: unknown value {recipe['dtype']!r}")
+    if not all(isinstance(p, str) for p in recipe["eval"]["prompts"]):
+        raise InputError(f"{where}: eval.prompts must be a list of strings")
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Read and validate a recipe file (``yaml.safe_load``); relative paths in it are taken
+    relative to the recipe's folder, and ``out`` defaults to ``<name>-run`` beside it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"recipe {path} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            raw = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise InputError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    recipe = validate_recipe(raw, path)
+    base = os.path.dirname(os.path.abspath(path))
+
+    def local(value):
+        if isinstance(value, list):
+            return [local(item) for item in value]
+        return value if os.path.isabs(value) else os.path.join(base, value)
+
+    if os.path.exists(local(recipe["teacher"])):
+        recipe["teacher"] = local(recipe["teacher"])
+    for key in ("train", "heldout"):
+        if recipe["data"][key] is not None:
+            recipe["data"][key] = local(recipe["data"][key])
+    stem = os.path.splitext(os.path.basename(path))[0]
+    recipe["out"] = local(recipe["out"]) if recipe["out"] else os.path.join(base, f"{stem}-run")
+    return recipe
+
+
+def builtin_recipe(name: str) -> dict:
+    """A recipe shipped with the package (``demo``, ``demo-quick``) as a raw mapping."""
+    text = resources.files(__name__).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def run_recipe(recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
+               command: str = "slimlm run") -> dict:
+    """Run a validated recipe (see ``load_recipe``); returns {"results", "report", "table", "out"}."""
+    from slimlm.recipes.pipeline import Pipeline
+
+    start = time.perf_counter()
+    summary = Pipeline(recipe, overwrite=overwrite, progress=progress, log=log, command=command).run()
+    summary["seconds"] = time.perf_counter() - start
+    return summary

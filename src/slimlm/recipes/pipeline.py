@@ -1,0 +1,232 @@
+"""``Pipeline``: runs a validated recipe stage by stage, skipping the stages whose outputs are
+already there and valid (see ``slimlm.recipes``)."""
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import torch
+
+from slimlm.recipes import stages
+from slimlm.recipes.stages import InputError
+
+RECIPE_COPY = "recipe.yaml"
+
+
+class Pipeline:
+    def __init__(self, recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
+                 command: str = "slimlm run"):
+        self.recipe = recipe
+        self.out = recipe["out"]
+        self.overwrite = overwrite
+        self.progress = progress
+        self.log = log
+        self.command = command
+        self.device = recipe["device"] or stages.default_device()
+        self.dtype = stages.resolve_dtype(recipe["dtype"], self.device)
+        self.timings: dict[str, float] = {}
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    # ---------------------------------------------------------------- setup
+    def _claim_output(self) -> None:
+        """An output folder from another recipe is refused (or cleared with ``overwrite``); one
+        from this same recipe is resumed."""
+        import yaml
+
+        recipe_path = self.path(RECIPE_COPY)
+        stored = {key: value for key, value in self.recipe.items()}
+        if os.path.isdir(self.out) and os.listdir(self.out):
+            previous = None
+            if os.path.isfile(recipe_path):
+                with open(recipe_path, encoding="utf-8") as handle:
+                    previous = yaml.safe_load(handle)
+            if previous != stored:
+                if not self.overwrite:
+                    what = "a run of another recipe" if previous is not None else "files that are not a slimlm run"
+                    raise InputError(f"output folder {self.out} already holds {what}; pass --overwrite to replace it")
+                stages.remove_output(self.out)
+        os.makedirs(self.out, exist_ok=True)
+        with open(recipe_path, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(stored, handle, sort_keys=False)
+
+    def _data(self, tokenizer):
+        from slimlm.data import load_texts
+
+        data = self.recipe["data"]
+        train = load_texts(data["train"], text_field=data["text_field"])
+        if data["heldout"] is not None:
+            heldout = load_texts(data["heldout"], text_field=data["text_field"])
+        else:
+            if len(train) < 2:
+                raise InputError("data.train holds one document: give data.heldout or more documents to split")
+            # Split whole documents so no held-out text is ever seen in calibration or training.
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.recipe["seed"])).tolist()
+            count = min(len(train) - 1, max(1, round(data["heldout_fraction"] * len(train))))
+            heldout = [train[i] for i in sorted(order[:count])]
+            train = [train[i] for i in sorted(order[count:])]
+        return train, heldout
+
+    def _stage(self, name: str, state: str | None, output: str) -> bool:
+        """Log the decision; True when the stage must run."""
+        if state is None:
+            self.log(f"[{name}] skipped: {output} is already done")
+            return False
+        self.log(f"[{name}] running ({os.path.relpath(output, self.out)}: {state})")
+        return True
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict:
+        from slimlm.importance import ImportanceScores, model_fingerprint
+        from slimlm.models import load_model, load_tokenizer
+
+        recipe = self.recipe
+        self._claim_output()
+        torch.manual_seed(recipe["seed"])
+        started = time.perf_counter()
+        self.log(f"[setup] loading teacher {recipe['teacher']}")
+        teacher = load_model(recipe["teacher"], dtype=self.dtype, device=self.device)
+        tokenizer = load_tokenizer(recipe["teacher"])
+        teacher_fp = model_fingerprint(teacher)
+        # A target the model cannot meet fails now, not after the importance pass.
+        from slimlm.surgery import plan
+
+        plan(teacher, recipe["target"])
+        train_texts, heldout_texts = self._data(tokenizer)
+        self.timings["setup"] = time.perf_counter() - started
+
+        # importance
+        section = recipe["importance"]
+        scores_dir = self.path("scores")
+        started = time.perf_counter()
+        if self._stage("importance", stages.scores_state(scores_dir, teacher), scores_dir):
+            calibration = stages.to_blocks(train_texts, tokenizer, section["seq_len"], model=teacher)
+            scores = stages.importance_stage(
+                teacher, calibration, scores_dir, metrics=section["metrics"], depth=section["depth"],
+                num_samples=section["num_samples"], batch_size=section["batch_size"], seed=recipe["seed"],
+                loss_drop_samples=section["loss_drop_samples"], progress=self.progress)
+        else:
+            scores = ImportanceScores.load(scores_dir, model=teacher)
+        self.timings["importance"] = time.perf_counter() - started
+
+        # prune
+        pruned_dir = self.path("pruned")
+        plan_path = self.path("plan.txt")
+        started = time.perf_counter()
+        if self._stage("prune", stages.pruned_state(pruned_dir, teacher_fp), pruned_dir) or not os.path.isfile(plan_path):
+            _, the_plan = stages.prune_stage(copy.deepcopy(teacher), scores, recipe["target"], pruned_dir,
+                                             tokenizer=tokenizer, overwrite=True)
+            with open(plan_path, "w", encoding="utf-8") as handle:
+                handle.write(the_plan.table() + "\n")
+        with open(plan_path, encoding="utf-8") as handle:
+            plan_text = handle.read().rstrip()
+        self.timings["prune"] = time.perf_counter() - started
+
+        # synthetic data
+        synthetic_texts = None
+        mix_fraction = 0.0
+        if recipe["synthetic"] is not None:
+            from slimlm.distill.generate import prompts_from_texts
+
+            section = recipe["synthetic"]
+            synthetic_path = self.path("synthetic.jsonl")
+            prompts = prompts_from_texts(train_texts, max_prompts=section["num_prompts"])
+            if not prompts:
+                raise InputError("no prompts could be cut from data.train for the synthetic stage")
+            started = time.perf_counter()
+            if self._stage("synthetic", stages.synthetic_state(synthetic_path, prompts, teacher_fp), synthetic_path):
+                if not os.path.isfile(synthetic_path + stages.SYNTHETIC_DONE_SUFFIX) and os.path.isfile(synthetic_path):
+                    self.log("[synthetic] continuing the partial file")
+                dataset = stages.generate_stage(
+                    teacher, tokenizer, prompts, synthetic_path, max_new_tokens=section["max_new_tokens"],
+                    temperature=section["temperature"], top_p=section["top_p"], batch_size=section["batch_size"],
+                    seed=recipe["seed"], chat_template=True if section["chat"] else None, progress=self.progress)
+            else:
+                from slimlm.distill.generate import SyntheticDataset
+
+                dataset = SyntheticDataset.load(synthetic_path)
+            synthetic_texts = dataset.texts()
+            mix_fraction = section["mix"]
+            self.timings["synthetic"] = time.perf_counter() - started
+
+        # distill
+        section = recipe["distill"]
+        distilled_dir = self.path("distilled")
+        student = load_model(pruned_dir, dtype=torch.float32 if self.device == "cpu" else self.dtype)
+        student_fp = model_fingerprint(student)
+        started = time.perf_counter()
+        if self._stage("distill", stages.distilled_state(distilled_dir, teacher_fp, student_fp), distilled_dir):
+            training_args = []
+            for key, value in section["training_args"].items():
+                training_args += [f"--{key}", str(value)]
+            if self.device == "cpu":
+                training_args = ["--use_cpu", "true"] + training_args
+            _, log_history = stages.distill_stage(
+                teacher, student, tokenizer, train_texts, distilled_dir, synthetic_texts=synthetic_texts,
+                mix_fraction=mix_fraction, seq_len=section["seq_len"], max_tokens=section["max_tokens"],
+                max_minutes=section["max_minutes"], batch_size=section["batch_size"], learning_rate=section["lr"],
+                temperature=section["temperature"], beta=section["beta"], kd_weight=section["kd_weight"],
+                ce_weight=section["ce_weight"], seed=recipe["seed"], training_args=training_args, overwrite=True,
+                disable_tqdm=not self.progress)
+        else:
+            log_history = stages.read_json(os.path.join(distilled_dir, stages.DISTILL_RECORD))["log_history"]
+        self.timings["distill"] = time.perf_counter() - started
+        distill_record = stages.read_json(os.path.join(distilled_dir, stages.DISTILL_RECORD))
+        del student
+
+        # evaluate
+        results = self._evaluate(teacher, tokenizer, heldout_texts,
+                                 {"teacher": recipe["teacher"], "pruned": pruned_dir, "distilled": distilled_dir})
+
+        # report
+        from slimlm.report import write_report
+
+        notes = {"command": self.command, "teacher": recipe["teacher"], "target": recipe["target"],
+                 "data": f"{len(train_texts)} training documents, {len(heldout_texts)} held-out documents "
+                         f"(never used for calibration or training)",
+                 "distillation": f"{distill_record['steps']} steps, {distill_record['tokens_seen']:,} tokens "
+                                 f"(budget {section['max_tokens'] or '-'} tokens / {section['max_minutes'] or '-'} min), "
+                                 f"{distill_record['train_seconds'] or 0:.0f} s, lr {section['lr']}, seq_len "
+                                 f"{section['seq_len']}, temperature {section['temperature']}, beta {section['beta']}",
+                 "sizes on disk": "a .gguf teacher is stored 4-bit quantized (Q4_1); students as saved (float32 "
+                                  "safetensors on CPU)" if str(recipe["teacher"]).endswith(".gguf") else "as saved",
+                 "device": f"{self.device} ({torch.get_num_threads()} threads)",
+                 "stage seconds": ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())}
+        report = write_report(self.path("report"), results=results, scores=scores, log_history=log_history,
+                              plan_text=plan_text, notes=notes, title=recipe["report"]["title"])
+        return {"results": results, "report": report, "table": report["table"], "out": self.out,
+                "timings": self.timings}
+
+    def _evaluate(self, teacher, tokenizer, heldout_texts, specs: dict) -> list[dict]:
+        from slimlm.evaluate import evaluate_model
+        from slimlm.importance import model_fingerprint
+        from slimlm.models import load_model
+
+        section = self.recipe["eval"]
+        blocks = stages.to_blocks(heldout_texts, tokenizer, section["seq_len"], model=teacher)
+        blocks = blocks.select(range(min(len(blocks), section["max_blocks"])))
+        eval_path = self.path("eval.json")
+        started = time.perf_counter()
+        models = {"teacher": teacher}
+        for name in ("pruned", "distilled"):
+            models[name] = load_model(specs[name], dtype=self.dtype, device=self.device)
+        key = {"heldout": stages.texts_digest(heldout_texts), "settings": section,
+               "fingerprints": {name: model_fingerprint(model) for name, model in models.items()},
+               "distilled_record": stages.read_json(os.path.join(specs["distilled"], stages.DISTILL_RECORD)).get(
+                   "train_seconds")}
+        previous = stages.read_json(eval_path)
+        state = None if previous is not None and previous.get("key") == stages.read_json_roundtrip(key) else (
+            "missing" if previous is None else "made for other models or data")
+        if self._stage("eval", state, eval_path):
+            results = []
+            for name, model in models.items():
+                results.append(evaluate_model(model, blocks, tokenizer=tokenizer, prompts=section["prompts"],
+                                              max_new_tokens=section["max_new_tokens"], batch_size=section["batch_size"],
+                                              spec=specs[name], progress=self.progress, name=name))
+            stages.write_json(eval_path, {"key": key, "results": results})
+        else:
+            results = previous["results"]
+        self.timings["eval"] = time.perf_counter() - started
+        return results

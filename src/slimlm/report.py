@@ -1,0 +1,175 @@
+"""The report of a pruning + distillation run: ``report.md``, ``report.html`` and PNG plots.
+
+    write_report("out/report", results=[teacher, pruned, distilled],   # slimlm.evaluate.evaluate_model dicts
+                 scores=importance_scores, log_history=trainer.state.log_history,
+                 plan_text=str(prune_plan), notes={"command": "slimlm demo"})
+
+Plots (matplotlib, Agg backend): ``importance.png`` (``ImportanceScores.plot``),
+``loss.png`` (training loss / KD loss per step from the Trainer's ``log_history``) and
+``perplexity.png`` (held-out perplexity per stage, log scale). Every input but ``results``
+is optional; a plot is left out when its data is absent.
+"""
+from __future__ import annotations
+
+import html
+import os
+
+from slimlm.evaluate import comparison_rows, format_table
+
+LOSS_KEYS = ("loss", "kd_loss", "ce_loss", "hidden_loss")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("the report's plots need matplotlib (pip install 'slimlm[plot]')") from None
+    return plt
+
+
+def loss_curves(log_history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """{loss name: (steps, values)} from a Trainer ``log_history`` (training logs only)."""
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for entry in log_history:
+        if "step" not in entry:
+            continue
+        for key in LOSS_KEYS:
+            if key in entry:
+                steps, values = curves.setdefault(key, ([], []))
+                steps.append(int(entry["step"]))
+                values.append(float(entry[key]))
+    return curves
+
+
+def plot_loss(log_history: list[dict], path: str) -> str | None:
+    """Draw the loss curves into ``path``; None (nothing written) when the history has no loss."""
+    curves = loss_curves(log_history)
+    if not curves:
+        return None
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(7, 4))
+    for key, (steps, values) in curves.items():
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title("distillation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_perplexity(results: list[dict], path: str) -> str:
+    """Bar chart of held-out perplexity per model/stage (log scale), values printed on the bars."""
+    plt = _pyplot()
+    names = [result["name"] for result in results]
+    values = [result["perplexity"] for result in results]
+    figure, ax = plt.subplots(figsize=(1.6 * len(names) + 3, 4))
+    bars = ax.bar(names, values, color=["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple"][: len(names)]
+                  or None)
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title("perplexity per stage (lower is better)")
+    for bar, value in zip(bars, values):
+        ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _markdown_table(rows: list[list[str]], numeric: bool = True) -> str:
+    """A markdown table; ``numeric`` right-aligns every column but the first."""
+    def line(cells):
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    align = ["---"] + ["---:" if numeric else "---"] * (len(rows[0]) - 1)
+    return "\n".join([line(rows[0]), "| " + " | ".join(align) + " |"] + [line(row) for row in rows[1:]])
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def sample_rows(results: list[dict]) -> list[list[str]]:
+    """Header + one row per prompt with each model's greedy continuation, side by side."""
+    with_samples = [result for result in results if result.get("samples")]
+    if not with_samples:
+        return []
+    prompts = list(with_samples[0]["samples"])
+    rows = [["prompt"] + [result["name"] for result in with_samples]]
+    for prompt in prompts:
+        rows.append([prompt] + [" ".join(result["samples"].get(prompt, "").split()) for result in with_samples])
+    return rows
+
+
+def write_report(folder: str | os.PathLike, *, results: list[dict], scores=None, log_history=None,
+                 plan_text: str | None = None, notes: dict | None = None, title: str = "slimlm report") -> dict:
+    """Write ``report.md``, ``report.html`` and the plots into ``folder`` (created).
+
+    ``results``: ``slimlm.evaluate.evaluate_model`` dicts, the first being the reference
+    (the teacher). ``scores``: ``ImportanceScores``. ``notes``: extra key → value lines
+    (command, data, budget). Returns {"markdown", "html", "plots": {name: path}}.
+    """
+    if not results:
+        raise ValueError("write_report needs at least one evaluated model in results")
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    plots = {"perplexity": plot_perplexity(results, os.path.join(folder, "perplexity.png"))}
+    if log_history:
+        loss = plot_loss(log_history, os.path.join(folder, "loss.png"))
+        if loss:
+            plots["loss"] = loss
+    if scores is not None:
+        plots["importance"] = scores.plot(os.path.join(folder, "importance.png"))
+
+    table = comparison_rows(results)
+    samples = sample_rows(results)
+    captions = {"perplexity": "Held-out perplexity per stage", "loss": "Distillation loss",
+                "importance": "Importance scores of the teacher"}
+
+    md = [f"# {title}", ""]
+    for key, value in (notes or {}).items():
+        md.append(f"- **{key}**: {value}")
+    md += ["", "## Models", "", _markdown_table(table), ""]
+    md.append("Perplexity: exp of the mean next-token NLL over the held-out blocks (padding masked). "
+              "tokens/s: forward (prefill) throughput of that pass on this machine.")
+    if plan_text:
+        md += ["", "## Pruning plan", "", "```", plan_text, "```"]
+    if samples:
+        md += ["", "## Greedy samples", "", _markdown_table(samples, numeric=False)]
+    md += ["", "## Plots", ""]
+    for key, path in plots.items():
+        md += [f"### {captions[key]}", "", f"![{captions[key]}]({os.path.basename(path)})", ""]
+    markdown_path = os.path.join(folder, "report.md")
+    with open(markdown_path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(md) + "\n")
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
+             "vertical-align:top}td{text-align:right}td:first-child{text-align:left}"
+             "pre{background:#f4f4f4;padding:1em}img{max-width:100%}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1><ul>"]
+    parts += [f"<li><b>{html.escape(str(key))}</b>: {html.escape(str(value))}</li>" for key, value in (notes or {}).items()]
+    parts += ["</ul><h2>Models</h2>", _html_table(table)]
+    if plan_text:
+        parts += ["<h2>Pruning plan</h2>", f"<pre>{html.escape(plan_text)}</pre>"]
+    if samples:
+        parts += ["<h2>Greedy samples</h2>", _html_table(samples).replace("<td>", "<td style='text-align:left'>")]
+    parts.append("<h2>Plots</h2>")
+    for key, path in plots.items():
+        parts.append(f"<h3>{captions[key]}</h3><img src='{html.escape(os.path.basename(path))}' "
+                     f"alt='{captions[key]}'>")
+    parts.append("</body></html>")
+    html_path = os.path.join(folder, "report.html")
+    with open(html_path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(parts) + "\n")
+    return {"markdown": markdown_path, "html": html_path, "plots": plots, "table": format_table(table)}
