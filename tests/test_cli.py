@@ -152,7 +152,7 @@ def test_distill_runs_unchanged_under_torchrun(workspace, capsys, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m", "slimlm",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slimlm",
          "distill", "--teacher", str(workspace / "teacher"), "--student", str(student), "--data",
          str(workspace / "heldout.txt"), "--seq-len", "16", "--batch-size", "2", "--max_steps", "2",
          "--save_strategy", "no", "--out", str(out), "--no-progress"],

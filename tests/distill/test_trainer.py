@@ -166,7 +166,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     two.parent.mkdir()
     subprocess.run([sys.executable, worker, str(one), "4"], check=True, env=env, timeout=300)
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", worker, str(two), "2"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, str(two), "2"],
         check=True, env=env, timeout=300,
     )
     single, distributed = json.loads(one.read_text()), json.loads(two.read_text())
