@@ -35,6 +35,9 @@ def main(out_path, per_device_batch):
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         with open(out_path, "w") as handle:
             json.dump({"losses": losses, "world_size": trainer.args.world_size}, handle)
+    if torch.distributed.is_initialized():
+        # Without an explicit teardown gloo's threads can abort the process at exit.
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

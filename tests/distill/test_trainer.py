@@ -159,7 +159,12 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     import sys
 
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # Earlier in-process Trainers leave accelerate/torch.distributed variables in os.environ;
+    # the children must start from a clean launcher environment.
+    inherited = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_"))
+                 and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     one = tmp_path / "one" / "losses.json"
     two = tmp_path / "two" / "losses.json"
     one.parent.mkdir()
