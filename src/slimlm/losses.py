@@ -242,6 +242,7 @@ def fused_linear_kl_div_loss(
     teacher_softcap: float | None = None,
     drop_ignored_rows: bool | None = None,
     backend: str | None = None,
+    gemm_dtype: torch.dtype | None = None,
     return_terms: bool = False,
 ) -> torch.Tensor | dict:
     """``kl_div_loss`` of logits that are never materialised, plus optional next-token CE.
@@ -260,6 +261,9 @@ def fused_linear_kl_div_loss(
     of student_hidden, student_weight and student_bias are computed during the forward (the
     weight's and bias's accumulated in fp32) and only scaled by backward, so call backward
     once per forward. The teacher gets no gradient. ``backend`` picks the per-chunk KL kernel.
+    ``gemm_dtype``: operand dtype of the head GEMMs (both heads, forward and gradients);
+    None follows autocast when it is on at the call (bf16 under a bf16 autocast), else keeps
+    them exact. Ambient autocast never changes them otherwise; softmax and KL stay fp32.
     ``return_terms=True`` returns ``{"loss": total, "kd": KD, "ce": CE}``: the unweighted terms,
     reduced like the total and detached (for logging), "kd" only when kd_weight > 0 and "ce"
     only when ce_weight > 0.
@@ -301,9 +305,10 @@ def fused_linear_kl_div_loss(
     if reduction == "mean":
         kd_scale /= vocab
     ce_scale = ce_weight / host_norm
+    gemm_dtype = fused_linear.resolve_gemm_dtype(gemm_dtype, hidden.device)
     teacher_head = fused_linear.LinearHead(
         teacher_weight.detach(), teacher_bias.detach() if teacher_bias is not None else None,
-        float(teacher_logit_scale), teacher_softcap,
+        float(teacher_logit_scale), teacher_softcap, gemm_dtype,
     )
     # With dropped rows every chunk row is valid; otherwise the kernel masks by label.
     pass_labels = flat_labels if rows is None else None
@@ -322,7 +327,7 @@ def fused_linear_kl_div_loss(
 
     def chunk_loss(student_logits, index, compute_grad):
         teacher_chunk = teacher_rows[index] if isinstance(index, slice) else teacher_rows.index_select(0, index)
-        teacher_logits = teacher_head.logits(teacher_chunk).to(student_logits.dtype)
+        teacher_logits = teacher_head.logits(teacher_head.operand(teacher_chunk)).to(student_logits.dtype)
         chunk_labels = pass_labels[index] if pass_labels is not None else None
         if kd_scale != 0:
             loss_rows, dlogits = kl_div.kl_div_fwd(
@@ -344,7 +349,7 @@ def fused_linear_kl_div_loss(
         return loss_rows, dlogits
 
     loss = _run_fused(hidden, student_weight, student_bias, float(student_logit_scale), student_softcap,
-                      chunk_loss, rows, chunk_size, norm, reduction, leading)
+                      chunk_loss, rows, chunk_size, norm, reduction, leading, gemm_dtype)
     if not return_terms:
         return loss
     terms = {"loss": loss}
@@ -357,15 +362,22 @@ def fused_linear_kl_div_loss(
     return terms
 
 
-def _run_fused(hidden, weight, bias, logit_scale, softcap, chunk_loss, rows, chunk_size, norm, reduction, leading):
-    """Wires a chunk loss through ``FusedLinearLossFunction`` for the student side."""
+def _run_fused(hidden, weight, bias, logit_scale, softcap, chunk_loss, rows, chunk_size, norm, reduction, leading,
+               gemm_dtype=None):
+    """Wires a chunk loss through ``FusedLinearLossFunction`` for the student side.
+
+    ``gemm_dtype`` is already resolved (``fused_linear.resolve_gemm_dtype``): autocast is off
+    inside, so the GEMMs run exactly in the precision chosen here, in forward and backward.
+    """
 
     def run(hidden_, weight_, bias_, need_hidden, need_weight, need_bias, row_weights):
-        head = fused_linear.LinearHead(weight_.detach(), bias_.detach() if bias_ is not None else None, logit_scale, softcap)
-        return fused_linear.chunked_linear_loss(
-            hidden_.detach(), head, chunk_loss, rows=rows, chunk_size=chunk_size, need_grad_hidden=need_hidden,
-            need_grad_weight=need_weight, need_grad_bias=need_bias, row_weights=row_weights,
-        )
+        with torch.autocast(hidden_.device.type, enabled=False):
+            head = fused_linear.LinearHead(weight_.detach(), bias_.detach() if bias_ is not None else None,
+                                           logit_scale, softcap, gemm_dtype)
+            return fused_linear.chunked_linear_loss(
+                hidden_.detach(), head, chunk_loss, rows=rows, chunk_size=chunk_size, need_grad_hidden=need_hidden,
+                need_grad_weight=need_weight, need_grad_bias=need_bias, row_weights=row_weights,
+            )
 
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if wants_grad:
@@ -402,7 +414,7 @@ class FusedLinearKLDivLoss(torch.nn.Module):
 _FUSED_OPTIONS = {
     "ignore_index", "temperature", "beta", "reduction", "chunk_size", "ce_weight", "kd_weight",
     "scale_by_temperature_sq", "student_logit_scale", "teacher_logit_scale", "student_softcap",
-    "teacher_softcap", "drop_ignored_rows", "backend", "return_terms",
+    "teacher_softcap", "drop_ignored_rows", "backend", "gemm_dtype", "return_terms",
 }
 
 
@@ -668,6 +680,7 @@ def topk_kl_div_loss(
     student_softcap: float | None = None,
     drop_ignored_rows: bool | None = None,
     backend: str | None = None,
+    gemm_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Distillation from a sparse teacher: its k most likely tokens per position (k = 8 to 128).
 
@@ -688,7 +701,7 @@ def topk_kl_div_loss(
     ``student`` is logits (..., V), or hidden states (..., H) when ``student_weight`` (V, H) is
     given: then logits are formed in fp32 row chunks and never kept, exactly as in
     ``fused_linear_kl_div_loss`` (bias, logit scale, soft-cap, ``ce_weight`` next-token CE on
-    ``labels``, gradients of hidden/weight/bias computed in the forward). Reductions, τ²
+    ``labels``, gradients of hidden/weight/bias computed in the forward, ``gemm_dtype``). Reductions, τ²
     scaling, ``ignore_index`` and ``num_items_in_batch`` follow ``kl_div_loss`` (``mean``
     divides the KD term by V). Indices are range-checked (one host read; a sync on CUDA).
     """
@@ -763,4 +776,4 @@ def topk_kl_div_loss(
         return loss_rows, dlogits
 
     return _run_fused(hidden, student_weight, student_bias, float(student_logit_scale), student_softcap, chunk_loss,
-                      rows, chunk_size, norm, reduction, leading)
+                      rows, chunk_size, norm, reduction, leading, fused_linear.resolve_gemm_dtype(gemm_dtype, hidden.device))

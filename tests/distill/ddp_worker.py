@@ -36,8 +36,13 @@ def main(out_path, per_device_batch):
         with open(out_path, "w") as handle:
             json.dump({"losses": losses, "world_size": trainer.args.world_size}, handle)
     if torch.distributed.is_initialized():
-        # Without an explicit teardown gloo's threads can abort the process at exit.
+        # Every rank finishes before any tears down; then skip interpreter teardown, where a
+        # gloo/accelerate thread still joinable at static destruction aborts the process now and then.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,34 @@ def test_hidden_state_loss_is_logged_and_finite(tmp_path):
     assert all(math.isfinite(e["hidden_loss"]) for e in trainer.state.log_history if "hidden_loss" in e)
 
 
+@pytest.mark.parametrize("bf16,gemm_dtype,expected", [
+    (False, "auto", None), (True, "auto", torch.bfloat16), (True, "float32", torch.float32),
+])
+def test_loss_gemms_follow_mixed_precision(tmp_path, monkeypatch, bf16, gemm_dtype, expected):
+    """bf16=True runs the model under autocast but compute_loss outside it: the trainer hands the
+    loss its GEMM dtype, and bf16 distillation still learns."""
+    import slimlm.distill.trainer as trainer_module
+
+    seen = []
+    original = trainer_module.fused_linear_kl_div_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["gemm_dtype"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "fused_linear_kl_div_loss", spy)
+    student, teacher = models()
+    train, heldout = token_dataset(64, 24, seed=0), token_dataset(16, 24, seed=1)
+    before = heldout_kl(student, teacher, heldout)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=training_args(tmp_path, max_steps=20, bf16=bf16),
+        train_dataset=train, distillation_config=DistillationConfig(gemm_dtype=gemm_dtype),
+    )
+    trainer.train()
+    assert seen and set(seen) == {expected}
+    assert heldout_kl(student, teacher, heldout) < 0.8 * before
+
+
 def test_vocabulary_checks():
     student, teacher = tiny_llama(vocab_size=96), tiny_llama(vocab_size=128)
     assert check_vocabularies(student, teacher) == 96
@@ -144,10 +172,23 @@ def test_vocabulary_checks():
     (dict(temperature=0.0), "temperature"),
     (dict(beta=2.0), "beta"),
     (dict(hidden_loss_kind="l1"), "hidden_loss_kind"),
+    (dict(gemm_dtype="int8"), "gemm_dtype must be one of auto, float32, bfloat16, float16"),
 ])
 def test_bad_configuration(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DistillationConfig(**kwargs).check()
+
+
+def launcher_env():
+    """A clean environment for worker processes: earlier in-process Trainers leave
+    accelerate/torch.distributed variables in os.environ."""
+    import os
+    import sys
+
+    inherited = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_"))
+                 and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    return {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
 def test_two_process_gloo_matches_one_process(tmp_path):
@@ -159,12 +200,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     import sys
 
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
-    # Earlier in-process Trainers leave accelerate/torch.distributed variables in os.environ;
-    # the children must start from a clean launcher environment.
-    inherited = {k: v for k, v in os.environ.items()
-                 if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_"))
-                 and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
-    env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = launcher_env()
     one = tmp_path / "one" / "losses.json"
     two = tmp_path / "two" / "losses.json"
     one.parent.mkdir()
@@ -177,6 +213,36 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     single, distributed = json.loads(one.read_text()), json.loads(two.read_text())
     assert distributed["world_size"] == 2 and len(single["losses"]) == 5
     assert distributed["losses"] == pytest.approx(single["losses"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("version", ["fsdp1", "fsdp2"])
+@pytest.mark.parametrize("teacher", ["replicated", "shard-teacher"])
+def test_fsdp_sharded_models_match_one_process(tmp_path, version, teacher):
+    """FSDP1 and FSDP2 (2 CPU processes, gloo), the student and also the teacher sharded per
+    layer and at the root: the student's LM head is read between its forward and backward
+    (the root stays gathered), the teacher's comes whole from ``whole_lm_head`` (an FSDP1
+    teacher is resharded after a no-grad forward), and the loss and full gradients equal
+    one process's on the whole batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, worker, str(one), version, teacher], check=True, env=launcher_env(), timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, str(two), version,
+         teacher],
+        check=True, env=launcher_env(), timeout=300,
+    )
+    single, sharded = json.loads(one.read_text()), json.loads(two.read_text())
+    assert sharded["world_size"] == 2
+    assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    assert sharded["grads"].keys() == single["grads"].keys()
+    for name, grad in single["grads"].items():
+        want, got = torch.tensor(grad), torch.tensor(sharded["grads"][name])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * max(want.abs().max().item(), 1.0))
 
 
 def test_teacher_correction_fits_the_distillation_data(tmp_path):

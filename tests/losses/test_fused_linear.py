@@ -5,7 +5,9 @@ import torch.nn.functional as F
 
 from conftest import available_backends
 from slimlm.kernels import fused_linear, reference
-from slimlm.losses import FusedLinearKLDivLoss, causal_lm_kl_div_loss, fused_linear_kl_div_loss, lm_head_spec
+from slimlm.losses import (
+    FusedLinearKLDivLoss, causal_lm_kl_div_loss, fused_linear_kl_div_loss, lm_head_spec, topk_kl_div_loss,
+)
 
 
 def _kl_kernel_missing(backend):
@@ -173,6 +175,60 @@ def test_bf16_logits_are_not_rounded_before_the_softmax():
     ours = (grad_hidden.double() - want).norm() / want.norm()
     rounding = (rounded_grad.double() - want).norm() / want.norm()
     assert ours < 0.25 * rounding, (ours.item(), rounding.item())
+
+
+def _autocast_reference(tensors, labels):
+    """The unfused loss as autocast computes it: bf16 GEMM operands and bf16 logits, fp32 softmax."""
+    leaves = {n: t.detach().clone().requires_grad_(n.startswith("student")) for n, t in tensors.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        student = leaves["student_hidden"] @ leaves["student_weight"].T
+        teacher = leaves["teacher_hidden"] @ leaves["teacher_weight"].T
+    valid = labels != -100
+    loss = torch.where(valid, reference.divergence_rows(student.float(), teacher.float()), 0.0).sum() / valid.sum()
+    return loss, leaves
+
+
+def test_bf16_gemms_match_autocast_and_follow_ambient_autocast():
+    """gemm_dtype=bf16 gives autocast's numbers; under autocast it is the default; fp32 overrides it."""
+    tensors, labels = make_problem(rows=40, vocab=307, bias=False, seed=9)
+    tensors = {n: t.requires_grad_(n.startswith("student")) for n, t in tensors.items()}
+    students = [tensors["student_hidden"], tensors["student_weight"]]
+    explicit = fused_linear_kl_div_loss(**tensors, labels=labels, chunk_size=16, gemm_dtype=torch.bfloat16)
+    explicit_grads = torch.autograd.grad(explicit, students)
+    want, leaves = _autocast_reference(tensors, labels)
+    want_grads = torch.autograd.grad(want, [leaves["student_hidden"], leaves["student_weight"]])
+    assert explicit.dtype == torch.float32
+    torch.testing.assert_close(explicit, want, rtol=1e-4, atol=1e-5)
+    for got, expected in zip(explicit_grads, want_grads):
+        assert got.dtype == torch.float32
+        # Both round each GEMM's output to bf16; dW differs only in where the rounding falls.
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+    exact = fused_linear_kl_div_loss(**tensors, labels=labels, chunk_size=16)
+    exact_grads = torch.autograd.grad(exact, students)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        followed = fused_linear_kl_div_loss(**tensors, labels=labels, chunk_size=16)
+        followed_grads = torch.autograd.grad(followed, students)
+        forced = fused_linear_kl_div_loss(**tensors, labels=labels, chunk_size=16, gemm_dtype=torch.float32)
+        forced_grads = torch.autograd.grad(forced, students)
+    assert torch.equal(followed, explicit) and all(map(torch.equal, followed_grads, explicit_grads))
+    assert torch.equal(forced, exact) and all(map(torch.equal, forced_grads, exact_grads))
+    assert not torch.equal(explicit, exact)
+
+
+def test_bf16_gemms_for_top_k_and_a_bad_gemm_dtype():
+    tensors, labels = make_problem(rows=12, vocab=101, bias=False, seed=10)
+    hidden = tensors["student_hidden"].requires_grad_(True)
+    teacher = (tensors["teacher_hidden"] @ tensors["teacher_weight"].T).log_softmax(-1).topk(8)
+    options = dict(student_weight=tensors["student_weight"], labels=labels, chunk_size=5)
+    exact = topk_kl_div_loss(hidden, teacher.values, teacher.indices, **options)
+    low = topk_kl_div_loss(hidden, teacher.values, teacher.indices, gemm_dtype=torch.bfloat16, **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        followed = topk_kl_div_loss(hidden, teacher.values, teacher.indices, **options)
+    assert torch.equal(followed, low) and not torch.equal(low, exact)
+    torch.testing.assert_close(low, exact, rtol=3e-2, atol=3e-2)
+    with pytest.raises(ValueError, match="gemm_dtype must be"):
+        fused_linear_kl_div_loss(**tensors, labels=labels, gemm_dtype=torch.int8)
 
 
 def test_logits_never_exceed_a_chunk(monkeypatch):

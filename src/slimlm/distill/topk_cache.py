@@ -69,7 +69,7 @@ def teacher_topk(model, input_ids: torch.Tensor, k: int, temperature: float = 1.
     step = chunk_size or fused_linear.pick_chunk_size(rows.shape[0], vocab, rows.device)
     values, indices = [], []
     for start in range(0, rows.shape[0], step):
-        logits = head.logits(rows[start:start + step])
+        logits = head.logits(head.operand(rows[start:start + step]))
         top = torch.log_softmax(logits.div_(temperature), dim=-1).topk(k, dim=-1)
         values.append(top.values)
         indices.append(top.indices)

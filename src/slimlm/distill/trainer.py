@@ -12,6 +12,14 @@ row chunks. Loss = kd_weight·KD + ce_weight·CE + hidden_loss_weight·hidden, n
 the global number of valid (shifted) label tokens that the Trainer passes as
 ``num_items_in_batch``, so gradient accumulation and data parallelism give the loss of one
 big batch. DDP, FSDP and DeepSpeed come from the Trainer (``accelerate launch``/``torchrun``).
+
+The student's side of the loss runs inside the student's own (wrapped) forward call, where
+FSDP holds its LM head whole and routes the head's gradient to the sharded parameter (FSDP1
+reshards even the root unit after forward). Under FSDP the teacher is replicated on each
+rank's device, or, when larger than one device, passed in already sharded
+(``FullyShardedDataParallel`` or ``fully_shard``); its LM head is gathered once. Tested with
+two CPU processes on gloo for DDP, FSDP1 and FSDP2; accelerate's ``--fsdp`` plugin itself
+needs an accelerator.
 """
 from __future__ import annotations
 
@@ -27,6 +35,9 @@ from safetensors.torch import load_file, save_file
 
 from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
 from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, lm_head_spec, topk_kl_div_loss
+
+
+GEMM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -45,6 +56,9 @@ class DistillationConfig:
     topk, topk_tail: a folder written by ``slimlm.distill.cache_teacher_topk``: the student then
     learns from the cached sparse teacher (``topk_kl_div_loss`` with tail "bucket" or
     "renormalize") and no live teacher is needed; the training set is the cache's sequences.
+    gemm_dtype: operands of the LM-head GEMMs inside the loss: "auto" follows the Trainer's
+    mixed precision (bf16 under ``bf16=True``, fp16 under ``fp16=True``, else exact fp32),
+    or "float32" / "bfloat16" / "float16". Softmax, KL and CE are fp32 in every case.
     """
 
     kd_weight: float = 1.0
@@ -57,6 +71,7 @@ class DistillationConfig:
     chunk_size: int | None = None
     topk: str | None = None
     topk_tail: str = "bucket"
+    gemm_dtype: str = "auto"
 
     def check(self) -> None:
         for name in ("kd_weight", "ce_weight", "hidden_loss_weight"):
@@ -73,6 +88,8 @@ class DistillationConfig:
             raise ValueError("hidden_loss_weight needs a live teacher; it cannot be used with a top-k cache (topk)")
         if self.topk_tail not in ("bucket", "renormalize"):
             raise ValueError(f"topk_tail must be 'bucket' or 'renormalize', got {self.topk_tail!r}")
+        if self.gemm_dtype not in GEMM_DTYPES:
+            raise ValueError(f"gemm_dtype must be one of {', '.join(GEMM_DTYPES)}, got {self.gemm_dtype!r}")
         if self.hidden_loss_kind not in ("cosine", "mse"):
             raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
 
@@ -80,8 +97,7 @@ class DistillationConfig:
 def check_vocabularies(student, teacher, student_tokenizer=None, teacher_tokenizer=None) -> int:
     """The vocabulary size both models share; padding-only differences are allowed (the
     extra rows are trimmed with a warning), a real tokenizer mismatch is an error."""
-    student_vocab = student.get_output_embeddings().weight.shape[0]
-    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    student_vocab, teacher_vocab = _vocab_rows(student), _vocab_rows(teacher)
     if student_tokenizer is not None and teacher_tokenizer is not None:
         if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
             raise ValueError(
@@ -106,6 +122,13 @@ def check_vocabularies(student, teacher, student_tokenizer=None, teacher_tokeniz
     return min(student_vocab, teacher_vocab)
 
 
+def _vocab_rows(model) -> int:
+    """Rows of the LM head, read from the module (its weight may be a flat FSDP shard)."""
+    head = model.get_output_embeddings()
+    rows = getattr(head, "out_features", None) or getattr(head, "num_embeddings", None)
+    return int(rows) if rows is not None else head.weight.shape[0]
+
+
 PROJECTIONS_FILE = "hidden_projections.safetensors"
 TOPK_COLUMNS = ("topk_logprobs", "topk_indices")
 
@@ -114,6 +137,41 @@ def _first_rows(bias, rows: int, device=None):
     if bias is None:
         return None
     return bias[:rows].to(device) if device is not None else bias[:rows]
+
+
+def whole_lm_head(model) -> dict:
+    """``lm_head_spec`` of a frozen model with the weight and bias as whole, detached tensors,
+    whatever shards them: an FSDP2 (``fully_shard``) DTensor is gathered, an FSDP1 root's flat
+    shard is summoned (root unit only); both are then copied, as sharding reuses their storage.
+    Unsharded models give references (no copy)."""
+    spec = lm_head_spec(model)
+    weight = spec["weight"]
+    if weight.dim() == 2 and not _is_dtensor(weight):
+        return {**spec, "weight": weight.detach(), "bias": None if spec["bias"] is None else spec["bias"].detach()}
+    if _is_dtensor(weight):
+        gather = lambda t: None if t is None else (t.full_tensor() if _is_dtensor(t) else t).detach().clone()  # noqa: E731
+        return {**spec, "weight": gather(weight), "bias": gather(spec["bias"])}
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(model, FullyShardedDataParallel):
+        raise ValueError(
+            f"{type(model).__name__}'s LM head weight has shape {tuple(weight.shape)}: it looks sharded, but not by "
+            "FSDP; pass the teacher unsharded or wrapped by FullyShardedDataParallel / fully_shard"
+        )
+    with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
+        spec = lm_head_spec(model)
+        if spec["weight"].dim() != 2:
+            raise ValueError("the teacher's LM head is not in its FSDP root unit; wrap only its decoder layers")
+        return {**spec, "weight": spec["weight"].detach().clone(),
+                "bias": None if spec["bias"] is None else spec["bias"].detach().clone()}
+
+
+def _is_dtensor(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def _no_logits(input_ids: torch.Tensor) -> torch.Tensor:
@@ -125,8 +183,8 @@ class DistillationTrainer(transformers.Trainer):
 
     teacher_model: any causal LM with the student's tokenizer; it runs in eval mode under
     no_grad in its own dtype, on ``teacher_device`` (default: the training device), or where
-    it already is when loaded with ``device_map``. Logs per step: each loss term, tokens/s,
-    teacher forward seconds, peak memory.
+    it already is when loaded with ``device_map`` or sharded by FSDP. Logs per step: each
+    loss term, tokens/s, teacher forward seconds, peak memory.
     """
 
     def __init__(self, model=None, teacher_model=None, args=None, distillation_config=None, teacher_device=None, **kwargs):
@@ -136,7 +194,7 @@ class DistillationTrainer(transformers.Trainer):
         if self.distillation_config.topk is not None:
             self.topk_cache = load_teacher_topk(self.distillation_config.topk)
             self.topk_cache.check_compatible(
-                vocab_size=model.get_output_embeddings().weight.shape[0], temperature=self.distillation_config.temperature
+                vocab_size=_vocab_rows(model), temperature=self.distillation_config.temperature
             )
             if kwargs.get("train_dataset") is None:
                 kwargs["train_dataset"] = topk_examples(self.topk_cache)
@@ -153,8 +211,10 @@ class DistillationTrainer(transformers.Trainer):
                 teacher_model.to(teacher_device or self.args.device)
             teacher_model.eval()
             teacher_model.requires_grad_(False)
+            # Read once: a sharded teacher's head is gathered here, as the loss uses it outside its forward.
+            self.teacher_head = whole_lm_head(teacher_model)
         else:
-            self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+            self.vocab_size = _vocab_rows(self.model)
         self.hidden_distiller = None
         if self.distillation_config.hidden_loss_weight > 0:
             student_config, teacher_config = self.model.config, teacher_model.config
@@ -167,113 +227,158 @@ class DistillationTrainer(transformers.Trainer):
             )
         self._metrics: dict[str, float] = {}
         self._window_start = time.perf_counter()
+        self.gemm_dtype = GEMM_DTYPES[self.distillation_config.gemm_dtype]
+        if self.gemm_dtype is None:
+            # compute_loss runs outside the autocast that mixed precision wraps the model's forward in.
+            self.gemm_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
 
     # ------------------------------------------------------------------ loss
-    def _hidden(self, model, inputs, need_all: bool):
-        outputs = model(
+    @staticmethod
+    def _call(model, inputs):
+        """The model on the batch, hidden states out and no logits (``logits_to_keep`` empty)."""
+        return model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs.get("attention_mask"),
             logits_to_keep=_no_logits(inputs["input_ids"]),
             output_hidden_states=True,
             use_cache=False,
         )
-        return outputs.hidden_states
+
+    def _student_loss(self, model, inputs, loss_fn):
+        """Runs the student and ``loss_fn(hidden_states, lm_head_spec)`` inside ONE call of the
+        (possibly DDP/FSDP-wrapped) model: FSDP1 reshards even the root unit after forward, so
+        the LM head is only whole, with its gradient routed to the sharded parameter, while the
+        wrapped forward runs. The inner model's forward is swapped for the call and restored."""
+        inner = self.accelerator.unwrap_model(model)
+        had_own = "forward" in inner.__dict__
+        original = inner.forward  # accelerate's autocast wrapper when mixed precision is on
+
+        def forward_with_loss(*args, **kwargs):
+            outputs = original(*args, **kwargs)
+            return loss_fn(outputs.hidden_states, self._student_head(inner))
+
+        inner.forward = forward_with_loss
+        try:
+            return self._call(model, inputs)
+        finally:
+            if had_own:
+                inner.forward = original
+            else:
+                del inner.forward
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         config = self.distillation_config
         labels = inputs.get("labels")
         if labels is None:
             labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", 1) == 0, -100)
-        student_states = self._hidden(model, inputs, config.hidden_loss_weight > 0)
         if "topk_logprobs" in inputs:
-            return self._topk_loss(model, inputs, student_states[-1], labels, num_items_in_batch, return_outputs)
+            return self._topk_loss(model, inputs, labels, num_items_in_batch, return_outputs)
 
         teacher_device = next(self.teacher.parameters()).device
         teacher_inputs = {k: v.to(teacher_device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         start = time.perf_counter()
         with torch.no_grad():
-            teacher_states = self._hidden(self.teacher, teacher_inputs, config.hidden_loss_weight > 0)
+            teacher_states = self._call(self.teacher, teacher_inputs).hidden_states
         if teacher_device.type == "cuda":
             torch.cuda.synchronize(teacher_device)
         self._add_metric("teacher_forward_s", time.perf_counter() - start)
+        if config.hidden_loss_weight == 0:
+            teacher_states = teacher_states[-1:]  # only the last layer's is needed past this point
 
-        device = student_states[-1].device
-        shifted_labels = labels[:, 1:].reshape(-1).to(device)
-        student_hidden = student_states[-1][:, :-1].reshape(-1, student_states[-1].shape[-1])
-        teacher_hidden = teacher_states[-1][:, :-1].reshape(-1, teacher_states[-1].shape[-1]).to(device)
-        student_head = lm_head_spec(self.accelerator.unwrap_model(model))
-        teacher_head = lm_head_spec(self.teacher)
-        if num_items_in_batch is None:
-            num_items_in_batch = (shifted_labels != -100).sum()
-
-        terms = fused_linear_kl_div_loss(
-            student_hidden,
-            student_head["weight"][: self.vocab_size],
-            teacher_hidden,
-            teacher_head["weight"][: self.vocab_size].to(device),
-            student_bias=_first_rows(student_head["bias"], self.vocab_size),
-            teacher_bias=_first_rows(teacher_head["bias"], self.vocab_size, device),
-            labels=shifted_labels,
-            temperature=config.temperature,
-            beta=config.beta,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=config.chunk_size,
-            kd_weight=config.kd_weight,
-            ce_weight=config.ce_weight,
-            student_logit_scale=student_head["logit_scale"],
-            teacher_logit_scale=teacher_head["logit_scale"],
-            student_softcap=student_head["softcap"],
-            teacher_softcap=teacher_head["softcap"],
-            return_terms=True,
-        )
-        loss = terms["loss"]
-        for name in ("kd", "ce"):
-            if name in terms:
-                self._add_metric(f"{name}_loss", float(terms[name]))
-        if config.hidden_loss_weight > 0:
-            mask = inputs.get("attention_mask")
-            hidden = self.hidden_distiller(
-                student_states, [state.to(device) for state in teacher_states], mask.bool() if mask is not None else None
+        def loss_fn(student_states, student_head):
+            device = student_states[-1].device
+            shifted_labels = labels[:, 1:].reshape(-1).to(device)
+            student_hidden = student_states[-1][:, :-1].reshape(-1, student_states[-1].shape[-1])
+            teacher_hidden = teacher_states[-1][:, :-1].reshape(-1, teacher_states[-1].shape[-1]).to(device)
+            teacher_head = self.teacher_head
+            count = num_items_in_batch if num_items_in_batch is not None else (shifted_labels != -100).sum()
+            terms = fused_linear_kl_div_loss(
+                student_hidden,
+                student_head["weight"][: self.vocab_size],
+                teacher_hidden,
+                teacher_head["weight"][: self.vocab_size].to(device),
+                student_bias=_first_rows(student_head["bias"], self.vocab_size),
+                teacher_bias=_first_rows(teacher_head["bias"], self.vocab_size, device),
+                labels=shifted_labels,
+                temperature=config.temperature,
+                beta=config.beta,
+                num_items_in_batch=count,
+                chunk_size=config.chunk_size,
+                kd_weight=config.kd_weight,
+                ce_weight=config.ce_weight,
+                student_logit_scale=student_head["logit_scale"],
+                teacher_logit_scale=teacher_head["logit_scale"],
+                student_softcap=student_head["softcap"],
+                teacher_softcap=teacher_head["softcap"],
+                gemm_dtype=self.gemm_dtype,
+                return_terms=True,
             )
-            self._add_metric("hidden_loss", float(hidden.detach()))
-            loss = loss + config.hidden_loss_weight * hidden
-        self._add_metric("tokens", float(inputs["input_ids"].numel()))
+            loss = terms["loss"]
+            if config.hidden_loss_weight > 0:
+                mask = inputs.get("attention_mask")
+                hidden = self.hidden_distiller(
+                    student_states, [state.to(device) for state in teacher_states], mask.bool() if mask is not None else None
+                )
+                terms["hidden"] = hidden.detach()
+                loss = loss + config.hidden_loss_weight * hidden
+            return {"loss": loss, **{f"{name}_loss": terms[name] for name in ("kd", "ce", "hidden") if name in terms}}
 
+        result = self._student_loss(model, inputs, loss_fn)
+        for name in ("kd_loss", "ce_loss", "hidden_loss"):
+            if name in result:
+                self._add_metric(name, float(result[name]))
+        self._add_metric("tokens", float(inputs["input_ids"].numel()))
+        return self._finish(result["loss"], num_items_in_batch, return_outputs)
+
+    def _finish(self, loss, num_items_in_batch, return_outputs):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.world_size > 1:
-            # DDP averages gradients over ranks; the loss is already divided by the global count.
+            # DDP and FSDP average gradients over ranks; the loss is already divided by the global count.
             loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
-    def _topk_loss(self, model, inputs, student_last, labels, num_items_in_batch, return_outputs):
+    def _topk_loss(self, model, inputs, labels, num_items_in_batch, return_outputs):
         config = self.distillation_config
-        head = lm_head_spec(self.accelerator.unwrap_model(model))
-        shifted_labels = labels[:, 1:].reshape(-1)
-        if num_items_in_batch is None:
-            num_items_in_batch = (shifted_labels != -100).sum()
-        # Cache row t is the teacher's distribution for the token at t + 1, as the student's logits at t.
-        k = inputs["topk_logprobs"].shape[-1]
-        loss = topk_kl_div_loss(
-            student_last[:, :-1].reshape(-1, student_last.shape[-1]),
-            inputs["topk_logprobs"][:, :-1].reshape(-1, k),
-            inputs["topk_indices"][:, :-1].reshape(-1, k),
-            student_weight=head["weight"],
-            student_bias=head["bias"],
-            student_logit_scale=head["logit_scale"],
-            student_softcap=head["softcap"],
-            tail=config.topk_tail,
-            labels=shifted_labels,
-            temperature=config.temperature,
-            beta=config.beta,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=config.chunk_size,
-            kd_weight=config.kd_weight,
-            ce_weight=config.ce_weight,
-        )
+
+        def loss_fn(student_states, head):
+            student_last = student_states[-1]
+            shifted_labels = labels[:, 1:].reshape(-1)
+            count = num_items_in_batch if num_items_in_batch is not None else (shifted_labels != -100).sum()
+            # Cache row t is the teacher's distribution for the token at t + 1, as the student's logits at t.
+            k = inputs["topk_logprobs"].shape[-1]
+            return {"loss": topk_kl_div_loss(
+                student_last[:, :-1].reshape(-1, student_last.shape[-1]),
+                inputs["topk_logprobs"][:, :-1].reshape(-1, k),
+                inputs["topk_indices"][:, :-1].reshape(-1, k),
+                student_weight=head["weight"],
+                student_bias=head["bias"],
+                student_logit_scale=head["logit_scale"],
+                student_softcap=head["softcap"],
+                tail=config.topk_tail,
+                labels=shifted_labels,
+                temperature=config.temperature,
+                beta=config.beta,
+                num_items_in_batch=count,
+                chunk_size=config.chunk_size,
+                kd_weight=config.kd_weight,
+                ce_weight=config.ce_weight,
+                gemm_dtype=self.gemm_dtype,
+            )}
+
+        loss = self._student_loss(model, inputs, loss_fn)["loss"]
         self._add_metric("topk_loss", float(loss.detach()))
         self._add_metric("tokens", float(inputs["input_ids"].numel()))
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            loss = loss * self.accelerator.num_processes
-        return (loss, None) if return_outputs else loss
+        return self._finish(loss, num_items_in_batch, return_outputs)
+
+    def _student_head(self, model) -> dict:
+        head = lm_head_spec(model)
+        weight = head["weight"]
+        if weight.dim() != 2 or _is_dtensor(weight):
+            raise RuntimeError(
+                f"the student's LM head weight is sharded inside its forward ({type(weight).__name__} "
+                f"{tuple(weight.shape)}); keep the LM head (and tied embeddings) in the FSDP root unit, "
+                "e.g. auto-wrap only the decoder layers"
+            )
+        return head
 
     def _set_signature_columns_if_needed(self):
         # The Trainer drops dataset columns the model's forward does not take; keep the cached teacher's.

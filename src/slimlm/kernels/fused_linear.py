@@ -71,23 +71,53 @@ def _mixed_addmm_inplace_works(device_type: str) -> bool:
         return False
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def resolve_gemm_dtype(gemm_dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """The operand dtype of the head GEMMs: ``gemm_dtype`` when given, else the autocast
+    dtype when autocast is on for ``device`` at the call, else None (exact: the weights' own
+    precision, as ``LinearHead`` describes)."""
+    if gemm_dtype is None:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return None
+    if gemm_dtype not in (torch.float32, torch.float64) + LOW_PRECISION:
+        raise ValueError(f"gemm_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {gemm_dtype!r}")
+    return gemm_dtype
+
+
 @dataclasses.dataclass
 class LinearHead:
-    """One side's LM head: logits = softcap((hidden @ weightᵀ + bias) · logit_scale)."""
+    """One side's LM head: logits = softcap((hidden @ weightᵀ + bias) · logit_scale).
+
+    ``gemm_dtype`` sets the operands of the three GEMMs (logits, grad_hidden, grad_weight):
+    None keeps them exact (fp32, or a low-precision weight as it is where the device has
+    an fp32-output mixed matmul); bf16/fp16 casts both operands, as autocast would, with
+    fp32 accumulation and, where no fp32-output matmul exists (CPU), the chunk's logits
+    rounded to that dtype before the fp32 softmax, as autocast's own LM head gives them.
+    Softmax, loss and the weight-gradient accumulator stay fp32 either way.
+    """
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     logit_scale: float = 1.0
     softcap: float | None = None
+    gemm_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         # fp64 stays fp64 (references); everything else computes in fp32.
         self.compute_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        low_precision = self.weight.dtype != self.compute_dtype
-        self.mixed = low_precision and _mixed_mm_works(self.weight.device.type)
-        # Without an fp32-output mixed matmul, one fp32 copy of W (independent of N) keeps
-        # the logits exact; upcasting per chunk would cost a V×H copy per chunk instead.
-        self.weight_fp32 = self.weight.to(self.compute_dtype) if low_precision and not self.mixed else self.weight
+        mixed_available = _mixed_mm_works(self.weight.device.type)
+        if self.gemm_dtype is None:
+            low = self.weight.dtype in LOW_PRECISION and mixed_available
+            self.operand_dtype = self.weight.dtype if low else self.compute_dtype
+        else:
+            self.operand_dtype = self.gemm_dtype if self.gemm_dtype in LOW_PRECISION else self.compute_dtype
+        self.low_precision = self.operand_dtype != self.compute_dtype
+        self.mixed = self.low_precision and mixed_available
+        # One cast of W per call (independent of N); casting per chunk would copy V×H per chunk.
+        self.weight_operand = self.weight.to(self.operand_dtype)
         self.bias_fp32 = self.bias.to(self.compute_dtype) if self.bias is not None else None
         # CPU has no caching allocator: a fresh (C, V) block per chunk is page-faulted in every
         # time, so the logits of every chunk reuse one buffer (its previous contents are dead
@@ -101,17 +131,27 @@ class LinearHead:
             self._buffer = torch.empty(rows, self.weight.shape[0], dtype=self.compute_dtype)
         return self._buffer[:rows]
 
+    def operand(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A (C, H) chunk in the GEMMs' operand dtype (cast once, used by logits and backward)."""
+        return hidden.to(self.operand_dtype)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of a (C, H) chunk, after scale and soft-cap."""
+        """fp32 logits of a (C, H) chunk given by ``operand``, after scale and soft-cap."""
         if self.mixed:
-            logits = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
+            logits = torch.mm(hidden, self.weight_operand.t(), out_dtype=self.compute_dtype)
+            if self.bias_fp32 is not None:
+                logits.add_(self.bias_fp32)
+        elif self.low_precision:
+            rounded = torch.mm(hidden, self.weight_operand.t())
+            out = self._out(hidden.shape[0])
+            logits = out.copy_(rounded) if out is not None else rounded.to(self.compute_dtype)
+            del rounded
             if self.bias_fp32 is not None:
                 logits.add_(self.bias_fp32)
         elif self.bias_fp32 is not None:
-            logits = torch.addmm(self.bias_fp32, hidden.to(self.compute_dtype), self.weight_fp32.t(),
-                                 out=self._out(hidden.shape[0]))
+            logits = torch.addmm(self.bias_fp32, hidden, self.weight_operand.t(), out=self._out(hidden.shape[0]))
         else:
-            logits = torch.mm(hidden.to(self.compute_dtype), self.weight_fp32.t(), out=self._out(hidden.shape[0]))
+            logits = torch.mm(hidden, self.weight_operand.t(), out=self._out(hidden.shape[0]))
         if self.logit_scale != 1.0:
             logits.mul_(self.logit_scale)
         if self.softcap is not None:
@@ -131,22 +171,23 @@ class LinearHead:
 
     def backward(self, dlogits: torch.Tensor, hidden: torch.Tensor, grad_weight_fp32: torch.Tensor | None,
                  grad_bias_fp32: torch.Tensor | None, want_grad_hidden: bool) -> torch.Tensor | None:
-        """Accumulates dWᵀ += dlogitsᵀ @ hidden, db += Σ dlogits; returns dlogits @ W (hidden's dtype)."""
+        """Accumulates dWᵀ += dlogitsᵀ @ hidden, db += Σ dlogits; returns dlogits @ W in the
+        operand dtype (``hidden`` is the chunk given by ``operand``)."""
         if grad_bias_fp32 is not None:
             grad_bias_fp32.add_(dlogits.sum(0))
-        if self.mixed:
-            low = dlogits.to(self.weight.dtype)
+        if not self.low_precision:
             if grad_weight_fp32 is not None:
-                if _mixed_addmm_inplace_works(self.weight.device.type):
-                    torch.addmm(grad_weight_fp32, low.t(), hidden, out_dtype=torch.float32, out=grad_weight_fp32)
-                else:
-                    grad_weight_fp32.add_(torch.mm(low.t(), hidden, out_dtype=torch.float32))
-            return torch.mm(low, self.weight) if want_grad_hidden else None
+                grad_weight_fp32.addmm_(dlogits.t(), hidden)
+            return torch.mm(dlogits, self.weight_operand) if want_grad_hidden else None
+        low = dlogits.to(self.operand_dtype)
         if grad_weight_fp32 is not None:
-            grad_weight_fp32.addmm_(dlogits.t(), hidden.to(self.compute_dtype))
-        if not want_grad_hidden:
-            return None
-        return torch.mm(dlogits, self.weight_fp32).to(hidden.dtype)
+            if self.mixed and _mixed_addmm_inplace_works(self.weight.device.type):
+                torch.addmm(grad_weight_fp32, low.t(), hidden, out_dtype=self.compute_dtype, out=grad_weight_fp32)
+            elif self.mixed:
+                grad_weight_fp32.add_(torch.mm(low.t(), hidden, out_dtype=self.compute_dtype))
+            else:
+                grad_weight_fp32.add_(torch.mm(low.t(), hidden))
+        return torch.mm(low, self.weight_operand) if want_grad_hidden else None
 
 
 # loss_fn(student_logits_fp32 (C, V), rows (C,) int64 row indices into the full batch, or a
@@ -195,7 +236,7 @@ def chunked_linear_loss(
         stop = min(start + step, count)
         # Contiguous slices need no gather copy; dropped rows force an index_select.
         index = slice(start, stop) if rows is None else rows[start:stop]
-        chunk = hidden[index] if rows is None else hidden.index_select(0, index)
+        chunk = head.operand(hidden[index] if rows is None else hidden.index_select(0, index))
         logits = head.logits(chunk)
         chunk_loss, dlogits = loss_fn(logits, index, compute_grad)
         if rows is None:
@@ -213,7 +254,7 @@ def chunked_linear_loss(
             if rows is None:
                 grad_hidden[index] = grad_chunk
             else:
-                grad_hidden.index_copy_(0, index, grad_chunk)
+                grad_hidden.index_copy_(0, index, grad_chunk.to(grad_hidden.dtype))
     return ChunkedResult(loss_rows, grad_hidden, grad_weight, grad_bias)
 
 
