@@ -146,6 +146,17 @@ def test_distill_passes_training_arguments_through(workspace, capsys):
         "slimlm distill: error: unknown option(s) for distill: --not_a_flag 1 (not a slimlm or TrainingArguments flag)"]
 
 
+def test_bf16_training_is_refused_only_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):
+    from slimlm.recipes import stages
+
+    flags = ["--use_cpu", "true", "--bf16", "true"]
+    monkeypatch.setattr(stages, "cpu_has_bf16", lambda: False)
+    with pytest.raises(stages.InputError, match="no AVX512-BF16 or AMX"):
+        stages.training_arguments(flags, output_dir=str(tmp_path))
+    monkeypatch.setattr(stages, "cpu_has_bf16", lambda: True)
+    assert stages.training_arguments(flags, output_dir=str(tmp_path)).bf16
+
+
 def test_distill_runs_unchanged_under_torchrun(workspace, capsys, tmp_path):
     """Two CPU processes (gloo): one global batch of 2 × 2 blocks per step, one checkpoint written."""
     student = pruned_dir(workspace, capsys)

@@ -229,9 +229,15 @@ def training_arguments(flags=(), *, output_dir: str, batch_size: int = 8, learni
     args, remaining = parser.parse_args_into_dataclasses(args=defaults + list(flags), return_remaining_strings=True)
     if remaining:
         raise InputError(f"unknown option(s) for distill: {' '.join(remaining)} (not a slimlm or TrainingArguments flag)")
-    if args.bf16 and not str(args.device).startswith("cuda"):
-        raise InputError("--bf16 needs a CUDA device here")
+    if args.bf16 and str(args.device) == "cpu" and not cpu_has_bf16():
+        raise InputError("--bf16 on this CPU would be slower than float32: it has no AVX512-BF16 or AMX instructions")
     return args
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthetic_texts=None, mix_fraction=0.0,
