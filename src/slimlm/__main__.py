@@ -1,7 +1,5 @@
 """``python -m slimlm``: the slimlm command (also what ``accelerate launch -m slimlm distill`` runs)."""
-import sys
-
-from slimlm.cli import main
+from slimlm.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
