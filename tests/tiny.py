@@ -1,6 +1,9 @@
 """Tiny models and tokenizers built from configs, so tests download nothing."""
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -55,3 +58,16 @@ def token_dataset(vocab_size: int, num: int, seq: int, seed: int, max_pad: int =
             mask[-pad:] = 0
         items.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
     return items
+
+
+def exit_distributed() -> None:
+    """End a distributed test worker whose results are written: every rank finishes before any
+    tears down, then the process exits without interpreter teardown, where a still-joinable
+    gloo/accelerate thread aborts it now and then (as ``slimlm.cli.entry`` does)."""
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

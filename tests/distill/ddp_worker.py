@@ -13,7 +13,7 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slimlm.distill.trainer import DistillationTrainer  # noqa: E402
-from tiny import tiny_llama, token_dataset  # noqa: E402
+from tiny import exit_distributed, tiny_llama, token_dataset  # noqa: E402
 
 VOCAB = 96
 
@@ -35,14 +35,7 @@ def main(out_path, per_device_batch):
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         with open(out_path, "w") as handle:
             json.dump({"losses": losses, "world_size": trainer.args.world_size}, handle)
-    if torch.distributed.is_initialized():
-        # Every rank finishes before any tears down; then skip interpreter teardown, where a
-        # gloo/accelerate thread still joinable at static destruction aborts the process now and then.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_distributed()
 
 
 if __name__ == "__main__":

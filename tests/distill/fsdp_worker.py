@@ -17,7 +17,7 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slimlm.distill.trainer import DistillationTrainer  # noqa: E402
-from tiny import tiny_llama, token_dataset  # noqa: E402
+from tiny import exit_distributed, tiny_llama, token_dataset  # noqa: E402
 
 VOCAB = 96
 
@@ -79,15 +79,7 @@ def main(out_path, version, shard_teacher):
     if rank == 0:
         with open(out_path, "w") as handle:
             json.dump({"loss": total.item(), "grads": grads, "world_size": world}, handle)
-    if torch.distributed.is_initialized():
-        # Every rank finishes before any tears down (gloo aborts a process whose peer left early).
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        # The results are written; skip interpreter teardown, where a gloo/accelerate thread
-        # still joinable at static destruction aborts the process now and then.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_distributed()
 
 
 if __name__ == "__main__":
