@@ -299,19 +299,12 @@ class DistillationTrainer(transformers.Trainer):
                 teacher_head["weight"][: self.vocab_size].to(device),
                 student_bias=_first_rows(student_head["bias"], self.vocab_size),
                 teacher_bias=_first_rows(teacher_head["bias"], self.vocab_size, device),
-                labels=shifted_labels,
-                temperature=config.temperature,
-                beta=config.beta,
-                num_items_in_batch=count,
-                chunk_size=config.chunk_size,
-                kd_weight=config.kd_weight,
-                ce_weight=config.ce_weight,
                 student_logit_scale=student_head["logit_scale"],
                 teacher_logit_scale=teacher_head["logit_scale"],
                 student_softcap=student_head["softcap"],
                 teacher_softcap=teacher_head["softcap"],
-                gemm_dtype=self.gemm_dtype,
                 return_terms=True,
+                **self._loss_options(shifted_labels, count),
             )
             loss = terms["loss"]
             if config.hidden_loss_weight > 0:
@@ -354,20 +347,20 @@ class DistillationTrainer(transformers.Trainer):
                 student_logit_scale=head["logit_scale"],
                 student_softcap=head["softcap"],
                 tail=config.topk_tail,
-                labels=shifted_labels,
-                temperature=config.temperature,
-                beta=config.beta,
-                num_items_in_batch=count,
-                chunk_size=config.chunk_size,
-                kd_weight=config.kd_weight,
-                ce_weight=config.ce_weight,
-                gemm_dtype=self.gemm_dtype,
+                **self._loss_options(shifted_labels, count),
             )}
 
         loss = self._student_loss(model, inputs, loss_fn)["loss"]
         self._add_metric("topk_loss", float(loss.detach()))
         self._add_metric("tokens", float(inputs["input_ids"].numel()))
         return self._finish(loss, num_items_in_batch, return_outputs)
+
+    def _loss_options(self, shifted_labels, count) -> dict:
+        """The options the live-teacher and top-k losses share, from the config."""
+        config = self.distillation_config
+        return dict(labels=shifted_labels, temperature=config.temperature, beta=config.beta,
+                    num_items_in_batch=count, chunk_size=config.chunk_size, kd_weight=config.kd_weight,
+                    ce_weight=config.ce_weight, gemm_dtype=self.gemm_dtype)
 
     def _student_head(self, model) -> dict:
         head = lm_head_spec(model)
