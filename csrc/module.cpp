@@ -30,7 +30,8 @@ pybind11::dict build_info() {
   info["openmp"] = false;
   info["openmp_threads"] = 1;
 #endif
-  info["cpu_isa"] = std::string(slimlm::cpu::isa_name(slimlm::cpu::active_isa()));
+  // The best CPU instruction set; slimlm.build_info() adds the one in use (SLIMLM_CPU_ISA).
+  info["cpu_isa_best"] = std::string(slimlm::cpu::isa_name(slimlm::cpu::best_isa()));
   info["torch_version"] = std::string(TORCH_VERSION);
   return info;
 }

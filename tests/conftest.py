@@ -8,6 +8,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from slimlm import _extension  # noqa: E402
 from slimlm.kernels import dispatch  # noqa: E402
 from slimlm.kernels.triton import runtime as triton_runtime  # noqa: E402
 
@@ -23,7 +24,11 @@ def native_device(backend: str) -> torch.device:
 def available_backends(device: str | None = "cpu") -> list:
     """pytest params for every backend that runs tensors on ``device``, skipped (with the reason)
     where it cannot run here. ``device=None``: each backend on its ``native_device``; such
-    tests take the ``device`` fixture and put their tensors there."""
+    tests take the ``device`` fixture and put their tensors there.
+
+    The C++ CPU backend comes once per instruction-set variant this CPU can run (``cpu-scalar``,
+    ``cpu-avx2``, ``cpu-avx512``; the test runs with SLIMLM_CPU_ISA set to it), so an AVX-512
+    machine tests all three paths and an AVX2 machine two."""
     live = dispatch.backends()
     params = []
     for name in dispatch.BACKENDS:
@@ -42,8 +47,20 @@ def available_backends(device: str | None = "cpu") -> list:
         elif name == "triton" and where.type == "cpu" and not triton_runtime.interpreted():
             reason = "Triton runs on CUDA tensors here (TRITON_INTERPRET is not set)"
         marks = [pytest.mark.skip(reason=reason)] if reason else []
-        params.append(pytest.param(name, marks=marks, id=name))
+        if name == "cpu" and not reason:
+            params += [pytest.param(name, marks=[pytest.mark.cpu_isa(isa)], id=f"cpu-{isa}")
+                       for isa in _extension.cpu_isas()]
+        else:
+            params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+@pytest.fixture(autouse=True)
+def _forced_cpu_isa(request, monkeypatch):
+    """Runs a test marked ``cpu_isa(name)`` (see available_backends) under SLIMLM_CPU_ISA=name."""
+    marker = request.node.get_closest_marker("cpu_isa")
+    if marker is not None:
+        monkeypatch.setenv("SLIMLM_CPU_ISA", marker.args[0])
 
 
 @pytest.fixture

@@ -1,14 +1,18 @@
 #include "cpu/isa.h"
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
 #include <cstring>
+
+#include "cpu/vec.h"
 
 namespace slimlm::cpu {
 
 namespace {
 
 Isa detected_isa() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if SLIMLM_VEC_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -24,21 +28,30 @@ Isa detected_isa() {
 
 }  // namespace
 
-Isa active_isa() {
+Isa best_isa() {
   static const Isa best = detected_isa();
+  return best;
+}
+
+Isa active_isa() {
+  const Isa best = best_isa();
   const char* forced = std::getenv("SLIMLM_CPU_ISA");
   if (forced == nullptr || forced[0] == '\0') {
     return best;
   }
-  Isa wanted = best;
+  Isa wanted;
   if (std::strcmp(forced, "scalar") == 0) {
     wanted = Isa::Scalar;
   } else if (std::strcmp(forced, "avx2") == 0) {
     wanted = Isa::Avx2;
   } else if (std::strcmp(forced, "avx512") == 0) {
     wanted = Isa::Avx512;
+  } else {
+    TORCH_CHECK(false, "SLIMLM_CPU_ISA must be scalar, avx2 or avx512, got '", forced, "'");
   }
-  return static_cast<int>(wanted) < static_cast<int>(best) ? wanted : best;
+  TORCH_CHECK(static_cast<int>(wanted) <= static_cast<int>(best), "SLIMLM_CPU_ISA=", forced,
+              ": this CPU (or build) runs at most ", isa_name(best));
+  return wanted;
 }
 
 const char* isa_name(Isa isa) {

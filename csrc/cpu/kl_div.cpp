@@ -1,7 +1,8 @@
 // CPU kl_div_fwd (definition: src/slimlm/kernels/reference.py, kl_div_fwd).
 //
 // Per row, with a = s/T, b = t/T, Q = softmax(a), P = softmax(b):
-//   pass 0  maxima of s and t                       (the only pass that reads DRAM)
+//   pass 0  maxima of s and t, and whether either row holds a NaN (the only pass that
+//           reads DRAM); a row whose softmax is undefined (NaN, +inf, all −inf) is all NaN
 //   pass 1  e_a = exp(a − max a), e_b = exp(b − max b) into a per-thread row buffer,
 //           and their sums, hence both logsumexps
 //   pass 2  the divergence terms, from q = e_a/Σe_a, p = e_b/Σe_b and
@@ -97,12 +98,28 @@ struct DivergenceRows {
       // Pass 0.
       V max_s = V::set1(-std::numeric_limits<float>::infinity());
       V max_t = max_s;
+      V nan_seen = V::zero();
       for_each_vec<V>(cols, [&](int64_t i, int n) {
-        max_s = V::max(load_n<V>(s + i, n), max_s);
-        max_t = V::max(load_n<V>(t + i, n), max_t);
+        const V s_i = load_n<V>(s + i, n);
+        const V t_i = load_n<V>(t + i, n);
+        max_s = V::max(s_i, max_s);
+        max_t = V::max(t_i, max_t);
+        nan_seen = V::mark_nan(V::mark_nan(nan_seen, s_i), t_i);
       });
-      const float max_a = V::reduce_max(max_s) * problem.inv_temperature;
-      const float max_b = V::reduce_max(max_t) * problem.inv_temperature;
+      const float row_max_s = V::reduce_max(max_s);
+      const float row_max_t = V::reduce_max(max_t);
+      const bool has_nan = V::any(nan_seen);
+      if (vec::softmax_undefined(row_max_s, has_nan) || vec::softmax_undefined(row_max_t, has_nan)) {
+        // NaN, +inf or an all -inf row on either side: the whole row is NaN, as in the reference.
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        problem.loss[row] = nan;
+        if (g != nullptr) {
+          for_each_vec<V>(cols, [&](int64_t i, int n) { store_n<V, Stream>(g + i, n, V::set1(nan)); });
+        }
+        continue;
+      }
+      const float max_a = row_max_s * problem.inv_temperature;
+      const float max_b = row_max_t * problem.inv_temperature;
 
       // Pass 1.
       const bool prefetch = problem.prefetch_next_row && row + 1 < end && !ignored(problem, row + 1);

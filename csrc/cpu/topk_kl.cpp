@@ -1,71 +1,35 @@
 // Sparse-teacher (top-k) distillation divergence on CPU: loss rows and student gradient.
 // The math and its reference are in src/slimlm/kernels/topk_kl.py and reference.py.
-// Per row: pass 1 reads the logits once for max and sum of exp; the k-sized bookkeeping
-// runs in double; pass 2 writes the dense softmax part of the gradient (the row is still
-// in L2 from pass 1) and the k indices are patched after it. The dense loops are compiled
-// once per instruction set (target attributes) and chosen at run time by active_isa().
+// Per row: pass 0 reads the logits once for the max (and whether the row holds a NaN);
+// pass 1 sums exp over the row (now in L2); the k-sized bookkeeping runs in double; pass 2
+// writes the dense softmax part of the gradient and the k indices are patched after it.
+// The dense passes are one template over the Vec of cpu/vec.h, compiled per instruction set
+// and chosen at run time by active_isa(), like kl_div.cpp.
+
+// GCC 12 reports its own AVX-512 intrinsics as maybe-uninitialized once inlined (kl_div.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
 #include "cpu/isa.h"
+#include "cpu/vec.h"
+#include "cpu/vec_avx2.h"
+#include "cpu/vec_avx512.h"
+#include "cpu/vec_math.h"
+#include "cpu/vec_scalar.h"
 
 namespace slimlm::cpu {
 namespace {
 
-#define SLIMLM_INLINE inline __attribute__((always_inline))
-
 constexpr double kTiny = std::numeric_limits<float>::min();  // tail clamp, as the fp32 reference
-
-// exp(x) for x <= 0, 0 below -87 (also for -inf). Branch-free and without float→int
-// conversions (which block vectorisation under trapping math): Cody-Waite reduction with
-// the 1.5·2^23 rounding trick and Cephes' polynomial (~1 ulp).
-SLIMLM_INLINE float exp_nonpositive(float x) {
-  const float clamped = std::max(x, -87.0f);
-  const float shifted = clamped * 1.44269504088896341f + 12582912.0f;  // round(x·log2 e) in the low bits
-  const float k = shifted - 12582912.0f;
-  const int32_t k_int = std::bit_cast<int32_t>(shifted) - 0x4B400000;
-  const float r = (clamped - k * 0.693359375f) + k * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const float two_k = std::bit_cast<float>((k_int + 127) << 23);
-  return y * two_k * static_cast<float>(x >= -87.0f);
-}
-
-// Conversions between storage type and float. BFloat16 works on the bits (round to nearest
-// even on stores, as c10 does for finite values) so the loops vectorise; c10's do not.
-template <typename scalar_t>
-SLIMLM_INLINE scalar_t store_as(float value) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    const uint32_t bits = std::bit_cast<uint32_t>(value);
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    return c10::BFloat16(static_cast<uint16_t>(rounded), c10::BFloat16::from_bits());
-  } else {
-    return static_cast<scalar_t>(value);
-  }
-}
-
-template <typename scalar_t>
-SLIMLM_INLINE float load_float(scalar_t value) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return std::bit_cast<float>(static_cast<uint32_t>(value.x) << 16);
-  } else {
-    return static_cast<float>(value);
-  }
-}
 
 struct Args {
   const void* student;
@@ -90,7 +54,7 @@ struct Term {
   double dq;
 };
 
-SLIMLM_INLINE Term bucket_term(double p, double q, double lp, double lq, double beta) {
+inline Term bucket_term(double p, double q, double lp, double lq, double beta) {
   if (beta == 0.0) {
     return {p > 0 ? p * (lp - lq) : 0.0, q > 0 ? -p / q : 0.0};
   }
@@ -105,140 +69,154 @@ SLIMLM_INLINE Term bucket_term(double p, double q, double lp, double lq, double 
   return {loss, (1.0 - beta) * (lq - lm)};
 }
 
-template <typename scalar_t>
-SLIMLM_INLINE void one_row(const Args& a, int64_t row) {
-  const scalar_t* __restrict s = static_cast<const scalar_t*>(a.student) + row * a.vocab;
-  scalar_t* __restrict grad = a.grad ? static_cast<scalar_t*>(a.grad) + row * a.vocab : nullptr;
-  const float* lp = a.logprobs + row * a.k;
-  const int64_t* idx = a.indices + row * a.k;
-  const int64_t vocab = a.vocab;
-  if (a.labels != nullptr && a.labels[row] == a.ignore_index) {
-    a.loss[row] = 0.0f;
-    if (grad) {
-      std::fill(grad, grad + vocab, scalar_t(0));
+// Rows [begin, end) of student storage type T.
+template <class T>
+struct TopkRows {
+  static_assert(kIsVecStorage<T>);
+
+  template <class V>
+  static void run(const Args& a, int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      one_row<V>(a, row);
     }
-    return;
   }
-  for (int64_t i = 0; i < a.k; ++i) {
-    if (idx[i] < 0 || idx[i] >= vocab) {
-      a.bad_index->store(true);
-      a.loss[row] = std::numeric_limits<float>::quiet_NaN();
+
+  template <class V>
+  static void one_row(const Args& a, int64_t row) {
+    using vec::for_each_vec;
+    using vec::load_n;
+    using vec::store_n;
+    const T* s = static_cast<const T*>(a.student) + row * a.vocab;
+    T* grad = a.grad ? static_cast<T*>(a.grad) + row * a.vocab : nullptr;
+    const float* lp = a.logprobs + row * a.k;
+    const int64_t* idx = a.indices + row * a.k;
+    const int64_t vocab = a.vocab;
+    auto fill_grad = [&](float value) {
+      if (grad) {
+        for_each_vec<V>(vocab, [&](int64_t i, int n) { store_n<V, false>(grad + i, n, V::set1(value)); });
+      }
+    };
+    if (a.labels != nullptr && a.labels[row] == a.ignore_index) {
+      a.loss[row] = 0.0f;
+      fill_grad(0.0f);
       return;
     }
-  }
-
-  float row_max = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : row_max)
-  for (int64_t u = 0; u < vocab; ++u) {
-    row_max = std::max(row_max, load_float(s[u]));
-  }
-  const float inv_t = static_cast<float>(a.inv_temperature);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t u = 0; u < vocab; ++u) {
-    sum += exp_nonpositive((load_float(s[u]) - row_max) * inv_t);
-  }
-  const double log_sum = std::log(static_cast<double>(sum));
-  auto log_q_at = [&](int64_t i) {
-    return (static_cast<double>(load_float(s[idx[i]])) - row_max) * a.inv_temperature - log_sum;
-  };
-
-  // k-sized bookkeeping: loss, c = Σ w_i, and the tail's ∂D/∂q (0 when the tail is clamped).
-  double loss = 0.0;
-  double c = 0.0;
-  double tail_dq = 0.0;
-  double log_p_norm = 0.0;
-  if (a.renormalize) {
-    double hi = -std::numeric_limits<double>::infinity();
-    for (int64_t i = 0; i < a.k; ++i) hi = std::max(hi, static_cast<double>(lp[i]));
-    double total = 0.0;
-    for (int64_t i = 0; i < a.k; ++i) total += std::exp(lp[i] - hi);
-    log_p_norm = hi + std::log(total);
     for (int64_t i = 0; i < a.k; ++i) {
-      const double lpn = lp[i] - log_p_norm;
-      const double p = std::exp(lpn);
-      loss += p > 0 ? p * (lpn - log_q_at(i)) : 0.0;
-      c -= p;
+      if (idx[i] < 0 || idx[i] >= vocab) {
+        a.bad_index->store(true);
+        a.loss[row] = std::numeric_limits<float>::quiet_NaN();
+        return;
+      }
     }
-  } else {
-    double sum_p = 0.0, sum_q = 0.0;
-    for (int64_t i = 0; i < a.k; ++i) {
-      sum_p += std::exp(static_cast<double>(lp[i]));
-      sum_q += std::exp(log_q_at(i));
+
+    // Pass 0.
+    V max_v = V::set1(-std::numeric_limits<float>::infinity());
+    V nan_seen = V::zero();
+    for_each_vec<V>(vocab, [&](int64_t i, int n) {
+      const V x = load_n<V>(s + i, n);
+      max_v = V::max(x, max_v);
+      nan_seen = V::mark_nan(nan_seen, x);
+    });
+    const float row_max = V::reduce_max(max_v);
+    bool undefined = vec::softmax_undefined(row_max, V::any(nan_seen));
+    for (int64_t i = 0; i < a.k && !undefined; ++i) {
+      undefined = std::isnan(lp[i]) || lp[i] == std::numeric_limits<float>::infinity();
     }
-    const double q_tail = std::max(1.0 - sum_q, kTiny);
-    const double p_tail = std::max(1.0 - sum_p, kTiny);
-    const Term tail = bucket_term(p_tail, q_tail, std::log(p_tail), std::log(q_tail), a.beta);
-    loss = tail.loss;
-    tail_dq = 1.0 - sum_q > kTiny ? tail.dq : 0.0;
+    if (undefined) {
+      // A NaN, +inf or all -inf student row, or a NaN/+inf teacher log-prob: the row is NaN.
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      a.loss[row] = nan;
+      fill_grad(nan);
+      return;
+    }
+
+    // Pass 1: e_u = exp((s_u − max)/τ) and their sum.
+    const float inv_t = static_cast<float>(a.inv_temperature);
+    const V inv_t_v = V::set1(inv_t);
+    const V shift = V::set1(-row_max * inv_t);
+    auto exp_at = [&](int64_t i, int n) { return vec::exp(V::fma(load_n<V>(s + i, n), inv_t_v, shift)); };
+    vec::BlockedSum<V> sum_e;
+    for_each_vec<V>(vocab, [&](int64_t i, int n) { sum_e.add(exp_at(i, n)); });
+    const double sum = sum_e.total();
+    const double log_sum = std::log(sum);
+    auto log_q_at = [&](int64_t i) {
+      return (static_cast<double>(static_cast<float>(s[idx[i]])) - row_max) * a.inv_temperature - log_sum;
+    };
+
+    // k-sized bookkeeping: loss, c = Σ w_i, and the tail's ∂D/∂q (0 when the tail is clamped).
+    double loss = 0.0;
+    double c = 0.0;
+    double tail_dq = 0.0;
+    double log_p_norm = 0.0;
+    if (a.renormalize) {
+      double hi = -std::numeric_limits<double>::infinity();
+      for (int64_t i = 0; i < a.k; ++i) hi = std::max(hi, static_cast<double>(lp[i]));
+      double total = 0.0;
+      for (int64_t i = 0; i < a.k; ++i) total += std::exp(lp[i] - hi);
+      log_p_norm = hi + std::log(total);
+      for (int64_t i = 0; i < a.k; ++i) {
+        const double lpn = lp[i] - log_p_norm;
+        const double p = std::exp(lpn);
+        loss += p > 0 ? p * (lpn - log_q_at(i)) : 0.0;
+        c -= p;
+      }
+    } else {
+      double sum_p = 0.0, sum_q = 0.0;
+      for (int64_t i = 0; i < a.k; ++i) {
+        sum_p += std::exp(static_cast<double>(lp[i]));
+        sum_q += std::exp(log_q_at(i));
+      }
+      const double q_tail = std::max(1.0 - sum_q, kTiny);
+      const double p_tail = std::max(1.0 - sum_p, kTiny);
+      const Term tail = bucket_term(p_tail, q_tail, std::log(p_tail), std::log(q_tail), a.beta);
+      loss = tail.loss;
+      tail_dq = 1.0 - sum_q > kTiny ? tail.dq : 0.0;
+      for (int64_t i = 0; i < a.k; ++i) {
+        const double lq = log_q_at(i);
+        const double q = std::exp(lq);
+        const Term term = bucket_term(std::exp(static_cast<double>(lp[i])), q, lp[i], lq, a.beta);
+        loss += term.loss;
+        c += q > 0 ? q * (term.dq - tail_dq) : 0.0;
+      }
+    }
+    a.loss[row] = static_cast<float>(a.scale * loss);
+    if (!grad) {
+      return;
+    }
+
+    // Pass 2: the dense part −step·c·q_u, then the k indices.
+    const double step = a.scale * a.inv_temperature;
+    const V dense = V::set1(static_cast<float>(-step * c / sum));
+    for_each_vec<V>(vocab, [&](int64_t i, int n) { store_n<V, false>(grad + i, n, dense * exp_at(i, n)); });
     for (int64_t i = 0; i < a.k; ++i) {
       const double lq = log_q_at(i);
       const double q = std::exp(lq);
-      const Term term = bucket_term(std::exp(static_cast<double>(lp[i])), q, lp[i], lq, a.beta);
-      loss += term.loss;
-      c += q > 0 ? q * (term.dq - tail_dq) : 0.0;
+      double w;
+      if (a.renormalize) {
+        w = -std::exp(lp[i] - log_p_norm);
+      } else {
+        const Term term = bucket_term(std::exp(static_cast<double>(lp[i])), q, lp[i], lq, a.beta);
+        w = q > 0 ? q * (term.dq - tail_dq) : 0.0;
+      }
+      grad[idx[i]] = static_cast<T>(static_cast<float>(step * (w - c * q)));
     }
   }
-  a.loss[row] = static_cast<float>(a.scale * loss);
-  if (!grad) {
-    return;
-  }
+};
 
-  const double step = a.scale * a.inv_temperature;
-  const float dense = static_cast<float>(-step * c / sum);
-#pragma omp simd
-  for (int64_t u = 0; u < vocab; ++u) {
-    grad[u] = store_as<scalar_t>(dense * exp_nonpositive((load_float(s[u]) - row_max) * inv_t));
-  }
-  for (int64_t i = 0; i < a.k; ++i) {
-    const double lq = log_q_at(i);
-    const double q = std::exp(lq);
-    double w;
-    if (a.renormalize) {
-      w = -std::exp(lp[i] - log_p_norm);
-    } else {
-      const Term term = bucket_term(std::exp(static_cast<double>(lp[i])), q, lp[i], lq, a.beta);
-      w = q > 0 ? q * (term.dq - tail_dq) : 0.0;
-    }
-    grad[idx[i]] = store_as<scalar_t>(static_cast<float>(step * (w - c * q)));
-  }
-}
+using RowsFn = void (*)(const Args&, int64_t, int64_t);
 
-template <typename scalar_t>
-SLIMLM_INLINE void rows_impl(const Args& a, int64_t begin, int64_t end) {
-  for (int64_t row = begin; row < end; ++row) {
-    one_row<scalar_t>(a, row);
-  }
-}
-
-// The same body compiled per instruction set; no -march flag needed anywhere.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SLIMLM_TOPK_VARIANT(NAME, TARGET)                              \
-  template <typename scalar_t>                                         \
-  TARGET void NAME(const Args& a, int64_t begin, int64_t end) {        \
-    rows_impl<scalar_t>(a, begin, end);                                \
-  }
-SLIMLM_TOPK_VARIANT(rows_avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))))
-SLIMLM_TOPK_VARIANT(rows_avx2, __attribute__((target("avx2,fma,f16c"))))
-#undef SLIMLM_TOPK_VARIANT
-#endif
-
-template <typename scalar_t>
-void rows_scalar(const Args& a, int64_t begin, int64_t end) {
-  rows_impl<scalar_t>(a, begin, end);
-}
-
-template <typename scalar_t>
-void run_rows(const Args& a, int64_t begin, int64_t end, Isa isa) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+template <class T>
+RowsFn rows_fn(Isa isa) {
+  using Kernel = TopkRows<T>;
+#if SLIMLM_VEC_X86
   if (isa == Isa::Avx512) {
-    return rows_avx512<scalar_t>(a, begin, end);
+    return &avx512::invoke<Kernel, const Args&, int64_t, int64_t>;
   }
   if (isa == Isa::Avx2) {
-    return rows_avx2<scalar_t>(a, begin, end);
+    return &avx2::invoke<Kernel, const Args&, int64_t, int64_t>;
   }
 #endif
-  rows_scalar<scalar_t>(a, begin, end);
+  return &scalar::invoke<Kernel, const Args&, int64_t, int64_t>;
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_kl_fwd_cpu(const at::Tensor& student, const at::Tensor& logprobs,
@@ -261,16 +239,27 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd_cpu(const at::Tensor& student, co
   }
   at::Tensor loss = at::empty({rows}, student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
-  TORCH_CHECK(student.scalar_type() != at::kDouble, "topk_kl_fwd: fp64 runs the Python reference, not this kernel");
   std::atomic<bool> bad_index{false};
+  RowsFn run_rows = nullptr;
   const Isa isa = active_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "topk_kl_fwd_cpu", [&] {
-    const Args args{student.data_ptr(), logprobs.data_ptr<float>(), indices.data_ptr<int64_t>(),
-                    labels.has_value() ? label_tensor.data_ptr<int64_t>() : nullptr, vocab, logprobs.size(1),
-                    ignore_index, 1.0 / temperature, beta, scale, renormalize, loss.data_ptr<float>(),
-                    compute_grad ? grad.data_ptr() : nullptr, &bad_index};
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { run_rows<scalar_t>(args, begin, end, isa); });
-  });
+  switch (student.scalar_type()) {
+    case at::kFloat:
+      run_rows = rows_fn<float>(isa);
+      break;
+    case at::kBFloat16:
+      run_rows = rows_fn<c10::BFloat16>(isa);
+      break;
+    case at::kHalf:
+      run_rows = rows_fn<c10::Half>(isa);
+      break;
+    default:
+      TORCH_CHECK(false, "topk_kl_fwd: expects float32, bfloat16 or float16 logits, got ", student.scalar_type());
+  }
+  const Args args{student.data_ptr(), logprobs.data_ptr<float>(), indices.data_ptr<int64_t>(),
+                  labels.has_value() ? label_tensor.data_ptr<int64_t>() : nullptr, vocab, logprobs.size(1),
+                  ignore_index, 1.0 / temperature, beta, scale, renormalize, loss.data_ptr<float>(),
+                  compute_grad ? grad.data_ptr() : nullptr, &bad_index};
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
   TORCH_CHECK(!bad_index.load(), "topk_kl_fwd: an index is outside [0, ", vocab, ")");
   return {loss, grad};
 }

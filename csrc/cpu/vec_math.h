@@ -1,8 +1,9 @@
 // Math and loop helpers written once over any Vec (cpu/vec_scalar.h, vec_avx2.h,
 // vec_avx512.h): exp and log1p polynomials accurate to ~1 ulp in fp32, row sweeps with a
-// partial last vector, and sums that stay accurate over long rows.
+// partial last vector, compensated sums, and the non-finite checks of a row.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "cpu/vec.h"
@@ -44,15 +45,23 @@ inline V log1p_unit(const V& e) {
   return (s + s) * V::fma(z, poly, V::set1(1.0f));
 }
 
-// Sum of many vectors: fp32 lanes over blocks of kBlock vectors, then the blocks in
-// double, so a 128k-element row keeps ~1e-7 relative error without a double per lane.
+// Sum of many vectors, compensated: each lane keeps its fp32 sum and the exact rounding
+// error of every addition (Knuth's TwoSum), and every kBlock vectors both are added into a
+// double per lane. The result is as accurate as a double sum of the fp32 terms (~1e-7
+// relative and better) whatever the lane count, even when one large term sits in a lane
+// with many small ones (a row dominated by one token), where a plain fp32 lane sum drifts by
+// kBlock ulps. The error terms never feed back into the sums, so ±inf and NaN terms give
+// the same ±inf or NaN as a plain sum.
 template <class V>
 class BlockedSum {
  public:
   static constexpr int kBlock = 64;
 
   void add(const V& x) {
-    lanes_ = lanes_ + x;
+    const V sum = sum_ + x;
+    const V x_part = sum - sum_;
+    error_ = error_ + ((sum_ - (sum - x_part)) + (x - x_part));
+    sum_ = sum;
     if (++count_ == kBlock) {
       flush();
     }
@@ -64,15 +73,29 @@ class BlockedSum {
 
  private:
   void flush() {
-    total_ += V::reduce_add(lanes_);
-    lanes_ = V::zero();
+    float sums[V::kWidth];
+    float errors[V::kWidth];
+    V::store(sums, sum_);
+    V::store(errors, error_);
+    for (int lane = 0; lane < V::kWidth; ++lane) {
+      // A non-finite lane sum has a NaN error term (inf - inf): the sum alone is the answer.
+      total_ += std::isfinite(sums[lane]) ? static_cast<double>(sums[lane]) + errors[lane] : sums[lane];
+    }
+    sum_ = V::zero();
+    error_ = V::zero();
     count_ = 0;
   }
 
-  V lanes_ = V::zero();
+  V sum_ = V::zero();
+  V error_ = V::zero();
   double total_ = 0.0;
   int count_ = 0;
 };
+
+// Whether softmax of a row is undefined (the reference gives NaN for the whole row): the row
+// holds a NaN (has_nan, from V::mark_nan, since max() skips NaN) or a +inf, or every entry is
+// -inf. A row with some -inf entries (a masked vocabulary) is fine.
+inline bool softmax_undefined(float row_max, bool has_nan) { return has_nan || std::isinf(row_max); }
 
 // Elements [i, i + n) of a row as a Vec: a full load, or a partial one (-inf filled).
 template <class V, class T>

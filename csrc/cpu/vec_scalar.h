@@ -2,6 +2,7 @@
 // (see cpu/vec.h). Semantics every Vec shares:
 //   max(a, b) = a > b ? a : b   (so max(NaN, b) = b, as x86 maxps)
 //   keep_where_positive(c, x) = c > 0 ? x : 0
+//   mark_nan / any: a NaN seen anywhere in a row, even where max() skipped it
 //   load_tail / store_tail touch only the first n < kWidth elements; load_tail fills
 //   the other lanes with -inf.
 //   stream stores bypass the caches and need a kWidth-element-aligned address; fence()
@@ -9,6 +10,7 @@
 #pragma once
 
 #include <bit>
+#include <cmath>
 #include <cstdint>
 
 #include "cpu/vec.h"
@@ -45,7 +47,8 @@ struct Vec {
   }
   static void fence() {}
 
-  static Vec fma(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
+  // Fused, as the vector paths: every variant rounds the same operations.
+  static Vec fma(Vec a, Vec b, Vec c) { return {std::fma(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
   static Vec min(Vec a, Vec b) { return {a.v < b.v ? a.v : b.v}; }
   static Vec abs(Vec a) { return {a.v < 0.0f ? -a.v : a.v}; }
@@ -65,7 +68,9 @@ struct Vec {
   }
   static Vec keep_where_positive(Vec condition, Vec x) { return {condition.v > 0.0f ? x.v : 0.0f}; }
 
-  static float reduce_add(Vec a) { return a.v; }
+  // flags with the NaN lanes of x marked (any non-zero lane is marked); any(flags): one is.
+  static Vec mark_nan(Vec flags, Vec x) { return {flags.v != 0.0f || x.v != x.v ? 1.0f : 0.0f}; }
+  static bool any(Vec flags) { return flags.v != 0.0f; }
   static float reduce_max(Vec a) { return a.v; }
 };
 

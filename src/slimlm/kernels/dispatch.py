@@ -5,6 +5,8 @@ Backends: ``torch`` (the reference in ``reference.py``), ``cpu`` (C++ in slimlm.
 kernel and CUDA tensors run ``CUDA_DEFAULT`` (chosen from the benchmarks), falling
 back along the way when a backend is not built. ``SLIMLM_BACKEND=torch|cpu|cuda|triton``
 forces one; a forced backend that cannot run the tensor is an error, not a silent fallback.
+The C++ CPU kernels run the instruction-set variant ``SLIMLM_CPU_ISA=scalar|avx2|avx512``
+names (default: the best this CPU has; one it lacks is a ValueError).
 """
 from __future__ import annotations
 
@@ -21,14 +23,9 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 CUDA_DEFAULT: dict[str, str] = {}
 
 
-# What the extension was built with, read once: backends() also runs while torch.compile
-# traces a loss, and Dynamo cannot call the extension's pybind functions.
-_BUILT = _extension.build_info()
-
-
 def backends() -> dict[str, bool]:
     """Which backends can run in this process."""
-    info = _BUILT
+    info = _extension.COMPILED
     return {
         "torch": True,
         "cpu": bool(info.get("cpu")),
@@ -72,6 +69,8 @@ def choose(op: str, device: torch.device, impls: Mapping[str, Callable], backend
                 f"(available: {', '.join(b for b, ok in backends().items() if ok)}; "
                 "Triton on CPU tensors needs TRITON_INTERPRET=1)"
             )
+        if wanted == "cpu":
+            _extension.cpu_isa()  # a bad SLIMLM_CPU_ISA is a ValueError here, before any kernel
         return wanted
     if device.type == "cuda":
         first = CUDA_DEFAULT.get(op, "cuda")
@@ -84,6 +83,8 @@ def choose(op: str, device: torch.device, impls: Mapping[str, Callable], backend
         if _runnable(name, device, impls):
             if name == "torch" and device.type in ("cpu", "cuda"):
                 _extension.warn_if_missing()
+            if name == "cpu":
+                _extension.cpu_isa()
             return name
     return "torch"
 
