@@ -10,6 +10,7 @@
 //           forward KL also writes its gradient (q − p)/T here
 //   pass 3  reverse KL and JSD: the gradient c·q·(r − Σ q·r)/T (c = 1, or 1 − β) needs the
 //           row's divergence first; r = log q − log p, or log q − log m, is kept from pass 2
+//           (its sums are compensated: see there)
 // Each element costs two exps, plus one exp and one log1p for the JSD. The row buffers
 // are 2·V floats per thread, not per row; s, t, the buffers and the gradient row stay in
 // L2 between passes, and while one row is computed the next is prefetched, so DRAM
@@ -59,6 +60,20 @@ struct Problem {
   bool prefetch_next_row;
 };
 
+// The lane of `values` at the largest lane of `keys` (the first one, on ties).
+template <class V>
+float reduce_at_max(const V& keys, const V& values) {
+  float key_lanes[V::kWidth];
+  float value_lanes[V::kWidth];
+  V::store(key_lanes, keys);
+  V::store(value_lanes, values);
+  int best = 0;
+  for (int lane = 1; lane < V::kWidth; ++lane) {
+    best = key_lanes[lane] > key_lanes[best] ? lane : best;
+  }
+  return value_lanes[best];
+}
+
 bool ignored(const Problem& problem, int64_t row) {
   return problem.labels != nullptr && problem.labels[row] == problem.ignore_index;
 }
@@ -99,9 +114,13 @@ struct DivergenceRows {
       V max_s = V::set1(-std::numeric_limits<float>::infinity());
       V max_t = max_s;
       V nan_seen = V::zero();
+      V t_at_max_s = V::zero();  // reverse KL: the teacher's logit where the student's is largest
       for_each_vec<V>(cols, [&](int64_t i, int n) {
         const V s_i = load_n<V>(s + i, n);
         const V t_i = load_n<V>(t + i, n);
+        if constexpr (D == Divergence::kReverse) {
+          t_at_max_s = V::select_greater(s_i, max_s, t_i, t_at_max_s);
+        }
         max_s = V::max(s_i, max_s);
         max_t = V::max(t_i, max_t);
         nan_seen = V::mark_nan(V::mark_nan(nan_seen, s_i), t_i);
@@ -162,20 +181,37 @@ struct DivergenceRows {
         });
         problem.loss[row] = static_cast<float>(problem.scale * kl.total());
       } else {
-        // Reverse KL and JSD: r = log q − log (p or m) per element, kept in exp_b (its
-        // element i is read just before), then the gradient coef · q · (r − Σ q·r).
-        double q_total;
+        // Reverse KL and JSD: r = log q − log (p or m) per element, less a constant c, kept in
+        // exp_b (its element i is read just before), then the gradient coef · q · (r − r̄),
+        // r̄ = Σ q·r / Σ q (dividing by the computed Σ q, 1 but for rounding, keeps the
+        // normaliser's rounding out of r − r̄). For reverse KL |r| can be large where q is
+        // large (a token the student is sure of and the teacher is not: r ~ 90), and r − r̄
+        // then cancels all but the last few bits of two fp32 numbers; so r is computed
+        // relative to its value where the student's logit is largest, in one rounding:
+        //   r − c = fma(s − t, 1/τ, −k_hi) − k_lo,  k = (s − t)/τ at argmax s, in double.
+        // JSD's log q − log m is at most −log(1 − β) and needs no centring (c = 0).
+        double centred_total;  // Σ q·(r − c)
+        BlockedSum<V> q_mass;
         float coef;
         if constexpr (D == Divergence::kReverse) {
+          const float t_at = reduce_at_max(max_s, t_at_max_s);
+          const double k =
+              std::isfinite(t_at) ? (static_cast<double>(row_max_s) - t_at) * problem.inv_temperature : 0.0;
+          const float k_hi = static_cast<float>(k);
+          const V neg_k_hi = V::set1(-k_hi);
+          const V k_lo = V::set1(static_cast<float>(k - k_hi));
           BlockedSum<V> kl;
           for_each_vec<V>(cols, [&](int64_t i, int n) {
             const V q = V::load(exp_a + i) * inv_sum_a;
-            const V r = V::zero() - log_p_over_q(i, n);
+            const V r = V::fma(load_n<V>(s + i, n) - load_n<V>(t + i, n), inv_t, neg_k_hi) - k_lo;
             kl.add(V::keep_where_positive(q, q * r));
+            q_mass.add(q);
             V::store(exp_b + i, r);
           });
-          q_total = kl.total();
-          problem.loss[row] = static_cast<float>(problem.scale * q_total);
+          // r = (s − t)/τ − (lse_a − lse_b), so the constant taken off is c = k − (lse_a − lse_b).
+          const double lse_diff = (max_a + std::log(total_a)) - (max_b + std::log(total_b));
+          centred_total = kl.total();
+          problem.loss[row] = static_cast<float>(problem.scale * (centred_total + (k - lse_diff) * q_mass.total()));
           coef = grad_scale;
         } else {
           // u = log(βp) − log((1−β)q): log p − log m = −log β − softplus(−u) and
@@ -196,19 +232,25 @@ struct DivergenceRows {
             const V log_q_over_m = neg_log_rest - (V::max(u, V::zero()) + log1p_term);
             kl_p.add(V::keep_where_positive(p, p * log_p_over_m));
             kl_q.add(V::keep_where_positive(q, q * log_q_over_m));
+            q_mass.add(q);
             V::store(exp_b + i, log_q_over_m);
           });
-          q_total = kl_q.total();
+          centred_total = kl_q.total();
           const double beta = problem.beta;
-          problem.loss[row] = static_cast<float>(problem.scale * (beta * kl_p.total() + (1.0 - beta) * q_total));
+          problem.loss[row] = static_cast<float>(problem.scale * (beta * kl_p.total() + (1.0 - beta) * centred_total));
           coef = static_cast<float>(problem.scale * (1.0 - beta)) * problem.inv_temperature;
         }
         if (g != nullptr) {
-          const V total = V::set1(static_cast<float>(q_total));
+          // r̄ − c as a float pair (hi + lo), so r − r̄ rounds once, not twice.
+          const double mean = centred_total / q_mass.total();
+          const float mean_hi = static_cast<float>(mean);
+          const V mean_hi_v = V::set1(mean_hi);
+          const V mean_lo_v = V::set1(static_cast<float>(mean - mean_hi));
           const V coef_v = V::set1(coef);
           for_each_vec<V>(cols, [&](int64_t i, int n) {
             const V q = V::load(exp_a + i) * inv_sum_a;
-            store_n<V, Stream>(g + i, n, V::keep_where_positive(q, q * (V::load(exp_b + i) - total)) * coef_v);
+            const V centred = (V::load(exp_b + i) - mean_hi_v) - mean_lo_v;
+            store_n<V, Stream>(g + i, n, V::keep_where_positive(q, q * centred) * coef_v);
           });
         }
       }

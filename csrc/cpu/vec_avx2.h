@@ -91,8 +91,16 @@ struct Vec {
     return {_mm256_and_ps(_mm256_cmp_ps(condition.v, _mm256_setzero_ps(), _CMP_GT_OQ), x.v)};
   }
 
+  static Vec select_greater(Vec a, Vec b, Vec x, Vec y) {
+    return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ))};
+  }
   static Vec mark_nan(Vec flags, Vec x) { return {_mm256_or_ps(flags.v, _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q))}; }
   static bool any(Vec flags) { return _mm256_movemask_ps(flags.v) != 0; }
+  static float reduce_add(Vec a) {
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    return _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)));
+  }
   static float reduce_max(Vec a) {
     __m128 top = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
     top = _mm_max_ps(top, _mm_movehl_ps(top, top));

@@ -85,6 +85,9 @@ struct Vec {
     return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(condition.v, _mm512_setzero_ps(), _CMP_GT_OQ), x.v)};
   }
 
+  static Vec select_greater(Vec a, Vec b, Vec x, Vec y) {
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ), y.v, x.v)};
+  }
   static Vec mark_nan(Vec flags, Vec x) {
     const __m512i nan_lanes = _mm512_movm_epi32(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q));
     return {_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(flags.v), nan_lanes))};
@@ -93,6 +96,7 @@ struct Vec {
     const __m512i bits = _mm512_castps_si512(flags.v);
     return _mm512_test_epi32_mask(bits, bits) != 0;
   }
+  static float reduce_add(Vec a) { return _mm512_reduce_add_ps(a.v); }
   static float reduce_max(Vec a) { return _mm512_reduce_max_ps(a.v); }
 };
 

@@ -2,6 +2,7 @@
 // (see cpu/vec.h). Semantics every Vec shares:
 //   max(a, b) = a > b ? a : b   (so max(NaN, b) = b, as x86 maxps)
 //   keep_where_positive(c, x) = c > 0 ? x : 0
+//   select_greater(a, b, x, y) = a > b ? x : y
 //   mark_nan / any: a NaN seen anywhere in a row, even where max() skipped it
 //   load_tail / store_tail touch only the first n < kWidth elements; load_tail fills
 //   the other lanes with -inf.
@@ -67,10 +68,12 @@ struct Vec {
     return {x.v * first * second};
   }
   static Vec keep_where_positive(Vec condition, Vec x) { return {condition.v > 0.0f ? x.v : 0.0f}; }
+  static Vec select_greater(Vec a, Vec b, Vec x, Vec y) { return {a.v > b.v ? x.v : y.v}; }
 
   // flags with the NaN lanes of x marked (any non-zero lane is marked); any(flags): one is.
   static Vec mark_nan(Vec flags, Vec x) { return {flags.v != 0.0f || x.v != x.v ? 1.0f : 0.0f}; }
   static bool any(Vec flags) { return flags.v != 0.0f; }
+  static float reduce_add(Vec a) { return a.v; }
   static float reduce_max(Vec a) { return a.v; }
 };
 
