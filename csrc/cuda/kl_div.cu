@@ -258,7 +258,10 @@ struct Args {
 // weights the KL (teacher for forward, student for reverse), o the other side.
 struct Running {
   float s_max = -kInf, s_sum = 0.0f, t_max = -kInf, t_sum = 0.0f, cross = 0.0f;
+  float poisoned = 0.0f;  // 1 once a NaN or +inf is seen (fmaxf skips NaN, so it is tracked apart)
 };
+
+__device__ __forceinline__ bool poisons_softmax(float x) { return isnan(x) || x == kInf; }
 
 template <typename T, Divergence kKind>
 __global__ void __launch_bounds__(kMaxThreads) kl_div_fwd_kernel(const Args<T> a) {
@@ -287,6 +290,7 @@ __global__ void __launch_bounds__(kMaxThreads) kl_div_fwd_kernel(const Args<T> a
       for (int i = 0; i < n; ++i) {
         s_chunk = fmaxf(s_chunk, sv[i]);
         t_chunk = fmaxf(t_chunk, tv[i]);
+        run.poisoned = poisons_softmax(sv[i]) || poisons_softmax(tv[i]) ? 1.0f : run.poisoned;
       }
       if (s_chunk > run.s_max) {  // rare after the first chunks: the exp of a rescale is paid seldom
         const float factor = exp2f((run.s_max - s_chunk) * a.exp2_scale);
@@ -321,9 +325,26 @@ __global__ void __launch_bounds__(kMaxThreads) kl_div_fwd_kernel(const Args<T> a
       }
     });
 
-    float maxima[2] = {run.s_max, run.t_max};
+    float maxima[3] = {run.s_max, run.t_max, run.poisoned};
     block_allreduce<MaxOp>(maxima, scratch);
     const float s_max = maxima[0], t_max = maxima[1];
+    if (maxima[2] > 0.0f || s_max == -kInf || t_max == -kInf) {
+      // NaN, +inf or an all -inf row on either side: the row is NaN, as in the reference.
+      const float nan = __int_as_float(0x7fc00000);
+      if (threadIdx.x == 0) {
+        a.loss_rows[row] = nan;
+      }
+      if (grad != nullptr) {
+        sweep_row<T, true>(s, t, grad, a.vocab, a.vectorized, false, [&](const auto& sv, const auto&, auto& out) {
+          constexpr int n = sizeof(sv) / sizeof(sv[0]);
+#pragma unroll
+          for (int i = 0; i < n; ++i) {
+            out[i] = nan;
+          }
+        });
+      }
+      continue;
+    }
     const float s_factor = run.s_max == -kInf ? 0.0f : exp2f((run.s_max - s_max) * a.exp2_scale);
     const float t_factor = run.t_max == -kInf ? 0.0f : exp2f((run.t_max - t_max) * a.exp2_scale);
     float sums[3] = {run.s_sum * s_factor, run.t_sum * t_factor,

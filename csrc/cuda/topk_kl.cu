@@ -122,6 +122,7 @@ __global__ void __launch_bounds__(kThreads) topk_kl_fwd_kernel(const Args<T> a) 
   __shared__ MaxSum shared_max_sum[kWarps];
   __shared__ double2 shared_sums[kWarps];
   __shared__ int bad_index;
+  __shared__ int undefined;  // a NaN/+inf student logit or teacher log-prob: the row is NaN
   const int64_t row = blockIdx.x;
   const int64_t vocab = a.p.vocab;
   const int64_t k = a.p.k;
@@ -137,10 +138,14 @@ __global__ void __launch_bounds__(kThreads) topk_kl_fwd_kernel(const Args<T> a) 
     }
     return;
   }
-  if (threadIdx.x == 0) bad_index = 0;
+  if (threadIdx.x == 0) {
+    bad_index = 0;
+    undefined = 0;
+  }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < k; i += kThreads) {
     if (idx[i] < 0 || idx[i] >= vocab) bad_index = 1;
+    if (isnan(log_p[i]) || log_p[i] == INFINITY) undefined = 1;
   }
   __syncthreads();
   if (bad_index) {
@@ -151,9 +156,19 @@ __global__ void __launch_bounds__(kThreads) topk_kl_fwd_kernel(const Args<T> a) 
   const float inv_t = 1.0f / a.p.temperature;
   MaxSum local{-INFINITY, 0.0f};
   for (int64_t u = threadIdx.x; u < vocab; u += kThreads) {
-    local = combine(local, MaxSum{to_float(s[u]), 1.0f}, inv_t);
+    const float x = to_float(s[u]);
+    if (isnan(x) || x == INFINITY) undefined = 1;
+    local = combine(local, MaxSum{x, 1.0f}, inv_t);
   }
-  const MaxSum row_stats = block_max_sum(local, inv_t, shared_max_sum);
+  const MaxSum row_stats = block_max_sum(local, inv_t, shared_max_sum);  // synchronises `undefined` too
+  if (undefined || row_stats.max == -INFINITY) {
+    // An undefined student softmax (NaN, +inf, all -inf) or teacher log-prob: NaN, as in the reference.
+    if (threadIdx.x == 0) a.p.loss_rows[row] = NAN;
+    if (grad != nullptr) {
+      for (int64_t u = threadIdx.x; u < vocab; u += kThreads) grad[u] = from_float<T>(NAN);
+    }
+    return;
+  }
   const double log_sum = log(static_cast<double>(row_stats.sum));
   const double inv_td = 1.0 / static_cast<double>(a.p.temperature);
   auto log_q_at = [&](int64_t i) { return (static_cast<double>(to_float(s[idx[i]])) - row_stats.max) * inv_td - log_sum; };

@@ -368,3 +368,50 @@ def test_cpu_kernel_rows_of_every_width(backend, dtype):
         )
         assert torch.equal(loss[:4], loss_alone) and torch.equal(grad[:4], grad_alone)
         assert torch.all(grad[labels == -100] == 0) and torch.all(loss[labels == -100] == 0)
+
+
+NON_FINITE_CASES = {
+    "nan-teacher": ("teacher", lambda row: row.__setitem__(5, float("nan"))),
+    "inf-teacher": ("teacher", lambda row: row.__setitem__(7, float("inf"))),
+    "all-neginf-teacher": ("teacher", lambda row: row.fill_(float("-inf"))),
+    "nan-student": ("student", lambda row: row.__setitem__(3, float("nan"))),
+    "inf-student": ("student", lambda row: row.__setitem__(0, float("inf"))),
+    "all-neginf-student": ("student", lambda row: row.fill_(float("-inf"))),
+}
+
+
+@pytest.mark.parametrize("backend", available_backends(None))
+@pytest.mark.parametrize("case", list(NON_FINITE_CASES))
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_non_finite_rows_agree_with_the_reference(backend, device, case, beta):
+    """A row whose softmax is undefined (a NaN or +inf logit, or all -inf) is NaN in loss and
+    gradient on every backend, as in the reference; the other rows are untouched, and an ignored
+    row is never read (NaN there stays out of loss and gradient)."""
+    side, spoil = NON_FINITE_CASES[case]
+    student = realistic_logits(4, 67, torch.float32, 20)
+    teacher = realistic_logits(4, 67, torch.float32, 21)
+    spoil((student if side == "student" else teacher)[1])
+    spoil((student if side == "student" else teacher)[2])
+    labels = torch.tensor([0, 1, -100, 3])
+    loss, grad = on_device(kl_ops.kl_div_fwd, device, student, teacher, labels, -100, 1.0, beta, 1.0, True,
+                           backend=backend)
+    ref_loss, ref_grad = reference.kl_div_fwd(student, teacher, labels, -100, 1.0, beta, 1.0, True)
+    assert torch.isnan(ref_loss[1]) and torch.isnan(ref_grad[1]).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert loss[2] == 0 and torch.all(grad[2] == 0)
+
+
+def test_fused_linear_loss_is_nan_on_a_non_finite_hidden_state():
+    """An inf in the teacher's hidden state makes its logits' row undefined: NaN loss and gradient
+    (it once came out as a finite 7.85)."""
+    from slimlm import fused_linear_kl_div_loss
+
+    gen = torch.Generator().manual_seed(0)
+    student_hidden = torch.randn(6, 16, generator=gen).requires_grad_()
+    teacher_hidden = torch.randn(6, 16, generator=gen)
+    teacher_hidden[2, 3] = float("inf")
+    loss = fused_linear_kl_div_loss(student_hidden, torch.randn(50, 16, generator=gen), teacher_hidden,
+                                    torch.randn(50, 16, generator=gen))
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(student_hidden.grad[2]).all()

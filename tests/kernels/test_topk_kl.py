@@ -242,3 +242,33 @@ def test_kernel_guards_out_of_range_indices(backend, device):
         assert "outside [0, 50)" in str(error)
     else:
         assert torch.isnan(loss[1]) and torch.isfinite(loss[0])
+
+
+NON_FINITE_CASES = {
+    "nan-student": lambda student, logprobs: student.__setitem__((1, 3), float("nan")),
+    "inf-student": lambda student, logprobs: student.__setitem__((1, 0), float("inf")),
+    "all-neginf-student": lambda student, logprobs: student[1].fill_(float("-inf")),
+    "nan-teacher": lambda student, logprobs: logprobs.__setitem__((1, 2), float("nan")),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(NON_FINITE_CASES))
+@pytest.mark.parametrize("tail,beta", [("bucket", 0.0), ("bucket", 0.5), ("bucket", 1.0), ("renormalize", 0.0)])
+def test_non_finite_rows_agree_with_the_reference(backend, device, case, tail, beta):
+    """An undefined student softmax or a NaN teacher log-prob makes the row NaN (loss and gradient)
+    on every backend, as in the reference; other rows are untouched; an ignored row is never read."""
+    student = student_logits(4, 67, torch.float32, 30)
+    logprobs, indices = sparse_teacher(4, 67, 5, 1.0, 31)
+    spoil = NON_FINITE_CASES[case]
+    spoil(student, logprobs)
+    spoil(student[1:], logprobs[1:])  # row 2 too, which is ignored
+    labels = torch.tensor([0, 1, -100, 3])
+    args = (labels, 1.0, beta, 1.0, tail == "renormalize")
+    loss, grad = run(backend, device, student, logprobs, indices, *args)
+    ref_loss, ref_grad = reference.topk_kl_fwd(student, logprobs, indices, labels, -100, 1.0, beta, 1.0,
+                                               tail == "renormalize", True)
+    assert torch.isnan(ref_loss[1]) and torch.isnan(ref_grad[1]).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert loss[2] == 0 and torch.all(grad[2] == 0)

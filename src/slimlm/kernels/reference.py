@@ -46,6 +46,26 @@ def valid_rows(labels: torch.Tensor | None, num_rows: int, ignore_index: int, de
     return labels.reshape(-1) != ignore_index
 
 
+def softmax_undefined(x: torch.Tensor) -> torch.Tensor:
+    """(N,) rows of (N, V) ``x`` whose softmax is undefined: a NaN or +inf entry, or all -inf."""
+    return torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
+
+
+def _nan_where(undefined: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss rows and gradient rows set to NaN where ``undefined`` (N,) holds: every backend gives
+    a whole NaN row there, rather than whichever mix of NaN and 0 autograd would produce."""
+    rows = torch.where(undefined, torch.full_like(rows, float("nan")), rows)
+    if grad.numel():
+        grad = torch.where(undefined.reshape(-1, 1), torch.full_like(grad, float("nan")), grad)
+    return rows, grad
+
+
+def _counted(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``x`` with its ignored rows replaced by zeros: an ignored row is never read, so a NaN
+    there reaches neither the loss nor (through softmax's backward) the gradient."""
+    return torch.where(valid.reshape(-1, 1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def kl_div_fwd(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -59,15 +79,18 @@ def kl_div_fwd(
     """Reference of ``torch.ops.slimlm.kl_div_fwd`` on 2-D (N, V) logits.
 
     Returns (scale · divergence per row, fp32 with ignored rows 0;
-    d(sum of those rows)/d student in the student's dtype, or an empty tensor).
+    d(sum of those rows)/d student in the student's dtype, or an empty tensor). Ignored rows are
+    never read; a row whose softmax is undefined (a NaN or +inf logit, or all -inf) is NaN.
     """
     valid = valid_rows(labels, student.shape[0], ignore_index, student.device)
     with torch.enable_grad():
         leaf = student.detach().requires_grad_(compute_grad)
-        rows = divergence_rows(leaf, teacher.detach(), temperature, beta) * scale
+        rows = divergence_rows(_counted(leaf, valid), _counted(teacher.detach(), valid), temperature, beta) * scale
         rows = torch.where(valid, rows, torch.zeros_like(rows))
         grad = torch.autograd.grad(rows.sum(), leaf)[0].to(student.dtype) if compute_grad else student.new_empty(0)
-    return rows.detach().to(torch.float64 if student.dtype == torch.float64 else torch.float32), grad
+    undefined = valid & (softmax_undefined(student) | softmax_undefined(teacher))
+    rows, grad = _nan_where(undefined, rows.detach(), grad)
+    return rows.to(torch.float64 if student.dtype == torch.float64 else torch.float32), grad
 
 
 def masked_seq_stats(x: torch.Tensor, mask: torch.Tensor | None, group_size: int) -> torch.Tensor:
@@ -152,13 +175,18 @@ def topk_kl_fwd(
     Teacher: (N, k) log-probabilities log softmax(t / τ) at (N, k) distinct vocabulary indices.
     Returns (scale · D per row over ``topk_bucket_logprobs``'s support, fp32, ignored rows 0;
     d(sum of rows)/d student in the student's dtype, or an empty tensor). ``renormalize``
-    supports forward KL only (β = 0).
+    supports forward KL only (β = 0). Ignored rows are never read; a row whose student softmax is
+    undefined (a NaN or +inf logit, or all -inf) or whose teacher log-probs hold a NaN or +inf is NaN.
     """
     valid = valid_rows(labels, student.shape[0], ignore_index, student.device)
     with torch.enable_grad():
         leaf = student.detach().requires_grad_(compute_grad)
-        log_p, log_q = topk_bucket_logprobs(leaf, topk_logprobs.detach(), topk_indices, temperature, renormalize)
+        log_p, log_q = topk_bucket_logprobs(_counted(leaf, valid), _counted(topk_logprobs.detach(), valid),
+                                            topk_indices, temperature, renormalize)
         rows = divergence_from_logprobs(log_p, log_q, beta) * scale
         rows = torch.where(valid, rows, torch.zeros_like(rows))
         grad = torch.autograd.grad(rows.sum(), leaf)[0].to(student.dtype) if compute_grad else student.new_empty(0)
-    return rows.detach().to(torch.float64 if student.dtype == torch.float64 else torch.float32), grad
+    bad_teacher = torch.isnan(topk_logprobs).any(-1) | torch.isposinf(topk_logprobs).any(-1)
+    undefined = valid & (softmax_undefined(student) | bad_teacher)
+    rows, grad = _nan_where(undefined, rows.detach(), grad)
+    return rows.to(torch.float64 if student.dtype == torch.float64 else torch.float32), grad

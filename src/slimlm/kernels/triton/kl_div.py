@@ -19,6 +19,7 @@ import math
 import torch
 
 from slimlm.kernels.triton import runtime
+from slimlm.kernels.triton.jit_helpers import poisons_softmax
 from slimlm.kernels.triton.runtime import tl, triton
 
 if triton is None:
@@ -105,17 +106,21 @@ def _kl_div_fwd_kernel(
         s_sum = tl.zeros([BLOCK], dtype=tl.float32)
         t_sum = tl.zeros([BLOCK], dtype=tl.float32)
         cross = tl.zeros([BLOCK], dtype=tl.float32)
+        poisoned = tl.zeros([BLOCK], dtype=tl.int32)
         for block in range(0, num_blocks):
             offs = block * BLOCK + cols
             mask = offs < vocab
             s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
             t = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            poisoned = poisoned | poisons_softmax(s) | poisons_softmax(t)
             s_max, s_sum, s_alpha, s_terms = _absorb(s, s_max, s_sum, exp2_scale)
             t_max, t_sum, t_alpha, t_terms = _absorb(t, t_max, t_sum, exp2_scale)
             if DIVERGENCE == FORWARD_KL:
                 cross = _rescale(cross, t_alpha) + t_terms * _gap(t, s, t_terms > 0)
             elif DIVERGENCE == REVERSE_KL:
                 cross = _rescale(cross, s_alpha) + s_terms * _gap(s, t, s_terms > 0)
+        # NaN, +inf or an all -inf row on either side: the row is NaN, as in the reference.
+        undefined = (tl.max(poisoned, axis=0) > 0) | (s_max == float("-inf")) | (t_max == float("-inf"))
         s_total = tl.sum(s_sum, axis=0)
         t_total = tl.sum(t_sum, axis=0)
         log_zs = tl.log(s_total)
@@ -146,7 +151,7 @@ def _kl_div_fwd_kernel(
             kl_qm_total = tl.sum(kl_qm, axis=0)
             divergence = beta * tl.sum(kl_pm, axis=0) + (1.0 - beta) * kl_qm_total
             grad_scale = grad_scale * (1.0 - beta)
-        tl.store(loss_ptr + row, divergence * scale)
+        tl.store(loss_ptr + row, tl.where(undefined, float("nan"), divergence * scale))
 
         if COMPUTE_GRAD:
             for i in range(0, num_blocks):
@@ -170,7 +175,8 @@ def _kl_div_fwd_kernel(
                 else:
                     log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
                     grad = q * tl.where(q > 0, log_q - log_m - kl_qm_total, 0.0)
-                tl.store(g_row + offs, (grad * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+                grad = tl.where(undefined, float("nan"), grad * grad_scale)
+                tl.store(g_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:

@@ -15,6 +15,7 @@ import math
 import torch
 
 from slimlm.kernels.triton import runtime
+from slimlm.kernels.triton.jit_helpers import poisons_softmax
 from slimlm.kernels.triton.runtime import tl, triton
 
 if triton is None:
@@ -88,9 +89,11 @@ def _topk_kl_fwd_kernel(
         exp2_scale = inv_temperature * LOG2E
         run_max = float("-inf")
         run_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        poisoned = tl.zeros([BLOCK], dtype=tl.int32)
         for block in range(0, num_blocks):
             offs = block * BLOCK + cols
             s = tl.load(s_row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+            poisoned = poisoned | poisons_softmax(s)
             new_max = tl.maximum(run_max, tl.max(s, axis=0))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
             run_sum = run_sum * tl.exp2((run_max - shift) * exp2_scale) + tl.exp2((s - shift) * exp2_scale)
@@ -106,6 +109,10 @@ def _topk_kl_fwd_kernel(
         out_of_range = tl.sum(tl.where((kcols < k) & ~in_range, 1, 0), axis=0) > 0
         kmask = (kcols < k) & in_range
         log_p = tl.load(logprobs_ptr + row * k + kcols, mask=kmask, other=float("-inf")).to(tl.float32)
+        # An undefined student softmax (NaN, +inf, all -inf) or a NaN/+inf teacher log-prob: a NaN row.
+        undefined = (
+            (tl.max(poisoned, axis=0) > 0) | (run_max == float("-inf")) | (tl.max(poisons_softmax(log_p), axis=0) > 0)
+        )
         s_top = tl.load(s_row + idx, mask=kmask, other=float("-inf")).to(tl.float32)
         log_q = (s_top - run_max) * inv_temperature - log_z
         q = tl.where(kmask, tl.exp(log_q), 0.0)
@@ -133,7 +140,7 @@ def _topk_kl_fwd_kernel(
             divergence = tail_term + tl.sum(tl.where(kmask, terms, 0.0), axis=0)
             weights = tl.where(kmask & (q > 0), q * (dq - tail_dq), 0.0)
         c = tl.sum(weights, axis=0)
-        tl.store(loss_ptr + row, tl.where(out_of_range, float("nan"), divergence * scale))
+        tl.store(loss_ptr + row, tl.where(out_of_range | undefined, float("nan"), divergence * scale))
 
         if COMPUTE_GRAD:
             step = scale * inv_temperature
@@ -142,11 +149,12 @@ def _topk_kl_fwd_kernel(
                 offs = (num_blocks - 1 - i) * BLOCK + cols
                 mask = offs < vocab
                 s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                grad = dense * tl.exp2((s - run_max) * exp2_scale)
+                grad = tl.where(undefined, float("nan"), dense * tl.exp2((s - run_max) * exp2_scale))
                 tl.store(g_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
             # The k entries overwrite what other threads of this program just wrote.
             tl.debug_barrier()
-            tl.store(g_row + idx, (step * (weights - c * q)).to(grad_ptr.dtype.element_ty), mask=kmask)
+            top_grad = tl.where(undefined, float("nan"), step * (weights - c * q))
+            tl.store(g_row + idx, top_grad.to(grad_ptr.dtype.element_ty), mask=kmask)
     else:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
