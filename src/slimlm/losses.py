@@ -16,11 +16,13 @@ Conventions (shared by every loss here):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
 import torch
 
+from slimlm import architectures
 from slimlm.kernels.kl_div import KLDivFunction
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -419,25 +421,11 @@ _FUSED_OPTIONS = {
 
 
 def lm_head_spec(model) -> dict:
-    """How a Hugging Face causal LM turns its last hidden state into logits.
-
-    Returns ``weight`` (V, H) (the input embedding itself when embeddings are tied),
-    ``bias`` (or None), ``logit_scale`` (Cohere's ``logit_scale`` multiplies the logits,
-    Granite's ``logits_scaling`` divides them) and ``softcap`` (Gemma 2/3's
-    ``final_logit_softcapping``, applied after scaling), read from the model's text config.
-    """
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) to distill through")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:
-        scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:
-        scale /= float(config.logits_scaling)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return {"weight": head.weight, "bias": getattr(head, "bias", None), "logit_scale": scale,
-            "softcap": float(softcap) if softcap else None}
+    """How a Hugging Face causal LM turns its last hidden state into logits: the fields of
+    its ``LMHead`` (``slimlm.architectures.lm_head``) as a dict — ``weight`` (V, H) (the input
+    embedding itself when embeddings are tied), ``bias`` (or None), ``logit_scale`` and ``softcap``."""
+    head = architectures.lm_head(model)
+    return {field.name: getattr(head, field.name) for field in dataclasses.fields(head)}
 
 
 def last_hidden_state(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
