@@ -50,6 +50,12 @@ class LMHead:
         return LMHead(self.weight.detach(), None if self.bias is None else self.bias.detach(),
                       self.logit_scale, self.softcap)
 
+    def first_rows(self, rows: int, device=None) -> "LMHead":
+        """The head over its first ``rows`` vocabulary rows (moved to ``device`` when given)."""
+        move = (lambda t: t) if device is None else (lambda t: t.to(device))  # noqa: E731
+        bias = None if self.bias is None else move(self.bias[:rows])
+        return LMHead(move(self.weight[:rows]), bias, self.logit_scale, self.softcap)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of ``hidden`` (..., H)."""
         logits = nn.functional.linear(hidden, self.weight, self.bias).float()

@@ -34,7 +34,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
-from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, lm_head_spec, topk_kl_div_loss
+from slimlm.architectures import LMHead, lm_head
+from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, topk_kl_div_loss
 
 
 GEMM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -133,37 +134,31 @@ PROJECTIONS_FILE = "hidden_projections.safetensors"
 TOPK_COLUMNS = ("topk_logprobs", "topk_indices")
 
 
-def _first_rows(bias, rows: int, device=None):
-    if bias is None:
-        return None
-    return bias[:rows].to(device) if device is not None else bias[:rows]
-
-
-def whole_lm_head(model) -> dict:
-    """``lm_head_spec`` of a frozen model with the weight and bias as whole, detached tensors,
+def whole_lm_head(model) -> LMHead:
+    """The ``LMHead`` of a frozen model with the weight and bias as whole, detached tensors,
     whatever shards them: an FSDP2 (``fully_shard``) DTensor is gathered, an FSDP1 root's flat
     shard is summoned (root unit only); both are then copied, as sharding reuses their storage.
     Unsharded models give references (no copy)."""
-    spec = lm_head_spec(model)
-    weight = spec["weight"]
-    if weight.dim() == 2 and not _is_dtensor(weight):
-        return {**spec, "weight": weight.detach(), "bias": None if spec["bias"] is None else spec["bias"].detach()}
-    if _is_dtensor(weight):
+    head = lm_head(model)
+    if head.weight.dim() == 2 and not _is_dtensor(head.weight):
+        return head.detached()
+    if _is_dtensor(head.weight):
         gather = lambda t: None if t is None else (t.full_tensor() if _is_dtensor(t) else t).detach().clone()  # noqa: E731
-        return {**spec, "weight": gather(weight), "bias": gather(spec["bias"])}
+        return LMHead(gather(head.weight), gather(head.bias), head.logit_scale, head.softcap)
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if not isinstance(model, FullyShardedDataParallel):
         raise ValueError(
-            f"{type(model).__name__}'s LM head weight has shape {tuple(weight.shape)}: it looks sharded, but not by "
-            "FSDP; pass the teacher unsharded or wrapped by FullyShardedDataParallel / fully_shard"
+            f"{type(model).__name__}'s LM head weight has shape {tuple(head.weight.shape)}: it looks sharded, but not "
+            "by FSDP; pass the teacher unsharded or wrapped by FullyShardedDataParallel / fully_shard"
         )
     with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
-        spec = lm_head_spec(model)
-        if spec["weight"].dim() != 2:
+        head = lm_head(model)
+        if head.weight.dim() != 2:
             raise ValueError("the teacher's LM head is not in its FSDP root unit; wrap only its decoder layers")
-        return {**spec, "weight": spec["weight"].detach().clone(),
-                "bias": None if spec["bias"] is None else spec["bias"].detach().clone()}
+        detached = head.detached()
+        return LMHead(detached.weight.clone(), None if detached.bias is None else detached.bias.clone(),
+                      head.logit_scale, head.softcap)
 
 
 def _is_dtensor(tensor) -> bool:
@@ -245,7 +240,7 @@ class DistillationTrainer(transformers.Trainer):
         )
 
     def _student_loss(self, model, inputs, loss_fn):
-        """Runs the student and ``loss_fn(hidden_states, lm_head_spec)`` inside ONE call of the
+        """Runs the student and ``loss_fn(hidden_states, LMHead)`` inside ONE call of the
         (possibly DDP/FSDP-wrapped) model: FSDP1 reshards even the root unit after forward, so
         the LM head is only whole, with its gradient routed to the sharded parameter, while the
         wrapped forward runs. The inner model's forward is swapped for the call and restored."""
@@ -294,15 +289,9 @@ class DistillationTrainer(transformers.Trainer):
             count = num_items_in_batch if num_items_in_batch is not None else (shifted_labels != -100).sum()
             terms = fused_linear_kl_div_loss(
                 student_hidden,
-                student_head["weight"][: self.vocab_size],
+                student_head.first_rows(self.vocab_size),
                 teacher_hidden,
-                teacher_head["weight"][: self.vocab_size].to(device),
-                student_bias=_first_rows(student_head["bias"], self.vocab_size),
-                teacher_bias=_first_rows(teacher_head["bias"], self.vocab_size, device),
-                student_logit_scale=student_head["logit_scale"],
-                teacher_logit_scale=teacher_head["logit_scale"],
-                student_softcap=student_head["softcap"],
-                teacher_softcap=teacher_head["softcap"],
+                teacher_head.first_rows(self.vocab_size, device),
                 return_terms=True,
                 **self._loss_options(shifted_labels, count),
             )
@@ -342,10 +331,7 @@ class DistillationTrainer(transformers.Trainer):
                 student_last[:, :-1].reshape(-1, student_last.shape[-1]),
                 inputs["topk_logprobs"][:, :-1].reshape(-1, k),
                 inputs["topk_indices"][:, :-1].reshape(-1, k),
-                student_weight=head["weight"],
-                student_bias=head["bias"],
-                student_logit_scale=head["logit_scale"],
-                student_softcap=head["softcap"],
+                student_weight=head,
                 tail=config.topk_tail,
                 **self._loss_options(shifted_labels, count),
             )}
@@ -362,9 +348,9 @@ class DistillationTrainer(transformers.Trainer):
                     num_items_in_batch=count, chunk_size=config.chunk_size, kd_weight=config.kd_weight,
                     ce_weight=config.ce_weight, gemm_dtype=self.gemm_dtype)
 
-    def _student_head(self, model) -> dict:
-        head = lm_head_spec(model)
-        weight = head["weight"]
+    def _student_head(self, model) -> LMHead:
+        head = lm_head(model)
+        weight = head.weight
         if weight.dim() != 2 or _is_dtensor(weight):
             raise RuntimeError(
                 f"the student's LM head weight is sharded inside its forward ({type(weight).__name__} "
