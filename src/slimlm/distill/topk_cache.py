@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slimlm.kernels import fused_linear
 from slimlm.architectures import lm_head
+from slimlm.kernels import fused_linear
 from slimlm.losses import last_hidden_state
 from slimlm.losses.fused_linear import linear_head
 

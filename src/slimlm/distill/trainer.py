@@ -33,8 +33,8 @@ import transformers
 
 from safetensors.torch import load_file, save_file
 
-from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
 from slimlm.architectures import LMHead, lm_head
+from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
 from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, topk_kl_div_loss
 
 

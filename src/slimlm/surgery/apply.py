@@ -15,9 +15,9 @@ import math
 
 import torch
 
+from slimlm.architectures import AttentionProjections, DecoderAdapter, MlpProjections, get_adapter, model_sizes
 from slimlm.fingerprint import model_fingerprint
 from slimlm.importance.scores import ImportanceScores
-from slimlm.architectures import AttentionProjections, DecoderAdapter, MlpProjections, get_adapter, model_sizes
 from slimlm.surgery.planning import PrunePlan, meta_model, plan, pruned_config
 from slimlm.surgery.selection import Selection, select_units
 from slimlm.surgery.slicing import head_rows, slice_embedding, slice_linear, slice_norm
