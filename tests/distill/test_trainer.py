@@ -220,7 +220,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 def test_fsdp_sharded_models_match_one_process(tmp_path, version, teacher):
     """FSDP1 and FSDP2 (2 CPU processes, gloo), the student and also the teacher sharded per
     layer and at the root: the student's LM head is read between its forward and backward
-    (the root stays gathered), the teacher's comes whole from ``whole_lm_head`` (an FSDP1
+    (the root stays gathered), the teacher's comes whole from ``lm_heads.whole_lm_head`` (an FSDP1
     teacher is resharded after a no-grad forward), and the loss and full gradients equal
     one process's on the whole batch."""
     import json

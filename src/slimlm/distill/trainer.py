@@ -34,6 +34,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from slimlm.architectures import LMHead, lm_head
+from slimlm.distill.lm_heads import check_vocabularies, is_dtensor, vocab_rows, whole_lm_head
 from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
 from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, topk_kl_div_loss
 
@@ -95,78 +96,8 @@ class DistillationConfig:
             raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
 
 
-def check_vocabularies(student, teacher, student_tokenizer=None, teacher_tokenizer=None) -> int:
-    """The vocabulary size both models share; padding-only differences are allowed (the
-    extra rows are trimmed with a warning), a real tokenizer mismatch is an error."""
-    student_vocab, teacher_vocab = _vocab_rows(student), _vocab_rows(teacher)
-    if student_tokenizer is not None and teacher_tokenizer is not None:
-        if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-            raise ValueError(
-                f"student and teacher tokenizers differ ({len(student_tokenizer)} vs {len(teacher_tokenizer)} tokens); "
-                "distillation needs the same tokenizer"
-            )
-        real = len(student_tokenizer)
-        if min(student_vocab, teacher_vocab) < real:
-            raise ValueError(f"an LM head has fewer rows than the tokenizer's {real} tokens")
-    if student_vocab != teacher_vocab:
-        smaller, larger = sorted((student_vocab, teacher_vocab))
-        # Checkpoints pad their embedding to a multiple of 64 or 128 rows (151936 vs 152064).
-        if larger - smaller >= 1024 or (student_tokenizer is None and teacher_tokenizer is None and larger - smaller > 256):
-            raise ValueError(
-                f"student vocabulary ({student_vocab}) and teacher vocabulary ({teacher_vocab}) differ by more "
-                "than padding; distillation needs the same tokenizer"
-            )
-        transformers.logging.get_logger(__name__).warning(
-            f"student LM head has {student_vocab} rows and the teacher's {teacher_vocab}: padding-only difference, "
-            f"the loss uses the first {smaller}"
-        )
-    return min(student_vocab, teacher_vocab)
-
-
-def _vocab_rows(model) -> int:
-    """Rows of the LM head, read from the module (its weight may be a flat FSDP shard)."""
-    head = model.get_output_embeddings()
-    rows = getattr(head, "out_features", None) or getattr(head, "num_embeddings", None)
-    return int(rows) if rows is not None else head.weight.shape[0]
-
-
 PROJECTIONS_FILE = "hidden_projections.safetensors"
 TOPK_COLUMNS = ("topk_logprobs", "topk_indices")
-
-
-def whole_lm_head(model) -> LMHead:
-    """The ``LMHead`` of a frozen model with the weight and bias as whole, detached tensors,
-    whatever shards them: an FSDP2 (``fully_shard``) DTensor is gathered, an FSDP1 root's flat
-    shard is summoned (root unit only); both are then copied, as sharding reuses their storage.
-    Unsharded models give references (no copy)."""
-    head = lm_head(model)
-    if head.weight.dim() == 2 and not _is_dtensor(head.weight):
-        return head.detached()
-    if _is_dtensor(head.weight):
-        gather = lambda t: None if t is None else (t.full_tensor() if _is_dtensor(t) else t).detach().clone()  # noqa: E731
-        return LMHead(gather(head.weight), gather(head.bias), head.logit_scale, head.softcap)
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if not isinstance(model, FullyShardedDataParallel):
-        raise ValueError(
-            f"{type(model).__name__}'s LM head weight has shape {tuple(head.weight.shape)}: it looks sharded, but not "
-            "by FSDP; pass the teacher unsharded or wrapped by FullyShardedDataParallel / fully_shard"
-        )
-    with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
-        head = lm_head(model)
-        if head.weight.dim() != 2:
-            raise ValueError("the teacher's LM head is not in its FSDP root unit; wrap only its decoder layers")
-        detached = head.detached()
-        return LMHead(detached.weight.clone(), None if detached.bias is None else detached.bias.clone(),
-                      head.logit_scale, head.softcap)
-
-
-def _is_dtensor(tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
 
 
 def _no_logits(input_ids: torch.Tensor) -> torch.Tensor:
@@ -189,7 +120,7 @@ class DistillationTrainer(transformers.Trainer):
         if self.distillation_config.topk is not None:
             self.topk_cache = load_teacher_topk(self.distillation_config.topk)
             self.topk_cache.check_compatible(
-                vocab_size=_vocab_rows(model), temperature=self.distillation_config.temperature
+                vocab_size=vocab_rows(model), temperature=self.distillation_config.temperature
             )
             if kwargs.get("train_dataset") is None:
                 kwargs["train_dataset"] = topk_examples(self.topk_cache)
@@ -209,7 +140,7 @@ class DistillationTrainer(transformers.Trainer):
             # Read once: a sharded teacher's head is gathered here, as the loss uses it outside its forward.
             self.teacher_head = whole_lm_head(teacher_model)
         else:
-            self.vocab_size = _vocab_rows(self.model)
+            self.vocab_size = vocab_rows(self.model)
         self.hidden_distiller = None
         if self.distillation_config.hidden_loss_weight > 0:
             student_config, teacher_config = self.model.config, teacher_model.config
@@ -351,7 +282,7 @@ class DistillationTrainer(transformers.Trainer):
     def _student_head(self, model) -> LMHead:
         head = lm_head(model)
         weight = head.weight
-        if weight.dim() != 2 or _is_dtensor(weight):
+        if weight.dim() != 2 or is_dtensor(weight):
             raise RuntimeError(
                 f"the student's LM head weight is sharded inside its forward ({type(weight).__name__} "
                 f"{tuple(weight.shape)}); keep the LM head (and tied embeddings) in the FSDP root unit, "
