@@ -33,7 +33,7 @@ _MODULES = {
     "qwen3": ("qwen3",),
     "phi3": ("phi3",),
     "gemma2": ("gemma2",),
-    "gemma3": ("gemma3_text",),
+    "gemma3_text": ("gemma3_text",),
 }
 
 
