@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimlm import cli
 from slimlm.data import load_texts, tokenize_blocks
-from tests.tiny import WORDS, tiny_llama, word_tokenizer
+from tests.tiny import WORDS, tiny_model, word_tokenizer
 
 
 def sentences(count, seed):
@@ -26,7 +26,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     tokenizer = word_tokenizer()
     # Wide enough that half the parameters is reachable within the planner's per-axis floors.
-    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    model = tiny_model("llama", "training", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     model.save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     (root / "data").mkdir()

@@ -7,12 +7,12 @@ import torch.nn.functional as F
 
 from slimlm import evaluate
 from slimlm.data import TokenBlocks
-from tests.tiny import tiny_llama, word_tokenizer
+from tests.tiny import tiny_model, word_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(vocab_size=64)
+    return tiny_model("llama", "training", vocab_size=64)
 
 
 def blocks_with_padding():
@@ -65,7 +65,7 @@ def test_perplexity_bad_input(model):
 
 def test_greedy_samples_are_deterministic_and_bounded():
     tokenizer = word_tokenizer()
-    model = tiny_llama(vocab_size=len(tokenizer))
+    model = tiny_model("llama", "training", vocab_size=len(tokenizer))
     first = evaluate.greedy_samples(model, tokenizer, ["the model is", "we prune"], max_new_tokens=5)
     second = evaluate.greedy_samples(model, tokenizer, ["the model is", "we prune"], max_new_tokens=5)
     assert first == second and len(first) == 2

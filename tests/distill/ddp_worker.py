@@ -13,7 +13,7 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slimlm.distill.trainer import DistillationTrainer  # noqa: E402
-from tiny import exit_distributed, tiny_llama, token_dataset  # noqa: E402
+from tiny import exit_distributed, tiny_model, token_dataset  # noqa: E402
 
 VOCAB = 96
 
@@ -26,8 +26,8 @@ def main(out_path, per_device_batch):
         seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant",
         weight_decay=0.0, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
-    student = tiny_llama(vocab_size=VOCAB, seed=2).train()
-    teacher = tiny_llama(vocab_size=VOCAB, seed=1, hidden_size=48, intermediate_size=96, num_hidden_layers=3)
+    student = tiny_model("llama", "training", vocab_size=VOCAB, seed=2).train()
+    teacher = tiny_model("llama", "training", vocab_size=VOCAB, seed=1, hidden_size=48, intermediate_size=96, num_hidden_layers=3)
     data = token_dataset(VOCAB, 32, 16, seed=0, max_pad=4)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
     trainer.train()

@@ -17,7 +17,7 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slimlm.distill.trainer import DistillationTrainer  # noqa: E402
-from tiny import exit_distributed, tiny_llama, token_dataset  # noqa: E402
+from tiny import exit_distributed, tiny_model, token_dataset  # noqa: E402
 
 VOCAB = 96
 
@@ -58,8 +58,8 @@ def main(out_path, version, shard_teacher):
         report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
         ddp_backend="gloo" if world > 1 else None,
     )
-    student = tiny_llama(vocab_size=VOCAB, seed=2).train()
-    teacher = tiny_llama(vocab_size=VOCAB, seed=1, hidden_size=48, intermediate_size=96, num_hidden_layers=3)
+    student = tiny_model("llama", "training", vocab_size=VOCAB, seed=2).train()
+    teacher = tiny_model("llama", "training", vocab_size=VOCAB, seed=1, hidden_size=48, intermediate_size=96, num_hidden_layers=3)
     data = token_dataset(VOCAB, 8, 16, seed=0, max_pad=4)
     batch = {k: torch.stack([d[k] for d in data]) for k in data[0]}
     num_items = (batch["labels"][:, 1:] != -100).sum()

@@ -11,14 +11,14 @@ from slimlm.distill.generate import (
     prompts_from_texts,
     read_jsonl,
 )
-from tiny import tiny_llama, word_tokenizer
+from tiny import tiny_model, word_tokenizer
 
 PROMPTS = ["the teacher is", "a small model", "we prune the layer", "they distill data"]
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    return tiny_llama(vocab_size=len(word_tokenizer()))
+    return tiny_model("llama", "training", vocab_size=len(word_tokenizer()))
 
 
 def test_records_have_provenance_and_respect_lengths(teacher, tmp_path):

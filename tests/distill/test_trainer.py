@@ -9,7 +9,7 @@ import transformers
 from slimlm.distill.trainer import DistillationConfig, DistillationTrainer, check_vocabularies
 from slimlm.losses import kl_div_loss
 import tiny
-from tiny import tiny_llama
+from tiny import tiny_model
 
 VOCAB = 96
 
@@ -29,8 +29,8 @@ def training_args(tmp_path, **overrides):
 
 
 def models():
-    teacher = tiny_llama(vocab_size=VOCAB, seed=1, hidden_size=48, intermediate_size=96, num_hidden_layers=3)
-    student = tiny_llama(vocab_size=VOCAB, seed=2)
+    teacher = tiny_model("llama", "training", vocab_size=VOCAB, seed=1, hidden_size=48, intermediate_size=96, num_hidden_layers=3)
+    student = tiny_model("llama", "training", vocab_size=VOCAB, seed=2)
     return student.train(), teacher
 
 
@@ -65,7 +65,7 @@ def test_distillation_lowers_heldout_kl(tmp_path):
 def test_ce_only_matches_hf_trainer(tmp_path):
     data = token_dataset(32, 16, seed=3)
     student, teacher = models()
-    reference = transformers.Trainer(model=tiny_llama(vocab_size=VOCAB, seed=2).train(),
+    reference = transformers.Trainer(model=tiny_model("llama", "training", vocab_size=VOCAB, seed=2).train(),
                                      args=training_args(tmp_path, max_steps=5), train_dataset=data)
     reference.train()
     trainer = DistillationTrainer(
@@ -161,10 +161,10 @@ def test_loss_gemms_follow_mixed_precision(tmp_path, monkeypatch, bf16, gemm_dty
 
 
 def test_vocabulary_checks():
-    student, teacher = tiny_llama(vocab_size=96), tiny_llama(vocab_size=128)
+    student, teacher = tiny_model("llama", "training", vocab_size=96), tiny_model("llama", "training", vocab_size=128)
     assert check_vocabularies(student, teacher) == 96
     with pytest.raises(ValueError, match=r"student vocabulary \(96\) and teacher vocabulary \(2000\)"):
-        check_vocabularies(student, tiny_llama(vocab_size=2000))
+        check_vocabularies(student, tiny_model("llama", "training", vocab_size=2000))
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -220,7 +220,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 def test_fsdp_sharded_models_match_one_process(tmp_path, version, teacher):
     """FSDP1 and FSDP2 (2 CPU processes, gloo), the student and also the teacher sharded per
     layer and at the root: the student's LM head is read between its forward and backward
-    (the root stays gathered), the teacher's comes whole from ``whole_lm_head`` (an FSDP1
+    (the root stays gathered), the teacher's comes whole from ``lm_heads.whole_lm_head`` (an FSDP1
     teacher is resharded after a no-grad forward), and the loss and full gradients equal
     one process's on the whole batch."""
     import json

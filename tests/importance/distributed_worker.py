@@ -4,9 +4,9 @@ import sys
 
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from importance_models import calibration, tiny_model  # noqa: E402
+from tiny import calibration, tiny_model  # noqa: E402
 
 from slimlm.importance import estimate_importance  # noqa: E402
 
@@ -15,7 +15,7 @@ ARGS = dict(metrics=("activation", "wanda", "magnitude"), batch_size=2, progress
 
 
 def scores_of(model_type):
-    model = tiny_model(model_type, num_layers=3)
+    model = tiny_model(model_type, "scoring", num_hidden_layers=3)
     input_ids, mask = calibration(batch=7, pad_from={2: 4, 5: 0})
     return estimate_importance(model, {"input_ids": input_ids, "attention_mask": mask}, **ARGS)
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from importance_models import ARCHITECTURES, calibration, tiny_model
+from tiny import ARCHITECTURES, calibration, tiny_model
+from slimlm.architectures import get_adapter, model_sizes
 from slimlm.importance import ImportanceScores, estimate_importance
 
 ALL_METRICS = ("activation", "wanda", "magnitude")
@@ -20,7 +21,7 @@ def score(model, input_ids, mask, **kwargs):
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_shapes(model_type):
-    model = tiny_model(model_type, num_layers=3)
+    model = tiny_model(model_type, "scoring", num_hidden_layers=3)
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     input_ids, mask = calibration(pad_from={1: 5})
@@ -44,27 +45,33 @@ def test_shapes(model_type):
     assert head_dim * 4 == model.model.layers[0].self_attn.o_proj.in_features
 
 
-def _fused_rows(layer, name, model_type):
+def _rows(model, layer, name):
     """(weight, bias) row views of q/k/v/gate/up whether or not the architecture fuses them."""
-    config_heads = {"q": 4, "k": 2, "v": 2}
-    if model_type == "phi3" and name in config_heads:
-        proj = layer.self_attn.qkv_proj
-        head_dim = proj.out_features // 8
-        start = {"q": 0, "k": 4 * head_dim, "v": 6 * head_dim}[name]
-        rows = slice(start, start + config_heads[name] * head_dim)
-        return proj.weight[rows], proj.bias[rows] if proj.bias is not None else None
-    if model_type == "phi3" and name in ("gate", "up"):
-        proj = layer.mlp.gate_up_proj
-        half = proj.out_features // 2
-        rows = slice(0, half) if name == "gate" else slice(half, 2 * half)
-        return proj.weight[rows], None
-    proj = getattr(layer.self_attn if name in config_heads else layer.mlp, f"{name}_proj")
-    return proj.weight, proj.bias
+    adapter, sizes = get_adapter(model), model_sizes(model.config)
+    q_size = sizes["num_attention_heads"] * sizes["head_dim"]
+    kv_size = sizes["num_key_value_heads"] * sizes["head_dim"]
+    if name in ("q", "k", "v"):
+        attention = adapter.attention(layer)
+        fused, split, index = attention.qkv, [q_size, kv_size, kv_size], "qkv".index(name)
+        proj = fused if fused is not None else getattr(attention, name)
+    else:
+        mlp = adapter.mlp(layer)
+        fused, split, index = mlp.gate_up, [sizes["intermediate_size"]] * 2, ("gate", "up").index(name)
+        proj = fused if fused is not None else getattr(mlp, name)
+    if fused is None:
+        return proj.weight, proj.bias
+    return proj.weight.split(split)[index], None if proj.bias is None else proj.bias.split(split)[index]
+
+
+def _zero_gain(adapter, norm, channel):
+    """Make a norm's gain (``norm_offset + weight``) 0 at ``channel``."""
+    norm.weight[channel] = -adapter.norm_offset
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_zeroed_units_score_lowest(model_type):
-    model = tiny_model(model_type, num_layers=3)
+    model = tiny_model(model_type, "scoring", num_hidden_layers=3)
+    adapter = get_adapter(model)
     layers = model.model.layers
     head_dim = layers[0].self_attn.o_proj.in_features // 4
     group_heads = slice(2 * head_dim, 4 * head_dim)  # heads 2 and 3 = KV group 1
@@ -73,24 +80,24 @@ def test_zeroed_units_score_lowest(model_type):
         # Heads of KV group 1 in layer 1: their value rows, query rows and output columns.
         layer = layers[1]
         for name, rows in (("v", slice(head_dim, 2 * head_dim)), ("q", group_heads)):
-            weight, bias = _fused_rows(layer, name, model_type)
+            weight, bias = _rows(model, layer, name)
             weight[rows] = 0
             if bias is not None:
                 bias[rows] = 0
         layer.self_attn.o_proj.weight[:, group_heads] = 0
         # Neuron 5 of layer 0.
         for name in ("gate", "up"):
-            _fused_rows(layers[0], name, model_type)[0][neuron] = 0
+            _rows(model, layers[0], name)[0][neuron] = 0
         layers[0].mlp.down_proj.weight[:, neuron] = 0
         # Hidden channel 7 everywhere: the residual stream's channel stays 0.
         model.get_input_embeddings().weight[:, channel] = 0
         model.get_output_embeddings().weight[:, channel] = 0
-        model.model.norm.weight[channel] = 0
+        _zero_gain(adapter, model.model.norm, channel)
         for layer in layers:
-            layer.input_layernorm.weight[channel] = 0
-            layer.post_attention_layernorm.weight[channel] = 0
+            for norm in adapter.hidden_norms(layer):
+                _zero_gain(adapter, norm, channel)
             for name in ("q", "k", "v", "gate", "up"):
-                _fused_rows(layer, name, model_type)[0][:, channel] = 0
+                _rows(model, layer, name)[0][:, channel] = 0
             layer.self_attn.o_proj.weight[channel] = 0
             layer.mlp.down_proj.weight[channel] = 0
         # Layer 2 adds nothing to the residual stream.
@@ -116,7 +123,7 @@ def test_zeroed_units_score_lowest(model_type):
 def test_padding_never_counts(model_type):
     """Right padding: garbage in padded slots changes nothing, and the scores equal those of
     the unpadded samples run one by one."""
-    model = tiny_model(model_type)
+    model = tiny_model(model_type, "scoring")
     lengths = [11, 4, 8, 0, 11]
     input_ids, mask = calibration(pad_from={i: n for i, n in enumerate(lengths)})
     reference = score(model, input_ids, mask)
@@ -201,7 +208,7 @@ def mean_nll(model, hidden, input_ids, mask):
 
 @pytest.mark.parametrize("seq_agg,batch_agg", [("mean", "l2"), ("l2", "mean"), ("var", "var")])
 def test_hooks_match_a_hand_written_forward(seq_agg, batch_agg):
-    model = tiny_model("llama", num_layers=2)
+    model = tiny_model("llama", "scoring", num_hidden_layers=2)
     heads, head_dim = 4, 8
     input_ids, mask = calibration(batch=6, seq=9, pad_from={1: 3, 4: 7, 5: 1})
     scores = score(model, input_ids, mask, seq_agg=seq_agg, batch_agg=batch_agg, batch_size=4)
@@ -259,7 +266,7 @@ def test_hooks_match_a_hand_written_forward(seq_agg, batch_agg):
 
 def test_hand_written_forward_matches_transformers():
     """Guards the slow reference itself: it must be the model's own forward."""
-    model = tiny_model("llama", num_layers=2)
+    model = tiny_model("llama", "scoring", num_hidden_layers=2)
     input_ids, mask = calibration(batch=3, seq=9, pad_from={1: 3})
     with torch.no_grad():
         final = manual_llama(model, input_ids)[1]
@@ -270,7 +277,7 @@ def test_hand_written_forward_matches_transformers():
 
 
 def test_magnitude_by_hand_and_without_data():
-    model = tiny_model("qwen2", num_layers=2)
+    model = tiny_model("qwen2", "scoring", num_hidden_layers=2)
     scores = estimate_importance(model, None, metrics=("magnitude",), depth=(), progress=False)
     layer = model.model.layers[1]
     head_dim = 8
@@ -285,7 +292,7 @@ def test_magnitude_by_hand_and_without_data():
 
 
 def test_save_load_roundtrip_and_other_model(tmp_path):
-    model = tiny_model("mistral")
+    model = tiny_model("mistral", "scoring")
     input_ids, mask = calibration()
     scores = score(model, input_ids, mask)
     scores.save(tmp_path / "scores")
@@ -295,15 +302,15 @@ def test_save_load_roundtrip_and_other_model(tmp_path):
         assert torch.equal(loaded.scores[key], value)
     assert loaded.best_layers(1) == scores.best_layers(1)
     with pytest.raises(ValueError, match="not on this model"):
-        ImportanceScores.load(tmp_path / "scores", model=tiny_model("mistral", seed=1))
+        ImportanceScores.load(tmp_path / "scores", model=tiny_model("mistral", "scoring", seed=1))
     with pytest.raises(ValueError, match="not on this model"):
-        ImportanceScores.load(tmp_path / "scores", model=tiny_model("mistral", intermediate_size=40))
+        ImportanceScores.load(tmp_path / "scores", model=tiny_model("mistral", "scoring", intermediate_size=40))
 
 
 def test_token_blocks_and_num_samples():
     from slimlm.data import TokenBlocks
 
-    model = tiny_model("llama")
+    model = tiny_model("llama", "scoring")
     input_ids, mask = calibration(batch=7)
     blocks = TokenBlocks(input_ids, mask)
     from_blocks = estimate_importance(model, blocks, num_samples=5, batch_size=3, depth=(), progress=False)
@@ -315,7 +322,7 @@ def test_token_blocks_and_num_samples():
 
 @pytest.mark.parametrize("model_type", ["qwen3", "mistral"])
 def test_loss_drop_on_the_first_samples(model_type):
-    model = tiny_model(model_type, num_layers=3)
+    model = tiny_model(model_type, "scoring", num_hidden_layers=3)
     input_ids, mask = calibration(batch=7, pad_from={1: 5, 3: 2})
     batches = {"input_ids": input_ids, "attention_mask": mask}
     subset = estimate_importance(model, batches, depth=("loss_drop",), metrics=(), loss_drop_samples=3, batch_size=2, progress=False)
@@ -337,11 +344,11 @@ def test_loss_drop_on_the_first_samples(model_type):
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        estimate_importance(tiny_model("llama"), torch.zeros(1, 4, dtype=torch.long), progress=False, **kwargs)
+        estimate_importance(tiny_model("llama", "scoring"), torch.zeros(1, 4, dtype=torch.long), progress=False, **kwargs)
 
 
 def test_bad_calibration():
-    model = tiny_model("llama")
+    model = tiny_model("llama", "scoring")
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 61\)"):
         estimate_importance(model, torch.full((2, 4), 61), progress=False)
     with pytest.raises(ValueError, match="above the model's limit"):
@@ -363,7 +370,7 @@ def test_unsupported_architecture():
 @pytest.mark.parametrize("model_type", ["llama", "phi3"])
 def test_gpu_scores_match_cpu(model_type):
     """The hooks on CUDA (CUDA kernels by default) give the CPU's scores; the model comes back to the CPU."""
-    model = tiny_model(model_type, num_layers=3)
+    model = tiny_model(model_type, "scoring", num_hidden_layers=3)
     input_ids, mask = calibration(pad_from={1: 5, 3: 0})
     on_cpu = score(model, input_ids, mask, batch_size=2)
     on_gpu = score(model, input_ids, mask, batch_size=2, device="cuda")

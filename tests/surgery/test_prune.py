@@ -8,13 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slimlm.importance.scores import ImportanceScores, model_fingerprint
+from slimlm.fingerprint import model_fingerprint
+from slimlm.importance import estimate_importance
+from slimlm.importance.scores import ImportanceScores
 from slimlm.surgery import Target, plan, prune, save_pruned
-from slimlm.surgery.planning import model_sizes
+from slimlm.architectures import model_sizes
 
-from tiny_models import ARCHITECTURES, TINY_CONFIGS, assert_untouched, random_scores, snapshot, tiny_model
+from tiny import ARCHITECTURES, TINY_CONFIGS, assert_untouched, random_scores, snapshot, tiny_config, tiny_model
 
-# One case per axis alone, plus all together; explicit sizes of the tiny models (see tiny_models).
+# One case per axis alone, plus all together; explicit sizes of the tiny models (see tests/tiny.py).
 CASES = {
     "hidden": dict(hidden_size=48),
     "neuron": dict(intermediate_size=40),
@@ -89,6 +91,26 @@ def test_pruned_model_saves_reloads_and_generates(model_type, case, input_ids, t
                                  use_cache=use_cache, pad_token_id=0) for use_cache in (True, False)]
     assert outputs[0].shape[1] > prompt.shape[1]
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_estimated_scores_prune_every_axis_and_reload(model_type, input_ids, tmp_path):
+    """The pipeline on every family: scored by every metric, pruned by each metric's scores on
+    every axis, saved, and reloaded by stock transformers with the same logits."""
+    model = tiny_model(model_type)
+    calibration = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(3))
+    scores = estimate_importance(model, calibration, metrics=("activation", "wanda", "magnitude"), progress=False)
+    for metric in ("activation", "wanda", "magnitude"):
+        metric_scores = ImportanceScores(
+            scores={key: value for key, value in scores.scores.items() if key.startswith((f"{metric}.", "loss_drop."))},
+            meta=scores.meta,
+        )
+        pruned = prune(model, metric_scores, {**CASES["all"], "drop_layers": None, "num_layers": 2}, inplace=False)
+        expected = logits(pruned, input_ids)
+        save_pruned(pruned, tmp_path / metric)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / metric, attn_implementation="eager").eval()
+        assert type(reloaded) is type(model)
+        torch.testing.assert_close(logits(reloaded, input_ids), expected)
 
 
 def _zero_and_rank(model, axis: str, scores: ImportanceScores):
@@ -329,7 +351,7 @@ def test_unsupported_model_type_names_the_supported_ones():
 def test_a_broken_adapter_is_disabled_instead_of_breaking_import(monkeypatch):
     from types import SimpleNamespace
 
-    from slimlm.surgery import architectures
+    from slimlm import architectures
 
     # As if transformers had renamed a class an adapter imports.
     monkeypatch.setattr(architectures, "_MODULES", {"no_such_adapter_module": ("renamed_arch",)})
@@ -341,9 +363,9 @@ def test_a_broken_adapter_is_disabled_instead_of_breaking_import(monkeypatch):
 
 
 def test_a_model_without_an_lm_head_is_refused():
-    from transformers import AutoConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
-    model = LlamaForSequenceClassification(AutoConfig.for_model(**TINY_CONFIGS["llama"]))
+    model = LlamaForSequenceClassification(tiny_config("llama"))
     with pytest.raises(ValueError, match="prunes LlamaForCausalLM models"):
         plan(model, {"hidden_size": 32})
 

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from slimlm.importance.scores import model_fingerprint
+from slimlm.fingerprint import model_fingerprint
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 

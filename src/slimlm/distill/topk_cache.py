@@ -24,8 +24,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from slimlm.architectures import lm_head
 from slimlm.kernels import fused_linear
-from slimlm.losses import last_hidden_state, lm_head_spec
+from slimlm.losses import last_hidden_state
+from slimlm.losses.fused_linear import linear_head
 
 FORMAT = "slimlm.teacher_topk/1"
 INDEX_FILE = "index.json"
@@ -51,7 +53,7 @@ def teacher_identity(model) -> dict:
     return {
         "teacher": str(getattr(config, "_name_or_path", "") or type(model).__name__),
         "teacher_model_type": str(getattr(config, "model_type", "")),
-        "teacher_vocab_size": str(lm_head_spec(model)["weight"].shape[0]),
+        "teacher_vocab_size": str(lm_head(model).weight.shape[0]),
         "teacher_revision": str(getattr(config, "_commit_hash", None) or ""),
         "teacher_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
@@ -60,12 +62,10 @@ def teacher_identity(model) -> dict:
 @torch.no_grad()
 def teacher_topk(model, input_ids: torch.Tensor, k: int, temperature: float = 1.0, chunk_size: int | None = None):
     """(B, T, k) fp32 top-k log softmax(logits / τ) and int64 indices, logits made in fp32 row chunks."""
-    spec = lm_head_spec(model)
-    head = fused_linear.LinearHead(spec["weight"].detach(), None if spec["bias"] is None else spec["bias"].detach(),
-                                   spec["logit_scale"], spec["softcap"])
+    head = linear_head(lm_head(model), None)
     hidden = last_hidden_state(model, input_ids)
     rows = hidden.reshape(-1, hidden.shape[-1])
-    vocab = spec["weight"].shape[0]
+    vocab = head.weight.shape[0]
     step = chunk_size or fused_linear.pick_chunk_size(rows.shape[0], vocab, rows.device)
     values, indices = [], []
     for start in range(0, rows.shape[0], step):
@@ -95,7 +95,7 @@ def cache_teacher_topk(
     close after ``shard_tokens`` tokens. Returns the shard paths. The folder must not hold a
     cache already. k must be in [1, V]; τ > 0.
     """
-    vocab = lm_head_spec(model)["weight"].shape[0]
+    vocab = lm_head(model).weight.shape[0]
     if not isinstance(k, int) or not 1 <= k <= vocab:
         raise ValueError(f"k must be an int in [1, {vocab}] (the teacher's vocabulary), got {k!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:

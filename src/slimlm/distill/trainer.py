@@ -33,8 +33,10 @@ import transformers
 
 from safetensors.torch import load_file, save_file
 
+from slimlm.architectures import LMHead, lm_head
+from slimlm.distill.lm_heads import check_vocabularies, is_dtensor, vocab_rows, whole_lm_head
 from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
-from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, lm_head_spec, topk_kl_div_loss
+from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, topk_kl_div_loss
 
 
 GEMM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,84 +96,8 @@ class DistillationConfig:
             raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
 
 
-def check_vocabularies(student, teacher, student_tokenizer=None, teacher_tokenizer=None) -> int:
-    """The vocabulary size both models share; padding-only differences are allowed (the
-    extra rows are trimmed with a warning), a real tokenizer mismatch is an error."""
-    student_vocab, teacher_vocab = _vocab_rows(student), _vocab_rows(teacher)
-    if student_tokenizer is not None and teacher_tokenizer is not None:
-        if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-            raise ValueError(
-                f"student and teacher tokenizers differ ({len(student_tokenizer)} vs {len(teacher_tokenizer)} tokens); "
-                "distillation needs the same tokenizer"
-            )
-        real = len(student_tokenizer)
-        if min(student_vocab, teacher_vocab) < real:
-            raise ValueError(f"an LM head has fewer rows than the tokenizer's {real} tokens")
-    if student_vocab != teacher_vocab:
-        smaller, larger = sorted((student_vocab, teacher_vocab))
-        # Checkpoints pad their embedding to a multiple of 64 or 128 rows (151936 vs 152064).
-        if larger - smaller >= 1024 or (student_tokenizer is None and teacher_tokenizer is None and larger - smaller > 256):
-            raise ValueError(
-                f"student vocabulary ({student_vocab}) and teacher vocabulary ({teacher_vocab}) differ by more "
-                "than padding; distillation needs the same tokenizer"
-            )
-        transformers.logging.get_logger(__name__).warning(
-            f"student LM head has {student_vocab} rows and the teacher's {teacher_vocab}: padding-only difference, "
-            f"the loss uses the first {smaller}"
-        )
-    return min(student_vocab, teacher_vocab)
-
-
-def _vocab_rows(model) -> int:
-    """Rows of the LM head, read from the module (its weight may be a flat FSDP shard)."""
-    head = model.get_output_embeddings()
-    rows = getattr(head, "out_features", None) or getattr(head, "num_embeddings", None)
-    return int(rows) if rows is not None else head.weight.shape[0]
-
-
 PROJECTIONS_FILE = "hidden_projections.safetensors"
 TOPK_COLUMNS = ("topk_logprobs", "topk_indices")
-
-
-def _first_rows(bias, rows: int, device=None):
-    if bias is None:
-        return None
-    return bias[:rows].to(device) if device is not None else bias[:rows]
-
-
-def whole_lm_head(model) -> dict:
-    """``lm_head_spec`` of a frozen model with the weight and bias as whole, detached tensors,
-    whatever shards them: an FSDP2 (``fully_shard``) DTensor is gathered, an FSDP1 root's flat
-    shard is summoned (root unit only); both are then copied, as sharding reuses their storage.
-    Unsharded models give references (no copy)."""
-    spec = lm_head_spec(model)
-    weight = spec["weight"]
-    if weight.dim() == 2 and not _is_dtensor(weight):
-        return {**spec, "weight": weight.detach(), "bias": None if spec["bias"] is None else spec["bias"].detach()}
-    if _is_dtensor(weight):
-        gather = lambda t: None if t is None else (t.full_tensor() if _is_dtensor(t) else t).detach().clone()  # noqa: E731
-        return {**spec, "weight": gather(weight), "bias": gather(spec["bias"])}
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if not isinstance(model, FullyShardedDataParallel):
-        raise ValueError(
-            f"{type(model).__name__}'s LM head weight has shape {tuple(weight.shape)}: it looks sharded, but not by "
-            "FSDP; pass the teacher unsharded or wrapped by FullyShardedDataParallel / fully_shard"
-        )
-    with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
-        spec = lm_head_spec(model)
-        if spec["weight"].dim() != 2:
-            raise ValueError("the teacher's LM head is not in its FSDP root unit; wrap only its decoder layers")
-        return {**spec, "weight": spec["weight"].detach().clone(),
-                "bias": None if spec["bias"] is None else spec["bias"].detach().clone()}
-
-
-def _is_dtensor(tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
 
 
 def _no_logits(input_ids: torch.Tensor) -> torch.Tensor:
@@ -194,7 +120,7 @@ class DistillationTrainer(transformers.Trainer):
         if self.distillation_config.topk is not None:
             self.topk_cache = load_teacher_topk(self.distillation_config.topk)
             self.topk_cache.check_compatible(
-                vocab_size=_vocab_rows(model), temperature=self.distillation_config.temperature
+                vocab_size=vocab_rows(model), temperature=self.distillation_config.temperature
             )
             if kwargs.get("train_dataset") is None:
                 kwargs["train_dataset"] = topk_examples(self.topk_cache)
@@ -214,7 +140,7 @@ class DistillationTrainer(transformers.Trainer):
             # Read once: a sharded teacher's head is gathered here, as the loss uses it outside its forward.
             self.teacher_head = whole_lm_head(teacher_model)
         else:
-            self.vocab_size = _vocab_rows(self.model)
+            self.vocab_size = vocab_rows(self.model)
         self.hidden_distiller = None
         if self.distillation_config.hidden_loss_weight > 0:
             student_config, teacher_config = self.model.config, teacher_model.config
@@ -245,7 +171,7 @@ class DistillationTrainer(transformers.Trainer):
         )
 
     def _student_loss(self, model, inputs, loss_fn):
-        """Runs the student and ``loss_fn(hidden_states, lm_head_spec)`` inside ONE call of the
+        """Runs the student and ``loss_fn(hidden_states, LMHead)`` inside ONE call of the
         (possibly DDP/FSDP-wrapped) model: FSDP1 reshards even the root unit after forward, so
         the LM head is only whole, with its gradient routed to the sharded parameter, while the
         wrapped forward runs. The inner model's forward is swapped for the call and restored."""
@@ -294,15 +220,9 @@ class DistillationTrainer(transformers.Trainer):
             count = num_items_in_batch if num_items_in_batch is not None else (shifted_labels != -100).sum()
             terms = fused_linear_kl_div_loss(
                 student_hidden,
-                student_head["weight"][: self.vocab_size],
+                student_head.first_rows(self.vocab_size),
                 teacher_hidden,
-                teacher_head["weight"][: self.vocab_size].to(device),
-                student_bias=_first_rows(student_head["bias"], self.vocab_size),
-                teacher_bias=_first_rows(teacher_head["bias"], self.vocab_size, device),
-                student_logit_scale=student_head["logit_scale"],
-                teacher_logit_scale=teacher_head["logit_scale"],
-                student_softcap=student_head["softcap"],
-                teacher_softcap=teacher_head["softcap"],
+                teacher_head.first_rows(self.vocab_size, device),
                 return_terms=True,
                 **self._loss_options(shifted_labels, count),
             )
@@ -342,10 +262,7 @@ class DistillationTrainer(transformers.Trainer):
                 student_last[:, :-1].reshape(-1, student_last.shape[-1]),
                 inputs["topk_logprobs"][:, :-1].reshape(-1, k),
                 inputs["topk_indices"][:, :-1].reshape(-1, k),
-                student_weight=head["weight"],
-                student_bias=head["bias"],
-                student_logit_scale=head["logit_scale"],
-                student_softcap=head["softcap"],
+                student_weight=head,
                 tail=config.topk_tail,
                 **self._loss_options(shifted_labels, count),
             )}
@@ -362,10 +279,10 @@ class DistillationTrainer(transformers.Trainer):
                     num_items_in_batch=count, chunk_size=config.chunk_size, kd_weight=config.kd_weight,
                     ce_weight=config.ce_weight, gemm_dtype=self.gemm_dtype)
 
-    def _student_head(self, model) -> dict:
-        head = lm_head_spec(model)
-        weight = head["weight"]
-        if weight.dim() != 2 or _is_dtensor(weight):
+    def _student_head(self, model) -> LMHead:
+        head = lm_head(model)
+        weight = head.weight
+        if weight.dim() != 2 or is_dtensor(weight):
             raise RuntimeError(
                 f"the student's LM head weight is sharded inside its forward ({type(weight).__name__} "
                 f"{tuple(weight.shape)}); keep the LM head (and tied embeddings) in the FSDP root unit, "

@@ -15,10 +15,12 @@ layer      (num_layers,)                           a whole decoder layer (depth 
 Width metrics: ``activation``, ``wanda``, ``magnitude``; depth metrics: ``block_influence``,
 ``loss_drop``. ``meta`` records which model (``fingerprint``) and how (metric, aggregation,
 number of samples); loading against another model is an error.
+
+Query heads are grouped as transformers' ``repeat_kv`` lays them out: with g = heads / KV heads,
+query head h belongs to KV group h // g. ``kv_group_scores`` is the one statement of the rule.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,32 +28,16 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from slimlm.fingerprint import model_fingerprint
+
 AXES = ("head", "kv_group", "neuron", "hidden", "layer")
 WIDTH_AXES = ("head", "kv_group", "neuron", "hidden")
 SCORES_FILE = "scores.safetensors"
 META_FILE = "meta.json"
-# Config fields that decide the shape of every score tensor.
-_SHAPE_FIELDS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "num_hidden_layers",
-    "head_dim",
-    "vocab_size",
-)
-
-
-def model_fingerprint(model) -> str:
-    """Identifies a model's shape and weights: its shape-deciding config fields plus a
-    hash of the first rows of its input embedding (cheap, and differs between checkpoints)."""
-    config = model.config
-    digest = hashlib.sha256()
-    digest.update(json.dumps({k: getattr(config, k, None) for k in _SHAPE_FIELDS}, sort_keys=True).encode())
-    embedding = model.get_input_embeddings().weight
-    digest.update(embedding[:8].detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+def kv_group_scores(head_scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(layers, KV heads) scores from (layers, heads): a KV group is worth the sum of its query
+    heads h, those with h // (heads / KV heads) equal to the group's index."""
+    return head_scores.view(head_scores.shape[0], num_kv_heads, -1).sum(-1)
 
 
 @dataclass

@@ -4,9 +4,9 @@
     prune(model, scores, the_plan)                          # in place, one layer at a time
     save_pruned(model, "out/")                              # temp folder + rename; loads with stock transformers
 
-Architectures are described by adapters in ``slimlm.surgery.architectures``.
+Architectures are described by adapters in ``slimlm.architectures``.
 """
-from slimlm.surgery.architectures import get_adapter, supported_model_types
+from slimlm.architectures import get_adapter, supported_model_types
 from slimlm.surgery.planning import PrunePlan, Target, plan
 from slimlm.surgery.apply import prune
 from slimlm.surgery.save import save_pruned

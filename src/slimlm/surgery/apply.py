@@ -15,9 +15,10 @@ import math
 
 import torch
 
-from slimlm.importance.scores import ImportanceScores, model_fingerprint
-from slimlm.surgery.architectures import DecoderAdapter, get_adapter
-from slimlm.surgery.planning import PrunePlan, meta_model, model_sizes, plan, pruned_config
+from slimlm.architectures import AttentionProjections, DecoderAdapter, MlpProjections, get_adapter, model_sizes
+from slimlm.fingerprint import model_fingerprint
+from slimlm.importance.scores import ImportanceScores
+from slimlm.surgery.planning import PrunePlan, meta_model, plan, pruned_config
 from slimlm.surgery.selection import Selection, select_units
 from slimlm.surgery.slicing import head_rows, slice_embedding, slice_linear, slice_norm
 
@@ -50,7 +51,7 @@ def _shrink_layer(layer, adapter: DecoderAdapter, before: dict, original_index: 
         qkv_rows = None
         if q_rows is not None:
             q_size, kv_size = before["num_attention_heads"] * head_dim, before["num_key_value_heads"] * head_dim
-            qkv_rows = torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows])
+            qkv_rows = AttentionProjections.fused_rows(q_rows, kv_rows, q_size, kv_size)
         slice_linear(attention.qkv, rows=qkv_rows, cols=hidden)
     else:
         slice_linear(attention.q, rows=q_rows, cols=hidden)
@@ -60,7 +61,7 @@ def _shrink_layer(layer, adapter: DecoderAdapter, before: dict, original_index: 
 
     neurons = None if selection.neurons is None else selection.neurons[original_index]
     if mlp.gate_up is not None:
-        gate_up_rows = None if neurons is None else torch.cat([neurons, before["intermediate_size"] + neurons])
+        gate_up_rows = None if neurons is None else MlpProjections.fused_rows(neurons, before["intermediate_size"])
         slice_linear(mlp.gate_up, rows=gate_up_rows, cols=hidden)
     else:
         slice_linear(mlp.gate, rows=neurons, cols=hidden)
@@ -76,8 +77,8 @@ def _shrink_ends(model, adapter: DecoderAdapter, before: dict, after: dict, hidd
                  norm_scale: float) -> None:
     """Slice the hidden channels of the embeddings, the final norm and the LM head."""
     embedding, lm_head = adapter.embedding(model), adapter.lm_head(model)
-    tied = lm_head.weight is embedding.weight
-    embed_scale = math.sqrt(before["hidden_size"] / after["hidden_size"]) if adapter.scales_embeddings else 1.0
+    tied = adapter.tied(model)
+    embed_scale = adapter.embedding_scale(before["hidden_size"], after["hidden_size"])
     slice_embedding(embedding, hidden, embed_scale)
     if tied:
         lm_head.weight = embedding.weight
@@ -129,7 +130,7 @@ def prune(model, scores: ImportanceScores | None, target, *, inplace: bool = Tru
     returned model carries ``slimlm_prune_record`` (plan, kept layers, source fingerprint),
     which ``save_pruned`` writes beside the checkpoint.
     """
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, "slimlm.surgery", "prunes")
     _refuse_quantized(model)
     before = model_sizes(model.config)
     if isinstance(target, PrunePlan):

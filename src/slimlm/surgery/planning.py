@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from slimlm.surgery.architectures import DecoderAdapter, get_adapter
+from slimlm.architectures import PARTS, DecoderAdapter, get_adapter, model_sizes
 
 SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_layers")
 # Default floors of the budget planner, as fractions of the original size.
@@ -113,19 +113,6 @@ class PrunePlan:
         return self.table()
 
 
-def model_sizes(config) -> dict:
-    """The prunable sizes of a config (plus head_dim, which pruning keeps)."""
-    heads = config.num_attention_heads
-    return {
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-        "num_layers": config.num_hidden_layers,
-    }
-
-
 def pruned_config(config, adapter: DecoderAdapter, sizes: dict, kept_layers: list[int]):
     """A copy of ``config`` rewritten to ``sizes``/``kept_layers`` and validated by
     transformers (rebuilt from its dict, as ``from_pretrained`` will); ValueError if rejected."""
@@ -149,21 +136,13 @@ def meta_model(model_class, config):
         return model_class._from_config(config)
 
 
-def count_parameters(model) -> dict:
-    """Parameters by part; a tied LM head is counted once (under embeddings)."""
-    counts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0}
-    for name, parameter in model.named_parameters():
-        if "embed_tokens" in name:
-            part = "embeddings"
-        elif name.startswith("lm_head"):
-            part = "lm_head"
-        elif ".self_attn." in name:
-            part = "attention"
-        elif ".mlp." in name:
-            part = "mlp"
-        else:
-            part = "norms"
-        counts[part] += parameter.numel()
+def count_parameters(model, adapter: DecoderAdapter) -> dict:
+    """Parameters by part (``PARTS``, as the adapter assigns them; what it does not name is a
+    norm); a tied LM head is counted once (under embeddings)."""
+    parts = adapter.parameter_parts(model)
+    counts = dict.fromkeys(PARTS, 0)
+    for parameter in model.parameters():
+        counts[parts.get(id(parameter), "norms")] += parameter.numel()
     counts["total"] = sum(counts.values())
     return counts
 
@@ -246,7 +225,7 @@ def _grid(values, multiple_of: int, min_choices: int = 4) -> list[int]:
 def plan(model, target) -> PrunePlan:
     """Dry run of ``prune``: checks ``target`` against ``model`` and returns the plan (sizes,
     parameter counts per part; ``print(plan)`` shows the table). No weight is touched."""
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, "slimlm.surgery", "prunes")
     target = Target.coerce(target)
     before = model_sizes(model.config)
     explicit = _check_explicit(target, before)
@@ -261,7 +240,7 @@ def plan(model, target) -> PrunePlan:
         sizes["num_key_value_heads"] = sizes["num_attention_heads"]
     _check_heads(sizes, before)
     model_class = type(model)
-    params_before = count_parameters(meta_model(model_class, model.config))
+    params_before = count_parameters(meta_model(model_class, model.config), adapter)
 
     def kept(num_layers):
         if drop_layers is not None:
@@ -270,7 +249,7 @@ def plan(model, target) -> PrunePlan:
 
     def params_of(candidate: dict) -> int:
         config = pruned_config(model.config, adapter, candidate, kept(candidate["num_layers"]))
-        return count_parameters(meta_model(model_class, config))["total"]
+        return count_parameters(meta_model(model_class, config), adapter)["total"]
 
     budget = None
     notes = []
@@ -283,7 +262,7 @@ def plan(model, target) -> PrunePlan:
             )
         sizes = _fit_budget(sizes, before, explicit, target, adapter, budget, params_of, notes)
     new_config = pruned_config(model.config, adapter, sizes, kept(sizes["num_layers"]))
-    params_after = count_parameters(meta_model(model_class, new_config))
+    params_after = count_parameters(meta_model(model_class, new_config), adapter)
     return PrunePlan(adapter.model_type, before, sizes, drop_layers, params_before, params_after, budget, notes)
 
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 
-from slimlm.importance.scores import model_fingerprint
+from slimlm.fingerprint import model_fingerprint
 from slimlm.models import as_plain_model
 from slimlm.surgery.apply import sync_with_config
 

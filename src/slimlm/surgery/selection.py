@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimlm.importance.scores import ImportanceScores
+from slimlm.importance.scores import ImportanceScores, kv_group_scores
 
 
 @dataclass
@@ -13,8 +13,8 @@ class Selection:
     """Kept units, as sorted index tensors into the original model (None: all kept).
 
     ``heads[l]`` / ``kv_heads[l]`` / ``neurons[l]`` are keyed by the original index of a kept
-    layer; query heads are listed group by group, so kept query head i belongs to kept KV
-    head i // (heads per group), as transformers' repeat_kv expects."""
+    layer; query heads are listed group by group (``importance.scores.kv_group_scores``' rule),
+    so kept query head i belongs to kept KV head i // (heads per group)."""
 
     kept_layers: list[int]
     hidden: torch.Tensor | None
@@ -79,8 +79,7 @@ def select_units(scores: ImportanceScores | None, before: dict, after: dict,
         if kv_after < kv_before and scores.has("kv_group"):
             group_scores = _scores_for(scores, "kv_group", (num_layers, kv_before), why)
         else:
-            # A KV group is worth the sum of its query heads (the definition in importance.scores).
-            group_scores = head_scores.view(num_layers, kv_before, group_before).sum(-1)
+            group_scores = kv_group_scores(head_scores, kv_before)
         heads, kv_heads = {}, {}
         for layer in kept_layers:
             groups = top_sorted(group_scores[layer], kv_after)

@@ -2,8 +2,8 @@
 (``q_norm``/``k_norm``, shared by all heads, so head pruning leaves them as they are)."""
 from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
 
-from slimlm.surgery.architectures import register
-from slimlm.surgery.architectures.qwen2 import Qwen2Adapter
+from slimlm.architectures import register
+from slimlm.architectures.qwen2 import Qwen2Adapter
 
 
 @register("qwen3")

@@ -2,8 +2,8 @@
 (rows: gate, then up)."""
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM
 
-from slimlm.surgery.architectures import register
-from slimlm.surgery.architectures.base import DecoderAdapter
+from slimlm.architectures import register
+from slimlm.architectures.base import DecoderAdapter
 
 
 @register("phi3")

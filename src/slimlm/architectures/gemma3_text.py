@@ -3,8 +3,8 @@
 ``layer_types``, which the generic code slices when layers are dropped."""
 from transformers.models.gemma3.modeling_gemma3 import Gemma3ForCausalLM
 
-from slimlm.surgery.architectures import register
-from slimlm.surgery.architectures.gemma2 import Gemma2Adapter
+from slimlm.architectures import register
+from slimlm.architectures.gemma2 import Gemma2Adapter
 
 
 @register("gemma3_text")

@@ -1,8 +1,8 @@
 """Llama (Llama 2/3, SmolLM2, ...): the default layout, optional attention and MLP biases."""
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
-from slimlm.surgery.architectures import register
-from slimlm.surgery.architectures.base import DecoderAdapter
+from slimlm.architectures import register
+from slimlm.architectures.base import DecoderAdapter
 
 
 @register("llama")

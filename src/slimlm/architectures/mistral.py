@@ -1,8 +1,8 @@
 """Mistral: the Llama layout with one sliding window shared by every layer (no per-layer list)."""
 from transformers.models.mistral.modeling_mistral import MistralForCausalLM
 
-from slimlm.surgery.architectures import register
-from slimlm.surgery.architectures.base import DecoderAdapter
+from slimlm.architectures import register
+from slimlm.architectures.base import DecoderAdapter
 
 
 @register("mistral")

@@ -2,8 +2,8 @@
 ``max_window_layers`` on, spelled out per layer in ``layer_types``."""
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
-from slimlm.surgery.architectures import register
-from slimlm.surgery.architectures.base import DecoderAdapter, count_kept_below
+from slimlm.architectures import register
+from slimlm.architectures.base import DecoderAdapter, count_kept_below
 
 
 @register("qwen2")

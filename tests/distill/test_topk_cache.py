@@ -8,14 +8,14 @@ from safetensors.torch import load_file, save_file
 
 from slimlm.distill import TeacherTopKCache, cache_teacher_topk, load_teacher_topk
 from slimlm.losses import topk_kl_div_loss
-from tiny import tiny_llama
+from tiny import tiny_model
 
 K = 5
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    return tiny_llama(vocab_size=64, seed=3)
+    return tiny_model("llama", "training", vocab_size=64, seed=3)
 
 
 def sequences():

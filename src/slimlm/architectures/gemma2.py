@@ -1,11 +1,12 @@
 """Gemma 2: embeddings scaled by sqrt(hidden_size), RMSNorm as x̂·(1 + w), four norms per
-layer (pre/post attention, pre/post feed-forward), alternating sliding/full layers in
-``layer_types``; logit soft-capping needs no change because logits are preserved."""
+layer (pre/post attention, pre/post feed-forward; the two "pre" ones feed the blocks),
+alternating sliding/full layers in ``layer_types``; logit soft-capping (read by the LM-head
+view from ``final_logit_softcapping``) needs no change because logits are preserved."""
 import torch
 from transformers.models.gemma2.modeling_gemma2 import Gemma2ForCausalLM
 
-from slimlm.surgery.architectures import register
-from slimlm.surgery.architectures.base import DecoderAdapter
+from slimlm.architectures import register
+from slimlm.architectures.base import DecoderAdapter
 
 
 @register("gemma2")
@@ -13,6 +14,7 @@ class Gemma2Adapter(DecoderAdapter):
     causal_lm_class = Gemma2ForCausalLM
     layer_norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                    "post_feedforward_layernorm")
+    block_input_norms = ("input_layernorm", "pre_feedforward_layernorm")
     norm_offset = 1.0
     scales_embeddings = True
     hidden_multiple_of_heads = True
