@@ -400,3 +400,221 @@ def test_package_docs_corpus_is_deterministic_and_split_by_file(tmp_path, monkey
                              progress=False)
     with pytest.raises(ValueError, match="none of the packages"):
         collect_package_docs(train_chars=10, heldout_chars=10, packages=("no_such_package_here",), progress=False)
+
+
+# ------------------------------------------- outputs never touch inputs
+def one_line_error(code, err, command):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"slimlm {command}: error: "), err
+    return lines[0]
+
+
+def tree(folder):
+    return sorted((os.path.relpath(os.path.join(root, name), folder), os.path.getsize(os.path.join(root, name)))
+                  for root, _, files in os.walk(folder) for name in files)
+
+
+@pytest.mark.parametrize("argv, relation", [
+    (["distill", "--teacher", "teacher", "--student", "pruned", "--data", "data/*.txt", "--out", ".",
+      "--overwrite"], "output . contains the teacher"),
+    (["distill", "--teacher", "teacher", "--student", "pruned", "--data", "data/*.txt", "--out", "teacher",
+      "--overwrite"], "output teacher is the teacher"),
+    (["distill", "--teacher", "teacher", "--student", "pruned", "--data", "data/*.txt", "--out", "data",
+      "--overwrite"], "output data contains the data"),
+    (["generate", "--teacher", "teacher", "--from-data", "heldout.txt", "--out", "teacher/model.safetensors",
+      "--overwrite"], "output teacher/model.safetensors is inside the teacher"),
+    (["generate", "--teacher", "teacher", "--from-data", "heldout.txt", "--out", "heldout.txt", "--overwrite"],
+     "output heldout.txt is the data"),
+    (["prune", "--model", "teacher", "--drop-layers", "1", "--out", "teacher/sub"], "output teacher/sub is inside"),
+    (["prune", "--model", "teacher", "--scores", "scores", "--target-params", "0.5", "--out", "scores",
+      "--overwrite"], "output scores is the scores"),
+    (["eval", "--model", "teacher", "--data", "heldout.txt", "--json", "heldout.txt", "--overwrite"],
+     "--json file heldout.txt is the data"),
+])
+def test_overwrite_never_deletes_or_writes_into_an_input(workspace, capsys, monkeypatch, argv, relation):
+    scores_dir(workspace, capsys)
+    pruned_dir(workspace, capsys)
+    monkeypatch.chdir(workspace)
+    before = tree(workspace)
+    code, _, err = run_cli(capsys, *argv)
+    assert relation in one_line_error(code, err, argv[0])
+    assert tree(workspace) == before
+
+
+def test_overwrite_replaces_only_slimlm_outputs(workspace, capsys, tmp_path):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "distill", "--teacher", workspace / "teacher", "--student",
+                           pruned_dir(workspace, capsys), "--data", workspace / "heldout.txt", "--out", foreign,
+                           "--overwrite")
+    assert "was not written by slimlm" in one_line_error(code, err, "distill")
+    assert (foreign / "todo.txt").read_text() == "keep me"
+
+
+def test_generate_overwrite_checks_every_input_before_replacing_the_output(workspace, capsys, tmp_path):
+    out = tmp_path / "synthetic.jsonl"
+    args = ["generate", "--teacher", workspace / "teacher", "--max-new-tokens", 3, "--num-prompts", 2, "--out", out,
+            "--no-progress"]
+    assert run_cli(capsys, *args, "--from-data", workspace / "heldout.txt")[0] == 0
+    finished, marker = out.read_bytes(), (tmp_path / "synthetic.jsonl.done.json").read_bytes()
+    broken = tmp_path / "prompts.jsonl"
+    broken.write_text('{"prompt": "the model"}\n{"no prompt": 1}\n{"prompt": "a layer"}\n')
+    code, _, err = run_cli(capsys, *args, "--prompts", broken, "--overwrite")
+    assert "record 2 has no string field 'prompt'" in one_line_error(code, err, "generate")
+    assert out.read_bytes() == finished and (tmp_path / "synthetic.jsonl.done.json").read_bytes() == marker
+    broken.write_text('{"prompt": "the model is small ."}\n')
+    assert run_cli(capsys, *args, "--prompts", broken, "--overwrite")[0] == 0
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["the model is small ."]
+    assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl", "synthetic.jsonl", "synthetic.jsonl.done.json"]
+
+
+# ------------------------------------------------------ custom model code
+def model_with_custom_code(folder, workspace, model_type):
+    shutil.copytree(workspace / "teacher", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    config["model_type"] = model_type
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = folder.parent / f"{folder.name}-code-ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                    "from transformers import LlamaConfig as EvilConfig\n"
+                                    "from transformers import LlamaForCausalLM as EvilModel\n")
+    return marker
+
+
+@pytest.mark.parametrize("model_type", ["llama", "evil"])
+def test_custom_model_code_never_runs_without_trust_remote_code(workspace, capsys, tmp_path, monkeypatch,
+                                                                model_type):
+    import builtins
+    import io
+
+    folder = tmp_path / "custom"
+    marker = model_with_custom_code(folder, workspace, model_type)
+    stdin = io.StringIO("y\n")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    monkeypatch.setattr(builtins, "input", lambda *a: pytest.fail("asked on stdin whether to run custom code"))
+    code, out, err = run_cli(capsys, "plan", "--model", folder, "--target-params", "0.5")
+    if model_type == "llama":  # transformers' own Llama class loads it; its auto_map is ignored
+        assert code == 0, err
+    else:
+        assert "--trust-remote-code" in one_line_error(code, err, "plan")
+    # A recipe's teacher goes the same way, and nothing is written for a run that cannot start.
+    recipe = write_recipe(workspace, f"custom-{model_type}.yaml", teacher=str(folder), out=str(tmp_path / "run"),
+                          target={"target_params": "10B"})
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert not marker.exists() and stdin.tell() == 0
+
+
+# ------------------------------------------------------------ bad files
+def damaged_model(workspace, folder, damage):
+    shutil.copytree(workspace / "teacher", folder)
+    weights = folder / "model.safetensors"
+    if damage == "corrupt weights":
+        weights.write_bytes(b"\x00garbage" * 64)
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "invalid config":
+        (folder / "config.json").write_text('{"model_type": "llama", ')
+    elif damage == "no weights":
+        weights.unlink()
+
+
+@pytest.mark.parametrize("damage", ["corrupt weights", "truncated weights", "invalid config", "no weights"])
+def test_a_damaged_model_is_bad_input(workspace, capsys, tmp_path, damage):
+    folder = tmp_path / "model"
+    damaged_model(workspace, folder, damage)
+    code, _, err = run_cli(capsys, "plan", "--model", folder, "--target-params", "0.5")
+    assert f"model {folder}" in one_line_error(code, err, "plan")
+
+
+def test_truncated_scores_are_bad_input(workspace, capsys, tmp_path):
+    scores = tmp_path / "scores"
+    shutil.copytree(scores_dir(workspace, capsys), scores)
+    data = (scores / "scores.safetensors").read_bytes()
+    (scores / "scores.safetensors").write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(capsys, "prune", "--model", workspace / "teacher", "--scores", scores, "--target-params",
+                           "0.5", "--out", tmp_path / "pruned")
+    assert f"scores {scores}" in one_line_error(code, err, "prune")
+    assert not (tmp_path / "pruned").exists()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("inf", "expected a fraction in (0, 1] or a parameter count"), ("nan", "expected a fraction"),
+    ("1.5", "a fraction must be in (0, 1] and a count a whole number"),
+    ("2", "asks for 2 parameters: cannot reach that"), ("0", "expected a fraction"),
+])
+def test_target_params_that_are_neither_a_fraction_nor_a_reachable_count(workspace, capsys, value, message):
+    code, _, err = run_cli(capsys, "plan", "--model", workspace / "teacher", "--target-params", value)
+    assert message in one_line_error(code, err, "plan")
+
+
+def test_an_infinite_recipe_target_claims_nothing(workspace, capsys, tmp_path):
+    recipe = write_recipe(workspace, "inf.yaml", out=str(tmp_path / "run"), target={"target_params": float("inf")})
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert "target_params must be a positive finite" in one_line_error(code, err, "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_checks_everything_before_writing_recipe_yaml(workspace, capsys, tmp_path):
+    """A run that cannot start leaves no recipe.yaml, so the corrected recipe is not refused."""
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "late.yaml", out=str(out), data={"train": "data/*.txt", "heldout": "nothing.txt"})
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert "nothing.txt" in one_line_error(code, err, "run")
+    assert not out.exists()
+
+
+def test_run_never_clears_a_folder_holding_its_inputs(workspace, capsys, tmp_path):
+    copy = tmp_path / "project"
+    shutil.copytree(workspace / "teacher", copy / "teacher")
+    shutil.copytree(workspace / "data", copy / "data")
+    shutil.copy(workspace / "heldout.txt", copy / "heldout.txt")
+    recipe = write_recipe(copy, out=".")
+    before = tree(copy)
+    code, _, err = run_cli(capsys, "run", recipe, "--overwrite", "--no-progress")
+    assert "output folder" in one_line_error(code, err, "run") and "contains the" in err
+    assert tree(copy) == before
+
+
+# --------------------------------------------------------------- smaller
+def test_drop_layers_and_max_minutes_refuse_empty_and_zero(workspace, capsys):
+    for argv in (["prune", "--model", str(workspace / "teacher"), "--drop-layers", ",", "--out", "x"],
+                 ["distill", "--teacher", "t", "--student", "s", "--data", "d", "--out", "o", "--max-minutes", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+    assert "expected" in capsys.readouterr().err
+
+
+def test_plan_counts_the_bytes_of_the_dtype_it_loaded(workspace, capsys):
+    code, out, _ = run_cli(capsys, "plan", "--model", workspace / "teacher", "--target-params", "0.5")
+    assert code == 0 and "at 4 bytes/parameter" in out  # auto is float32 on CPU
+    code, out, _ = run_cli(capsys, "plan", "--model", workspace / "teacher", "--target-params", "0.5",
+                           "--dtype", "bfloat16")
+    assert code == 0 and "at 2 bytes/parameter" in out
+
+
+def test_eval_json_into_a_folder_fails_before_any_work(workspace, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("slimlm.evaluate.evaluate_model", lambda *a, **k: pytest.fail("evaluated first"))
+    code, _, err = run_cli(capsys, "eval", "--model", workspace / "teacher", "--data", workspace / "heldout.txt",
+                           "--json", tmp_path)
+    assert "is a folder" in one_line_error(code, err, "eval")
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_distill_settings_write_nothing(workspace, capsys, tmp_path):
+    for flag, value in (("--lr", "-1"), ("--temperature", "0"), ("--beta", "2")):
+        code, _, err = run_cli(capsys, "distill", "--teacher", workspace / "teacher", "--student",
+                               pruned_dir(workspace, capsys), "--data", workspace / "heldout.txt", flag, value,
+                               "--out", tmp_path / "out")
+        assert flag in one_line_error(code, err, "distill")
+    assert os.listdir(tmp_path) == []
+
+
+def test_pruned_folders_are_readable_like_any_other(workspace, capsys):
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (pruned_dir(workspace, capsys), scores_dir(workspace, capsys)):
+        assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask

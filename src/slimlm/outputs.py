@@ -190,7 +190,11 @@ def commit(staging: str, path) -> None:
         aside = _aside_path(path)
         remove(aside)
         os.rename(path, aside)
-        os.rename(staging, path)
+        try:
+            os.rename(staging, path)
+        except BaseException:
+            os.rename(aside, path)
+            raise
         _fsync_dir(parent)
         remove(aside)
         return
