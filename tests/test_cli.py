@@ -313,6 +313,43 @@ def test_run_refuses_an_output_folder_of_another_recipe(workspace, capsys):
     assert code == 2 and "another recipe; pass --overwrite" in err
 
 
+def test_run_reruns_every_stage_whose_inputs_changed_in_place(workspace, capsys, tmp_path):
+    """Rewritten training data, then a teacher whose weights were replaced in place: the stages
+    that read them run again, stale checkpoints are deleted rather than resumed, and the
+    synthetic records come from the new teacher."""
+    from slimlm.importance import model_fingerprint
+
+    project = tmp_path / "project"
+    shutil.copytree(workspace / "teacher", project / "teacher")
+    shutil.copytree(workspace / "data", project / "data")
+    shutil.copy(workspace / "heldout.txt", project / "heldout.txt")
+    recipe = write_recipe(project)
+    assert run_cli(capsys, "run", recipe, "--no-progress")[0] == 0
+
+    (project / "data" / "train0.txt").write_text("\n\n".join(sentences(12, 1234)))
+    code, out, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    lines = stage_lines(out)
+    for stage in ("importance", "synthetic", "distill"):
+        assert any(line.startswith(f"[{stage}] running") for line in lines), (stage, lines)
+    assert any(line.startswith("[distill] deleting the checkpoints") for line in lines)
+
+    tokenizer = word_tokenizer()
+    replacement = tiny_llama(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             seed=7)
+    replacement.save_pretrained(project / "teacher")
+    code, out, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    lines = stage_lines(out)
+    for stage in ("importance", "prune", "synthetic", "distill", "eval"):
+        assert any(line.startswith(f"[{stage}] running") for line in lines), (stage, lines)
+    assert not any("resuming" in line for line in lines)
+    records = [json.loads(line) for line in (project / "run" / "synthetic.jsonl").read_text().splitlines()]
+    assert {r["teacher"]["fingerprint"] for r in records} == {model_fingerprint(replacement)}
+    code, out, _ = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0 and all("skipped" in line for line in stage_lines(out) if not line.startswith("[setup]"))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"importance__num_samples": "many"}, "importance.num_samples: expected an integer, got str 'many'"),
     ({"distill__lr": -1.0}, "distill.lr must be > 0"),
