@@ -1,9 +1,10 @@
 """The ``slimlm`` command: score → prune → distill → evaluate, one subcommand per stage, plus
 ``run`` (a whole recipe), ``demo`` and ``bench``.
 
-Exit codes: 0 success; 1 a runtime failure; 2 a usage error or bad input (a missing model
-or data path, an unknown value, a target larger than the model, an existing output without
-``--overwrite``). Errors print one line, ``slimlm <command>: error: ...``; ``SLIMLM_DEBUG=1``
+Exit codes: 0 success; 1 a runtime failure; 2 a usage error or bad input (a missing, corrupt
+or truncated model or scores file, a data path, an unknown value, a target larger than the
+model, an output that is, holds or sits inside an input, an existing output without
+``--overwrite`` or one slimlm did not write, checkpoints of another run). Errors print one line, ``slimlm <command>: error: ...``; ``SLIMLM_DEBUG=1``
 shows the traceback instead.
 """
 from __future__ import annotations
@@ -510,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--from-data", nargs="+", metavar="D", help="cut prompts (first sentences) from these texts")
     sub.add_argument("--text-field", default="text")
     sub.add_argument("--num-prompts", type=_positive_int, default=256)
-    sub.add_argument("--out", required=True, help="JSONL output (a partial file is continued)")
+    sub.add_argument("--out", required=True,
+                     help="JSONL output (written beside it first, so an interrupted run is continued)")
     sub.add_argument("--max-new-tokens", type=_positive_int, default=128)
     sub.add_argument("--temperature", type=float, default=0.8)
     sub.add_argument("--top-p", type=float, default=0.95)
