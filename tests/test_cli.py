@@ -146,6 +146,27 @@ def test_distill_passes_training_arguments_through(workspace, capsys):
         "slimlm distill: error: unknown option(s) for distill: --not_a_flag 1 (not a slimlm or TrainingArguments flag)"]
 
 
+def test_distill_resumes_only_the_run_its_checkpoints_belong_to(workspace, capsys, tmp_path):
+    out = tmp_path / "distilled"
+    common = ["distill", "--teacher", workspace / "teacher", "--student", pruned_dir(workspace, capsys),
+              "--seq-len", 16, "--batch-size", 2, "--max_steps", 2, "--save_steps", 1, "--out", out, "--no-progress"]
+    assert run_cli(capsys, *common, "--data", str(workspace / "data" / "*.txt"))[0] == 0
+    shutil.rmtree(out)  # the checkpoints stay: a rerun of the same command resumes them
+    code, stdout, err = run_cli(capsys, *common, "--data", str(workspace / "data" / "*.txt"))
+    assert code == 0, err
+    assert f"resuming from {out}.checkpoints/checkpoint-2" in stdout
+    shutil.rmtree(out)
+    other = [*common, "--data", workspace / "heldout.txt", "--lr", "5e-3"]
+    code, _, err = run_cli(capsys, *other)
+    line = one_line_error(code, err, "distill")
+    assert "belong to another run" in line and "learning_rate" in line and "train" in line
+    code, stdout, err = run_cli(capsys, *other, "--overwrite")
+    assert code == 0, err
+    assert "deleting the checkpoints" in stdout and "resuming" not in stdout
+    record = json.loads((out / "slimlm_distill.json").read_text())
+    assert record["steps"] == 2 and record["learning_rate"] == 5e-3
+
+
 def test_bf16_training_is_refused_only_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):
     from slimlm.recipes import stages
 

@@ -233,14 +233,8 @@ class Pipeline:
                                   "safetensors on CPU)" if str(recipe["teacher"]).endswith(".gguf") else "as saved",
                  "device": f"{self.device} ({torch.get_num_threads()} threads)",
                  "stage seconds": ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())}
-        report_dir = self.path("report")
-        with outputs.atomic_output(report_dir) as staging:
-            report = write_report(staging, results=results, scores=scores, log_history=log_history,
-                                  plan_text=plan_text, notes=notes, title=recipe["report"]["title"])
-        report = {**report, "markdown": os.path.join(report_dir, os.path.basename(report["markdown"])),
-                  "html": os.path.join(report_dir, os.path.basename(report["html"])),
-                  "plots": {name: os.path.join(report_dir, os.path.basename(path))
-                            for name, path in report["plots"].items()}}
+        report = write_report(self.path("report"), results=results, scores=scores, log_history=log_history,
+                              plan_text=plan_text, notes=notes, title=recipe["report"]["title"])
         return {"results": results, "report": report, "table": report["table"], "out": self.out,
                 "timings": self.timings}
 
