@@ -12,6 +12,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimlm import cli
+from slimlm.recipes import stages
 from slimlm.data import load_texts, tokenize_blocks
 from tests.tiny import WORDS, tiny_llama, word_tokenizer
 
@@ -371,6 +372,28 @@ def test_run_reruns_every_stage_whose_inputs_changed_in_place(workspace, capsys,
     assert code == 0 and all("skipped" in line for line in stage_lines(out) if not line.startswith("[setup]"))
 
 
+def test_a_failed_overwrite_of_a_run_loses_no_finished_result(workspace, capsys, tmp_path, monkeypatch):
+    out = tmp_path / "replaced-run"
+    first = write_recipe(workspace, "keep.yaml", out=str(out), synthetic=None, distill__max_tokens=64)
+    assert run_cli(capsys, "run", first, "--no-progress")[0] == 0
+    finished = (out / "report" / "report.md").read_text()
+    second = write_recipe(workspace, "replace.yaml", out=str(out), synthetic=None, distill__max_tokens=128)
+    real_distill = stages.distill_stage
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "distill_stage", interrupted)
+    assert run_cli(capsys, "run", second, "--overwrite", "--no-progress")[0] == 130
+    kept = tmp_path / ".replaced-run.slimlm-old"
+    assert (kept / "report" / "report.md").read_text() == finished
+    monkeypatch.setattr(stages, "distill_stage", real_distill)
+    code, stdout, err = run_cli(capsys, "run", second, "--no-progress")  # resumes the replacement
+    assert code == 0, err
+    assert "[prune] skipped" in stdout and not kept.exists()
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["distill"]["max_tokens"] == 128
+
+
 @pytest.mark.parametrize("change, message", [
     ({"importance__num_samples": "many"}, "importance.num_samples: expected an integer, got str 'many'"),
     ({"distill__lr": -1.0}, "distill.lr must be > 0"),
@@ -525,6 +548,36 @@ def test_generate_overwrite_checks_every_input_before_replacing_the_output(works
     assert run_cli(capsys, *args, "--prompts", broken, "--overwrite")[0] == 0
     assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["the model is small ."]
     assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl", "synthetic.jsonl", "synthetic.jsonl.done.json"]
+
+
+def test_an_interrupted_generate_is_continued_and_a_stale_partial_discarded(workspace, capsys, tmp_path,
+                                                                            monkeypatch):
+    out = tmp_path / "synthetic.jsonl"
+    args = ["generate", "--teacher", workspace / "teacher", "--from-data", workspace / "heldout.txt",
+            "--max-new-tokens", 3, "--num-prompts", 3, "--out", out, "--no-progress"]
+    from slimlm.distill import generate
+
+    real_generate = generate.generate_synthetic
+
+    def killed_before_the_swap(*a, **k):
+        real_generate(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "generate_synthetic", killed_before_the_swap)
+    assert run_cli(capsys, *args)[0] == 130
+    assert not out.exists() and (tmp_path / ".synthetic.jsonl.slimlm-new").is_file()
+    monkeypatch.setattr(generate, "generate_synthetic", real_generate)
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0 and "continuing the partial" in stdout, err
+    out.unlink()
+    (tmp_path / "synthetic.jsonl.done.json").unlink()
+    monkeypatch.setattr(generate, "generate_synthetic", killed_before_the_swap)
+    assert run_cli(capsys, *args)[0] == 130
+    monkeypatch.setattr(generate, "generate_synthetic", real_generate)
+    code, stdout, err = run_cli(capsys, *args, "--temperature", "0.5")
+    assert code == 0 and "discarding" in stdout, err
+    assert {json.loads(line)["sampling"]["temperature"] for line in out.read_text().splitlines()} == {0.5}
+    assert sorted(os.listdir(tmp_path)) == ["synthetic.jsonl", "synthetic.jsonl.done.json"]
 
 
 # ------------------------------------------------------ custom model code

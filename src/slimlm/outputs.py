@@ -110,7 +110,8 @@ def staging_path(path) -> str:
     return os.path.join(folder, f".{name}{NEW_SUFFIX}")
 
 
-def _aside_path(path) -> str:
+def aside_path(path) -> str:
+    """Where an old output waits while its replacement is put in place."""
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
     return os.path.join(folder, f".{name}{OLD_SUFFIX}")
 
@@ -125,7 +126,7 @@ def remove(path) -> None:
 
 def recover(path) -> None:
     """Put back an old output that a crash left renamed aside while it was being replaced."""
-    aside = _aside_path(path)
+    aside = aside_path(path)
     if os.path.lexists(aside):
         if os.path.lexists(path):
             remove(aside)
@@ -187,7 +188,7 @@ def commit(staging: str, path) -> None:
             _fsync_dir(parent)
             remove(staging)
             return
-        aside = _aside_path(path)
+        aside = aside_path(path)
         remove(aside)
         os.rename(path, aside)
         try:

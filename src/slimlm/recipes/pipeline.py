@@ -59,13 +59,22 @@ class Pipeline:
         return True
 
     def _claim_output(self, clear: bool) -> None:
-        """Called once every input has been checked: clear another recipe's run (``overwrite``)
-        and record this recipe, so that a rerun of it resumes."""
+        """Called once every input has been checked: set another recipe's run aside
+        (``overwrite``) and record this recipe, so that a rerun of it resumes. The run set
+        aside is deleted only when this one completes: a failed or interrupted replacement
+        loses no finished result (the new run resumes where it stopped)."""
         import yaml
 
         if clear:
-            self.log(f"[setup] --overwrite: deleting the run of another recipe in {self.out}")
-            outputs.remove(self.out)
+            previous = outputs.aside_path(self.out)
+            if os.path.lexists(previous):
+                self.log(f"[setup] --overwrite: deleting the unfinished run in {self.out} (the finished run it "
+                         f"was replacing stays in {previous} until this one completes)")
+                outputs.remove(self.out)
+            else:
+                self.log(f"[setup] --overwrite: the run of another recipe in {self.out} moves to {previous}, "
+                         "deleted once this run completes")
+                os.rename(self.out, previous)
         os.makedirs(self.out, exist_ok=True)
         outputs.write_text(self.path(RECIPE_COPY), yaml.safe_dump(self.recipe, sort_keys=False))
 
@@ -235,6 +244,10 @@ class Pipeline:
                  "stage seconds": ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())}
         report = write_report(self.path("report"), results=results, scores=scores, log_history=log_history,
                               plan_text=plan_text, notes=notes, title=recipe["report"]["title"])
+        previous = outputs.aside_path(self.out)
+        if os.path.lexists(previous):
+            self.log(f"[report] this run is complete: deleting the run it replaced ({previous})")
+            outputs.remove(previous)
         return {"results": results, "report": report, "table": report["table"], "out": self.out,
                 "timings": self.timings}
 
