@@ -81,15 +81,17 @@ def stage_record(inputs: dict) -> dict:
     return {"inputs": read_json_roundtrip(inputs)}
 
 
+def changed_inputs(record: dict | None, inputs: dict) -> list[str]:
+    """The names of the inputs that differ from those ``record`` was made from."""
+    stored, current = (record or {}).get("inputs") or {}, read_json_roundtrip(inputs)
+    return sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
+
+
 def _inputs_state(record: dict | None, inputs: dict, missing: str) -> str | None:
     if record is None:
         return missing
-    if record.get("inputs") != read_json_roundtrip(inputs):
-        stored = record.get("inputs") or {}
-        changed = sorted(key for key in set(stored) | set(inputs)
-                         if stored.get(key) != read_json_roundtrip(inputs).get(key))
-        return f"made from other inputs ({', '.join(changed) or 'unrecorded'} changed)"
-    return None
+    changed = changed_inputs(record, inputs)
+    return f"made from other inputs ({', '.join(changed)} changed)" if changed else None
 
 
 def load_scores(folder: str, model=None):
@@ -347,7 +349,8 @@ def plan_checkpoints(folder: str, inputs: dict, *, resume: bool, clear_stale: bo
     same_run = record is not None and record.get("inputs") == inputs
     if not resume or not same_run:
         if resume and not clear_stale:
-            why = _inputs_state(record, inputs, "it records no run") if record is not None else "it records no run"
+            why = f"{', '.join(changed_inputs(record, inputs))} changed" if record is not None else \
+                f"no {RUN_RECORD} says which"
             raise InputError(f"checkpoints {folder} belong to another run ({why}); pass --overwrite to delete them "
                              "and start over")
         if not _own_checkpoints(folder):
