@@ -4,7 +4,8 @@
 Exit codes: 0 success; 1 a runtime failure; 2 a usage error or bad input (a missing, corrupt
 or truncated model or scores file, a data path, an unknown value, a target larger than the
 model, an output that is, holds or sits inside an input, an existing output without
-``--overwrite`` or one slimlm did not write, checkpoints of another run). Errors print one line, ``slimlm <command>: error: ...``; ``SLIMLM_DEBUG=1``
+``--overwrite`` or one slimlm did not write, checkpoints of another run). Errors print one
+line, ``slimlm <command>: error: ...``; ``SLIMLM_DEBUG=1``
 shows the traceback instead.
 """
 from __future__ import annotations

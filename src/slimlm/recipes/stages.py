@@ -304,7 +304,8 @@ def check_distill_settings(*, learning_rate, temperature, beta, kd_weight, ce_we
     """InputError for a setting no run can use, before anything is loaded or written."""
     checks = [("lr", learning_rate, learning_rate > 0, "> 0"), ("temperature", temperature, temperature > 0, "> 0"),
               ("beta", beta, 0 <= beta <= 1, "in [0, 1]"), ("kd-weight", kd_weight, kd_weight >= 0, ">= 0"),
-              ("ce-weight", ce_weight, ce_weight >= 0, ">= 0"), ("mix", mix_fraction, 0 <= mix_fraction <= 1, "in [0, 1]"),
+              ("ce-weight", ce_weight, ce_weight >= 0, ">= 0"),
+              ("mix", mix_fraction, 0 <= mix_fraction <= 1, "in [0, 1]"),
               ("max-minutes", max_minutes, max_minutes is None or max_minutes > 0, "> 0")]
     for name, value, ok, rule in checks:
         if not ok or isinstance(value, float) and not math.isfinite(value):

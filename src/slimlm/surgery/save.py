@@ -2,8 +2,9 @@
 
 The checkpoint is written to a staging sibling and swapped into place
 (``slimlm.outputs.atomic_output``), so an interrupted save leaves the previous folder (or
-nothing) at the output path, never a half-written checkpoint. ``slimlm_prune.json`` beside the weights records the plan, the
-kept layers and the fingerprints of the source and the pruned model.
+nothing) at the output path, never a half-written checkpoint. ``slimlm_prune.json`` beside
+the weights records the plan, the kept layers and the fingerprints of the source and the
+pruned model.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def save_pruned(model, path: str | os.PathLike, *, tokenizer=None, overwrite: bo
     ``record``: more fields for ``slimlm_prune.json`` (what the model was pruned from).
 
     Refuses (ValueError): the folder the model was loaded from, one containing it or one
-    inside it, even with ``overwrite``; an existing non-empty folder holding anything but this same model,
-    unless ``overwrite=True``; a config that disagrees with the weights. A GGUF-loaded model
+    inside it, even with ``overwrite``; an existing non-empty folder holding anything but
+    this same model, unless ``overwrite=True``; a config that disagrees with the weights. A GGUF-loaded model
     (weights already plain tensors) loses its GGUF quantizer first, as ``save_pretrained``
     refuses it otherwise.
     """
