@@ -429,8 +429,9 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                                   distillation_config=config,
                                   callbacks=[time_budget_callback(max_minutes * 60)] if max_minutes else None)
-    # Every rank decided the same from the folder as it was; rank 0 alone changes it.
+    # Every rank decided the same from the folder as it was; once all have, rank 0 alone changes it.
     main_process = trainer.is_world_process_zero()
+    trainer.accelerator.wait_for_everyone()
     if main_process:
         if decision["clear"]:
             log(f"[distill] deleting the checkpoints in {checkpoints}: "
