@@ -12,6 +12,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimlm import cli
+from slimlm.recipes import stages
 from slimlm.data import load_texts, tokenize_blocks
 from tests.tiny import WORDS, tiny_model, word_tokenizer
 
@@ -144,6 +145,27 @@ def test_distill_passes_training_arguments_through(workspace, capsys):
                            "--data", workspace / "heldout.txt", "--not_a_flag", 1, "--out", workspace / "d2")
     assert code == 2 and err.strip().splitlines() == [
         "slimlm distill: error: unknown option(s) for distill: --not_a_flag 1 (not a slimlm or TrainingArguments flag)"]
+
+
+def test_distill_resumes_only_the_run_its_checkpoints_belong_to(workspace, capsys, tmp_path):
+    out = tmp_path / "distilled"
+    common = ["distill", "--teacher", workspace / "teacher", "--student", pruned_dir(workspace, capsys),
+              "--seq-len", 16, "--batch-size", 2, "--max_steps", 2, "--save_steps", 1, "--out", out, "--no-progress"]
+    assert run_cli(capsys, *common, "--data", str(workspace / "data" / "*.txt"))[0] == 0
+    shutil.rmtree(out)  # the checkpoints stay: a rerun of the same command resumes them
+    code, stdout, err = run_cli(capsys, *common, "--data", str(workspace / "data" / "*.txt"))
+    assert code == 0, err
+    assert f"resuming from {out}.checkpoints/checkpoint-2" in stdout
+    shutil.rmtree(out)
+    other = [*common, "--data", workspace / "heldout.txt", "--lr", "5e-3"]
+    code, _, err = run_cli(capsys, *other)
+    line = one_line_error(code, err, "distill")
+    assert "belong to another run" in line and "learning_rate" in line and "train" in line
+    code, stdout, err = run_cli(capsys, *other, "--overwrite")
+    assert code == 0, err
+    assert "deleting the checkpoints" in stdout and "resuming" not in stdout
+    record = json.loads((out / "slimlm_distill.json").read_text())
+    assert record["steps"] == 2 and record["learning_rate"] == 5e-3
 
 
 def test_bf16_training_is_refused_only_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):
@@ -313,6 +335,65 @@ def test_run_refuses_an_output_folder_of_another_recipe(workspace, capsys):
     assert code == 2 and "another recipe; pass --overwrite" in err
 
 
+def test_run_reruns_every_stage_whose_inputs_changed_in_place(workspace, capsys, tmp_path):
+    """Rewritten training data, then a teacher whose weights were replaced in place: the stages
+    that read them run again, stale checkpoints are deleted rather than resumed, and the
+    synthetic records come from the new teacher."""
+    from slimlm.fingerprint import model_fingerprint
+
+    project = tmp_path / "project"
+    shutil.copytree(workspace / "teacher", project / "teacher")
+    shutil.copytree(workspace / "data", project / "data")
+    shutil.copy(workspace / "heldout.txt", project / "heldout.txt")
+    recipe = write_recipe(project)
+    assert run_cli(capsys, "run", recipe, "--no-progress")[0] == 0
+
+    (project / "data" / "train0.txt").write_text("\n\n".join(sentences(12, 1234)))
+    code, out, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    lines = stage_lines(out)
+    for stage in ("importance", "synthetic", "distill"):
+        assert any(line.startswith(f"[{stage}] running") for line in lines), (stage, lines)
+    assert any(line.startswith("[distill] deleting the checkpoints") for line in lines)
+
+    tokenizer = word_tokenizer()
+    replacement = tiny_model("llama", "training", seed=7, vocab_size=len(tokenizer), hidden_size=64,
+                             intermediate_size=128, num_hidden_layers=2)
+    replacement.save_pretrained(project / "teacher")
+    code, out, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    lines = stage_lines(out)
+    for stage in ("importance", "prune", "synthetic", "distill", "eval"):
+        assert any(line.startswith(f"[{stage}] running") for line in lines), (stage, lines)
+    assert not any("resuming" in line for line in lines)
+    records = [json.loads(line) for line in (project / "run" / "synthetic.jsonl").read_text().splitlines()]
+    assert {r["teacher"]["fingerprint"] for r in records} == {model_fingerprint(replacement)}
+    code, out, _ = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0 and all("skipped" in line for line in stage_lines(out) if not line.startswith("[setup]"))
+
+
+def test_a_failed_overwrite_of_a_run_loses_no_finished_result(workspace, capsys, tmp_path, monkeypatch):
+    out = tmp_path / "replaced-run"
+    first = write_recipe(workspace, "keep.yaml", out=str(out), synthetic=None, distill__max_tokens=64)
+    assert run_cli(capsys, "run", first, "--no-progress")[0] == 0
+    finished = (out / "report" / "report.md").read_text()
+    second = write_recipe(workspace, "replace.yaml", out=str(out), synthetic=None, distill__max_tokens=128)
+    real_distill = stages.distill_stage
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "distill_stage", interrupted)
+    assert run_cli(capsys, "run", second, "--overwrite", "--no-progress")[0] == 130
+    kept = tmp_path / ".replaced-run.slimlm-old"
+    assert (kept / "report" / "report.md").read_text() == finished
+    monkeypatch.setattr(stages, "distill_stage", real_distill)
+    code, stdout, err = run_cli(capsys, "run", second, "--no-progress")  # resumes the replacement
+    assert code == 0, err
+    assert "[prune] skipped" in stdout and not kept.exists()
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["distill"]["max_tokens"] == 128
+
+
 @pytest.mark.parametrize("change, message", [
     ({"importance__num_samples": "many"}, "importance.num_samples: expected an integer, got str 'many'"),
     ({"distill__lr": -1.0}, "distill.lr must be > 0"),
@@ -400,3 +481,251 @@ def test_package_docs_corpus_is_deterministic_and_split_by_file(tmp_path, monkey
                              progress=False)
     with pytest.raises(ValueError, match="none of the packages"):
         collect_package_docs(train_chars=10, heldout_chars=10, packages=("no_such_package_here",), progress=False)
+
+
+# ------------------------------------------- outputs never touch inputs
+def one_line_error(code, err, command):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"slimlm {command}: error: "), err
+    return lines[0]
+
+
+def tree(folder):
+    return sorted((os.path.relpath(os.path.join(root, name), folder), os.path.getsize(os.path.join(root, name)))
+                  for root, _, files in os.walk(folder) for name in files)
+
+
+@pytest.mark.parametrize("argv, relation", [
+    (["distill", "--teacher", "teacher", "--student", "pruned", "--data", "data/*.txt", "--out", ".",
+      "--overwrite"], "output . contains the teacher"),
+    (["distill", "--teacher", "teacher", "--student", "pruned", "--data", "data/*.txt", "--out", "teacher",
+      "--overwrite"], "output teacher is the teacher"),
+    (["distill", "--teacher", "teacher", "--student", "pruned", "--data", "data/*.txt", "--out", "data",
+      "--overwrite"], "output data contains the data"),
+    (["generate", "--teacher", "teacher", "--from-data", "heldout.txt", "--out", "teacher/model.safetensors",
+      "--overwrite"], "output teacher/model.safetensors is inside the teacher"),
+    (["generate", "--teacher", "teacher", "--from-data", "heldout.txt", "--out", "heldout.txt", "--overwrite"],
+     "output heldout.txt is the data"),
+    (["prune", "--model", "teacher", "--drop-layers", "1", "--out", "teacher/sub"], "output teacher/sub is inside"),
+    (["prune", "--model", "teacher", "--scores", "scores", "--target-params", "0.5", "--out", "scores",
+      "--overwrite"], "output scores is the scores"),
+    (["eval", "--model", "teacher", "--data", "heldout.txt", "--json", "heldout.txt", "--overwrite"],
+     "--json file heldout.txt is the data"),
+])
+def test_overwrite_never_deletes_or_writes_into_an_input(workspace, capsys, monkeypatch, argv, relation):
+    scores_dir(workspace, capsys)
+    pruned_dir(workspace, capsys)
+    monkeypatch.chdir(workspace)
+    before = tree(workspace)
+    code, _, err = run_cli(capsys, *argv)
+    assert relation in one_line_error(code, err, argv[0])
+    assert tree(workspace) == before
+
+
+def test_overwrite_replaces_only_slimlm_outputs(workspace, capsys, tmp_path):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "distill", "--teacher", workspace / "teacher", "--student",
+                           pruned_dir(workspace, capsys), "--data", workspace / "heldout.txt", "--out", foreign,
+                           "--overwrite")
+    assert "was not written by slimlm" in one_line_error(code, err, "distill")
+    assert (foreign / "todo.txt").read_text() == "keep me"
+
+
+def test_generate_overwrite_checks_every_input_before_replacing_the_output(workspace, capsys, tmp_path):
+    out = tmp_path / "synthetic.jsonl"
+    args = ["generate", "--teacher", workspace / "teacher", "--max-new-tokens", 3, "--num-prompts", 2, "--out", out,
+            "--no-progress"]
+    assert run_cli(capsys, *args, "--from-data", workspace / "heldout.txt")[0] == 0
+    finished, marker = out.read_bytes(), (tmp_path / "synthetic.jsonl.done.json").read_bytes()
+    broken = tmp_path / "prompts.jsonl"
+    broken.write_text('{"prompt": "the model"}\n{"no prompt": 1}\n{"prompt": "a layer"}\n')
+    code, _, err = run_cli(capsys, *args, "--prompts", broken, "--overwrite")
+    assert "record 2 has no string field 'prompt'" in one_line_error(code, err, "generate")
+    assert out.read_bytes() == finished and (tmp_path / "synthetic.jsonl.done.json").read_bytes() == marker
+    broken.write_text('{"prompt": "the model is small ."}\n')
+    assert run_cli(capsys, *args, "--prompts", broken, "--overwrite")[0] == 0
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["the model is small ."]
+    assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl", "synthetic.jsonl", "synthetic.jsonl.done.json"]
+
+
+def test_an_interrupted_generate_is_continued_and_a_stale_partial_discarded(workspace, capsys, tmp_path,
+                                                                            monkeypatch):
+    out = tmp_path / "synthetic.jsonl"
+    args = ["generate", "--teacher", workspace / "teacher", "--from-data", workspace / "heldout.txt",
+            "--max-new-tokens", 3, "--num-prompts", 3, "--out", out, "--no-progress"]
+    from slimlm.distill import generate
+
+    real_generate = generate.generate_synthetic
+
+    def killed_before_the_swap(*a, **k):
+        real_generate(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "generate_synthetic", killed_before_the_swap)
+    assert run_cli(capsys, *args)[0] == 130
+    assert not out.exists() and (tmp_path / ".synthetic.jsonl.slimlm-new").is_file()
+    monkeypatch.setattr(generate, "generate_synthetic", real_generate)
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0 and "continuing the partial" in stdout, err
+    out.unlink()
+    (tmp_path / "synthetic.jsonl.done.json").unlink()
+    monkeypatch.setattr(generate, "generate_synthetic", killed_before_the_swap)
+    assert run_cli(capsys, *args)[0] == 130
+    monkeypatch.setattr(generate, "generate_synthetic", real_generate)
+    code, stdout, err = run_cli(capsys, *args, "--temperature", "0.5")
+    assert code == 0 and "discarding" in stdout, err
+    assert {json.loads(line)["sampling"]["temperature"] for line in out.read_text().splitlines()} == {0.5}
+    assert sorted(os.listdir(tmp_path)) == ["synthetic.jsonl", "synthetic.jsonl.done.json"]
+
+
+# ------------------------------------------------------ custom model code
+def model_with_custom_code(folder, workspace, model_type):
+    shutil.copytree(workspace / "teacher", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    config["model_type"] = model_type
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = folder.parent / f"{folder.name}-code-ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                    "from transformers import LlamaConfig as EvilConfig\n"
+                                    "from transformers import LlamaForCausalLM as EvilModel\n")
+    return marker
+
+
+@pytest.mark.parametrize("model_type", ["llama", "evil"])
+def test_custom_model_code_never_runs_without_trust_remote_code(workspace, capsys, tmp_path, monkeypatch,
+                                                                model_type):
+    import builtins
+    import io
+
+    folder = tmp_path / "custom"
+    marker = model_with_custom_code(folder, workspace, model_type)
+    stdin = io.StringIO("y\n")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    monkeypatch.setattr(builtins, "input", lambda *a: pytest.fail("asked on stdin whether to run custom code"))
+    code, out, err = run_cli(capsys, "plan", "--model", folder, "--target-params", "0.5")
+    if model_type == "llama":  # transformers' own Llama class loads it; its auto_map is ignored
+        assert code == 0, err
+    else:
+        assert "--trust-remote-code" in one_line_error(code, err, "plan")
+    # A recipe's teacher goes the same way, and nothing is written for a run that cannot start.
+    recipe = write_recipe(workspace, f"custom-{model_type}.yaml", teacher=str(folder), out=str(tmp_path / "run"),
+                          target={"target_params": "10B"})
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert not marker.exists() and stdin.tell() == 0
+
+
+# ------------------------------------------------------------ bad files
+def damaged_model(workspace, folder, damage):
+    shutil.copytree(workspace / "teacher", folder)
+    weights = folder / "model.safetensors"
+    if damage == "corrupt weights":
+        weights.write_bytes(b"\x00garbage" * 64)
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "invalid config":
+        (folder / "config.json").write_text('{"model_type": "llama", ')
+    elif damage == "no weights":
+        weights.unlink()
+
+
+@pytest.mark.parametrize("damage", ["corrupt weights", "truncated weights", "invalid config", "no weights"])
+def test_a_damaged_model_is_bad_input(workspace, capsys, tmp_path, damage):
+    folder = tmp_path / "model"
+    damaged_model(workspace, folder, damage)
+    code, _, err = run_cli(capsys, "plan", "--model", folder, "--target-params", "0.5")
+    assert f"model {folder}" in one_line_error(code, err, "plan")
+
+
+def test_truncated_scores_are_bad_input(workspace, capsys, tmp_path):
+    scores = tmp_path / "scores"
+    shutil.copytree(scores_dir(workspace, capsys), scores)
+    data = (scores / "scores.safetensors").read_bytes()
+    (scores / "scores.safetensors").write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(capsys, "prune", "--model", workspace / "teacher", "--scores", scores, "--target-params",
+                           "0.5", "--out", tmp_path / "pruned")
+    assert f"scores {scores}" in one_line_error(code, err, "prune")
+    assert not (tmp_path / "pruned").exists()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("inf", "expected a fraction in (0, 1] or a parameter count"), ("nan", "expected a fraction"),
+    ("1.5", "a fraction must be in (0, 1] and a count a whole number"),
+    ("2", "asks for 2 parameters: cannot reach that"), ("0", "expected a fraction"),
+])
+def test_target_params_that_are_neither_a_fraction_nor_a_reachable_count(workspace, capsys, value, message):
+    code, _, err = run_cli(capsys, "plan", "--model", workspace / "teacher", "--target-params", value)
+    assert message in one_line_error(code, err, "plan")
+
+
+def test_an_infinite_recipe_target_claims_nothing(workspace, capsys, tmp_path):
+    recipe = write_recipe(workspace, "inf.yaml", out=str(tmp_path / "run"), target={"target_params": float("inf")})
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert "target_params must be a positive finite" in one_line_error(code, err, "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_checks_everything_before_writing_recipe_yaml(workspace, capsys, tmp_path):
+    """A run that cannot start leaves no recipe.yaml, so the corrected recipe is not refused."""
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "late.yaml", out=str(out), data={"train": "data/*.txt", "heldout": "nothing.txt"})
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert "nothing.txt" in one_line_error(code, err, "run")
+    assert not out.exists()
+
+
+def test_run_never_clears_a_folder_holding_its_inputs(workspace, capsys, tmp_path):
+    copy = tmp_path / "project"
+    shutil.copytree(workspace / "teacher", copy / "teacher")
+    shutil.copytree(workspace / "data", copy / "data")
+    shutil.copy(workspace / "heldout.txt", copy / "heldout.txt")
+    recipe = write_recipe(copy, out=".")
+    before = tree(copy)
+    code, _, err = run_cli(capsys, "run", recipe, "--overwrite", "--no-progress")
+    assert "output folder" in one_line_error(code, err, "run") and "contains the" in err
+    assert tree(copy) == before
+
+
+# --------------------------------------------------------------- smaller
+def test_drop_layers_and_max_minutes_refuse_empty_and_zero(workspace, capsys):
+    for argv in (["prune", "--model", str(workspace / "teacher"), "--drop-layers", ",", "--out", "x"],
+                 ["distill", "--teacher", "t", "--student", "s", "--data", "d", "--out", "o", "--max-minutes", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+    assert "expected" in capsys.readouterr().err
+
+
+def test_plan_counts_the_bytes_of_the_dtype_it_loaded(workspace, capsys):
+    code, out, _ = run_cli(capsys, "plan", "--model", workspace / "teacher", "--target-params", "0.5")
+    assert code == 0 and "at 4 bytes/parameter" in out  # auto is float32 on CPU
+    code, out, _ = run_cli(capsys, "plan", "--model", workspace / "teacher", "--target-params", "0.5",
+                           "--dtype", "bfloat16")
+    assert code == 0 and "at 2 bytes/parameter" in out
+
+
+def test_eval_json_into_a_folder_fails_before_any_work(workspace, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("slimlm.evaluate.evaluate_model", lambda *a, **k: pytest.fail("evaluated first"))
+    code, _, err = run_cli(capsys, "eval", "--model", workspace / "teacher", "--data", workspace / "heldout.txt",
+                           "--json", tmp_path)
+    assert "is a folder" in one_line_error(code, err, "eval")
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_distill_settings_write_nothing(workspace, capsys, tmp_path):
+    for flag, value in (("--lr", "-1"), ("--temperature", "0"), ("--beta", "2")):
+        code, _, err = run_cli(capsys, "distill", "--teacher", workspace / "teacher", "--student",
+                               pruned_dir(workspace, capsys), "--data", workspace / "heldout.txt", flag, value,
+                               "--out", tmp_path / "out")
+        assert flag in one_line_error(code, err, "distill")
+    assert os.listdir(tmp_path) == []
+
+
+def test_pruned_folders_are_readable_like_any_other(workspace, capsys):
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (pruned_dir(workspace, capsys), scores_dir(workspace, capsys)):
+        assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask

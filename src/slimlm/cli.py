@@ -1,9 +1,11 @@
 """The ``slimlm`` command: score → prune → distill → evaluate, one subcommand per stage, plus
 ``run`` (a whole recipe), ``demo`` and ``bench``.
 
-Exit codes: 0 success; 1 a runtime failure; 2 a usage error or bad input (a missing model
-or data path, an unknown value, a target larger than the model, an existing output without
-``--overwrite``). Errors print one line, ``slimlm <command>: error: ...``; ``SLIMLM_DEBUG=1``
+Exit codes: 0 success; 1 a runtime failure; 2 a usage error or bad input (a missing, corrupt
+or truncated model or scores file, a data path, an unknown value, a target larger than the
+model, an output that is, holds or sits inside an input, an existing output without
+``--overwrite`` or one slimlm did not write, checkpoints of another run). Errors print one
+line, ``slimlm <command>: error: ...``; ``SLIMLM_DEBUG=1``
 shows the traceback instead.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -41,9 +44,22 @@ def _csv(value: str) -> list[str]:
 
 def _int_list(value: str) -> list[int]:
     try:
-        return [int(item) for item in _csv(value)]
+        numbers = [int(item) for item in _csv(value)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not numbers:
+        raise argparse.ArgumentTypeError(f"expected at least one layer index, got {value!r}")
+    return numbers
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value!r}")
+    return number
 
 
 def _positive_int(value: str) -> int:
@@ -61,6 +77,13 @@ def _add_model_options(parser, *, flag="--model", required=True, help_text="mode
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    _add_trust_option(parser)
+
+
+def _add_trust_option(parser):
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code a model folder ships (config.json auto_map); off by default: "
+                             "only do this for a model whose code you have read")
 
 
 def _add_data_options(parser, *, required=True):
@@ -89,8 +112,9 @@ def _load(spec: str, args, *, device=None):
 
     device = device or args.device or default_device()
     try:
-        model = load_model(spec, dtype=resolve_dtype(args.dtype, device), device=device)
-        tokenizer = load_tokenizer(spec)
+        model = load_model(spec, dtype=resolve_dtype(args.dtype, device), device=device,
+                           trust_remote_code=args.trust_remote_code)
+        tokenizer = load_tokenizer(spec, trust_remote_code=args.trust_remote_code)
     except FileNotFoundError as error:
         raise InputError(str(error)) from None
     return model, tokenizer
@@ -123,7 +147,7 @@ def cmd_importance(args) -> int:
 
     _check_model_path(args.model)
     _check_paths_exist(args.data, "data")
-    stages.check_output(args.out, args.overwrite)
+    stages.check_output(args.out, args.overwrite, {"model": args.model, "data": args.data})
     model, tokenizer = _load(args.model, args)
     blocks = stages.to_blocks(_texts(args), tokenizer, args.seq_len, model=model)
     scores = stages.importance_stage(model, blocks, args.out, metrics=args.metrics, depth=args.depth,
@@ -139,7 +163,7 @@ def cmd_importance(args) -> int:
 def _target(args) -> dict:
     target = {}
     if args.target_params is not None:
-        target["target_params"] = float(args.target_params) if _is_fraction(args.target_params) else args.target_params
+        target["target_params"] = _target_params(args.target_params)
     for name in ("hidden_size", "intermediate_size", "num_layers"):
         if getattr(args, name) is not None:
             target[name] = getattr(args, name)
@@ -154,12 +178,21 @@ def _target(args) -> dict:
     return target
 
 
-def _is_fraction(value: str) -> bool:
-    """'0.5' is a fraction of the model; '70M', '1.2B' and '70000000' are counts."""
+def _target_params(value: str) -> float | int | str:
+    """'0.5' is a fraction of the model (in (0, 1]); '70M', '1.2B' and '70000000' are counts.
+    A number above 1 that is not whole (1.5) is neither: refused rather than read as 1."""
     try:
-        return float(value) <= 1.0
+        number = float(value)
     except ValueError:
-        return False
+        return value  # '70M': the planner parses it
+    if not math.isfinite(number) or number <= 0:
+        raise InputError(f"--target-params {value}: expected a fraction in (0, 1] or a parameter count")
+    if number <= 1.0:
+        return number
+    if not number.is_integer():
+        raise InputError(f"--target-params {value}: a fraction must be in (0, 1] and a count a whole number of "
+                         "parameters (e.g. 70M, 70000000)")
+    return int(number)
 
 
 def _add_target_options(parser):
@@ -181,7 +214,7 @@ def cmd_plan(args) -> int:
     model, _ = _load(args.model, args, device="cpu")
     the_plan = plan(model, target)
     print(the_plan.table())
-    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}[args.dtype]
+    bytes_per = next(model.parameters()).element_size()  # the dtype it loaded in (auto: float32 on CPU)
     print(f"weights in memory: {the_plan.params_before['total'] * bytes_per / 2**20:,.0f} MiB → "
           f"{the_plan.params_after['total'] * bytes_per / 2**20:,.0f} MiB at {bytes_per} bytes/parameter")
     if args.json:
@@ -190,7 +223,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from slimlm.importance import ImportanceScores
     from slimlm.recipes import stages
 
     _check_model_path(args.model)
@@ -200,9 +232,9 @@ def cmd_prune(args) -> int:
         raise InputError("--scores is required unless only --drop-layers is given (compute them with slimlm importance)")
     if args.scores is not None and not os.path.isdir(args.scores):
         raise InputError(f"scores folder {args.scores} does not exist")
-    stages.check_output(args.out, args.overwrite)
+    stages.check_output(args.out, args.overwrite, {"model": args.model, "scores": args.scores})
     model, tokenizer = _load(args.model, args, device="cpu")
-    scores = ImportanceScores.load(args.scores, model=model) if args.scores is not None else None
+    scores = stages.load_scores(args.scores, model=model) if args.scores is not None else None
     _, the_plan = stages.prune_stage(model, scores, target, args.out,
                                      tokenizer=tokenizer, overwrite=args.overwrite)
     print(the_plan.table())
@@ -221,11 +253,12 @@ def cmd_generate(args) -> int:
         _check_paths_exist([args.prompts], "prompts file")
     else:
         _check_paths_exist(args.from_data, "data")
-    if os.path.isfile(args.out) and args.overwrite:
-        stages.remove_output(args.out)
-        stages.remove_output(args.out + stages.SYNTHETIC_DONE_SUFFIX)
-    elif os.path.isfile(args.out + stages.SYNTHETIC_DONE_SUFFIX):
-        raise InputError(f"output {args.out} already exists and is complete; pass --overwrite to replace it")
+    if os.path.isdir(args.out):
+        raise InputError(f"output {args.out} is a folder; --out names a JSONL file")
+    inputs = {"teacher": args.teacher, "prompts file": args.prompts, "data": args.from_data}
+    stages.check_output(args.out, args.overwrite, inputs, related=[args.out + stages.SYNTHETIC_DONE_SUFFIX])
+    # Every input is read and checked before the old output is touched; it is replaced only
+    # when the new one is complete.
     if args.prompts is not None:
         prompts = load_prompts(args.prompts)
     else:
@@ -260,31 +293,41 @@ def cmd_distill(args, training_args: list[str]) -> int:
     _check_paths_exist(args.data, "data")
     if args.synthetic is not None:
         _check_paths_exist([args.synthetic], "synthetic data")
-    if not 0.0 <= args.mix <= 1.0:
-        raise InputError(f"--mix must be in [0, 1], got {args.mix}")
-    stages.check_output(args.out, args.overwrite)
+    stages.check_distill_settings(learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
+                                  kd_weight=args.kd_weight, ce_weight=args.ce_weight, max_minutes=args.max_minutes,
+                                  mix_fraction=args.mix)
+    checkpoints = args.out.rstrip(os.sep) + ".checkpoints"
+    from slimlm.outputs import staging_path
+
+    stages.check_output(args.out, args.overwrite,
+                        {"teacher": args.teacher, "student": args.student, "data": args.data,
+                         "synthetic data": args.synthetic},
+                        related=[checkpoints, staging_path(args.out)])
     extra = ["--use_cpu", "true"] if args.device == "cpu" else []
-    stages.training_arguments(extra + training_args, output_dir=args.out + ".checkpoints")
+    stages.training_arguments(extra + training_args, output_dir=checkpoints)
     # Under accelerate/torchrun every process loads both models on CPU and the Trainer places
     # them. The student keeps float32 master weights (mixed precision: --bf16 true).
     dtype = stages.resolve_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    trust = args.trust_remote_code
     try:
-        teacher = load_model(args.teacher, dtype=dtype)
-        student = load_model(args.student, dtype=torch.float32)
-        tokenizer = load_tokenizer(args.student)
-        teacher_tokenizer = load_tokenizer(args.teacher)
+        teacher = load_model(args.teacher, dtype=dtype, trust_remote_code=trust)
+        student = load_model(args.student, dtype=torch.float32, trust_remote_code=trust)
+        tokenizer = load_tokenizer(args.student, trust_remote_code=trust)
+        teacher_tokenizer = load_tokenizer(args.teacher, trust_remote_code=trust)
     except FileNotFoundError as error:
         raise InputError(str(error)) from None
     check_vocabularies(student, teacher, tokenizer, teacher_tokenizer)
     synthetic_texts = SyntheticDataset.load(args.synthetic).texts() if args.synthetic else None
+    rank_zero = os.environ.get("RANK", "0") == "0"
     _, log_history = stages.distill_stage(
         teacher, student, tokenizer, _texts(args), args.out, synthetic_texts=synthetic_texts,
         mix_fraction=args.mix if synthetic_texts else 0.0, seq_len=args.seq_len, max_tokens=args.max_tokens,
         max_minutes=args.max_minutes, batch_size=args.batch_size, learning_rate=args.lr,
         temperature=args.temperature, beta=args.beta, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
-        seed=args.seed, training_args=extra + training_args, overwrite=args.overwrite,
-        disable_tqdm=not _progress(args), extra_record={"teacher": args.teacher, "student": args.student})
-    if os.environ.get("RANK", "0") != "0":
+        seed=args.seed, training_args=extra + training_args, overwrite=args.overwrite, resume=not args.overwrite,
+        disable_tqdm=not _progress(args), extra_record={"teacher": args.teacher, "student": args.student},
+        log=print if rank_zero else (lambda line: None))
+    if not rank_zero:
         return EXIT_OK
     losses = [entry["loss"] for entry in log_history if "loss" in entry]
     if losses:
@@ -301,6 +344,10 @@ def cmd_eval(args) -> int:
     for spec in specs:
         _check_model_path(spec)
     _check_paths_exist(args.data, "data")
+    if args.json is not None:
+        if os.path.isdir(args.json):
+            raise InputError(f"--json {args.json} is a folder; it names the JSON file to write")
+        stages.check_output(args.json, args.overwrite, {"model": specs, "data": args.data}, what="--json file")
     prompts = list(args.prompt or [])
     results = []
     tokenizer = None
@@ -345,7 +392,8 @@ def cmd_run(args) -> int:
     if args.device is not None:
         recipe["device"] = args.device
     summary = run_recipe(recipe, overwrite=args.overwrite, progress=_progress(args),
-                         command=f"slimlm run {args.recipe}")
+                         command=f"slimlm run {args.recipe}", recipe_path=args.recipe,
+                         trust_remote_code=args.trust_remote_code)
     _print_summary(summary)
     return EXIT_OK
 
@@ -464,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--from-data", nargs="+", metavar="D", help="cut prompts (first sentences) from these texts")
     sub.add_argument("--text-field", default="text")
     sub.add_argument("--num-prompts", type=_positive_int, default=256)
-    sub.add_argument("--out", required=True, help="JSONL output (a partial file is continued)")
+    sub.add_argument("--out", required=True,
+                     help="JSONL output (written beside it first, so an interrupted run is continued)")
     sub.add_argument("--max-new-tokens", type=_positive_int, default=128)
     sub.add_argument("--temperature", type=float, default=0.8)
     sub.add_argument("--top-p", type=float, default=0.95)
@@ -490,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seq-len", type=_positive_int, default=512)
     sub.add_argument("--batch-size", type=_positive_int, default=8, help="per-device batch (blocks)")
     sub.add_argument("--max-tokens", type=_positive_int, help="training budget in tokens (sets --max_steps)")
-    sub.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    sub.add_argument("--max-minutes", type=_positive_float, help="stop training after this many minutes")
     sub.add_argument("--lr", type=float, default=1e-4)
     sub.add_argument("--temperature", type=float, default=1.0)
     sub.add_argument("--beta", type=float, default=0.0, help="0 forward KL, 1 reverse KL, between: JSD(beta)")
@@ -498,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--ce-weight", type=float, default=0.0)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--out", required=True)
-    sub.add_argument("--overwrite", action="store_true")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier output of slimlm and start over (its checkpoints are deleted)")
     sub.set_defaults(handler=cmd_distill, passthrough=True)
 
     sub = command("eval", "held-out perplexity and tokens/s, optional greedy samples; --compare for a table",
@@ -514,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--prompt", action="append", help="a prompt for a greedy sample (repeatable)")
     sub.add_argument("--max-new-tokens", type=_positive_int, default=32)
     sub.add_argument("--json", help="also write the results to this JSON file")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing --json file of an earlier eval")
     sub.set_defaults(handler=cmd_eval)
 
     sub = command("run", "the whole pipeline from one recipe YAML; finished stages are skipped, so a rerun resumes",
@@ -522,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", help="output folder (default: the recipe's out)")
     sub.add_argument("--device", help="overrides the recipe's device")
     sub.add_argument("--overwrite", action="store_true", help="replace an output folder made by another recipe")
+    _add_trust_option(sub)
     sub.set_defaults(handler=cmd_run)
 
     sub = command("demo", "prune SmolLM2-135M-Instruct to half, distill it back, and write a report",

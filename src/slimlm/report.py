@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import os
 
+from slimlm import outputs
 from slimlm.evaluate import comparison_rows, format_table
 
 LOSS_KEYS = ("loss", "kd_loss", "ce_loss", "hidden_loss")
@@ -112,7 +113,8 @@ def sample_rows(results: list[dict]) -> list[list[str]]:
 
 def write_report(folder: str | os.PathLike, *, results: list[dict], scores=None, log_history=None,
                  plan_text: str | None = None, notes: dict | None = None, title: str = "slimlm report") -> dict:
-    """Write ``report.md``, ``report.html`` and the plots into ``folder`` (created).
+    """Write ``report.md``, ``report.html`` and the plots into ``folder``, which is replaced
+as a whole, atomically (``slimlm.outputs``).
 
     ``results``: ``slimlm.evaluate.evaluate_model`` dicts, the first being the reference
     (the teacher). ``scores``: ``ImportanceScores``. ``notes``: extra key → value lines
@@ -120,8 +122,19 @@ def write_report(folder: str | os.PathLike, *, results: list[dict], scores=None,
     """
     if not results:
         raise ValueError("write_report needs at least one evaluated model in results")
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
+    final = os.path.abspath(os.fspath(folder))
+    with outputs.atomic_output(final) as staging:
+        report = _write_report(staging, results=results, scores=scores, log_history=log_history,
+                               plan_text=plan_text, notes=notes, title=title)
+
+    def moved(path):
+        return os.path.join(final, os.path.basename(path))
+
+    return {**report, "markdown": moved(report["markdown"]), "html": moved(report["html"]),
+            "plots": {name: moved(path) for name, path in report["plots"].items()}}
+
+
+def _write_report(folder: str, *, results, scores, log_history, plan_text, notes, title) -> dict:
     plots = {"perplexity": plot_perplexity(results, os.path.join(folder, "perplexity.png"))}
     if log_history:
         loss = plot_loss(log_history, os.path.join(folder, "loss.png"))

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from slimlm import outputs
 from slimlm.architectures import lm_head
 from slimlm.kernels import fused_linear
 from slimlm.losses import last_hidden_state
@@ -154,8 +155,8 @@ def cache_teacher_topk(
         model.train(was_training)
     if not shards:
         raise ValueError("dataset yielded no sequences; nothing was cached")
-    with open(os.path.join(path, INDEX_FILE), "w") as handle:
-        json.dump({**metadata, "shards": shards}, handle, indent=1)
+    # The index is what makes the folder a cache: written last, atomically, once every shard is.
+    outputs.write_text(os.path.join(path, INDEX_FILE), json.dumps({**metadata, "shards": shards}, indent=1))
     return [os.path.join(path, shard["file"]) for shard in shards]
 
 

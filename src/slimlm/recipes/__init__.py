@@ -105,8 +105,12 @@ def _check_semantics(recipe: dict, where: str) -> None:
     from slimlm.importance.estimate import DEPTH_METRICS, WIDTH_METRICS
     from slimlm.surgery import Target
 
+    from slimlm.surgery.planning import parse_param_count
+
     try:
-        Target.coerce(recipe["target"])
+        target = Target.coerce(recipe["target"])
+        if target.target_params is not None:
+            parse_param_count(target.target_params, 1)  # finite, positive, a fraction or a whole count
     except (ValueError, TypeError) as error:
         raise InputError(f"{where}: target: {error}") from None
     positive = [("importance", "num_samples"), ("importance", "seq_len"), ("importance", "batch_size"),
@@ -171,11 +175,15 @@ def builtin_recipe(name: str) -> dict:
 
 
 def run_recipe(recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
-               command: str = "slimlm run") -> dict:
-    """Run a validated recipe (see ``load_recipe``); returns {"results", "report", "table", "out"}."""
+               command: str = "slimlm run", recipe_path: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Run a validated recipe (see ``load_recipe``; ``recipe_path``: its file, which the output
+    may not hold); returns {"results", "report", "table", "out"}. The teacher's own Python code
+    runs only with ``trust_remote_code`` (the command line's ``--trust-remote-code``, never a
+    recipe field)."""
     from slimlm.recipes.pipeline import Pipeline
 
     start = time.perf_counter()
-    summary = Pipeline(recipe, overwrite=overwrite, progress=progress, log=log, command=command).run()
+    summary = Pipeline(recipe, overwrite=overwrite, progress=progress, log=log, command=command,
+                       recipe_path=recipe_path, trust_remote_code=trust_remote_code).run()
     summary["seconds"] = time.perf_counter() - start
     return summary

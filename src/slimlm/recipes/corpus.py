@@ -19,6 +19,8 @@ import warnings
 
 from tqdm.auto import tqdm
 
+from slimlm import outputs
+
 DEFAULT_PACKAGES = ("transformers", "torch", "numpy", "huggingface_hub", "tokenizers", "safetensors", "tqdm",
                     "yaml", "jinja2", "matplotlib", "accelerate", "gguf")
 DOC_SUFFIXES = (".md", ".rst", ".txt")
@@ -112,15 +114,9 @@ def collect_package_docs(*, train_chars: int, heldout_chars: int, packages=DEFAU
 
 def write_corpus(corpus: dict, folder: str) -> dict:
     """Write ``train.jsonl`` and ``heldout.jsonl`` ({"text", "source"} per line) into ``folder``; returns their paths."""
-    os.makedirs(folder, exist_ok=True)
-    paths = {}
     for split in ("train", "heldout"):
-        path = os.path.join(folder, f"{split}.jsonl")
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            for text, source in zip(corpus[split], corpus["sources"][split]):
-                handle.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
-        os.replace(path + ".tmp", path)
-        paths[split] = path
-    with open(os.path.join(folder, "packages.json"), "w") as handle:
-        json.dump(corpus["packages"], handle, indent=2)
-    return paths
+        lines = (json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
+                 for text, source in zip(corpus[split], corpus["sources"][split]))
+        outputs.write_text(os.path.join(folder, f"{split}.jsonl"), "".join(lines))
+    outputs.write_json(os.path.join(folder, "packages.json"), corpus["packages"])
+    return {split: os.path.join(folder, f"{split}.jsonl") for split in ("train", "heldout")}

@@ -6,24 +6,25 @@ and is complete, which is how ``run`` skips finished stages and resumes interrup
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
+import re
 import time
 
 import torch
 
+from slimlm import outputs
+from slimlm.outputs import InputError, check_output, write_json
+
 DISTILL_RECORD = "slimlm_distill.json"
+STAGE_RECORD = "slimlm_stage.json"
+RUN_RECORD = "slimlm_run.json"
 SYNTHETIC_DONE_SUFFIX = ".done.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
-
-class InputError(ValueError):
-    """Bad input from the user (a path, a value, a recipe field): exit code 2."""
+__all__ = ["InputError", "check_output", "write_json"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -40,20 +41,6 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype | None:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_output(path: str, overwrite: bool, what: str = "output") -> None:
-    """Refuse an existing non-empty output (file or folder) unless ``overwrite``."""
-    if os.path.isdir(path) and os.listdir(path) or os.path.isfile(path):
-        if not overwrite:
-            raise InputError(f"{what} {path} already exists; pass --overwrite to replace it")
-
-
-def remove_output(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)
 
 
 def texts_digest(texts) -> str:
@@ -78,16 +65,6 @@ def read_json_roundtrip(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def write_json(path: str, value) -> None:
-    """Write JSON atomically (temp file + rename), so a reader never sees half a record."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        json.dump(value, stream, indent=2, default=str)
-    os.replace(temp, path)
-
-
 def has_weights(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "config.json")) and any(
         os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES)
@@ -99,47 +76,87 @@ def to_blocks(texts, tokenizer, seq_len: int, model=None):
     return tokenize_blocks(texts, tokenizer, seq_len, pack=True, model=model)
 
 
+def stage_record(inputs: dict) -> dict:
+    """What a stage records about its inputs, as it reads back from JSON."""
+    return {"inputs": read_json_roundtrip(inputs)}
+
+
+def changed_inputs(record: dict | None, inputs: dict) -> list[str]:
+    """The names of the inputs that differ from those ``record`` was made from."""
+    stored, current = (record or {}).get("inputs") or {}, read_json_roundtrip(inputs)
+    return sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
+
+
+def _inputs_state(record: dict | None, inputs: dict, missing: str) -> str | None:
+    if record is None:
+        return missing
+    changed = changed_inputs(record, inputs)
+    return f"made from other inputs ({', '.join(changed)} changed)" if changed else None
+
+
+def load_scores(folder: str, model=None):
+    """``ImportanceScores.load`` with an unreadable or truncated file as an InputError naming it."""
+    from slimlm.importance import ImportanceScores
+
+    try:
+        return ImportanceScores.load(folder, model=model)
+    except ValueError:
+        raise
+    except Exception as error:  # safetensors raises its own error type for a torn file
+        raise InputError(f"scores {folder}: unreadable scores.safetensors ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())})") from None
+
+
 # ------------------------------------------------------------------ stages
 def importance_stage(model, calibration, out: str, *, metrics=("activation",), depth=("block_influence",),
                      num_samples: int | None = None, batch_size: int = 8, seed: int = 0, loss_drop_samples=None,
-                     progress: bool = True):
-    """Score ``model`` on ``calibration`` (TokenBlocks; ``num_samples`` drawn with ``seed``) and save to ``out``."""
+                     progress: bool = True, inputs: dict | None = None):
+    """Score ``model`` on ``calibration`` (TokenBlocks; ``num_samples`` drawn with ``seed``) and
+    save to ``out`` atomically, with ``inputs`` (what the scores were made from) recorded beside."""
     from slimlm.importance import estimate_importance
 
     if num_samples is not None:
         calibration = calibration.sample(num_samples, seed)
     scores = estimate_importance(model, calibration, metrics=tuple(metrics), depth=tuple(depth),
                                  batch_size=batch_size, progress=progress, loss_drop_samples=loss_drop_samples)
-    scores.save(out)
+    with outputs.atomic_output(out) as staging:
+        scores.save(staging)
+        if inputs is not None:
+            write_json(os.path.join(staging, STAGE_RECORD), stage_record(inputs))
     return scores
 
 
-def scores_state(out: str, model) -> str | None:
-    """None when ``out`` holds scores of ``model``, else why not."""
-    from slimlm.importance import ImportanceScores, model_fingerprint
+def scores_state(out: str, model, inputs: dict | None = None) -> str | None:
+    """None when ``out`` holds scores of ``model`` made from ``inputs``, else why not."""
+    from slimlm.fingerprint import model_fingerprint
 
     if not os.path.isdir(out):
         return "missing"
     try:
-        scores = ImportanceScores.load(out)
+        scores = load_scores(out)
     except Exception as error:  # any unreadable file means: compute again
         return f"unreadable ({error})"
     if scores.meta.get("fingerprint") != model_fingerprint(model):
         return "computed on another model"
+    if inputs is not None:
+        return _inputs_state(read_json(os.path.join(out, STAGE_RECORD)), inputs, f"no {STAGE_RECORD}")
     return None
 
 
-def prune_stage(model, scores, target, out: str, *, tokenizer=None, overwrite: bool = False):
-    """Prune ``model`` in place to ``target`` with ``scores``, save it to ``out``; returns (model, plan)."""
+def prune_stage(model, scores, target, out: str, *, tokenizer=None, overwrite: bool = False,
+                inputs: dict | None = None):
+    """Prune ``model`` in place to ``target`` with ``scores``, save it to ``out`` (recording
+    ``inputs``); returns (model, plan)."""
     from slimlm.surgery import plan, prune, save_pruned
 
     the_plan = plan(model, target)
     pruned = prune(model, scores, the_plan)
-    save_pruned(pruned, out, tokenizer=tokenizer, overwrite=overwrite)
+    save_pruned(pruned, out, tokenizer=tokenizer, overwrite=overwrite,
+                record=stage_record(inputs) if inputs is not None else None)
     return pruned, the_plan
 
 
-def pruned_state(out: str, source_fingerprint: str) -> str | None:
+def pruned_state(out: str, source_fingerprint: str, inputs: dict | None = None) -> str | None:
     from slimlm.surgery.save import RECORD_FILE
 
     if not has_weights(out):
@@ -149,35 +166,61 @@ def pruned_state(out: str, source_fingerprint: str) -> str | None:
         return f"no {RECORD_FILE}"
     if record.get("source_fingerprint") != source_fingerprint:
         return "pruned from another model"
-    return None
+    return _inputs_state(record, inputs, "") if inputs is not None else None
+
+
+def synthetic_inputs(teacher, prompts, *, max_new_tokens=64, temperature=0.8, top_p=0.95, num_return_sequences=1,
+                     batch_size=8, seed=0, chat_template=None) -> dict:
+    """Everything a synthetic file depends on (batches are seeded by their first prompt, so the batch size counts)."""
+    from slimlm.fingerprint import model_fingerprint
+
+    return {"teacher": model_fingerprint(teacher), "prompts": texts_digest(prompts),
+            "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                         "num_return_sequences": num_return_sequences, "batch_size": batch_size, "seed": seed,
+                         "chat_template": chat_template}}
 
 
 def generate_stage(teacher, tokenizer, prompts, out: str, *, max_new_tokens=64, temperature=0.8, top_p=0.95,
-                   num_return_sequences=1, batch_size=8, seed=0, chat_template=None, progress=True):
-    """Sample synthetic text from ``teacher`` into the JSONL ``out`` (resuming a partial file),
-    then mark it complete with ``<out>.done.json``."""
+                   num_return_sequences=1, batch_size=8, seed=0, chat_template=None, progress=True, log=print):
+    """Sample synthetic text from ``teacher`` into a staging sibling of the JSONL ``out``
+    (continuing one an interrupted run of these same inputs left), swap it into place, then
+    mark it complete with ``<out>.done.json`` (the inputs and the file's digest)."""
     from slimlm.distill.generate import generate_synthetic
-    from slimlm.importance import model_fingerprint
 
-    dataset = generate_synthetic(teacher, tokenizer, prompts, out_path=out, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, num_return_sequences=num_return_sequences,
-                                 batch_size=batch_size, seed=seed, chat_template=chat_template, progress=progress)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    num_return_sequences=num_return_sequences, batch_size=batch_size, seed=seed,
+                    chat_template=chat_template)
+    inputs = read_json_roundtrip(synthetic_inputs(teacher, prompts, **settings))
+    staging = outputs.staging_path(out)
+    staging_inputs = staging + ".inputs.json"
+    if os.path.exists(staging):
+        if read_json(staging_inputs) == {"inputs": inputs}:
+            log(f"[synthetic] continuing the partial {staging}")
+        else:
+            log(f"[synthetic] discarding {staging}: left by a run of other inputs")
+            outputs.remove(staging)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_json(staging_inputs, {"inputs": inputs})
+    dataset = generate_synthetic(teacher, tokenizer, prompts, out_path=staging, progress=progress, **settings)
     if len(dataset) == 0:
         raise RuntimeError(f"the teacher produced no usable generation for {len(prompts)} prompts")
-    write_json(out + SYNTHETIC_DONE_SUFFIX, {"records": len(dataset), "prompts": texts_digest(prompts),
-                                             "teacher": model_fingerprint(teacher)})
+    outputs.commit(staging, out)
+    write_json(out + SYNTHETIC_DONE_SUFFIX, {"records": len(dataset), "inputs": inputs,
+                                             "sha256": outputs.file_digest(out)})
+    outputs.remove(staging_inputs)
     return dataset
 
 
-def synthetic_state(out: str, prompts, teacher_fingerprint: str) -> str | None:
-    record = read_json(out + SYNTHETIC_DONE_SUFFIX)
+def synthetic_state(out: str, inputs: dict) -> str | None:
+    """None when ``out`` is complete, unchanged since written, and made from ``inputs``."""
     if not os.path.isfile(out):
         return "missing"
+    record = read_json(out + SYNTHETIC_DONE_SUFFIX)
     if record is None:
         return "incomplete"
-    if record.get("prompts") != texts_digest(prompts) or record.get("teacher") != teacher_fingerprint:
-        return "made from other prompts or another teacher"
-    return None
+    if record.get("sha256") != outputs.file_digest(out):
+        return "changed since it was written"
+    return _inputs_state(record, inputs, "incomplete")
 
 
 def time_budget_callback(seconds: float):
@@ -240,33 +283,130 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+def distill_inputs(teacher, student, train_texts, *, synthetic_texts=None, mix_fraction=0.0, seq_len=256,
+                   max_tokens=None, batch_size=8, learning_rate=1e-4, temperature=1.0, beta=0.0, kd_weight=1.0,
+                   ce_weight=0.0, seed=0, training_args=()) -> dict:
+    """Everything a distillation run depends on: the models' fingerprints, the data's digests
+    and the training arguments. A checkpoint folder is resumed only by a run with the same."""
+    from slimlm.fingerprint import model_fingerprint
+
+    mixed = bool(synthetic_texts) and mix_fraction > 0
+    return read_json_roundtrip({
+        "teacher": model_fingerprint(teacher), "student": model_fingerprint(student),
+        "train": texts_digest(train_texts), "synthetic": texts_digest(synthetic_texts) if mixed else None,
+        "mix": mix_fraction if mixed else 0.0, "seq_len": seq_len, "max_tokens": max_tokens,
+        "batch_size": batch_size, "learning_rate": learning_rate, "temperature": temperature, "beta": beta,
+        "kd_weight": kd_weight, "ce_weight": ce_weight, "seed": seed, "training_args": list(training_args)})
+
+
+def check_distill_settings(*, learning_rate, temperature, beta, kd_weight, ce_weight, max_minutes=None,
+                           mix_fraction=0.0) -> None:
+    """InputError for a setting no run can use, before anything is loaded or written."""
+    checks = [("lr", learning_rate, learning_rate > 0, "> 0"), ("temperature", temperature, temperature > 0, "> 0"),
+              ("beta", beta, 0 <= beta <= 1, "in [0, 1]"), ("kd-weight", kd_weight, kd_weight >= 0, ">= 0"),
+              ("ce-weight", ce_weight, ce_weight >= 0, ">= 0"),
+              ("mix", mix_fraction, 0 <= mix_fraction <= 1, "in [0, 1]"),
+              ("max-minutes", max_minutes, max_minutes is None or max_minutes > 0, "> 0")]
+    for name, value, ok, rule in checks:
+        if not ok or isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{name} must be {rule} and finite, got {value}")
+    if kd_weight == 0 and ce_weight == 0:
+        raise InputError("--kd-weight and --ce-weight are both 0: nothing to train on")
+
+
+def _checkpoint_steps(folder: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isdir(os.path.join(folder, name)):
+            found.append((int(match.group(1)), os.path.join(folder, name)))
+    return sorted(found)
+
+
+def checkpoint_complete(path: str, step: int) -> bool:
+    """A checkpoint the Trainer finished writing: its trainer state (written last) reads back
+    with this step, and the weights are there."""
+    state = read_json(os.path.join(path, "trainer_state.json"))
+    return state is not None and state.get("global_step") == step and any(
+        os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES)
+
+
+def _own_checkpoints(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, RUN_RECORD)) or all(
+        name.startswith(("checkpoint-", "runs", ".")) for name in os.listdir(folder))
+
+
+def plan_checkpoints(folder: str, inputs: dict, *, resume: bool, clear_stale: bool) -> dict:
+    """What to do with the checkpoint folder of a run of ``inputs`` (decided before anything
+    changes): {"clear": bool, "resume": path or None, "incomplete": [paths to delete]}.
+    A folder of another run is refused (InputError) unless ``clear_stale``; ``resume=False``
+    starts over. Only a folder slimlm wrote is ever cleared."""
+    decision = {"clear": False, "resume": None, "incomplete": []}
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return decision
+    record = read_json(os.path.join(folder, RUN_RECORD))
+    same_run = record is not None and record.get("inputs") == inputs
+    if not resume or not same_run:
+        if resume and not clear_stale:
+            why = f"{', '.join(changed_inputs(record, inputs))} changed" if record is not None else \
+                f"no {RUN_RECORD} says which"
+            raise InputError(f"checkpoints {folder} belong to another run ({why}); pass --overwrite to delete them "
+                             "and start over")
+        if not _own_checkpoints(folder):
+            raise InputError(f"checkpoints folder {folder} holds files slimlm did not write; remove it yourself")
+        decision["clear"] = True
+        return decision
+    for step, path in reversed(_checkpoint_steps(folder)):
+        if checkpoint_complete(path, step):
+            decision["resume"] = path
+            break
+        decision["incomplete"].append(path)
+    return decision
+
+
 def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthetic_texts=None, mix_fraction=0.0,
                   seq_len=256, max_tokens=None, batch_size=8, learning_rate=1e-4, temperature=1.0, beta=0.0,
                   kd_weight=1.0, ce_weight=0.0, seed=0, training_args=(), resume=True, overwrite=False,
-                  checkpoints: str | None = None, max_minutes: float | None = None, disable_tqdm: bool = False,
-                  extra_record=None):
+                  clear_stale_checkpoints=False, checkpoints: str | None = None, max_minutes: float | None = None,
+                  disable_tqdm: bool = False, extra_record=None, log=print):
     """Distill ``teacher`` into ``student`` on blocks of ``train_texts`` (and, with
-    ``mix_fraction`` > 0, packed ``synthetic_texts``), then save the student to ``out``.
+    ``mix_fraction`` > 0, packed ``synthetic_texts``), then save the student to ``out`` atomically.
 
     ``max_tokens`` sets ``max_steps`` = ⌈max_tokens / (batch · accumulation · world · seq_len)⌉
     unless ``training_args`` names ``--max_steps``. ``training_args``: command-line style
     ``TrainingArguments`` flags (``["--warmup_steps", "0.1"]``), which win over these defaults.
     ``max_minutes`` stops training early (a safety cap on a loaded machine; the schedule
-    still follows ``max_steps``). Checkpoints go to ``checkpoints`` (default ``<out>.checkpoints``); with ``resume`` the
-    newest one there is continued. Returns (student, log_history).
+    still follows ``max_steps``, and a rerun may change it and still resume).
+
+    Checkpoints go to ``checkpoints`` (default ``<out>.checkpoints``), which records the run's
+    ``distill_inputs``. With ``resume``, the newest complete checkpoint of this same run is
+    continued (incomplete ones, left by a kill, are deleted); a folder of another run is
+    refused unless ``clear_stale_checkpoints``, which deletes it. ``resume=False`` starts
+    over. Returns (student, log_history).
     """
     from transformers import set_seed
 
     from slimlm.distill.generate import mix
     from slimlm.distill.trainer import DistillationConfig, DistillationTrainer
-    from slimlm.importance import model_fingerprint
+    from slimlm.fingerprint import model_fingerprint
 
+    check_distill_settings(learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
+                           ce_weight=ce_weight, max_minutes=max_minutes, mix_fraction=mix_fraction)
     checkpoints = checkpoints or out.rstrip(os.sep) + ".checkpoints"
     student_before = model_fingerprint(student)
+    inputs = distill_inputs(teacher, student, train_texts, synthetic_texts=synthetic_texts, mix_fraction=mix_fraction,
+                            seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                            learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
+                            ce_weight=ce_weight, seed=seed, training_args=training_args)
     check_output(out, overwrite)
     args = training_arguments(training_args, output_dir=checkpoints, batch_size=batch_size,
                               learning_rate=learning_rate, seed=seed)
     args.disable_tqdm = args.disable_tqdm or disable_tqdm
+    # An explicit --resume_from_checkpoint is the user's choice: the folder is left as it is.
+    decision = {"clear": False, "resume": None, "incomplete": []} if args.resume_from_checkpoint else \
+        plan_checkpoints(checkpoints, inputs, resume=resume, clear_stale=clear_stale_checkpoints)
     set_seed(seed)
 
     classic = training_items(to_blocks(train_texts, tokenizer, seq_len, model=student))
@@ -289,25 +429,35 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                                   distillation_config=config,
                                   callbacks=[time_budget_callback(max_minutes * 60)] if max_minutes else None)
-    last = None
-    if resume and os.path.isdir(checkpoints):
-        found = sorted(glob.glob(os.path.join(checkpoints, "checkpoint-*")),
-                       key=lambda path: int(path.rsplit("-", 1)[-1]) if path.rsplit("-", 1)[-1].isdigit() else -1)
-        last = found[-1] if found else None
-    explicit_resume = args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=explicit_resume or last)
+    # Every rank decided the same from the folder as it was; once all have, rank 0 alone changes it.
+    main_process = trainer.is_world_process_zero()
+    trainer.accelerator.wait_for_everyone()
+    if main_process:
+        if decision["clear"]:
+            log(f"[distill] deleting the checkpoints in {checkpoints}: "
+                f"{'--overwrite' if not resume else 'they belong to a run of other inputs'}")
+            outputs.remove(checkpoints)
+        for path in decision["incomplete"]:
+            log(f"[distill] skipping the incomplete {os.path.basename(path)} (an interrupted save); deleting it")
+            outputs.remove(path)
+        if decision["resume"]:
+            log(f"[distill] resuming from {decision['resume']}")
+        os.makedirs(checkpoints, exist_ok=True)
+        write_json(os.path.join(checkpoints, RUN_RECORD), {"inputs": inputs})
+    trainer.accelerator.wait_for_everyone()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or decision["resume"])
 
     # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); rank 0 writes, into a
-    # staging folder renamed into place, so ``out`` never holds half a checkpoint.
-    staging = out.rstrip(os.sep) + ".saving"
-    if trainer.is_world_process_zero():
-        remove_output(staging)
+    # staging folder swapped into place, so ``out`` never holds half a checkpoint.
+    staging = outputs.staging_path(out)
+    if main_process:
+        outputs.prepare(out)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(staging)
-    if trainer.is_world_process_zero():
+    if main_process:
         tokenizer.save_pretrained(staging)
         record = {"teacher_fingerprint": model_fingerprint(teacher), "student_fingerprint_before": student_before,
-                  "train_texts": texts_digest(train_texts), "num_train_items": len(dataset),
+                  "inputs": inputs, "train_texts": texts_digest(train_texts), "num_train_items": len(dataset),
                   "max_steps": args.max_steps, "seq_len": seq_len, "learning_rate": args.learning_rate,
                   "steps": trainer.state.global_step,
                   "tokens_seen": int(trainer.state.global_step * args.per_device_train_batch_size
@@ -316,20 +466,16 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
                                          if "train_runtime" in entry), None),
                   "distillation": vars(config), "log_history": trainer.state.log_history, **(extra_record or {})}
         write_json(os.path.join(staging, DISTILL_RECORD), record)
-        remove_output(out)
-        os.replace(staging, out)
+        outputs.commit(staging, out)
     trainer.accelerator.wait_for_everyone()
     return trainer.model, trainer.state.log_history
 
 
-def distilled_state(out: str, teacher_fingerprint: str, student_fingerprint: str) -> str | None:
+def distilled_state(out: str, inputs: dict) -> str | None:
+    """None when ``out`` holds a student distilled from ``inputs`` (``distill_inputs``)."""
     if not has_weights(out):
         return "missing"
     record = read_json(os.path.join(out, DISTILL_RECORD))
     if record is None:
         return f"no {DISTILL_RECORD}"
-    if record.get("teacher_fingerprint") != teacher_fingerprint:
-        return "distilled from another teacher"
-    if record.get("student_fingerprint_before") != student_fingerprint:
-        return "distilled from another pruned student"
-    return None
+    return _inputs_state(record, inputs, "")

@@ -157,10 +157,13 @@ def parse_param_count(value, current: int) -> int:
         return int(float(match.group(1).replace("_", "")) * _SUFFIX[match.group(2).lower()])
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"target_params must be a count, a fraction or a string like '70M', got {value!r}")
-    if isinstance(value, float) and 0 < value <= 1:
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"target_params must be a positive finite fraction or count, got {value!r}")
+    if isinstance(value, float) and value <= 1:
         return int(round(value * current))
-    if value <= 0:
-        raise ValueError(f"target_params must be positive, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"target_params={value!r}: a fraction must be in (0, 1] and a count a whole number of "
+                         "parameters (e.g. '70M' or 70000000)")
     return int(value)
 
 
@@ -318,6 +321,7 @@ def _fit_budget(sizes, before, explicit, target, adapter, budget, params_of, not
         return sizes
     reachable = params_of(sizes)
     raise ValueError(
-        f"cannot reach {budget:,} parameters within the per-axis minimums (the smallest plan has "
+        f"target_params={target.target_params!r} asks for {budget:,} parameters: cannot reach that within the "
+        f"per-axis minimums (the smallest model they allow has "
         f"{reachable:,}: {', '.join(f'{k}={v}' for k, v in sizes.items())}); lower min_* or name sizes explicitly"
     )

@@ -1,27 +1,22 @@
 """``save_pruned``: write a pruned model as a standard checkpoint, atomically.
 
-The checkpoint is written to a temporary sibling folder and renamed into place, so an
-interrupted save leaves either the previous folder or nothing at the output path, never a
-half-written checkpoint. ``slimlm_prune.json`` beside the weights records the plan, the
-kept layers and the fingerprints of the source and the pruned model.
+The checkpoint is written to a staging sibling and swapped into place
+(``slimlm.outputs.atomic_output``), so an interrupted save leaves the previous folder (or
+nothing) at the output path, never a half-written checkpoint. ``slimlm_prune.json`` beside
+the weights records the plan, the kept layers and the fingerprints of the source and the
+pruned model.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
+from slimlm import outputs
 from slimlm.fingerprint import model_fingerprint
 from slimlm.models import as_plain_model
 from slimlm.surgery.apply import sync_with_config
 
 RECORD_FILE = "slimlm_prune.json"
-
-
-def _same_or_inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or folder.startswith(path.rstrip(os.sep) + os.sep)
 
 
 def _describe(folder: str) -> str:
@@ -46,20 +41,25 @@ def _holds_this_model(folder: str, fingerprint: str) -> bool:
 
 
 def save_pruned(model, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
-                max_shard_size: str | int = "5GB") -> str:
+                max_shard_size: str | int = "5GB", record: dict | None = None) -> str:
     """Save ``model`` (and ``tokenizer``) to ``path`` as safetensors + config that
     ``AutoModelForCausalLM.from_pretrained`` loads with stock transformers; returns the path.
 
-    Refuses (ValueError): the folder the model was loaded from (or one containing it), even
-    with ``overwrite``; an existing non-empty folder holding anything but this same model,
-    unless ``overwrite=True``; a config that disagrees with the weights. A GGUF-loaded model
+    ``record``: more fields for ``slimlm_prune.json`` (what the model was pruned from).
+
+    Refuses (ValueError): the folder the model was loaded from, one containing it or one
+    inside it, even with ``overwrite``; an existing non-empty folder holding anything but
+    this same model, unless ``overwrite=True``; a config that disagrees with the weights. A GGUF-loaded model
     (weights already plain tensors) loses its GGUF quantizer first, as ``save_pretrained``
     refuses it otherwise.
     """
     path = os.path.abspath(os.fspath(path))
     source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    if source and os.path.isdir(source) and _same_or_inside(path, source):
-        raise ValueError(f"refusing to save into {path}: the model was loaded from {source}, which it would overwrite")
+    # A model folder (a GGUF file's folder is not one: its name_or_path is the folder around it).
+    if source and os.path.isfile(os.path.join(source, "config.json")):
+        if outputs.overlaps(path, source):
+            raise ValueError(f"refusing to save into {path}: the model was loaded from {source}, "
+                             "which it would overwrite or write into")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{path} exists and is not a folder")
     sync_with_config(model, check_only=True)
@@ -69,28 +69,10 @@ def save_pruned(model, path: str | os.PathLike, *, tokenizer=None, overwrite: bo
         raise ValueError(f"{path} already holds {_describe(path)}; pass overwrite=True to replace it")
 
     as_plain_model(model)
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
-    backup = None
-    try:
+    with outputs.atomic_output(path) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        record = {"fingerprint": fingerprint, **(getattr(model, "slimlm_prune_record", None) or {})}
-        with open(os.path.join(staging, RECORD_FILE), "w") as handle:
-            json.dump(record, handle, indent=2, default=str)
-        if os.path.isdir(path):
-            backup = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
-            os.rmdir(backup)
-            os.rename(path, backup)
-        os.rename(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if backup is not None and not os.path.exists(path):
-            os.rename(backup, path)
-            backup = None
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+        fields = {"fingerprint": fingerprint, **(getattr(model, "slimlm_prune_record", None) or {}), **(record or {})}
+        outputs.write_json(os.path.join(staging, RECORD_FILE), fields)
     return path
