@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: one long-format CSV row per measurement, and peak memory.
 
 Every benchmark compares providers in the same run and records rows
-(op, provider, shape, dtype, metric, value, unit, device, version) to
+(op, provider, shape, dtype, metric, value, unit, device, cpu_isa, version) to
 ``$SLIMLM_BENCH_CSV`` (default ``.benchmarks/results.csv``); BENCHMARKS.md's tables
 are made from them, and the end of the run prints them as tables with each provider's
 speed-up over the eager and compiled baselines. ``SLIMLM_BENCH_QUICK=1`` (CI) shrinks
@@ -23,7 +23,7 @@ import slimlm
 
 QUICK = os.environ.get("SLIMLM_BENCH_QUICK") == "1"
 CSV_PATH = os.environ.get("SLIMLM_BENCH_CSV", os.path.join(".benchmarks", "results.csv"))
-FIELDS = ("op", "provider", "shape", "dtype", "metric", "value", "unit", "device", "version")
+FIELDS = ("op", "provider", "shape", "dtype", "metric", "value", "unit", "device", "cpu_isa", "version")
 # This session's rows, for the table printed at the end of the run (pytest_terminal_summary).
 SESSION_ROWS: list[dict] = []
 # Providers every time is compared with in that table, when they ran in the same group.
@@ -37,11 +37,25 @@ def device_name(device: torch.device | str = "cpu") -> str:
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+def cpu_isa_name(device: torch.device | str = "cpu") -> str:
+    """The C++ CPU kernels' instruction-set variant in use (SLIMLM_CPU_ISA, else the best), for
+    CPU rows; torch's own CPU capability (ATEN_CPU_CAPABILITY) is recorded beside it."""
+    if torch.device(device).type != "cpu":
+        return ""
+    ours = slimlm.build_info().get("cpu_isa") or "none"
+    return f"{ours} (torch {torch.backends.cpu.get_cpu_capability().lower()})"
+
+
 def record_row(op, provider, shape, dtype, metric, value, unit, device="cpu") -> None:
     os.makedirs(os.path.dirname(CSV_PATH) or ".", exist_ok=True)
+    if os.path.exists(CSV_PATH):
+        with open(CSV_PATH, newline="") as handle:
+            if next(csv.reader(handle), None) != list(FIELDS):  # written with other columns: keep it aside
+                os.replace(CSV_PATH, CSV_PATH + ".old")
     new = not os.path.exists(CSV_PATH)
     row = dict(op=op, provider=provider, shape=str(shape), dtype=str(dtype).replace("torch.", ""), metric=metric,
-               value=f"{value:.6g}", unit=unit, device=device_name(device), version=slimlm.__version__)
+               value=f"{value:.6g}", unit=unit, device=device_name(device), cpu_isa=cpu_isa_name(device),
+               version=slimlm.__version__)
     with open(CSV_PATH, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         if new:
@@ -124,10 +138,10 @@ def pytest_terminal_summary(terminalreporter):
         return
     groups: dict[tuple, dict[str, dict[tuple[str, str], float]]] = {}
     for row in SESSION_ROWS:
-        key = (row["op"], row["shape"], row["dtype"], row["device"])
+        key = (row["op"], row["shape"], row["dtype"], row["device"], row["cpu_isa"])
         groups.setdefault(key, {}).setdefault(row["provider"], {})[(row["metric"], row["unit"])] = row["value"]
     terminalreporter.section("slimlm benchmarks (this run)")
-    for (op, shape, dtype, device), providers in groups.items():
+    for (op, shape, dtype, device, cpu_isa), providers in groups.items():
         metrics = list(dict.fromkeys(metric for values in providers.values() for metric in values))
         header = ["provider"]
         for metric, unit in metrics:
@@ -147,6 +161,7 @@ def pytest_terminal_summary(terminalreporter):
                             line.append("-" if not value else f"{base_value / value:.2f}x")
             lines.append(line)
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        terminalreporter.write_line(f"{op}  shape {shape}  {dtype}  on {device}")
+        variant = f"  cpu_isa {cpu_isa}" if cpu_isa else ""
+        terminalreporter.write_line(f"{op}  shape {shape}  {dtype}  on {device}{variant}")
         for line in lines:
             terminalreporter.write_line("  " + "  ".join(cell.rjust(width) for cell, width in zip(line, widths)))

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from slimlm import _extension
 from conftest import available_backends
 from slimlm.kernels import reference
 from slimlm.kernels import topk_kl as topk_ops
@@ -163,7 +164,7 @@ def test_fused_variant_matches_logits_variant(backend, device, dtype, monkeypatc
         torch.testing.assert_close(got.float(), want, **tol)
 
 
-@pytest.mark.skipif(not topk_ops._extension.has_op("topk_kl_fwd"), reason="slimlm._C not built")
+@pytest.mark.skipif(not _extension.has_op("topk_kl_fwd"), reason="slimlm._C not built")
 def test_opcheck_registered_op():
     student = student_logits(4, 129, torch.float32, 4)
     logprobs, indices = sparse_teacher(4, 129, 8, 1.0, 5)

@@ -2,8 +2,8 @@
 
 Backends: ``torch`` (the reference in ``reference.py``), ``cpu`` (C++ in slimlm._C),
 ``cuda`` (CUDA in slimlm._C) and ``triton``. By default CPU tensors run the C++
-kernel and CUDA tensors run ``CUDA_DEFAULT`` (chosen from the benchmarks), falling
-back along the way when a backend is not built. ``SLIMLM_BACKEND=torch|cpu|cuda|triton``
+kernel and CUDA tensors the CUDA kernel, then Triton, then the reference, as far as each
+is built (no GPU measurement has yet picked Triton over CUDA for any op). ``SLIMLM_BACKEND=torch|cpu|cuda|triton``
 forces one; a forced backend that cannot run the tensor is an error, not a silent fallback.
 The C++ CPU kernels run the instruction-set variant ``SLIMLM_CPU_ISA=scalar|avx2|avx512``
 names (default: the best this CPU has; one it lacks is a ValueError).
@@ -19,8 +19,6 @@ from slimlm import _extension
 from slimlm.kernels.triton import runtime as triton_runtime
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
-# Per-op default for CUDA tensors where both compiled CUDA and Triton exist.
-CUDA_DEFAULT: dict[str, str] = {}
 
 
 def backends() -> dict[str, bool]:
@@ -73,8 +71,7 @@ def choose(op: str, device: torch.device, impls: Mapping[str, Callable], backend
             _extension.cpu_isa()  # a bad SLIMLM_CPU_ISA is a ValueError here, before any kernel
         return wanted
     if device.type == "cuda":
-        first = CUDA_DEFAULT.get(op, "cuda")
-        order = (first, "triton" if first == "cuda" else "cuda", "torch")
+        order = ("cuda", "triton", "torch")
     elif device.type == "cpu":
         order = ("cpu", "torch")
     else:

@@ -8,36 +8,23 @@ from __future__ import annotations
 
 import torch
 
-from slimlm import _extension
-from slimlm.kernels import dispatch, reference
+from slimlm.kernels import reference, registry
 from slimlm.kernels.precomputed_grad import save_and_reduce, scaled_saved_grad
 
 
-def _compiled(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad):
-    return torch.ops.slimlm.kl_div_fwd(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad)
+def _fake(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad):
+    return rows_and_grad_like(student, compute_grad)
 
 
-def _triton(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad):
-    from slimlm.kernels.triton import kl_div as triton_kl_div
-
-    return triton_kl_div.kl_div_fwd(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad)
-
-
-def _impls() -> dict:
-    impls = {"torch": reference.kl_div_fwd, "triton": _triton}
-    if _extension.has_op("kl_div_fwd"):
-        impls["cpu"] = _compiled
-        impls["cuda"] = _compiled
-    return impls
+def rows_and_grad_like(student: torch.Tensor, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty outputs of a divergence op: fp32 loss rows (N,) and a student-shaped gradient (or empty)."""
+    loss = student.new_empty(student.shape[0], dtype=torch.float32)
+    grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
+    return loss, grad
 
 
-if _extension.has_op("kl_div_fwd"):
-
-    @torch.library.register_fake("slimlm::kl_div_fwd")
-    def _kl_div_fwd_fake(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad):
-        loss = student.new_empty(student.shape[0], dtype=torch.float32)
-        grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
-        return loss, grad
+OP = registry.declare("kl_div_fwd", reference=reference.kl_div_fwd, fake=_fake,
+                      triton_module="slimlm.kernels.triton.kl_div")
 
 
 def kl_div_fwd(
@@ -56,24 +43,8 @@ def kl_div_fwd(
     Inputs are assumed valid (``slimlm.losses.kl_div_loss`` checks them). ``backend``
     overrides the dispatcher's choice (see ``slimlm.kernels.dispatch``).
     """
-    impls = _impls()
-    if student.dtype == torch.float64:
-        impls = {"torch": impls["torch"]}
-        backend = "torch"
-    return dispatch.run(
-        "kl_div",
-        impls,
-        student.device,
-        student,
-        teacher,
-        labels,
-        ignore_index,
-        temperature,
-        beta,
-        scale,
-        compute_grad,
-        backend=backend,
-    )
+    return OP(student, teacher, labels, int(ignore_index), float(temperature), float(beta), float(scale),
+              bool(compute_grad), backend=backend)
 
 
 class KLDivFunction(torch.autograd.Function):

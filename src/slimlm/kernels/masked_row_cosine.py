@@ -8,33 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from slimlm import _extension
-from slimlm.kernels import dispatch, reference
+from slimlm.kernels import reference, registry
 
 
-def _compiled(a, b, mask, eps):
-    return torch.ops.slimlm.masked_row_cosine(a, b, mask, eps)
+def _fake(a, b, mask, eps):
+    return a.new_empty((a.shape[0],), dtype=torch.float32)
 
 
-def _triton(a, b, mask, eps):
-    from slimlm.kernels.triton import masked_row_cosine as triton_masked_row_cosine
-
-    return triton_masked_row_cosine.masked_row_cosine(a, b, mask, eps)
-
-
-def _impls() -> dict:
-    impls = {"torch": reference.masked_row_cosine, "triton": _triton}
-    if _extension.has_op("masked_row_cosine"):
-        impls["cpu"] = _compiled
-        impls["cuda"] = _compiled
-    return impls
-
-
-if _extension.has_op("masked_row_cosine"):
-
-    @torch.library.register_fake("slimlm::masked_row_cosine")
-    def _masked_row_cosine_fake(a, b, mask, eps):
-        return a.new_empty((a.shape[0],), dtype=torch.float32)
+OP = registry.declare("masked_row_cosine", reference=reference.masked_row_cosine, fake=_fake,
+                      triton_module="slimlm.kernels.triton.masked_row_cosine")
 
 
 def masked_row_cosine(
@@ -62,8 +44,4 @@ def masked_row_cosine(
     a2 = a.detach().reshape(-1, a.shape[-1]).contiguous()
     b2 = b.detach().reshape(-1, b.shape[-1]).contiguous()
     mask1 = mask.detach().reshape(-1).to(torch.bool).contiguous() if mask is not None else None
-    impls = _impls()
-    if a.dtype == torch.float64:
-        impls = {"torch": impls["torch"]}
-        backend = "torch"
-    return dispatch.run("masked_row_cosine", impls, a.device, a2, b2, mask1, float(eps), backend=backend).reshape(leading)
+    return OP(a2, b2, mask1, float(eps), backend=backend).reshape(leading)

@@ -10,36 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from slimlm import _extension
-from slimlm.kernels import dispatch, reference
+from slimlm.kernels import reference, registry
 
 # The C++ kernel reduces a group inside one 1024-element scratch chunk (csrc/cpu/masked_seq_stats.cpp).
 _MAX_COMPILED_GROUP = 1024
 
 
-def _compiled(x, mask, group_size):
-    return torch.ops.slimlm.masked_seq_stats(x, mask, group_size)
+def _fake(x, mask, group_size):
+    return x.new_empty((3, x.shape[0], x.shape[2] // group_size), dtype=torch.float32)
 
 
-def _triton(x, mask, group_size):
-    from slimlm.kernels.triton import masked_seq_stats as triton_masked_seq_stats
-
-    return triton_masked_seq_stats.masked_seq_stats(x, mask, group_size)
-
-
-def _impls() -> dict:
-    impls = {"torch": reference.masked_seq_stats, "triton": _triton}
-    if _extension.has_op("masked_seq_stats"):
-        impls["cpu"] = _compiled
-        impls["cuda"] = _compiled
-    return impls
-
-
-if _extension.has_op("masked_seq_stats"):
-
-    @torch.library.register_fake("slimlm::masked_seq_stats")
-    def _masked_seq_stats_fake(x, mask, group_size):
-        return x.new_empty((3, x.shape[0], x.shape[2] // group_size), dtype=torch.float32)
+OP = registry.declare("masked_seq_stats", reference=reference.masked_seq_stats, fake=_fake,
+                      triton_module="slimlm.kernels.triton.masked_seq_stats",
+                      reference_only=lambda x, mask, group_size: group_size > _MAX_COMPILED_GROUP)
 
 
 def _check(x: torch.Tensor, mask: torch.Tensor | None, group_size: int) -> None:
@@ -69,8 +52,4 @@ def masked_seq_stats(
     x = x.detach().contiguous()
     if mask is not None:
         mask = mask.detach().to(torch.bool).contiguous()
-    impls = _impls()
-    if x.dtype == torch.float64 or group_size > _MAX_COMPILED_GROUP:
-        impls = {"torch": impls["torch"]}
-        backend = "torch"
-    return dispatch.run("masked_seq_stats", impls, x.device, x, mask, group_size, backend=backend)
+    return OP(x, mask, group_size, backend=backend)

@@ -14,41 +14,17 @@ from __future__ import annotations
 
 import torch
 
-from slimlm import _extension
-from slimlm.kernels import dispatch, reference
+from slimlm.kernels import reference, registry
+from slimlm.kernels.kl_div import rows_and_grad_like
 from slimlm.kernels.precomputed_grad import save_and_reduce, scaled_saved_grad
 
 
-def _compiled(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, compute_grad):
-    return torch.ops.slimlm.topk_kl_fwd(
-        student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, compute_grad
-    )
+def _fake(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, compute_grad):
+    return rows_and_grad_like(student, compute_grad)
 
 
-def _triton(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, compute_grad):
-    from slimlm.kernels.triton import topk_kl as triton_topk_kl
-
-    return triton_topk_kl.topk_kl_fwd(
-        student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, compute_grad
-    )
-
-
-def _impls() -> dict:
-    impls = {"torch": reference.topk_kl_fwd, "triton": _triton}
-    if _extension.has_op("topk_kl_fwd"):
-        impls["cpu"] = _compiled
-        impls["cuda"] = _compiled
-    return impls
-
-
-if _extension.has_op("topk_kl_fwd"):
-
-    @torch.library.register_fake("slimlm::topk_kl_fwd")
-    def _topk_kl_fwd_fake(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize,
-                          compute_grad):
-        loss = student.new_empty(student.shape[0], dtype=torch.float32)
-        grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
-        return loss, grad
+OP = registry.declare("topk_kl_fwd", reference=reference.topk_kl_fwd, fake=_fake,
+                      triton_module="slimlm.kernels.triton.topk_kl")
 
 
 def topk_kl_fwd(
@@ -70,14 +46,8 @@ def topk_kl_fwd(
     checks them): student (N, V) contiguous, log-probs (N, k) fp32, indices (N, k) int64 in
     [0, V) and distinct per row, labels (N,) int64 or None.
     """
-    impls = _impls()
-    if student.dtype == torch.float64:
-        impls = {"torch": impls["torch"]}
-        backend = "torch"
-    return dispatch.run(
-        "topk_kl", impls, student.device, student, topk_logprobs, topk_indices, labels, ignore_index, temperature,
-        beta, scale, renormalize, compute_grad, backend=backend,
-    )
+    return OP(student, topk_logprobs, topk_indices, labels, int(ignore_index), float(temperature), float(beta),
+              float(scale), bool(renormalize), bool(compute_grad), backend=backend)
 
 
 class TopKKLFunction(torch.autograd.Function):

@@ -18,18 +18,20 @@ import math
 
 import torch
 
-from slimlm.kernels.triton import runtime
-from slimlm.kernels.triton.jit_helpers import poisons_softmax
+import slimlm.kernels.kl_div  # noqa: F401  (declares the op this is the Triton form of)
+from slimlm.kernels import registry
+from slimlm.kernels.triton.common import (
+    FORWARD_KL,
+    JSD,
+    LOG2E,
+    REVERSE_KL,
+    divergence_kind,
+    finish_gradient,
+    gradient_buffer,
+    log_mixture,
+    poisons_softmax,
+)
 from slimlm.kernels.triton.runtime import tl, triton
-
-if triton is None:
-    raise ImportError("slimlm.kernels.triton.kl_div needs Triton (not importable here)")
-
-# Which divergence a launch computes (a compile-time switch of the kernel).
-FORWARD_KL = tl.constexpr(0)
-REVERSE_KL = tl.constexpr(1)
-JSD = tl.constexpr(2)
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -53,20 +55,6 @@ def _rescale(acc, alpha):
 def _gap(x, y, keep):
     """x − y where ``keep``, else 0, without ever forming -inf − (-inf)."""
     return tl.where(keep, x, 0.0) - tl.where(keep, y, 0.0)
-
-
-@triton.jit
-def _log_mixture(log_p, log_q, log_beta, log_1m_beta):
-    """log M = logaddexp(log β + log P, log(1 − β) + log Q).
-
-    Where P = Q = 0 it returns 0 instead of -inf: those entries are weighted by P = Q = 0,
-    and a finite stand-in keeps every intermediate free of -inf − (-inf).
-    """
-    x1 = log_p + log_beta
-    x2 = log_q + log_1m_beta
-    hi = tl.maximum(x1, x2)
-    hi = tl.where(hi == float("-inf"), 0.0, hi)
-    return hi + tl.log(1.0 + tl.exp(tl.minimum(x1, x2) - hi))
 
 
 @triton.jit
@@ -143,7 +131,7 @@ def _kl_div_fwd_kernel(
                 t = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 log_q = (s - s_max) * inv_temperature - log_zs
                 log_p = (t - t_max) * inv_temperature - log_zt
-                log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
+                log_m = log_mixture(log_p, log_q, log_beta, log_1m_beta)
                 q = tl.exp(log_q)
                 p = tl.exp(log_p)
                 kl_pm += p * tl.where(p > 0, log_p - log_m, 0.0)
@@ -173,7 +161,7 @@ def _kl_div_fwd_kernel(
                     # exactly, so where Q is one-hot the gradient is as small as it should be.
                     grad = tl.where(q > 0, q * (_gap(s, t, q > 0) - mean_gap) * inv_temperature, 0.0)
                 else:
-                    log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
+                    log_m = log_mixture(log_p, log_q, log_beta, log_1m_beta)
                     grad = q * tl.where(q > 0, log_q - log_m - kl_qm_total, 0.0)
                 grad = tl.where(undefined, float("nan"), grad * grad_scale)
                 tl.store(g_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -186,32 +174,31 @@ def _kl_div_fwd_kernel(
                 tl.store(g_row + offs, zeros, mask=offs < vocab)
 
 
-def _divergence_kind(beta: float) -> int:
-    if beta == 0.0:
-        return FORWARD_KL.value
-    if beta == 1.0:
-        return REVERSE_KL.value
-    return JSD.value
-
-
-def launch_kl_div_fwd(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad):
-    """Allocates the outputs and launches one program per row; see ``kl_div_fwd`` for the contract."""
+@registry.triton_op("kl_div_fwd")
+def kl_div_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    beta: float,
+    scale: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``slimlm::kl_div_fwd_triton`` on 2-D contiguous (N, V) logits (CUDA, or CPU when interpreted):
+    the contract of ``reference.kl_div_fwd``. Allocates the outputs and launches one program per row."""
     rows, vocab = student.shape
     loss = torch.empty(rows, dtype=torch.float32, device=student.device)
     grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
     if rows == 0:
         return loss, grad
-    # Triton's interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even,
-    # which would double the gradient's error; interpreted, bf16 goes through an fp32
-    # buffer that torch rounds.
-    round_on_host = compute_grad and student.dtype == torch.bfloat16 and runtime.interpreted()
-    grad_out = torch.empty(student.shape, dtype=torch.float32, device=student.device) if round_on_host else grad
+    grad_out = gradient_buffer(grad, student, compute_grad)
     # 2048 columns over 8 warps: 8 values per thread per side (one 128-bit load of
     # 16-bit logits) at about 72 registers on sm_90, so three rows stay resident per SM
     # (4096 over 16 warps needs about 95 and fits one).
     block = min(triton.next_power_of_2(vocab), 2048)
     num_warps = max(1, min(8, block // 256))
-    kind = _divergence_kind(beta)
+    kind = divergence_kind(beta)
     log_beta = math.log(beta) if kind == JSD.value else 0.0
     log_1m_beta = math.log1p(-beta) if kind == JSD.value else 0.0
     _kl_div_fwd_kernel[(rows,)](
@@ -233,53 +220,5 @@ def launch_kl_div_fwd(student, teacher, labels, ignore_index, temperature, beta,
         BLOCK=block,
         num_warps=num_warps,
     )
-    if round_on_host:
-        grad.copy_(grad_out)
+    finish_gradient(grad, grad_out)
     return loss, grad
-
-
-@torch.library.custom_op("slimlm::kl_div_fwd_triton", mutates_args=())
-def _kl_div_fwd_op(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor | None,
-    ignore_index: int,
-    temperature: float,
-    beta: float,
-    scale: float,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if student.device.type == "cuda":
-        # Triton launches on the current device, which need not be the tensors' one.
-        with torch.cuda.device(student.device):
-            return launch_kl_div_fwd(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad)
-    return launch_kl_div_fwd(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad)
-
-
-@_kl_div_fwd_op.register_fake
-def _kl_div_fwd_fake(student, teacher, labels, ignore_index, temperature, beta, scale, compute_grad):
-    loss = student.new_empty(student.shape[0], dtype=torch.float32)
-    grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
-    return loss, grad
-
-
-def kl_div_fwd(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor | None,
-    ignore_index: int,
-    temperature: float,
-    beta: float,
-    scale: float,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton ``slimlm::kl_div_fwd`` on 2-D contiguous (N, V) logits (CUDA, or CPU when interpreted).
-
-    Returns (scale · D(P‖Q) per row in fp32, 0 on rows whose label is ``ignore_index``;
-    d(Σ rows)/d student in the student's dtype, zero on ignored rows, or an empty tensor
-    when ``compute_grad`` is false). Runs as the custom op ``slimlm::kl_div_fwd_triton``
-    so that ``torch.compile`` traces it through its fake implementation.
-    """
-    return torch.ops.slimlm.kl_div_fwd_triton(
-        student, teacher, labels, ignore_index, float(temperature), float(beta), float(scale), bool(compute_grad)
-    )

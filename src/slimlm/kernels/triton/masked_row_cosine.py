@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+import slimlm.kernels.masked_row_cosine  # noqa: F401  (declares the op this is the Triton form of)
+from slimlm.kernels import registry
 from slimlm.kernels.triton.runtime import tl, triton
 
 if triton is None:
@@ -47,6 +49,7 @@ def _masked_row_cosine_kernel(
     tl.store(out_ptr + row, tl.where(row_ok, cosine, 0.0), mask=in_range)
 
 
+@registry.triton_op("masked_row_cosine")
 def masked_row_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Same contract as ``reference.masked_row_cosine`` for contiguous (N, C) fp32/bf16/fp16 inputs."""
     rows, channels = a.shape

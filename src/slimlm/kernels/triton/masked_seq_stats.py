@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+import slimlm.kernels.masked_seq_stats  # noqa: F401  (declares the op this is the Triton form of)
+from slimlm.kernels import registry
 from slimlm.kernels.triton.runtime import tl, triton
 
 if triton is None:
@@ -64,6 +66,7 @@ def _masked_seq_stats_kernel(
     tl.store(out + 2 * plane, acc_sq, mask=keep)
 
 
+@registry.triton_op("masked_seq_stats")
 def masked_seq_stats(x: torch.Tensor, mask: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """Same contract as ``reference.masked_seq_stats`` for contiguous (B, S, C) fp32/bf16/fp16 ``x``."""
     batch, seq, channels = x.shape

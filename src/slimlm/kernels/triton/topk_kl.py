@@ -14,17 +14,20 @@ import math
 
 import torch
 
-from slimlm.kernels.triton import runtime
-from slimlm.kernels.triton.jit_helpers import poisons_softmax
+import slimlm.kernels.topk_kl  # noqa: F401  (declares the op this is the Triton form of)
+from slimlm.kernels import registry
+from slimlm.kernels.triton.common import (
+    FORWARD_KL,
+    JSD,
+    LOG2E,
+    REVERSE_KL,
+    divergence_kind,
+    finish_gradient,
+    gradient_buffer,
+    log_mixture,
+    poisons_softmax,
+)
 from slimlm.kernels.triton.runtime import tl, triton
-
-if triton is None:
-    raise ImportError("slimlm.kernels.triton.topk_kl needs Triton (not importable here)")
-
-FORWARD_KL = tl.constexpr(0)
-REVERSE_KL = tl.constexpr(1)
-JSD = tl.constexpr(2)
-LOG2E = tl.constexpr(1.4426950408889634)
 # The tail buckets are clamped here, as the fp32 reference does (smallest normal fp32).
 TINY = tl.constexpr(1.1754943508222875e-38)
 
@@ -40,11 +43,7 @@ def _bucket_term(p, q, log_p, log_q, beta, log_beta, log_1m_beta, DIVERGENCE: tl
         term = tl.where(q_live, q * (log_q - tl.where(q_live, log_p, 0.0)), 0.0)
         dq = tl.where(q_live, log_q - log_p + 1.0, 0.0)
     else:
-        x1 = log_p + log_beta
-        x2 = log_q + log_1m_beta
-        hi = tl.maximum(x1, x2)
-        hi = tl.where(hi == float("-inf"), 0.0, hi)
-        log_m = hi + tl.log(1.0 + tl.exp(tl.minimum(x1, x2) - hi))
+        log_m = log_mixture(log_p, log_q, log_beta, log_1m_beta)
         term = beta * tl.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - beta) * tl.where(
             q_live, q * (log_q - log_m), 0.0
         )
@@ -164,29 +163,31 @@ def _topk_kl_fwd_kernel(
                 tl.store(g_row + offs, zeros, mask=offs < vocab)
 
 
-def _divergence_kind(beta: float) -> int:
-    if beta == 0.0:
-        return FORWARD_KL.value
-    if beta == 1.0:
-        return REVERSE_KL.value
-    return JSD.value
-
-
-def launch_topk_kl_fwd(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize,
-                       compute_grad):
-    """Allocates the outputs and launches one program per row; see ``topk_kl_fwd`` for the contract."""
+@registry.triton_op("topk_kl_fwd")
+def topk_kl_fwd(
+    student: torch.Tensor,
+    logprobs: torch.Tensor,
+    indices: torch.Tensor,
+    labels: torch.Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    beta: float,
+    scale: float,
+    renormalize: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``slimlm::topk_kl_fwd_triton`` (CUDA, or CPU tensors when interpreted): the contract of
+    ``reference.topk_kl_fwd``. Allocates the outputs and launches one program per row."""
     rows, vocab = student.shape
     k = logprobs.shape[1]
     loss = torch.empty(rows, dtype=torch.float32, device=student.device)
     grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
     if rows == 0:
         return loss, grad
-    # The interpreter truncates fp32 → bf16 where the GPU rounds to nearest even: round on the host there.
-    round_on_host = compute_grad and student.dtype == torch.bfloat16 and runtime.interpreted()
-    grad_out = torch.empty(student.shape, dtype=torch.float32, device=student.device) if round_on_host else grad
+    grad_out = gradient_buffer(grad, student, compute_grad)
     block = min(triton.next_power_of_2(vocab), 2048)
     num_warps = max(1, min(8, block // 256))
-    kind = _divergence_kind(beta)
+    kind = divergence_kind(beta)
     _topk_kl_fwd_kernel[(rows,)](
         student,
         logprobs,
@@ -210,43 +211,5 @@ def launch_topk_kl_fwd(student, logprobs, indices, labels, ignore_index, tempera
         BLOCK_K=max(16, triton.next_power_of_2(k)),
         num_warps=num_warps,
     )
-    if round_on_host:
-        grad.copy_(grad_out)
+    finish_gradient(grad, grad_out)
     return loss, grad
-
-
-@torch.library.custom_op("slimlm::topk_kl_fwd_triton", mutates_args=())
-def _topk_kl_fwd_op(
-    student: torch.Tensor,
-    logprobs: torch.Tensor,
-    indices: torch.Tensor,
-    labels: torch.Tensor | None,
-    ignore_index: int,
-    temperature: float,
-    beta: float,
-    scale: float,
-    renormalize: bool,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if student.device.type == "cuda":
-        with torch.cuda.device(student.device):
-            return launch_topk_kl_fwd(student, logprobs, indices, labels, ignore_index, temperature, beta, scale,
-                                      renormalize, compute_grad)
-    return launch_topk_kl_fwd(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize,
-                              compute_grad)
-
-
-@_topk_kl_fwd_op.register_fake
-def _topk_kl_fwd_fake(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize,
-                      compute_grad):
-    loss = student.new_empty(student.shape[0], dtype=torch.float32)
-    grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
-    return loss, grad
-
-
-def topk_kl_fwd(student, logprobs, indices, labels, ignore_index, temperature, beta, scale, renormalize, compute_grad):
-    """Triton ``slimlm::topk_kl_fwd`` (CUDA, or CPU tensors when interpreted); contract of the op."""
-    return torch.ops.slimlm.topk_kl_fwd_triton(
-        student, logprobs, indices, labels, int(ignore_index), float(temperature), float(beta), float(scale),
-        bool(renormalize), bool(compute_grad),
-    )
