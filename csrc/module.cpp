@@ -6,7 +6,7 @@
 #include <omp.h>
 #endif
 
-#include "cpu/isa.h"
+#include "cpu/common/isa.h"
 
 #ifndef SLIMLM_CUDA_ARCHS
 #define SLIMLM_CUDA_ARCHS ""

@@ -1,11 +1,11 @@
-#include "cpu/isa.h"
+#include "cpu/common/isa.h"
 
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
 #include <cstring>
 
-#include "cpu/vec.h"
+#include "cpu/common/vec.h"
 
 namespace slimlm::cpu {
 

@@ -33,12 +33,8 @@
 #include <limits>
 #include <memory>
 
-#include "cpu/isa.h"
-#include "cpu/vec.h"
-#include "cpu/vec_avx2.h"
-#include "cpu/vec_avx512.h"
-#include "cpu/vec_math.h"
-#include "cpu/vec_scalar.h"
+#include "cpu/common/variants.h"
+#include "cpu/common/vec_math.h"
 
 namespace slimlm::cpu {
 namespace {
@@ -263,23 +259,10 @@ struct DivergenceRows {
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t, float*);
 
-template <class T, Divergence D, bool Stream>
-RowsFn rows_fn(Isa isa) {
-  using Kernel = DivergenceRows<T, D, Stream>;
-#if SLIMLM_VEC_X86
-  if (isa == Isa::Avx512) {
-    return &avx512::invoke<Kernel, const Problem&, int64_t, int64_t, float*>;
-  }
-  if (isa == Isa::Avx2) {
-    return &avx2::invoke<Kernel, const Problem&, int64_t, int64_t, float*>;
-  }
-#endif
-  return &scalar::invoke<Kernel, const Problem&, int64_t, int64_t, float*>;
-}
-
 template <class T, Divergence D>
 RowsFn rows_fn(Isa isa, bool stream) {
-  return stream ? rows_fn<T, D, true>(isa) : rows_fn<T, D, false>(isa);
+  return stream ? variant<DivergenceRows<T, D, true>, const Problem&, int64_t, int64_t, float*>(isa)
+                : variant<DivergenceRows<T, D, false>, const Problem&, int64_t, int64_t, float*>(isa);
 }
 
 template <class T>
@@ -387,19 +370,8 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& student, con
       beta == 0.0 ? Divergence::kForward : (beta == 1.0 ? Divergence::kReverse : Divergence::kJsd);
   const Isa isa = active_isa();
   RowsFn run_rows = nullptr;
-  switch (student.scalar_type()) {
-    case at::kFloat:
-      run_rows = rows_fn<float>(isa, divergence, stream);
-      break;
-    case at::kBFloat16:
-      run_rows = rows_fn<c10::BFloat16>(isa, divergence, stream);
-      break;
-    case at::kHalf:
-      run_rows = rows_fn<c10::Half>(isa, divergence, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "kl_div_fwd: expects float32, bfloat16 or float16 logits, got ", student.scalar_type());
-  }
+  visit_storage(student.scalar_type(), "kl_div_fwd",
+                [&](auto storage) { run_rows = rows_fn<decltype(storage)>(isa, divergence, stream); });
 
   // About 16k elements per task keeps short rows from spawning threads for nothing.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / cols);

@@ -3,7 +3,7 @@
 // Per row: pass 0 reads the logits once for the max (and whether the row holds a NaN);
 // pass 1 sums exp over the row (now in L2); the k-sized bookkeeping runs in double; pass 2
 // writes the dense softmax part of the gradient and the k indices are patched after it.
-// The dense passes are one template over the Vec of cpu/vec.h, compiled per instruction set
+// The dense passes are one template over the Vec of cpu/common/vec.h, compiled per instruction set
 // and chosen at run time by active_isa(), like kl_div.cpp.
 
 // GCC 12 reports its own AVX-512 intrinsics as maybe-uninitialized once inlined (kl_div.cpp).
@@ -19,12 +19,8 @@
 #include <cstdint>
 #include <limits>
 
-#include "cpu/isa.h"
-#include "cpu/vec.h"
-#include "cpu/vec_avx2.h"
-#include "cpu/vec_avx512.h"
-#include "cpu/vec_math.h"
-#include "cpu/vec_scalar.h"
+#include "cpu/common/variants.h"
+#include "cpu/common/vec_math.h"
 
 namespace slimlm::cpu {
 namespace {
@@ -203,22 +199,6 @@ struct TopkRows {
   }
 };
 
-using RowsFn = void (*)(const Args&, int64_t, int64_t);
-
-template <class T>
-RowsFn rows_fn(Isa isa) {
-  using Kernel = TopkRows<T>;
-#if SLIMLM_VEC_X86
-  if (isa == Isa::Avx512) {
-    return &avx512::invoke<Kernel, const Args&, int64_t, int64_t>;
-  }
-  if (isa == Isa::Avx2) {
-    return &avx2::invoke<Kernel, const Args&, int64_t, int64_t>;
-  }
-#endif
-  return &scalar::invoke<Kernel, const Args&, int64_t, int64_t>;
-}
-
 std::tuple<at::Tensor, at::Tensor> topk_kl_fwd_cpu(const at::Tensor& student, const at::Tensor& logprobs,
                                                    const at::Tensor& indices, const std::optional<at::Tensor>& labels,
                                                    int64_t ignore_index, double temperature, double beta, double scale,
@@ -240,21 +220,10 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd_cpu(const at::Tensor& student, co
   at::Tensor loss = at::empty({rows}, student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
   std::atomic<bool> bad_index{false};
-  RowsFn run_rows = nullptr;
+  void (*run_rows)(const Args&, int64_t, int64_t) = nullptr;
   const Isa isa = active_isa();
-  switch (student.scalar_type()) {
-    case at::kFloat:
-      run_rows = rows_fn<float>(isa);
-      break;
-    case at::kBFloat16:
-      run_rows = rows_fn<c10::BFloat16>(isa);
-      break;
-    case at::kHalf:
-      run_rows = rows_fn<c10::Half>(isa);
-      break;
-    default:
-      TORCH_CHECK(false, "topk_kl_fwd: expects float32, bfloat16 or float16 logits, got ", student.scalar_type());
-  }
+  visit_storage(student.scalar_type(), "topk_kl_fwd",
+                [&](auto storage) { run_rows = variant<TopkRows<decltype(storage)>, const Args&, int64_t, int64_t>(isa); });
   const Args args{student.data_ptr(), logprobs.data_ptr<float>(), indices.data_ptr<int64_t>(),
                   labels.has_value() ? label_tensor.data_ptr<int64_t>() : nullptr, vocab, logprobs.size(1),
                   ignore_index, 1.0 / temperature, beta, scale, renormalize, loss.data_ptr<float>(),

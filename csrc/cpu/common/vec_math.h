@@ -1,4 +1,4 @@
-// Math and loop helpers written once over any Vec (cpu/vec_scalar.h, vec_avx2.h,
+// Math and loop helpers written once over any Vec (cpu/common/vec_scalar.h, vec_avx2.h,
 // vec_avx512.h): exp and log1p polynomials accurate to ~1 ulp in fp32, row sweeps with a
 // partial last vector, compensated sums, and the non-finite checks of a row.
 #pragma once
@@ -6,7 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cpu/vec.h"
+#include "cpu/common/vec.h"
 
 namespace slimlm::cpu::vec {
 
@@ -110,6 +110,17 @@ inline void for_each_vec(int64_t count, Body&& body) {
   if (i < count) {
     body(i, static_cast<int>(count - i));
   }
+}
+
+// fp32 view of n elements at src: src itself for fp32, else `scratch` (n floats) filled.
+template <class V>
+inline const float* as_float(const float* src, float*, int64_t) {
+  return src;
+}
+template <class V, class T>
+inline const float* as_float(const T* src, float* scratch, int64_t n) {
+  for_each_vec<V>(n, [&](int64_t i, int width) { store_n<V, false>(scratch + i, width, load_n<V>(src + i, width)); });
+  return scratch;
 }
 
 }  // namespace slimlm::cpu::vec

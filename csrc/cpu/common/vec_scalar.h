@@ -1,5 +1,5 @@
 // One-lane Vec: the portable fallback, and the reference shape of the Vec interface
-// (see cpu/vec.h). Semantics every Vec shares:
+// (see cpu/common/vec.h). Semantics every Vec shares:
 //   max(a, b) = a > b ? a : b   (so max(NaN, b) = b, as x86 maxps)
 //   keep_where_positive(c, x) = c > 0 ? x : 0
 //   select_greater(a, b, x, y) = a > b ? x : y
@@ -14,7 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cpu/vec.h"
+#include "cpu/common/vec.h"
 
 namespace slimlm::cpu::scalar {
 
@@ -82,7 +82,7 @@ inline Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
 inline Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
 inline Vec operator/(Vec a, Vec b) { return {a.v / b.v}; }
 
-// The entry point that compiles Kernel::run<Vec> for any CPU (see cpu/vec.h).
+// The entry point that compiles Kernel::run<Vec> for any CPU (see cpu/common/vec.h).
 template <class Kernel, class... Args>
 __attribute__((flatten)) void invoke(Args... args) {
   Kernel::template run<Vec>(args...);

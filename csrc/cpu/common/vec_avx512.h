@@ -1,7 +1,7 @@
-// Sixteen-lane Vec for AVX-512 F/BW/VL/DQ (interface and semantics: cpu/vec_scalar.h).
+// Sixteen-lane Vec for AVX-512 F/BW/VL/DQ (interface and semantics: cpu/common/vec_scalar.h).
 #pragma once
 
-#include "cpu/vec.h"
+#include "cpu/common/vec.h"
 
 #if SLIMLM_VEC_X86
 #include <limits>
@@ -105,7 +105,7 @@ inline Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
 
-// The entry point that compiles Kernel::run<Vec> for AVX-512 (see cpu/vec.h).
+// The entry point that compiles Kernel::run<Vec> for AVX-512 (see cpu/common/vec.h).
 template <class Kernel, class... Args>
 __attribute__((flatten)) void invoke(Args... args) {
   Kernel::template run<Vec>(args...);

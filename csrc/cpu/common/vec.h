@@ -1,6 +1,6 @@
 // Short fp32 vectors for the hand-vectorised CPU kernels, one struct per instruction set:
-//   scalar::Vec (cpu/vec_scalar.h, 1 lane, portable), avx2::Vec (cpu/vec_avx2.h, 8 lanes,
-//   AVX2+FMA+F16C), avx512::Vec (cpu/vec_avx512.h, 16 lanes, AVX-512 F/BW/VL/DQ).
+//   scalar::Vec (cpu/common/vec_scalar.h, 1 lane, portable), avx2::Vec (cpu/common/vec_avx2.h, 8 lanes,
+//   AVX2+FMA+F16C), avx512::Vec (cpu/common/vec_avx512.h, 16 lanes, AVX-512 F/BW/VL/DQ).
 // This header holds what they share.
 // Every Vec has the same static interface (load/store of fp32, bf16 and fp16 storage,
 // arithmetic, masks, reductions), so a kernel is written once as a template over Vec
@@ -12,7 +12,7 @@
 // `flatten` entry point carrying the same target. Flatten inlines the whole kernel
 // template, Vec members included, into that entry, so the kernel is compiled for the
 // entry's instruction set; the kernel templates themselves carry no target and are never
-// called out of line. The CPU is checked once per call (cpu/isa.h) before an entry is
+// called out of line. The CPU is checked once per call (cpu/common/isa.h) before an entry is
 // picked, so the extension runs on any x86-64.
 #pragma once
 

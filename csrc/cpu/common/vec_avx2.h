@@ -1,7 +1,7 @@
-// Eight-lane Vec for AVX2 + FMA + F16C (interface and semantics: cpu/vec_scalar.h).
+// Eight-lane Vec for AVX2 + FMA + F16C (interface and semantics: cpu/common/vec_scalar.h).
 #pragma once
 
-#include "cpu/vec.h"
+#include "cpu/common/vec.h"
 
 #if SLIMLM_VEC_X86
 #include <cstring>
@@ -113,7 +113,7 @@ inline Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
 
-// The entry point that compiles Kernel::run<Vec> for AVX2 (see cpu/vec.h).
+// The entry point that compiles Kernel::run<Vec> for AVX2 (see cpu/common/vec.h).
 template <class Kernel, class... Args>
 __attribute__((flatten)) void invoke(Args... args) {
   Kernel::template run<Vec>(args...);
