@@ -13,8 +13,7 @@
 // in L2; the gradient pass streams (evict-first) since nothing reads those lines again.
 #include "cuda/kl_div.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "cuda/common.cuh"
 
 #include <cmath>
 #include <cstdint>
@@ -28,80 +27,6 @@ constexpr float kInf = __builtin_huge_valf();
 constexpr float kLog2e = 1.4426950408889634f;
 
 enum class Divergence { kForward, kReverse, kJsd };
-
-// 16 bytes of logits as fp32 lanes, and single elements for the unaligned ends of a row.
-template <typename T>
-struct Pack;
-
-template <>
-struct Pack<float> {
-  static constexpr int kLanes = 4;
-  static __device__ __forceinline__ float widen(float x) { return x; }
-  static __device__ __forceinline__ float narrow(float x) { return x; }
-  static __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[kLanes]) {
-    out[0] = __uint_as_float(raw.x);
-    out[1] = __uint_as_float(raw.y);
-    out[2] = __uint_as_float(raw.z);
-    out[3] = __uint_as_float(raw.w);
-  }
-  static __device__ __forceinline__ uint4 pack(const float (&in)[kLanes]) {
-    return make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]), __float_as_uint(in[3]));
-  }
-};
-
-// The 16-bit formats: two values per 32-bit word, the lower address in the low half.
-template <>
-struct Pack<__nv_bfloat16> {
-  static constexpr int kLanes = 8;
-  static __device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 narrow(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ void unpack_word(uint32_t word, float& lo, float& hi) {
-    lo = __uint_as_float(word << 16);
-    hi = __uint_as_float(word & 0xffff0000u);
-  }
-  static __device__ __forceinline__ uint32_t pack_word(float lo, float hi) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
-    return static_cast<uint32_t>(__bfloat16_as_ushort(pair.x)) |
-           (static_cast<uint32_t>(__bfloat16_as_ushort(pair.y)) << 16);
-  }
-};
-
-template <>
-struct Pack<__half> {
-  static constexpr int kLanes = 8;
-  static __device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half narrow(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ void unpack_word(uint32_t word, float& lo, float& hi) {
-    lo = __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu)));
-    hi = __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16)));
-  }
-  static __device__ __forceinline__ uint32_t pack_word(float lo, float hi) {
-    const __half2 pair = __floats2half2_rn(lo, hi);
-    return static_cast<uint32_t>(__half_as_ushort(pair.x)) | (static_cast<uint32_t>(__half_as_ushort(pair.y)) << 16);
-  }
-};
-
-template <typename T>
-__device__ __forceinline__ void unpack(const uint4& raw, float (&out)[Pack<T>::kLanes]) {
-  if constexpr (Pack<T>::kLanes == 4) {
-    Pack<T>::unpack(raw, out);
-  } else {
-    Pack<T>::unpack_word(raw.x, out[0], out[1]);
-    Pack<T>::unpack_word(raw.y, out[2], out[3]);
-    Pack<T>::unpack_word(raw.z, out[4], out[5]);
-    Pack<T>::unpack_word(raw.w, out[6], out[7]);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ uint4 pack(const float (&in)[Pack<T>::kLanes]) {
-  if constexpr (Pack<T>::kLanes == 4) {
-    return Pack<T>::pack(in);
-  } else {
-    return make_uint4(Pack<T>::pack_word(in[0], in[1]), Pack<T>::pack_word(in[2], in[3]),
-                      Pack<T>::pack_word(in[4], in[5]), Pack<T>::pack_word(in[6], in[7]));
-  }
-}
 
 // A row as [scalar head | 16-byte vectors | scalar tail]; the head brings the first vector
 // to a 16-byte boundary. Without `vectorized` the whole row is head.
@@ -132,12 +57,12 @@ __device__ __forceinline__ void sweep_row(const T* __restrict__ s, const T* __re
   const int64_t scalars = split.head + (vocab - split.body_end);
   for (int64_t i = threadIdx.x; i < scalars; i += blockDim.x) {
     const int64_t col = i < split.head ? i : split.body_end + (i - split.head);
-    const float s_val[1] = {Pack<T>::widen(s[col])};
-    const float t_val[1] = {Pack<T>::widen(t[col])};
+    const float s_val[1] = {to_float(s[col])};
+    const float t_val[1] = {to_float(t[col])};
     float out[1];
     visit(s_val, t_val, out);
     if constexpr (kGradPass) {
-      grad[col] = Pack<T>::narrow(out[0]);
+      grad[col] = from_float<T>(out[0]);
     }
   }
   const int64_t vectors = (split.body_end - split.head) / kLanes;
@@ -168,7 +93,7 @@ __device__ __forceinline__ void zero_row(T* grad, int64_t vocab, bool vectorized
   const RowSplit split = split_row(grad, vocab, vectorized);
   const int64_t scalars = split.head + (vocab - split.body_end);
   for (int64_t i = threadIdx.x; i < scalars; i += blockDim.x) {
-    grad[i < split.head ? i : split.body_end + (i - split.head)] = Pack<T>::narrow(0.0f);
+    grad[i < split.head ? i : split.body_end + (i - split.head)] = from_float<T>(0.0f);
   }
   uint4* g_vec = reinterpret_cast<uint4*>(grad + split.head);
   const int64_t vectors = (split.body_end - split.head) / kLanes;

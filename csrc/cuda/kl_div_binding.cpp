@@ -3,26 +3,15 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "cuda/binding.h"
 #include "cuda/kl_div.h"
 
 namespace slimlm::cuda {
 namespace {
-
-template <typename T, typename Scalar>
-cudaError_t launch_as(const at::Tensor& student, const at::Tensor& teacher, at::Tensor& grad, bool compute_grad,
-                      const KLDivProblem& problem) {
-  // at::BFloat16 / at::Half and __nv_bfloat16 / __half share their bits.
-  return kl_div_fwd<T>(reinterpret_cast<const T*>(student.const_data_ptr<Scalar>()),
-                       reinterpret_cast<const T*>(teacher.const_data_ptr<Scalar>()),
-                       compute_grad ? reinterpret_cast<T*>(grad.mutable_data_ptr<Scalar>()) : nullptr, problem,
-                       c10::cuda::getCurrentCUDAStream());
-}
 
 std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                    const std::optional<at::Tensor>& labels, int64_t ignore_index,
@@ -54,20 +43,11 @@ std::tuple<at::Tensor, at::Tensor> kl_div_fwd_cuda(const at::Tensor& student, co
                              static_cast<float>(scale),
                              loss.mutable_data_ptr<float>()};
 
-  cudaError_t status = cudaSuccess;
-  switch (student.scalar_type()) {
-    case at::kFloat:
-      status = launch_as<float, float>(student, teacher, grad, compute_grad, problem);
-      break;
-    case at::kBFloat16:
-      status = launch_as<__nv_bfloat16, at::BFloat16>(student, teacher, grad, compute_grad, problem);
-      break;
-    case at::kHalf:
-      status = launch_as<__half, at::Half>(student, teacher, grad, compute_grad, problem);
-      break;
-    default:
-      TORCH_CHECK(false, "kl_div_fwd: CUDA kernel takes float32, bfloat16 or float16, got ", student.scalar_type());
-  }
+  const cudaError_t status = visit_storage(student.scalar_type(), "kl_div_fwd", [&](auto storage) {
+    using T = typename decltype(storage)::type;
+    return kl_div_fwd<T>(data_as<const T>(student), data_as<const T>(teacher), compute_grad ? data_as<T>(grad) : nullptr,
+                         problem, c10::cuda::getCurrentCUDAStream());
+  });
   TORCH_CHECK(status == cudaSuccess, "kl_div_fwd: CUDA launch failed: ", cudaGetErrorString(status));
   return {loss, grad};
 }

@@ -9,14 +9,17 @@
 
 namespace slimlm::cuda {
 
-enum class ElementType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+// T is float, __nv_bfloat16 or __half (explicitly instantiated in the .cu files), as for
+// every slimlm CUDA launcher.
 
-// x (batch, seq, channels) of `type`, mask (batch, seq) or null, out fp32 (3, batch, channels / group).
-cudaError_t masked_seq_stats(const void* x, ElementType type, const bool* mask, float* out, int64_t batch,
-                             int64_t seq, int64_t channels, int64_t group, cudaStream_t stream);
+// x (batch, seq, channels), mask (batch, seq) or null, out fp32 (3, batch, channels / group).
+template <typename T>
+cudaError_t masked_seq_stats(const T* x, const bool* mask, float* out, int64_t batch, int64_t seq, int64_t channels,
+                             int64_t group, cudaStream_t stream);
 
-// a, b (rows, channels) of `type`, mask (rows,) or null, out fp32 (rows,).
-cudaError_t masked_row_cosine(const void* a, const void* b, ElementType type, const bool* mask, float* out,
-                              int64_t rows, int64_t channels, float eps, cudaStream_t stream);
+// a, b (rows, channels), mask (rows,) or null, out fp32 (rows,).
+template <typename T>
+cudaError_t masked_row_cosine(const T* a, const T* b, const bool* mask, float* out, int64_t rows, int64_t channels,
+                              float eps, cudaStream_t stream);
 
 }  // namespace slimlm::cuda

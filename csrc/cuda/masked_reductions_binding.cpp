@@ -5,23 +5,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/binding.h"
 #include "cuda/masked_reductions.h"
 
 namespace slimlm::cuda {
 namespace {
-
-ElementType element_type(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ElementType::Float32;
-    case at::kBFloat16:
-      return ElementType::BFloat16;
-    case at::kHalf:
-      return ElementType::Float16;
-    default:
-      TORCH_CHECK(false, op, ": CUDA kernel takes float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
 
 const bool* mask_pointer(const std::optional<at::Tensor>& mask, int64_t numel, const at::Tensor& like,
                          const char* op) {
@@ -38,11 +26,13 @@ at::Tensor masked_seq_stats_cuda(const at::Tensor& x, const std::optional<at::Te
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "masked_seq_stats: x must be a contiguous (B, S, C) tensor");
   TORCH_CHECK(group_size >= 1 && x.size(2) % group_size == 0, "masked_seq_stats: group_size must divide C");
   const c10::cuda::CUDAGuard guard(x.device());
-  const ElementType type = element_type(x, "masked_seq_stats");
   const bool* mask_ptr = mask_pointer(mask, x.size(0) * x.size(1), x, "masked_seq_stats");
   auto out = at::empty({3, x.size(0), x.size(2) / group_size}, x.options().dtype(at::kFloat));
-  const cudaError_t status = masked_seq_stats(x.data_ptr(), type, mask_ptr, out.data_ptr<float>(), x.size(0),
-                                              x.size(1), x.size(2), group_size, c10::cuda::getCurrentCUDAStream());
+  const cudaError_t status = visit_storage(x.scalar_type(), "masked_seq_stats", [&](auto storage) {
+    using T = typename decltype(storage)::type;
+    return masked_seq_stats<T>(data_as<const T>(x), mask_ptr, out.data_ptr<float>(), x.size(0), x.size(1), x.size(2),
+                               group_size, c10::cuda::getCurrentCUDAStream());
+  });
   TORCH_CHECK(status == cudaSuccess, "masked_seq_stats: CUDA launch failed: ", cudaGetErrorString(status));
   return out;
 }
@@ -53,12 +43,13 @@ at::Tensor masked_row_cosine_cuda(const at::Tensor& a, const at::Tensor& b, cons
                   a.scalar_type() == b.scalar_type() && a.device() == b.device(),
               "masked_row_cosine: a and b must be contiguous (N, C) tensors of one dtype and device");
   const c10::cuda::CUDAGuard guard(a.device());
-  const ElementType type = element_type(a, "masked_row_cosine");
   const bool* mask_ptr = mask_pointer(mask, a.size(0), a, "masked_row_cosine");
   auto out = at::empty({a.size(0)}, a.options().dtype(at::kFloat));
-  const cudaError_t status =
-      masked_row_cosine(a.data_ptr(), b.data_ptr(), type, mask_ptr, out.data_ptr<float>(), a.size(0), a.size(1),
-                        static_cast<float>(eps), c10::cuda::getCurrentCUDAStream());
+  const cudaError_t status = visit_storage(a.scalar_type(), "masked_row_cosine", [&](auto storage) {
+    using T = typename decltype(storage)::type;
+    return masked_row_cosine<T>(data_as<const T>(a), data_as<const T>(b), mask_ptr, out.data_ptr<float>(), a.size(0),
+                                a.size(1), static_cast<float>(eps), c10::cuda::getCurrentCUDAStream());
+  });
   TORCH_CHECK(status == cudaSuccess, "masked_row_cosine: CUDA launch failed: ", cudaGetErrorString(status));
   return out;
 }

@@ -1,17 +1,11 @@
 // CUDA masked_row_cosine: one warp per row of two (rows, channels) tensors; lanes stride
 // the channels (coalesced) keeping fp32 sums of a·b, a², b², reduced with shuffles.
 // Masked rows write 0 without loading.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "cuda/common.cuh"
 #include "cuda/masked_reductions.h"
 
 namespace slimlm::cuda {
 namespace {
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 constexpr int kRowsPerBlock = 8;
 
@@ -61,22 +55,21 @@ cudaError_t launch(const T* a, const T* b, const bool* mask, float* out, int64_t
 
 }  // namespace
 
-cudaError_t masked_row_cosine(const void* a, const void* b, ElementType type, const bool* mask, float* out,
-                              int64_t rows, int64_t channels, float eps, cudaStream_t stream) {
+template <typename T>
+cudaError_t masked_row_cosine(const T* a, const T* b, const bool* mask, float* out, int64_t rows, int64_t channels,
+                              float eps, cudaStream_t stream) {
   if (rows == 0) {
     return cudaSuccess;
   }
-  switch (type) {
-    case ElementType::Float32:
-      return launch(static_cast<const float*>(a), static_cast<const float*>(b), mask, out, rows, channels, eps, stream);
-    case ElementType::BFloat16:
-      return launch(static_cast<const __nv_bfloat16*>(a), static_cast<const __nv_bfloat16*>(b), mask, out, rows,
-                    channels, eps, stream);
-    case ElementType::Float16:
-      return launch(static_cast<const __half*>(a), static_cast<const __half*>(b), mask, out, rows, channels, eps,
-                    stream);
-  }
-  return cudaErrorInvalidValue;
+  return launch(a, b, mask, out, rows, channels, eps, stream);
 }
+
+#define SLIMLM_INSTANTIATE(T)                                                                                       \
+  template cudaError_t masked_row_cosine<T>(const T*, const T*, const bool*, float*, int64_t, int64_t, float, \
+                                            cudaStream_t);
+SLIMLM_INSTANTIATE(float)
+SLIMLM_INSTANTIATE(__nv_bfloat16)
+SLIMLM_INSTANTIATE(__half)
+#undef SLIMLM_INSTANTIATE
 
 }  // namespace slimlm::cuda

@@ -2,17 +2,11 @@
 // unmasked tokens: Σ v, Σ |v|, Σ v² in fp32, v = x or the group's L2 norm.
 // One block per (sample, tile of channels or groups); no atomics, so results do not
 // depend on scheduling. Masked tokens are skipped before any load.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "cuda/common.cuh"
 #include "cuda/masked_reductions.h"
 
 namespace slimlm::cuda {
 namespace {
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 // Plain channels: threadIdx.x picks a channel (a warp reads 32 consecutive ones),
 // threadIdx.y strides the sequence; the kRows partial sums are added in shared memory.
@@ -138,23 +132,24 @@ cudaError_t launch(const T* x, const bool* mask, float* out, int64_t batch, int6
 
 }  // namespace
 
-cudaError_t masked_seq_stats(const void* x, ElementType type, const bool* mask, float* out, int64_t batch,
-                             int64_t seq, int64_t channels, int64_t group, cudaStream_t stream) {
+template <typename T>
+cudaError_t masked_seq_stats(const T* x, const bool* mask, float* out, int64_t batch, int64_t seq, int64_t channels,
+                             int64_t group, cudaStream_t stream) {
   if (batch == 0 || channels == 0) {
     return cudaSuccess;
   }
   if (batch > 65535) {
     return cudaErrorInvalidValue;  // grid.y limit; the binding splits nothing, so refuse loudly
   }
-  switch (type) {
-    case ElementType::Float32:
-      return launch(static_cast<const float*>(x), mask, out, batch, seq, channels, group, stream);
-    case ElementType::BFloat16:
-      return launch(static_cast<const __nv_bfloat16*>(x), mask, out, batch, seq, channels, group, stream);
-    case ElementType::Float16:
-      return launch(static_cast<const __half*>(x), mask, out, batch, seq, channels, group, stream);
-  }
-  return cudaErrorInvalidValue;
+  return launch(x, mask, out, batch, seq, channels, group, stream);
 }
+
+#define SLIMLM_INSTANTIATE(T)                                                                                   \
+  template cudaError_t masked_seq_stats<T>(const T*, const bool*, float*, int64_t, int64_t, int64_t, int64_t, \
+                                           cudaStream_t);
+SLIMLM_INSTANTIATE(float)
+SLIMLM_INSTANTIATE(__nv_bfloat16)
+SLIMLM_INSTANTIATE(__half)
+#undef SLIMLM_INSTANTIATE
 
 }  // namespace slimlm::cuda

@@ -2,12 +2,10 @@
 // Pass 1: online max and Σ exp((s − max)/τ) per thread, combined across the block.
 // k-sized bookkeeping in fp64 (the tail 1 − Σ cancels): tail bucket, loss, c = Σ w_i.
 // Pass 2: the dense gradient −scale/τ · c · q_u, then, after a barrier, the k entries.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cfloat>
 #include <cmath>
 
+#include "cuda/common.cuh"
 #include "cuda/topk_kl.h"
 
 namespace slimlm::cuda {
@@ -16,32 +14,6 @@ namespace {
 constexpr int kThreads = 256;  // 80 registers, no spills on sm_90 (512 spills)
 constexpr int kWarps = kThreads / 32;
 constexpr double kTiny = FLT_MIN;  // tail clamp, as the fp32 reference
-
-template <typename T>
-__device__ __forceinline__ float to_float(T value) {
-  return static_cast<float>(value);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 value) {
-  return __bfloat162float(value);
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half value) {
-  return __half2float(value);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float value) {
-  return static_cast<T>(value);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float value) {
-  return __float2bfloat16_rn(value);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float value) {
-  return __float2half_rn(value);
-}
 
 // Running (max, Σ exp((x − max)·inv_t)) pairs; -inf maxima stay exact (no -inf − -inf).
 struct MaxSum {

@@ -3,24 +3,15 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "cuda/binding.h"
 #include "cuda/topk_kl.h"
 
 namespace slimlm::cuda {
 namespace {
-
-template <typename T, typename Scalar>
-cudaError_t launch_as(const at::Tensor& student, at::Tensor& grad, bool compute_grad, const TopKKLProblem& problem) {
-  // at::BFloat16 / at::Half and __nv_bfloat16 / __half share their bits.
-  return topk_kl_fwd<T>(reinterpret_cast<const T*>(student.const_data_ptr<Scalar>()),
-                        compute_grad ? reinterpret_cast<T*>(grad.mutable_data_ptr<Scalar>()) : nullptr, problem,
-                        c10::cuda::getCurrentCUDAStream());
-}
 
 std::tuple<at::Tensor, at::Tensor> topk_kl_fwd_cuda(const at::Tensor& student, const at::Tensor& logprobs,
                                                     const at::Tensor& indices, const std::optional<at::Tensor>& labels,
@@ -59,20 +50,11 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_fwd_cuda(const at::Tensor& student, c
                               renormalize,
                               loss.mutable_data_ptr<float>()};
 
-  cudaError_t status = cudaSuccess;
-  switch (student.scalar_type()) {
-    case at::kFloat:
-      status = launch_as<float, float>(student, grad, compute_grad, problem);
-      break;
-    case at::kBFloat16:
-      status = launch_as<__nv_bfloat16, at::BFloat16>(student, grad, compute_grad, problem);
-      break;
-    case at::kHalf:
-      status = launch_as<__half, at::Half>(student, grad, compute_grad, problem);
-      break;
-    default:
-      TORCH_CHECK(false, "topk_kl_fwd: CUDA kernel takes float32, bfloat16 or float16, got ", student.scalar_type());
-  }
+  const cudaError_t status = visit_storage(student.scalar_type(), "topk_kl_fwd", [&](auto storage) {
+    using T = typename decltype(storage)::type;
+    return topk_kl_fwd<T>(data_as<const T>(student), compute_grad ? data_as<T>(grad) : nullptr, problem,
+                          c10::cuda::getCurrentCUDAStream());
+  });
   TORCH_CHECK(status == cudaSuccess, "topk_kl_fwd: CUDA launch failed: ", cudaGetErrorString(status));
   return {loss, grad};
 }
