@@ -19,7 +19,7 @@ import subprocess
 import sys
 import textwrap
 
-from slimlm.recipes.stages import InputError
+from slimlm.errors import InputError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

@@ -28,7 +28,7 @@ from importlib import resources
 
 import yaml
 
-from slimlm.recipes.stages import InputError
+from slimlm.errors import InputError
 
 __all__ = ["InputError", "RECIPE_FIELDS", "builtin_recipe", "load_recipe", "run_recipe", "validate_recipe"]
 

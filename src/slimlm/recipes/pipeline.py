@@ -10,7 +10,7 @@ import torch
 
 from slimlm import outputs
 from slimlm.recipes import stages
-from slimlm.recipes.stages import InputError
+from slimlm.errors import InputError
 
 RECIPE_COPY = "recipe.yaml"
 

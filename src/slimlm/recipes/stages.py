@@ -16,7 +16,8 @@ import time
 import torch
 
 from slimlm import outputs
-from slimlm.outputs import InputError, check_output, write_json
+from slimlm.errors import InputError
+from slimlm.outputs import check_output, write_json
 
 DISTILL_RECORD = "slimlm_distill.json"
 STAGE_RECORD = "slimlm_stage.json"
