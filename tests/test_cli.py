@@ -12,7 +12,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimlm import cli
-from slimlm.recipes import stages
+from slimlm.pipeline import distill as distill_step
 from slimlm.data import load_texts, tokenize_blocks
 from tests.tiny import WORDS, tiny_model, word_tokenizer
 
@@ -169,14 +169,15 @@ def test_distill_resumes_only_the_run_its_checkpoints_belong_to(workspace, capsy
 
 
 def test_bf16_training_is_refused_only_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):
-    from slimlm.recipes import stages
+    from slimlm.distill import training
+    from slimlm.errors import InputError
 
     flags = ["--use_cpu", "true", "--bf16", "true"]
-    monkeypatch.setattr(stages, "cpu_has_bf16", lambda: False)
-    with pytest.raises(stages.InputError, match="no AVX512-BF16 or AMX"):
-        stages.training_arguments(flags, output_dir=str(tmp_path))
-    monkeypatch.setattr(stages, "cpu_has_bf16", lambda: True)
-    assert stages.training_arguments(flags, output_dir=str(tmp_path)).bf16
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    with pytest.raises(InputError, match="no AVX512-BF16 or AMX"):
+        training.training_arguments(flags, output_dir=str(tmp_path))
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert training.training_arguments(flags, output_dir=str(tmp_path)).bf16
 
 
 def test_distill_runs_unchanged_under_torchrun(workspace, capsys, tmp_path):
@@ -247,7 +248,7 @@ def test_runtime_failure_is_exit_1(workspace, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory\nwhile doing things")
 
-    monkeypatch.setattr("slimlm.recipes.stages.importance_stage", broken)
+    monkeypatch.setattr("slimlm.pipeline.importance.importance_stage", broken)
     code, _, err = run_cli(capsys, "importance", "--model", workspace / "teacher", "--data", workspace / "heldout.txt",
                            "--seq-len", 16, "--out", workspace / "s4")
     assert code == 1
@@ -378,16 +379,16 @@ def test_a_failed_overwrite_of_a_run_loses_no_finished_result(workspace, capsys,
     assert run_cli(capsys, "run", first, "--no-progress")[0] == 0
     finished = (out / "report" / "report.md").read_text()
     second = write_recipe(workspace, "replace.yaml", out=str(out), synthetic=None, distill__max_tokens=128)
-    real_distill = stages.distill_stage
+    real_distill = distill_step.distill_stage
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stages, "distill_stage", interrupted)
+    monkeypatch.setattr(distill_step, "distill_stage", interrupted)
     assert run_cli(capsys, "run", second, "--overwrite", "--no-progress")[0] == 130
     kept = tmp_path / ".replaced-run.slimlm-old"
     assert (kept / "report" / "report.md").read_text() == finished
-    monkeypatch.setattr(stages, "distill_stage", real_distill)
+    monkeypatch.setattr(distill_step, "distill_stage", real_distill)
     code, stdout, err = run_cli(capsys, "run", second, "--no-progress")  # resumes the replacement
     assert code == 0, err
     assert "[prune] skipped" in stdout and not kept.exists()
@@ -450,7 +451,7 @@ def test_demo_quick_on_the_real_model(tmp_path):
 
 # -------------------------------------------------------- demo corpus
 def test_package_docs_corpus_is_deterministic_and_split_by_file(tmp_path, monkeypatch):
-    from slimlm.recipes.corpus import collect_package_docs, write_corpus
+    from slimlm.pipeline.corpus import collect_package_docs, write_corpus
 
     package = tmp_path / "site" / "docpkg"
     package.mkdir(parents=True)

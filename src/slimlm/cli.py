@@ -108,7 +108,7 @@ def _quiet_progress() -> None:
 def _load(spec: str, args, *, device=None):
     """(model, tokenizer), with a missing path or unknown id as an InputError."""
     from slimlm.models import load_model, load_tokenizer
-    from slimlm.recipes.stages import default_device, resolve_dtype
+    from slimlm.models import default_device, resolve_dtype
 
     device = device or args.device or default_device()
     try:
@@ -143,14 +143,16 @@ def _check_model_path(spec: str) -> None:
 
 # ------------------------------------------------------------------ commands
 def cmd_importance(args) -> int:
-    from slimlm.recipes import stages
+    from slimlm import outputs
+    from slimlm.data import tokenize_blocks
+    from slimlm.pipeline import importance
 
     _check_model_path(args.model)
     _check_paths_exist(args.data, "data")
-    stages.check_output(args.out, args.overwrite, {"model": args.model, "data": args.data})
+    outputs.check_output(args.out, args.overwrite, {"model": args.model, "data": args.data})
     model, tokenizer = _load(args.model, args)
-    blocks = stages.to_blocks(_texts(args), tokenizer, args.seq_len, model=model)
-    scores = stages.importance_stage(model, blocks, args.out, metrics=args.metrics, depth=args.depth,
+    blocks = tokenize_blocks(_texts(args), tokenizer, args.seq_len, model=model)
+    scores = importance.importance_stage(model, blocks, args.out, metrics=args.metrics, depth=args.depth,
                                      num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
                                      loss_drop_samples=args.loss_drop_samples, progress=_progress(args))
     scores.summary()
@@ -223,7 +225,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from slimlm.recipes import stages
+    from slimlm import outputs
+    from slimlm.pipeline import importance, prune
 
     _check_model_path(args.model)
     target = _target(args)
@@ -232,10 +235,10 @@ def cmd_prune(args) -> int:
         raise InputError("--scores is required unless only --drop-layers is given (compute them with slimlm importance)")
     if args.scores is not None and not os.path.isdir(args.scores):
         raise InputError(f"scores folder {args.scores} does not exist")
-    stages.check_output(args.out, args.overwrite, {"model": args.model, "scores": args.scores})
+    outputs.check_output(args.out, args.overwrite, {"model": args.model, "scores": args.scores})
     model, tokenizer = _load(args.model, args, device="cpu")
-    scores = stages.load_scores(args.scores, model=model) if args.scores is not None else None
-    _, the_plan = stages.prune_stage(model, scores, target, args.out,
+    scores = importance.load_scores(args.scores, model=model) if args.scores is not None else None
+    _, the_plan = prune.prune_stage(model, scores, target, args.out,
                                      tokenizer=tokenizer, overwrite=args.overwrite)
     print(the_plan.table())
     print(f"pruned model written to {args.out}")
@@ -244,7 +247,8 @@ def cmd_prune(args) -> int:
 
 def cmd_generate(args) -> int:
     from slimlm.distill.generate import load_prompts, prompts_from_texts
-    from slimlm.recipes import stages
+    from slimlm import outputs
+    from slimlm.pipeline import records, synthetic
 
     _check_model_path(args.teacher)
     if (args.prompts is None) == (args.from_data is None):
@@ -256,7 +260,7 @@ def cmd_generate(args) -> int:
     if os.path.isdir(args.out):
         raise InputError(f"output {args.out} is a folder; --out names a JSONL file")
     inputs = {"teacher": args.teacher, "prompts file": args.prompts, "data": args.from_data}
-    stages.check_output(args.out, args.overwrite, inputs, related=[args.out + stages.SYNTHETIC_DONE_SUFFIX])
+    outputs.check_output(args.out, args.overwrite, inputs, related=[args.out + records.SYNTHETIC_DONE_SUFFIX])
     # Every input is read and checked before the old output is touched; it is replaced only
     # when the new one is complete.
     if args.prompts is not None:
@@ -269,7 +273,7 @@ def cmd_generate(args) -> int:
             raise InputError(f"no prompt of at least 20 characters could be cut from {' '.join(args.from_data)}")
     prompts = prompts[: args.num_prompts]
     teacher, tokenizer = _load(args.teacher, args)
-    dataset = stages.generate_stage(teacher, tokenizer, prompts, args.out, max_new_tokens=args.max_new_tokens,
+    dataset = synthetic.generate_stage(teacher, tokenizer, prompts, args.out, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p,
                                     num_return_sequences=args.num_return_sequences, batch_size=args.batch_size,
                                     seed=args.seed, chat_template=True if args.chat else None,
@@ -284,7 +288,10 @@ def cmd_distill(args, training_args: list[str]) -> int:
     from slimlm.distill.generate import SyntheticDataset
     from slimlm.distill.trainer import check_vocabularies
     from slimlm.models import load_model, load_tokenizer
-    from slimlm.recipes import stages
+    from slimlm import outputs
+    from slimlm.distill.training import training_arguments
+    from slimlm.models import resolve_dtype
+    from slimlm.pipeline import distill
 
     _check_model_path(args.teacher)
     _check_model_path(args.student)
@@ -293,21 +300,21 @@ def cmd_distill(args, training_args: list[str]) -> int:
     _check_paths_exist(args.data, "data")
     if args.synthetic is not None:
         _check_paths_exist([args.synthetic], "synthetic data")
-    stages.check_distill_settings(learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
+    distill.check_distill_settings(learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
                                   kd_weight=args.kd_weight, ce_weight=args.ce_weight, max_minutes=args.max_minutes,
                                   mix_fraction=args.mix)
     checkpoints = args.out.rstrip(os.sep) + ".checkpoints"
     from slimlm.outputs import staging_path
 
-    stages.check_output(args.out, args.overwrite,
+    outputs.check_output(args.out, args.overwrite,
                         {"teacher": args.teacher, "student": args.student, "data": args.data,
                          "synthetic data": args.synthetic},
                         related=[checkpoints, staging_path(args.out)])
     extra = ["--use_cpu", "true"] if args.device == "cpu" else []
-    stages.training_arguments(extra + training_args, output_dir=checkpoints)
+    training_arguments(extra + training_args, output_dir=checkpoints)
     # Under accelerate/torchrun every process loads both models on CPU and the Trainer places
     # them. The student keeps float32 master weights (mixed precision: --bf16 true).
-    dtype = stages.resolve_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu")
     trust = args.trust_remote_code
     try:
         teacher = load_model(args.teacher, dtype=dtype, trust_remote_code=trust)
@@ -319,7 +326,7 @@ def cmd_distill(args, training_args: list[str]) -> int:
     check_vocabularies(student, teacher, tokenizer, teacher_tokenizer)
     synthetic_texts = SyntheticDataset.load(args.synthetic).texts() if args.synthetic else None
     rank_zero = os.environ.get("RANK", "0") == "0"
-    _, log_history = stages.distill_stage(
+    _, log_history = distill.distill_stage(
         teacher, student, tokenizer, _texts(args), args.out, synthetic_texts=synthetic_texts,
         mix_fraction=args.mix if synthetic_texts else 0.0, seq_len=args.seq_len, max_tokens=args.max_tokens,
         max_minutes=args.max_minutes, batch_size=args.batch_size, learning_rate=args.lr,
@@ -338,7 +345,8 @@ def cmd_distill(args, training_args: list[str]) -> int:
 
 def cmd_eval(args) -> int:
     from slimlm.evaluate import comparison_rows, evaluate_model, format_table
-    from slimlm.recipes import stages
+    from slimlm import outputs
+    from slimlm.data import tokenize_blocks
 
     specs = [args.model] + list(args.compare or [])
     for spec in specs:
@@ -347,7 +355,7 @@ def cmd_eval(args) -> int:
     if args.json is not None:
         if os.path.isdir(args.json):
             raise InputError(f"--json {args.json} is a folder; it names the JSON file to write")
-        stages.check_output(args.json, args.overwrite, {"model": specs, "data": args.data}, what="--json file")
+        outputs.check_output(args.json, args.overwrite, {"model": specs, "data": args.data}, what="--json file")
     prompts = list(args.prompt or [])
     results = []
     tokenizer = None
@@ -356,7 +364,7 @@ def cmd_eval(args) -> int:
         model, model_tokenizer = _load(spec, args)
         if tokenizer is None:
             tokenizer = model_tokenizer
-            blocks = stages.to_blocks(_texts(args), tokenizer, args.seq_len, model=model)
+            blocks = tokenize_blocks(_texts(args), tokenizer, args.seq_len, model=model)
             blocks = blocks.select(range(min(len(blocks), args.max_blocks)))
         elif model_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise InputError(f"{spec} has another tokenizer than {specs[0]}; perplexities would not be comparable")
@@ -370,7 +378,7 @@ def cmd_eval(args) -> int:
         for result in results:
             print(f"  {result['name']}: {' '.join(result['samples'][prompt].split())}")
     if args.json:
-        stages.write_json(args.json, results)
+        outputs.write_json(args.json, results)
         print(f"results written to {args.json}")
     return EXIT_OK
 
@@ -384,7 +392,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    from slimlm.recipes import load_recipe, run_recipe
+    from slimlm.pipeline import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
     if args.out is not None:
@@ -400,8 +408,8 @@ def cmd_run(args) -> int:
 
 def cmd_demo(args) -> int:
     from slimlm.models import smollm2_gguf_path
-    from slimlm.recipes import builtin_recipe, run_recipe, validate_recipe
-    from slimlm.recipes.corpus import collect_package_docs, write_corpus
+    from slimlm.pipeline import builtin_recipe, run_recipe, validate_recipe
+    from slimlm.pipeline.corpus import collect_package_docs, write_corpus
 
     name = "demo-quick" if args.quick else "demo"
     raw = builtin_recipe(name)
