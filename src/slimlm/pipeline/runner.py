@@ -19,6 +19,10 @@ RECIPE_COPY = "recipe.yaml"
 
 
 class Pipeline:
+    """A validated recipe's run in its ``out`` folder: ``run`` calls one method per stage, in
+    order (setup, importance, prune, synthetic, distill, evaluate, report); each logs whether
+    its output is already there and made from the same inputs, and then skips or runs."""
+
     def __init__(self, recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
                  command: str = "slimlm run", recipe_path: str | None = None, trust_remote_code: bool = False):
         self.recipe = recipe
