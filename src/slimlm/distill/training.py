@@ -19,11 +19,11 @@ def training_items(blocks) -> list[dict]:
 
 def training_set(classic: list, synthetic: list | None, mix_fraction: float, *, seed: int = 0) -> list:
     """All ``classic`` items, joined by ``synthetic`` ones up to ``mix_fraction`` of the total
-    (fewer when there are not enough of them; none is repeated). ``mix_fraction`` 1: the
-    synthetic items alone; 0 or no synthetic items: the classic ones."""
+    (fewer when there are not enough of them; none is repeated), shuffled with ``seed``.
+    ``mix_fraction`` 1: the synthetic items alone; 0 or ``synthetic`` None: ``classic`` as it is."""
     from slimlm.distill.generate import mix
 
-    if not synthetic or mix_fraction <= 0:
+    if synthetic is None or mix_fraction <= 0:
         return classic
     wanted = len(classic) * mix_fraction / (1.0 - mix_fraction) if mix_fraction < 1 else len(synthetic)
     num_synthetic = min(len(synthetic), round(wanted))
