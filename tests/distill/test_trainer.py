@@ -122,14 +122,31 @@ def test_resume_continues_the_loss_trajectory(tmp_path):
 
 
 def test_hidden_state_loss_is_logged_and_finite(tmp_path):
+    """The first step logs, before any update, the mean over mapped layers (student s → teacher
+    t) of 1 − cos(P_s h_s, h_t) over the batch's real tokens, P_s the projection from the
+    student's width (32) to the teacher's (48); here computed in plain torch."""
     student, teacher = models()
+    data = token_dataset(8, 16, seed=6)
+    layer_map = {1: 2, 2: 3}
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=training_args(tmp_path, max_steps=2),
-        train_dataset=token_dataset(8, 16, seed=6),
-        distillation_config=DistillationConfig(hidden_loss_weight=1.0, layer_map={1: 2, 2: 3}),
+        model=student, teacher_model=teacher, train_dataset=data,
+        args=training_args(tmp_path, max_steps=2, per_device_train_batch_size=len(data)),  # one batch: all of data
+        distillation_config=DistillationConfig(hidden_loss_weight=1.0, layer_map=layer_map),
     )
+    projections = {layer: trainer.hidden_distiller.projections[str(layer)].weight.detach().clone() for layer in layer_map}
+    batch = {k: torch.stack([d[k] for d in data]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        student_states = student(**batch, output_hidden_states=True).hidden_states
+        teacher_states = teacher(**batch, output_hidden_states=True).hidden_states
+    real = batch["attention_mask"].bool()
+    per_layer = [(1 - torch.nn.functional.cosine_similarity(student_states[s] @ projections[s].T, teacher_states[t],
+                                                             dim=-1))[real].mean() for s, t in layer_map.items()]
+    expected = torch.stack(per_layer).mean().item()
     trainer.train()
     assert all(math.isfinite(e["hidden_loss"]) for e in trainer.state.log_history if "hidden_loss" in e)
+    logged = [e["hidden_loss"] for e in trainer.state.log_history if "hidden_loss" in e]
+    assert len(logged) == 2 and logged[0] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert logged[1] != logged[0]  # the projections and the student learn
 
 
 @pytest.mark.parametrize("bf16,gemm_dtype,expected", [

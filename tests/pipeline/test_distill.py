@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slimlm.recipes import stages
-from slimlm.recipes.stages import InputError
+from slimlm.errors import InputError
+from slimlm.pipeline import distill as stage
 from tests.tiny import WORDS, tiny_model, word_tokenizer
 
 
@@ -28,7 +28,7 @@ def models():
 
 def distill(models, out, *, teacher="teacher", data=0, lr=1e-3, lines=None, steps=4, **kwargs):
     log = lines if lines is not None else []
-    return stages.distill_stage(
+    return stage.distill_stage(
         models[teacher], models["student"](), models["tokenizer"], texts(data), str(out), seq_len=8, batch_size=2,
         learning_rate=lr, training_args=["--use_cpu", "true", "--max_steps", str(steps), "--save_steps", "2",
                                          "--save_total_limit", "2", "--report_to", "none"],

@@ -1,36 +1,15 @@
-"""One-file recipes: the whole pipeline (importance → prune → synthetic data → distill → eval →
-report) from a YAML file, resumable stage by stage.
-
-A recipe (``examples/recipe.yaml`` is a commented one; ``demo.yaml`` / ``demo-quick.yaml``
-here are the demo's)::
-
-    teacher: path/to/model | model.gguf | org/name
-    out: run/                      # default: the recipe's name + "-run" beside it
-    data: {train: "docs/*.txt", heldout: "heldout/*.txt"}   # or heldout_fraction: 0.1
-    importance: {num_samples: 64, seq_len: 256, metrics: [activation], depth: [block_influence]}
-    target: {target_params: 0.5}   # any slimlm.surgery.Target field
-    synthetic: {num_prompts: 64, max_new_tokens: 64, mix: 0.3}   # optional
-    distill: {seq_len: 256, max_tokens: 200000, lr: 1e-3, temperature: 1.0, training_args: {}}
-    eval: {seq_len: 256, max_blocks: 32, prompts: ["The model"], max_new_tokens: 32}
-
-Every field is checked before any work starts; an error names the file and the field.
-Stage outputs in ``out``: ``scores/``, ``pruned/``, ``synthetic.jsonl``, ``distilled/``
-(checkpoints in ``distilled.checkpoints/``), ``eval.json``, ``report/``. A stage is skipped
-when its output exists and was made from the same inputs (fingerprints recorded beside it),
-so a rerun after an interruption resumes where it stopped.
-"""
+"""A recipe: the YAML file that says what ``slimlm run`` does, checked field by field
+(``RECIPE_FIELDS``: each field's type and default) before any work starts; an error names the
+file and the field. The demo's recipes (``demo.yaml``, ``demo-quick.yaml``) ship beside it."""
 from __future__ import annotations
 
 import copy
 import os
-import time
 from importlib import resources
 
 import yaml
 
-from slimlm.recipes.stages import InputError
-
-__all__ = ["InputError", "RECIPE_FIELDS", "builtin_recipe", "load_recipe", "run_recipe", "validate_recipe"]
+from slimlm.errors import InputError
 
 _ANY = object()
 # section → field → (expected type(s), default). None as default: optional.
@@ -103,6 +82,7 @@ def validate_recipe(raw, where: str) -> dict:
 
 def _check_semantics(recipe: dict, where: str) -> None:
     from slimlm.importance.estimate import DEPTH_METRICS, WIDTH_METRICS
+    from slimlm.models import DTYPES
     from slimlm.surgery import Target
 
     from slimlm.surgery.planning import parse_param_count
@@ -133,7 +113,7 @@ def _check_semantics(recipe: dict, where: str) -> None:
         raise InputError(f"{where}: distill.beta must be in [0, 1], got {recipe['distill']['beta']}")
     if recipe["synthetic"] is not None and not 0.0 <= recipe["synthetic"]["mix"] <= 1.0:
         raise InputError(f"{where}: synthetic.mix must be in [0, 1], got {recipe['synthetic']['mix']}")
-    if recipe["dtype"] not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+    if recipe["dtype"] != "auto" and recipe["dtype"] not in DTYPES:
         raise InputError(f"{where}: dtype: unknown value {recipe['dtype']!r}")
     if not all(isinstance(p, str) for p in recipe["eval"]["prompts"]):
         raise InputError(f"{where}: eval.prompts must be a list of strings")
@@ -170,20 +150,5 @@ def load_recipe(path: str | os.PathLike) -> dict:
 
 def builtin_recipe(name: str) -> dict:
     """A recipe shipped with the package (``demo``, ``demo-quick``) as a raw mapping."""
-    text = resources.files(__name__).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    text = resources.files("slimlm.pipeline").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     return yaml.safe_load(text)
-
-
-def run_recipe(recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
-               command: str = "slimlm run", recipe_path: str | None = None, trust_remote_code: bool = False) -> dict:
-    """Run a validated recipe (see ``load_recipe``; ``recipe_path``: its file, which the output
-    may not hold); returns {"results", "report", "table", "out"}. The teacher's own Python code
-    runs only with ``trust_remote_code`` (the command line's ``--trust-remote-code``, never a
-    recipe field)."""
-    from slimlm.recipes.pipeline import Pipeline
-
-    start = time.perf_counter()
-    summary = Pipeline(recipe, overwrite=overwrite, progress=progress, log=log, command=command,
-                       recipe_path=recipe_path, trust_remote_code=trust_remote_code).run()
-    summary["seconds"] = time.perf_counter() - start
-    return summary

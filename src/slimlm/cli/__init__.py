@@ -1,0 +1,106 @@
+"""The ``slimlm`` command: score → prune → distill → evaluate, one subcommand per stage, plus
+``run`` (a whole recipe), ``demo`` and ``bench``. Each subcommand is one module here
+(``slimlm/cli/<command>.py``) with its parser (``add_parser``) beside its handler (``run``);
+``arguments`` holds what they share.
+
+Exit codes: 0 success; 1 a runtime failure; 2 a usage error or bad input (a missing, corrupt
+or truncated model or scores file, a data path, an unknown value, a target larger than the
+model, an output that is, holds or sits inside an input, an existing output without
+``--overwrite`` or one slimlm did not write, checkpoints of another run). Errors print one
+line, ``slimlm <command>: error: ...``; ``SLIMLM_DEBUG=1``
+shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import textwrap
+
+from slimlm.cli.arguments import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Parser, examples, quiet_progress
+from slimlm.errors import InputError
+
+__all__ = ["COMMANDS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "entry", "main"]
+
+# The subcommands in the order ``slimlm --help`` lists them; each is the module slimlm.cli.<name>.
+COMMANDS = ("importance", "plan", "prune", "generate", "distill", "eval", "run", "demo", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from slimlm import __version__
+
+    parser = Parser(prog="slimlm", description=textwrap.dedent("""\
+        Prune a Hugging Face causal LM (depth and width) and distill the teacher back into it.
+        Pipeline: importance → plan/prune → generate → distill → eval, or all of it with run."""),
+        epilog=examples("slimlm demo --quick", "slimlm run examples/recipe.yaml",
+                        "slimlm importance --model M --data 'docs/*.txt' --out scores/"))
+    parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="command", parser_class=Parser)
+    subparsers.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"slimlm.cli.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the process's) and run the subcommand; returns its exit code.
+    A subcommand marked ``passthrough`` (distill) gets the flags slimlm does not know as
+    ``args.training_args``; any other reports them as argparse does (exit 2)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.parse_args(argv)  # reports the unknown flags with argparse's usage line, exit 2
+    args.training_args = rest
+    debug = os.environ.get("SLIMLM_DEBUG") == "1"
+    name = f"slimlm {args.command}"
+    try:
+        if getattr(args, "no_progress", False):
+            quiet_progress()
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except (InputError, ValueError, FileNotFoundError) as error:
+        if debug:
+            raise
+        print(f"{name}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:  # a runtime failure: one line, the traceback only with SLIMLM_DEBUG=1
+        if debug:
+            raise
+        print(f"{name}: error: {type(error).__name__}: {_one_line(error)} (SLIMLM_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def entry() -> None:
+    """The ``slimlm`` executable: ``main`` then exit with its code.
+
+    A process of a distributed run (torchrun/accelerate, gloo or NCCL) ends with its process
+    group torn down and a hard exit: at interpreter teardown a communicator thread still
+    joinable aborts the process now and then (SIGABRT, seen 1 run in 3 with gloo), which would
+    turn a finished run into a failed one. Everything is written and flushed by then.
+    """
+    code = main()
+    try:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+    except ImportError:
+        distributed = False
+    if distributed:
+        try:
+            dist.destroy_process_group()
+        finally:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    sys.exit(code)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

@@ -1,0 +1,99 @@
+"""``slimlm distill``: distill the teacher into the pruned student; any Hugging Face
+``TrainingArguments`` flag passes through (``args.training_args``), and the same command runs
+under ``accelerate launch`` / ``torchrun``."""
+from __future__ import annotations
+
+import os
+
+from slimlm.cli import arguments
+from slimlm.cli.arguments import EXIT_OK
+from slimlm.errors import InputError
+
+
+def add_parser(subparsers) -> None:
+    positive_int = arguments.positive_int
+    sub = arguments.add_command(
+        subparsers, "distill", "distill the teacher into the pruned student (logit KD; any HF TrainingArguments flag "
+        "passes through)",
+        ["slimlm distill --teacher M --student student/ --data train.jsonl --max-tokens 2000000 --out distilled/",
+         "slimlm distill --teacher M --student student/ --data train.jsonl --synthetic synthetic.jsonl "
+         "--mix 0.5 --lr 1e-4 --gradient_accumulation_steps 4 --bf16 true --out distilled/",
+         "accelerate launch -m slimlm distill --teacher M --student student/ --data train.jsonl --out distilled/",
+         "torchrun --nproc-per-node 8 -m slimlm distill … (same flags)"])
+    arguments.add_model_options(sub, flag="--teacher")
+    sub.add_argument("--student", required=True, help="pruned model folder (slimlm prune)")
+    arguments.add_data_options(sub)
+    sub.add_argument("--synthetic", help="JSONL from slimlm generate")
+    sub.add_argument("--mix", type=float, default=0.5, help="fraction of synthetic blocks in the training mix")
+    sub.add_argument("--seq-len", type=positive_int, default=512)
+    sub.add_argument("--batch-size", type=positive_int, default=8, help="per-device batch (blocks)")
+    sub.add_argument("--max-tokens", type=positive_int, help="training budget in tokens (sets --max_steps)")
+    sub.add_argument("--max-minutes", type=arguments.positive_float, help="stop training after this many minutes")
+    sub.add_argument("--lr", type=float, default=1e-4)
+    sub.add_argument("--temperature", type=float, default=1.0)
+    sub.add_argument("--beta", type=float, default=0.0, help="0 forward KL, 1 reverse KL, between: JSD(beta)")
+    sub.add_argument("--kd-weight", type=float, default=1.0)
+    sub.add_argument("--ce-weight", type=float, default=0.0)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--out", required=True)
+    sub.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier output of slimlm and start over (its checkpoints are deleted)")
+    sub.set_defaults(handler=run, passthrough=True)
+
+
+def run(args) -> int:
+    import torch
+
+    from slimlm import outputs
+    from slimlm.distill.generate import SyntheticDataset
+    from slimlm.distill.trainer import check_vocabularies
+    from slimlm.distill.training import training_arguments
+    from slimlm.models import load_model, load_tokenizer, resolve_dtype
+    from slimlm.pipeline import distill
+
+    arguments.check_model_path(args.teacher)
+    arguments.check_model_path(args.student)
+    if not os.path.isdir(args.student):
+        raise InputError(f"student {args.student} is not a model folder (make one with slimlm prune)")
+    arguments.check_paths_exist(args.data, "data")
+    if args.synthetic is not None:
+        arguments.check_paths_exist([args.synthetic], "synthetic data")
+    distill.check_distill_settings(learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
+                                   kd_weight=args.kd_weight, ce_weight=args.ce_weight, max_minutes=args.max_minutes,
+                                   mix_fraction=args.mix)
+    checkpoints = args.out.rstrip(os.sep) + ".checkpoints"
+    outputs.check_output(args.out, args.overwrite,
+                         {"teacher": args.teacher, "student": args.student, "data": args.data,
+                          "synthetic data": args.synthetic},
+                         related=[checkpoints, outputs.staging_path(args.out)])
+    training_args = (["--use_cpu", "true"] if args.device == "cpu" else []) + args.training_args
+    training_arguments(training_args, output_dir=checkpoints)
+    # Under accelerate/torchrun every process loads both models on CPU and the Trainer places
+    # them. The student keeps float32 master weights (mixed precision: --bf16 true).
+    dtype = resolve_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    trust = args.trust_remote_code
+    try:
+        teacher = load_model(args.teacher, dtype=dtype, trust_remote_code=trust)
+        student = load_model(args.student, dtype=torch.float32, trust_remote_code=trust)
+        tokenizer = load_tokenizer(args.student, trust_remote_code=trust)
+        teacher_tokenizer = load_tokenizer(args.teacher, trust_remote_code=trust)
+    except FileNotFoundError as error:
+        raise InputError(str(error)) from None
+    check_vocabularies(student, teacher, tokenizer, teacher_tokenizer)
+    synthetic_texts = SyntheticDataset.load(args.synthetic).texts() if args.synthetic else None
+    rank_zero = os.environ.get("RANK", "0") == "0"
+    _, log_history = distill.distill_stage(
+        teacher, student, tokenizer, arguments.texts(args), args.out, synthetic_texts=synthetic_texts,
+        mix_fraction=args.mix if synthetic_texts else 0.0, seq_len=args.seq_len, max_tokens=args.max_tokens,
+        max_minutes=args.max_minutes, batch_size=args.batch_size, learning_rate=args.lr,
+        temperature=args.temperature, beta=args.beta, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
+        seed=args.seed, training_args=training_args, overwrite=args.overwrite, resume=not args.overwrite,
+        disable_tqdm=not arguments.progress(args), extra_record={"teacher": args.teacher, "student": args.student},
+        log=print if rank_zero else (lambda line: None))
+    if not rank_zero:
+        return EXIT_OK
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    if losses:
+        print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f} over {len(losses)} logged steps")
+    print(f"distilled model written to {args.out}")
+    return EXIT_OK

@@ -1,0 +1,42 @@
+"""``slimlm prune``: prune a model by its importance scores and save a standard checkpoint."""
+from __future__ import annotations
+
+import os
+
+from slimlm.cli import arguments
+from slimlm.cli.arguments import EXIT_OK
+from slimlm.errors import InputError
+
+
+def add_parser(subparsers) -> None:
+    sub = arguments.add_command(
+        subparsers, "prune", "prune a model by its importance scores and save a standard checkpoint",
+        ["slimlm prune --model M --scores scores/ --target-params 0.5 --out student/",
+         "slimlm prune --model M --scores scores/ --intermediate-size 768 --num-layers 24 --out student/",
+         "slimlm prune --model M --drop-layers 3,4,5 --out student/"])
+    arguments.add_model_options(sub)
+    sub.add_argument("--scores", help="folder written by slimlm importance (not needed for --drop-layers alone)")
+    arguments.add_target_options(sub)
+    sub.add_argument("--out", required=True)
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    sub.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from slimlm import outputs
+    from slimlm.pipeline import importance, prune
+
+    arguments.check_model_path(args.model)
+    target = arguments.target(args)
+    needs_scores = not (set(target) <= {"drop_layers"})
+    if needs_scores and args.scores is None:
+        raise InputError("--scores is required unless only --drop-layers is given (compute them with slimlm importance)")
+    if args.scores is not None and not os.path.isdir(args.scores):
+        raise InputError(f"scores folder {args.scores} does not exist")
+    outputs.check_output(args.out, args.overwrite, {"model": args.model, "scores": args.scores})
+    model, tokenizer = arguments.load(args.model, args, device="cpu")
+    scores = importance.load_scores(args.scores, model=model) if args.scores is not None else None
+    _, the_plan = prune.prune_stage(model, scores, target, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(the_plan.table())
+    print(f"pruned model written to {args.out}")
+    return EXIT_OK

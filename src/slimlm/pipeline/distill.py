@@ -1,0 +1,167 @@
+"""The distill stage: train the pruned student on the teacher's outputs with the Hugging Face
+Trainer, checkpointing as it goes, and swap the finished student into its output folder."""
+from __future__ import annotations
+
+import math
+import os
+
+from slimlm import outputs
+from slimlm.errors import InputError
+from slimlm.pipeline.checkpoints import plan_checkpoints
+from slimlm.pipeline.records import DISTILL_RECORD, RUN_RECORD, has_weights, inputs_state, read_json, \
+    read_json_roundtrip, texts_digest
+
+
+def distill_inputs(teacher, student, train_texts, *, synthetic_texts=None, mix_fraction=0.0, seq_len=256,
+                   max_tokens=None, batch_size=8, learning_rate=1e-4, temperature=1.0, beta=0.0, kd_weight=1.0,
+                   ce_weight=0.0, seed=0, training_args=()) -> dict:
+    """Everything a distillation run depends on: the models' fingerprints, the data's digests
+    and the training arguments. A checkpoint folder is resumed only by a run with the same."""
+    from slimlm.fingerprint import model_fingerprint
+
+    mixed = bool(synthetic_texts) and mix_fraction > 0
+    return read_json_roundtrip({
+        "teacher": model_fingerprint(teacher), "student": model_fingerprint(student),
+        "train": texts_digest(train_texts), "synthetic": texts_digest(synthetic_texts) if mixed else None,
+        "mix": mix_fraction if mixed else 0.0, "seq_len": seq_len, "max_tokens": max_tokens,
+        "batch_size": batch_size, "learning_rate": learning_rate, "temperature": temperature, "beta": beta,
+        "kd_weight": kd_weight, "ce_weight": ce_weight, "seed": seed, "training_args": list(training_args)})
+
+
+def check_distill_settings(*, learning_rate, temperature, beta, kd_weight, ce_weight, max_minutes=None,
+                           mix_fraction=0.0) -> None:
+    """InputError for a setting no run can use, before anything is loaded or written."""
+    checks = [("lr", learning_rate, learning_rate > 0, "> 0"), ("temperature", temperature, temperature > 0, "> 0"),
+              ("beta", beta, 0 <= beta <= 1, "in [0, 1]"), ("kd-weight", kd_weight, kd_weight >= 0, ">= 0"),
+              ("ce-weight", ce_weight, ce_weight >= 0, ">= 0"),
+              ("mix", mix_fraction, 0 <= mix_fraction <= 1, "in [0, 1]"),
+              ("max-minutes", max_minutes, max_minutes is None or max_minutes > 0, "> 0")]
+    for name, value, ok, rule in checks:
+        if not ok or isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{name} must be {rule} and finite, got {value}")
+    if kd_weight == 0 and ce_weight == 0:
+        raise InputError("--kd-weight and --ce-weight are both 0: nothing to train on")
+
+
+def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthetic_texts=None, mix_fraction=0.0,
+                  seq_len=256, max_tokens=None, batch_size=8, learning_rate=1e-4, temperature=1.0, beta=0.0,
+                  kd_weight=1.0, ce_weight=0.0, seed=0, training_args=(), resume=True, overwrite=False,
+                  clear_stale_checkpoints=False, checkpoints: str | None = None, max_minutes: float | None = None,
+                  disable_tqdm: bool = False, extra_record=None, log=print):
+    """Distill ``teacher`` into ``student`` on blocks of ``train_texts`` (and, with
+    ``mix_fraction`` > 0, packed ``synthetic_texts``), then save the student to ``out`` atomically.
+
+    ``max_tokens`` sets ``max_steps`` = ⌈max_tokens / (batch · accumulation · world · seq_len)⌉
+    unless ``training_args`` names ``--max_steps``. ``training_args``: command-line style
+    ``TrainingArguments`` flags (``["--warmup_steps", "0.1"]``), which win over these defaults.
+    ``max_minutes`` stops training early (a safety cap on a loaded machine; the schedule
+    still follows ``max_steps``, and a rerun may change it and still resume).
+
+    Checkpoints go to ``checkpoints`` (default ``<out>.checkpoints``), which records the run's
+    ``distill_inputs``. With ``resume``, the newest complete checkpoint of this same run is
+    continued (incomplete ones, left by a kill, are deleted); a folder of another run is
+    refused unless ``clear_stale_checkpoints``, which deletes it. ``resume=False`` starts
+    over. Returns (student, log_history).
+    """
+    from transformers import set_seed
+
+    from slimlm.data import tokenize_blocks
+    from slimlm.distill.trainer import DistillationConfig, DistillationTrainer
+    from slimlm.distill.training import time_budget_callback, tokens_per_step, training_arguments, training_items, \
+        training_set
+    from slimlm.fingerprint import model_fingerprint
+
+    check_distill_settings(learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
+                           ce_weight=ce_weight, max_minutes=max_minutes, mix_fraction=mix_fraction)
+    checkpoints = checkpoints or out.rstrip(os.sep) + ".checkpoints"
+    student_before = model_fingerprint(student)
+    inputs = distill_inputs(teacher, student, train_texts, synthetic_texts=synthetic_texts, mix_fraction=mix_fraction,
+                            seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                            learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
+                            ce_weight=ce_weight, seed=seed, training_args=training_args)
+    outputs.check_output(out, overwrite)
+    args = training_arguments(training_args, output_dir=checkpoints, batch_size=batch_size,
+                              learning_rate=learning_rate, seed=seed)
+    args.disable_tqdm = args.disable_tqdm or disable_tqdm
+    # An explicit --resume_from_checkpoint is the user's choice: the folder is left as it is.
+    decision = {"clear": False, "resume": None, "incomplete": []} if args.resume_from_checkpoint else \
+        plan_checkpoints(checkpoints, inputs, resume=resume, clear_stale=clear_stale_checkpoints)
+    set_seed(seed)
+
+    def items(texts):
+        return training_items(tokenize_blocks(texts, tokenizer, seq_len, model=student))
+
+    mixed = bool(synthetic_texts) and mix_fraction > 0
+    dataset = training_set(items(train_texts), items(synthetic_texts) if mixed else None, mix_fraction, seed=seed)
+    explicit_steps = any(flag.split("=")[0] == "--max_steps" for flag in training_args)
+    if max_tokens is not None and not explicit_steps:
+        args.max_steps = max(1, math.ceil(max_tokens / tokens_per_step(args, seq_len)))
+
+    config = DistillationConfig(kd_weight=kd_weight, ce_weight=ce_weight, temperature=temperature, beta=beta)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                                  distillation_config=config,
+                                  callbacks=[time_budget_callback(max_minutes * 60)] if max_minutes else None)
+    _prepare_checkpoints(trainer, checkpoints, decision, inputs, resume=resume, log=log)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or decision["resume"])
+
+    record = {"teacher_fingerprint": model_fingerprint(teacher), "student_fingerprint_before": student_before,
+              "inputs": inputs, "train_texts": texts_digest(train_texts), "num_train_items": len(dataset),
+              "max_steps": args.max_steps, "seq_len": seq_len, "learning_rate": args.learning_rate,
+              "distillation": vars(config), **(extra_record or {})}
+    _save_student(trainer, tokenizer, out, record, seq_len)
+    return trainer.model, trainer.state.log_history
+
+
+def _prepare_checkpoints(trainer, checkpoints: str, decision: dict, inputs: dict, *, resume: bool, log) -> None:
+    """Carry out ``plan_checkpoints``' decision and record this run in the folder. Every rank
+    decided the same from the folder as it was; once all have, rank 0 alone changes it."""
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        if decision["clear"]:
+            log(f"[distill] deleting the checkpoints in {checkpoints}: "
+                f"{'--overwrite' if not resume else 'they belong to a run of other inputs'}")
+            outputs.remove(checkpoints)
+        for path in decision["incomplete"]:
+            log(f"[distill] skipping the incomplete {os.path.basename(path)} (an interrupted save); deleting it")
+            outputs.remove(path)
+        if decision["resume"]:
+            log(f"[distill] resuming from {decision['resume']}")
+        os.makedirs(checkpoints, exist_ok=True)
+        outputs.write_json(os.path.join(checkpoints, RUN_RECORD), {"inputs": inputs})
+    trainer.accelerator.wait_for_everyone()
+
+
+def _save_student(trainer, tokenizer, out: str, record: dict, seq_len: int) -> None:
+    """Every rank takes part in saving (FSDP/DeepSpeed gather the weights); rank 0 writes, into a
+    staging folder swapped into place, so ``out`` never holds half a checkpoint. ``record``
+    (what the run was made from) is completed with what the training did."""
+    from slimlm.distill.training import tokens_per_step
+
+    main_process = trainer.is_world_process_zero()
+    staging = outputs.staging_path(out)
+    if main_process:
+        outputs.prepare(out)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)
+    if main_process:
+        tokenizer.save_pretrained(staging)
+        state = trainer.state
+        done = {"steps": state.global_step,
+                "tokens_seen": int(state.global_step * tokens_per_step(trainer.args, seq_len)),
+                "train_seconds": next((entry["train_runtime"] for entry in reversed(state.log_history)
+                                       if "train_runtime" in entry), None),
+                "log_history": state.log_history}
+        outputs.write_json(os.path.join(staging, DISTILL_RECORD), {**record, **done})
+        outputs.commit(staging, out)
+    trainer.accelerator.wait_for_everyone()
+
+
+def distilled_state(out: str, inputs: dict) -> str | None:
+    """None when ``out`` holds a student distilled from ``inputs`` (``distill_inputs``)."""
+    if not has_weights(out):
+        return "missing"
+    record = read_json(os.path.join(out, DISTILL_RECORD))
+    if record is None:
+        return f"no {DISTILL_RECORD}"
+    return inputs_state(record, inputs, "")
+

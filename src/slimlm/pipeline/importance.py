@@ -1,0 +1,56 @@
+"""The importance stage: score the teacher on calibration blocks into a scores folder."""
+from __future__ import annotations
+
+import os
+
+from slimlm import outputs
+from slimlm.errors import InputError
+from slimlm.pipeline.records import STAGE_RECORD, inputs_state, read_json, stage_record
+
+
+def importance_stage(model, calibration, out: str, *, metrics=("activation",), depth=("block_influence",),
+                     num_samples: int | None = None, batch_size: int = 8, seed: int = 0, loss_drop_samples=None,
+                     progress: bool = True, inputs: dict | None = None):
+    """Score ``model`` on ``calibration`` (TokenBlocks; ``num_samples`` drawn with ``seed``) and
+    save to ``out`` atomically, with ``inputs`` (what the scores were made from) recorded beside."""
+    from slimlm.importance import estimate_importance
+
+    if num_samples is not None:
+        calibration = calibration.sample(num_samples, seed)
+    scores = estimate_importance(model, calibration, metrics=tuple(metrics), depth=tuple(depth),
+                                 batch_size=batch_size, progress=progress, loss_drop_samples=loss_drop_samples)
+    with outputs.atomic_output(out) as staging:
+        scores.save(staging)
+        if inputs is not None:
+            outputs.write_json(os.path.join(staging, STAGE_RECORD), stage_record(inputs))
+    return scores
+
+
+def load_scores(folder: str, model=None):
+    """``ImportanceScores.load`` with an unreadable or truncated file as an InputError naming it."""
+    from slimlm.importance import ImportanceScores
+
+    try:
+        return ImportanceScores.load(folder, model=model)
+    except ValueError:
+        raise
+    except Exception as error:  # safetensors raises its own error type for a torn file
+        raise InputError(f"scores {folder}: unreadable scores.safetensors ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())})") from None
+
+
+def scores_state(out: str, model, inputs: dict | None = None) -> str | None:
+    """None when ``out`` holds scores of ``model`` made from ``inputs``, else why not."""
+    from slimlm.fingerprint import model_fingerprint
+
+    if not os.path.isdir(out):
+        return "missing"
+    try:
+        scores = load_scores(out)
+    except Exception as error:  # any unreadable file means: compute again
+        return f"unreadable ({error})"
+    if scores.meta.get("fingerprint") != model_fingerprint(model):
+        return "computed on another model"
+    if inputs is not None:
+        return inputs_state(read_json(os.path.join(out, STAGE_RECORD)), inputs, f"no {STAGE_RECORD}")
+    return None

@@ -1,0 +1,64 @@
+"""What each stage records beside its output, and how a later run reads it back to decide
+whether the output is still the one its inputs would make.
+
+A stage's inputs (fingerprints, digests, settings) are compared as they read back from JSON,
+so a tuple and the list it is stored as are equal.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+DISTILL_RECORD = "slimlm_distill.json"
+STAGE_RECORD = "slimlm_stage.json"
+RUN_RECORD = "slimlm_run.json"
+SYNTHETIC_DONE_SUFFIX = ".done.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def texts_digest(texts) -> str:
+    """A short hash of a list of documents (identifies a data split in records)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+    return digest.hexdigest()[:16]
+
+
+def read_json(path: str) -> dict | None:
+    """A JSON object from ``path``; None when it is missing, unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_json_roundtrip(value):
+    """``value`` as it reads back from JSON (tuples → lists, other objects → str), for comparisons."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def has_weights(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "config.json")) and any(
+        os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES)
+
+
+def stage_record(inputs: dict) -> dict:
+    """What a stage records about its inputs, as it reads back from JSON."""
+    return {"inputs": read_json_roundtrip(inputs)}
+
+
+def changed_inputs(record: dict | None, inputs: dict) -> list[str]:
+    """The names of the inputs that differ from those ``record`` was made from."""
+    stored, current = (record or {}).get("inputs") or {}, read_json_roundtrip(inputs)
+    return sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
+
+
+def inputs_state(record: dict | None, inputs: dict, missing: str) -> str | None:
+    """None when ``record`` was made from ``inputs``; else ``missing`` (no record) or which changed."""
+    if record is None:
+        return missing
+    changed = changed_inputs(record, inputs)
+    return f"made from other inputs ({', '.join(changed)} changed)" if changed else None

@@ -1,0 +1,320 @@
+"""``Pipeline``: runs a validated recipe stage by stage, one method per stage, skipping the
+stages whose outputs are already there and valid (see ``slimlm.pipeline``)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+
+import torch
+
+from slimlm import outputs
+from slimlm.errors import InputError
+from slimlm.models import default_device, resolve_dtype
+from slimlm.pipeline import distill, importance, prune, synthetic
+from slimlm.pipeline.records import DISTILL_RECORD, read_json, read_json_roundtrip, texts_digest
+
+RECIPE_COPY = "recipe.yaml"
+
+
+class Pipeline:
+    """A validated recipe's run in its ``out`` folder: ``run`` calls one method per stage, in
+    order (setup, importance, prune, synthetic, distill, evaluate, report); each logs whether
+    its output is already there and made from the same inputs, and then skips or runs."""
+
+    def __init__(self, recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
+                 command: str = "slimlm run", recipe_path: str | None = None, trust_remote_code: bool = False):
+        self.recipe = recipe
+        self.recipe_path = recipe_path
+        self.trust_remote_code = trust_remote_code
+        self.out = recipe["out"]
+        self.overwrite = overwrite
+        self.progress = progress
+        self.log = log
+        self.command = command
+        self.device = recipe["device"] or default_device()
+        self.dtype = resolve_dtype(recipe["dtype"], self.device)
+        self.timings: dict[str, float] = {}
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    # ---------------------------------------------------------------- setup
+    def _check_output(self) -> bool:
+        """Refuse an output folder that is, holds or sits inside an input, one of another
+        recipe (unless ``overwrite``) and one slimlm did not make (always); nothing is written.
+        Returns whether the folder must be cleared (another recipe's run, ``overwrite``)."""
+        import yaml
+
+        data = self.recipe["data"]
+        inputs = {"teacher": self.recipe["teacher"], "training data": data["train"],
+                  "held-out data": data["heldout"], "recipe": self.recipe_path}
+        outputs.check_output(self.out, True, inputs, what="output folder")
+        if not (os.path.isdir(self.out) and os.listdir(self.out)):
+            return False
+        recipe_path = self.path(RECIPE_COPY)
+        if not os.path.isfile(recipe_path):
+            raise InputError(f"output folder {self.out} holds files that are not a slimlm run; choose another out")
+        with open(recipe_path, encoding="utf-8") as handle:
+            previous = yaml.safe_load(handle)
+        if previous == self.recipe:
+            return False
+        if not self.overwrite:
+            raise InputError(f"output folder {self.out} already holds a run of another recipe; pass --overwrite "
+                             "to replace it")
+        return True
+
+    def _claim_output(self, clear: bool) -> None:
+        """Called once every input has been checked: set another recipe's run aside
+        (``overwrite``) and record this recipe, so that a rerun of it resumes. The run set
+        aside is deleted only when this one completes: a failed or interrupted replacement
+        loses no finished result (the new run resumes where it stopped)."""
+        import yaml
+
+        if clear:
+            previous = outputs.aside_path(self.out)
+            if os.path.lexists(previous):
+                self.log(f"[setup] --overwrite: deleting the unfinished run in {self.out} (the finished run it "
+                         f"was replacing stays in {previous} until this one completes)")
+                outputs.remove(self.out)
+            else:
+                self.log(f"[setup] --overwrite: the run of another recipe in {self.out} moves to {previous}, "
+                         "deleted once this run completes")
+                os.rename(self.out, previous)
+        os.makedirs(self.out, exist_ok=True)
+        outputs.write_text(self.path(RECIPE_COPY), yaml.safe_dump(self.recipe, sort_keys=False))
+
+    def _data(self):
+        from slimlm.data import load_texts
+
+        data = self.recipe["data"]
+        train = load_texts(data["train"], text_field=data["text_field"])
+        if data["heldout"] is not None:
+            heldout = load_texts(data["heldout"], text_field=data["text_field"])
+        else:
+            if len(train) < 2:
+                raise InputError("data.train holds one document: give data.heldout or more documents to split")
+            # Split whole documents so no held-out text is ever seen in calibration or training.
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.recipe["seed"])).tolist()
+            count = min(len(train) - 1, max(1, round(data["heldout_fraction"] * len(train))))
+            heldout = [train[i] for i in sorted(order[:count])]
+            train = [train[i] for i in sorted(order[count:])]
+        return train, heldout
+
+    def _stage(self, name: str, state: str | None, output: str) -> bool:
+        """Log the decision; True when the stage must run."""
+        if state is None:
+            self.log(f"[{name}] skipped: {output} is already done")
+            return False
+        self.log(f"[{name}] running ({os.path.relpath(output, self.out)}: {state})")
+        return True
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        started = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - started
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict:
+        """Every stage in order; returns {"results", "report", "table", "out", "timings"}."""
+        self.setup()
+        scores = self.importance()
+        plan_text = self.prune(scores)
+        synthetic_texts = self.synthetic()
+        log_history = self.distill(synthetic_texts)
+        results = self.evaluate()
+        return self.report(scores, plan_text, log_history, results)
+
+    def setup(self) -> None:
+        """Check every input and load the teacher, its tokenizer and the data before anything is
+        written (even recipe.yaml), so a failed run leaves no claim on its output folder."""
+        from slimlm.fingerprint import model_fingerprint
+        from slimlm.models import load_model, load_tokenizer
+        from slimlm.surgery import plan
+
+        recipe = self.recipe
+        clear = self._check_output()
+        torch.manual_seed(recipe["seed"])
+        with self._timed("setup"):
+            self.log(f"[setup] loading teacher {recipe['teacher']}")
+            try:
+                self.teacher = load_model(recipe["teacher"], dtype=self.dtype, device=self.device,
+                                          trust_remote_code=self.trust_remote_code)
+                self.tokenizer = load_tokenizer(recipe["teacher"], trust_remote_code=self.trust_remote_code)
+            except FileNotFoundError as error:
+                raise InputError(f"teacher: {error}") from None
+            self.teacher_fp = model_fingerprint(self.teacher)
+            # A target the model cannot meet fails now, not after the importance pass.
+            try:
+                plan(self.teacher, recipe["target"])
+            except (ValueError, TypeError, OverflowError) as error:
+                raise InputError(f"target: {error}") from None
+            self.train_texts, self.heldout_texts = self._data()
+            self.prompts = None
+            if recipe["synthetic"] is not None:
+                from slimlm.distill.generate import prompts_from_texts
+
+                self.prompts = prompts_from_texts(self.train_texts, max_prompts=recipe["synthetic"]["num_prompts"])
+                if not self.prompts:
+                    raise InputError("no prompts could be cut from data.train for the synthetic stage")
+            self._claim_output(clear)
+
+    def importance(self):
+        """Scores of the teacher on calibration blocks of the training data (``scores/``)."""
+        from slimlm.data import tokenize_blocks
+
+        section = self.recipe["importance"]
+        scores_dir = self.path("scores")
+        with self._timed("importance"):
+            inputs = {"teacher": self.teacher_fp, "train": texts_digest(self.train_texts), "settings": section,
+                      "seed": self.recipe["seed"]}
+            if not self._stage("importance", importance.scores_state(scores_dir, self.teacher, inputs), scores_dir):
+                return importance.load_scores(scores_dir, model=self.teacher)
+            calibration = tokenize_blocks(self.train_texts, self.tokenizer, section["seq_len"], model=self.teacher)
+            return importance.importance_stage(
+                self.teacher, calibration, scores_dir, metrics=section["metrics"], depth=section["depth"],
+                num_samples=section["num_samples"], batch_size=section["batch_size"], seed=self.recipe["seed"],
+                loss_drop_samples=section["loss_drop_samples"], progress=self.progress, inputs=inputs)
+
+    def prune(self, scores) -> str:
+        """A copy of the teacher pruned to the target (``pruned/``); returns the plan's table (``plan.txt``)."""
+        from slimlm.importance.scores import SCORES_FILE
+
+        pruned_dir = self.path("pruned")
+        plan_path = self.path("plan.txt")
+        with self._timed("prune"):
+            inputs = {"teacher": self.teacher_fp, "target": self.recipe["target"],
+                      "scores": outputs.file_digest(os.path.join(self.path("scores"), SCORES_FILE))}
+            if self._stage("prune", prune.pruned_state(pruned_dir, self.teacher_fp, inputs), pruned_dir) \
+                    or not os.path.isfile(plan_path):
+                _, the_plan = prune.prune_stage(copy.deepcopy(self.teacher), scores, self.recipe["target"], pruned_dir,
+                                                tokenizer=self.tokenizer, overwrite=True, inputs=inputs)
+                outputs.write_text(plan_path, the_plan.table() + "\n")
+            with open(plan_path, encoding="utf-8") as handle:
+                return handle.read().rstrip()
+
+    def synthetic(self) -> list[str] | None:
+        """The teacher's generations from prompts of the training data (``synthetic.jsonl``);
+        None when the recipe has no synthetic section."""
+        section = self.recipe["synthetic"]
+        if section is None:
+            return None
+        synthetic_path = self.path("synthetic.jsonl")
+        settings = dict(max_new_tokens=section["max_new_tokens"], temperature=section["temperature"],
+                        top_p=section["top_p"], batch_size=section["batch_size"], seed=self.recipe["seed"],
+                        chat_template=True if section["chat"] else None)
+        inputs = synthetic.synthetic_inputs(self.teacher, self.prompts, **settings)
+        with self._timed("synthetic"):
+            if self._stage("synthetic", synthetic.synthetic_state(synthetic_path, inputs), synthetic_path):
+                dataset = synthetic.generate_stage(self.teacher, self.tokenizer, self.prompts, synthetic_path,
+                                                   progress=self.progress, log=self.log, **settings)
+            else:
+                from slimlm.distill.generate import SyntheticDataset
+
+                dataset = SyntheticDataset.load(synthetic_path)
+            return dataset.texts()
+
+    def distill(self, synthetic_texts: list[str] | None) -> list[dict]:
+        """The pruned student distilled from the teacher (``distilled/``); returns its log history."""
+        from slimlm.models import load_model
+
+        section = self.recipe["distill"]
+        distilled_dir = self.path("distilled")
+        student = load_model(self.path("pruned"), dtype=torch.float32 if self.device == "cpu" else self.dtype)
+        with self._timed("distill"):
+            training_args = []
+            for key, value in section["training_args"].items():
+                training_args += [f"--{key}", str(value)]
+            if self.device == "cpu":
+                training_args = ["--use_cpu", "true"] + training_args
+            mix_fraction = self.recipe["synthetic"]["mix"] if synthetic_texts is not None else 0.0
+            settings = dict(synthetic_texts=synthetic_texts, mix_fraction=mix_fraction, seq_len=section["seq_len"],
+                            max_tokens=section["max_tokens"], batch_size=section["batch_size"],
+                            learning_rate=section["lr"], temperature=section["temperature"], beta=section["beta"],
+                            kd_weight=section["kd_weight"], ce_weight=section["ce_weight"], seed=self.recipe["seed"],
+                            training_args=training_args)
+            inputs = distill.distill_inputs(self.teacher, student, self.train_texts, **settings)
+            if not self._stage("distill", distill.distilled_state(distilled_dir, inputs), distilled_dir):
+                return read_json(os.path.join(distilled_dir, DISTILL_RECORD))["log_history"]
+            # Checkpoints of a run of other inputs (a changed teacher, data or setting) are stale
+            # in this folder the recipe owns: they are deleted, not resumed.
+            _, log_history = distill.distill_stage(
+                self.teacher, student, self.tokenizer, self.train_texts, distilled_dir,
+                max_minutes=section["max_minutes"], overwrite=True, clear_stale_checkpoints=True,
+                disable_tqdm=not self.progress, log=self.log, **settings)
+            return log_history
+
+    def evaluate(self) -> list[dict]:
+        """Perplexity, speed and samples of the teacher, the pruned and the distilled model on
+        the held-out blocks (``eval.json``, keyed by the models' fingerprints and the data)."""
+        from slimlm.data import tokenize_blocks
+        from slimlm.evaluate import evaluate_model
+        from slimlm.fingerprint import model_fingerprint
+        from slimlm.models import load_model
+
+        section = self.recipe["eval"]
+        specs = {"teacher": self.recipe["teacher"], "pruned": self.path("pruned"), "distilled": self.path("distilled")}
+        blocks = tokenize_blocks(self.heldout_texts, self.tokenizer, section["seq_len"], model=self.teacher)
+        blocks = blocks.select(range(min(len(blocks), section["max_blocks"])))
+        eval_path = self.path("eval.json")
+        with self._timed("eval"):
+            models = {"teacher": self.teacher}
+            for name in ("pruned", "distilled"):
+                models[name] = load_model(specs[name], dtype=self.dtype, device=self.device)
+            key = {"heldout": texts_digest(self.heldout_texts), "settings": section,
+                   "fingerprints": {name: model_fingerprint(model) for name, model in models.items()},
+                   "distilled_record": read_json(os.path.join(specs["distilled"], DISTILL_RECORD)).get(
+                       "train_seconds")}
+            previous = read_json(eval_path)
+            state = None if previous is not None and previous.get("key") == read_json_roundtrip(key) else (
+                "missing" if previous is None else "made for other models or data")
+            if not self._stage("eval", state, eval_path):
+                return previous["results"]
+            results = [evaluate_model(model, blocks, tokenizer=self.tokenizer, prompts=section["prompts"],
+                                      max_new_tokens=section["max_new_tokens"], batch_size=section["batch_size"],
+                                      spec=specs[name], progress=self.progress, name=name)
+                       for name, model in models.items()]
+            outputs.write_json(eval_path, {"key": key, "results": results})
+            return results
+
+    def report(self, scores, plan_text: str, log_history: list[dict], results: list[dict]) -> dict:
+        """The report (``report/``); once it is written the run this one replaced is deleted."""
+        from slimlm.report import write_report
+
+        recipe = self.recipe
+        section = recipe["distill"]
+        distill_record = read_json(os.path.join(self.path("distilled"), DISTILL_RECORD))
+        notes = {"command": self.command, "teacher": recipe["teacher"], "target": recipe["target"],
+                 "data": f"{len(self.train_texts)} training documents, {len(self.heldout_texts)} held-out documents "
+                         f"(never used for calibration or training)",
+                 "distillation": f"{distill_record['steps']} steps, {distill_record['tokens_seen']:,} tokens "
+                                 f"(budget {section['max_tokens'] or '-'} tokens / {section['max_minutes'] or '-'} min), "
+                                 f"{distill_record['train_seconds'] or 0:.0f} s, lr {section['lr']}, seq_len "
+                                 f"{section['seq_len']}, temperature {section['temperature']}, beta {section['beta']}",
+                 "sizes on disk": "a .gguf teacher is stored 4-bit quantized (Q4_1); students as saved (float32 "
+                                  "safetensors on CPU)" if str(recipe["teacher"]).endswith(".gguf") else "as saved",
+                 "device": f"{self.device} ({torch.get_num_threads()} threads)",
+                 "stage seconds": ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())}
+        report = write_report(self.path("report"), results=results, scores=scores, log_history=log_history,
+                              plan_text=plan_text, notes=notes, title=recipe["report"]["title"])
+        previous = outputs.aside_path(self.out)
+        if os.path.lexists(previous):
+            self.log(f"[report] this run is complete: deleting the run it replaced ({previous})")
+            outputs.remove(previous)
+        return {"results": results, "report": report, "table": report["table"], "out": self.out,
+                "timings": self.timings}
+
+
+def run_recipe(recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
+               command: str = "slimlm run", recipe_path: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Run a validated recipe (see ``load_recipe``; ``recipe_path``: its file, which the output
+    may not hold); returns {"results", "report", "table", "out"}. The teacher's own Python code
+    runs only with ``trust_remote_code`` (the command line's ``--trust-remote-code``, never a
+    recipe field)."""
+    start = time.perf_counter()
+    summary = Pipeline(recipe, overwrite=overwrite, progress=progress, log=log, command=command,
+                       recipe_path=recipe_path, trust_remote_code=trust_remote_code).run()
+    summary["seconds"] = time.perf_counter() - start
+    return summary

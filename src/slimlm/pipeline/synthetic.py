@@ -1,0 +1,61 @@
+"""The synthetic stage: sample text from the teacher into a JSONL file, resumably."""
+from __future__ import annotations
+
+import os
+
+from slimlm import outputs
+from slimlm.pipeline.records import SYNTHETIC_DONE_SUFFIX, inputs_state, read_json, read_json_roundtrip, texts_digest
+
+
+def synthetic_inputs(teacher, prompts, *, max_new_tokens=64, temperature=0.8, top_p=0.95, num_return_sequences=1,
+                     batch_size=8, seed=0, chat_template=None) -> dict:
+    """Everything a synthetic file depends on (batches are seeded by their first prompt, so the batch size counts)."""
+    from slimlm.fingerprint import model_fingerprint
+
+    return {"teacher": model_fingerprint(teacher), "prompts": texts_digest(prompts),
+            "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                         "num_return_sequences": num_return_sequences, "batch_size": batch_size, "seed": seed,
+                         "chat_template": chat_template}}
+
+
+def generate_stage(teacher, tokenizer, prompts, out: str, *, max_new_tokens=64, temperature=0.8, top_p=0.95,
+                   num_return_sequences=1, batch_size=8, seed=0, chat_template=None, progress=True, log=print):
+    """Sample synthetic text from ``teacher`` into a staging sibling of the JSONL ``out``
+    (continuing one an interrupted run of these same inputs left), swap it into place, then
+    mark it complete with ``<out>.done.json`` (the inputs and the file's digest)."""
+    from slimlm.distill.generate import generate_synthetic
+
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    num_return_sequences=num_return_sequences, batch_size=batch_size, seed=seed,
+                    chat_template=chat_template)
+    inputs = read_json_roundtrip(synthetic_inputs(teacher, prompts, **settings))
+    staging = outputs.staging_path(out)
+    staging_inputs = staging + ".inputs.json"
+    if os.path.exists(staging):
+        if read_json(staging_inputs) == {"inputs": inputs}:
+            log(f"[synthetic] continuing the partial {staging}")
+        else:
+            log(f"[synthetic] discarding {staging}: left by a run of other inputs")
+            outputs.remove(staging)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    outputs.write_json(staging_inputs, {"inputs": inputs})
+    dataset = generate_synthetic(teacher, tokenizer, prompts, out_path=staging, progress=progress, **settings)
+    if len(dataset) == 0:
+        raise RuntimeError(f"the teacher produced no usable generation for {len(prompts)} prompts")
+    outputs.commit(staging, out)
+    outputs.write_json(out + SYNTHETIC_DONE_SUFFIX, {"records": len(dataset), "inputs": inputs,
+                                                     "sha256": outputs.file_digest(out)})
+    outputs.remove(staging_inputs)
+    return dataset
+
+
+def synthetic_state(out: str, inputs: dict) -> str | None:
+    """None when ``out`` is complete, unchanged since written, and made from ``inputs``."""
+    if not os.path.isfile(out):
+        return "missing"
+    record = read_json(out + SYNTHETIC_DONE_SUFFIX)
+    if record is None:
+        return "incomplete"
+    if record.get("sha256") != outputs.file_digest(out):
+        return "changed since it was written"
+    return inputs_state(record, inputs, "incomplete")

@@ -1,0 +1,79 @@
+"""``slimlm distill``: TrainingArguments flags pass through, checkpoints resume only their own
+run, bad settings write nothing, and the same command runs under torchrun."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from transformers import AutoModelForCausalLM
+
+from .helpers import one_line_error, pruned_dir, run_cli
+
+
+def test_distill_passes_training_arguments_through(workspace, capsys):
+    out = workspace / "distilled"
+    code, stdout, err = run_cli(
+        capsys, "distill", "--teacher", workspace / "teacher", "--student", pruned_dir(workspace, capsys),
+        "--data", str(workspace / "data" / "*.txt"), "--seq-len", 16, "--batch-size", 2, "--lr", "1e-3",
+        "--max_steps", 3, "--logging_steps", 1, "--save_strategy", "no", "--out", out, "--no-progress")
+    assert code == 0, err
+    record = json.loads((out / "slimlm_distill.json").read_text())
+    # --max_steps and --logging_steps are TrainingArguments flags, not slimlm's.
+    assert record["max_steps"] == 3
+    assert sum("kd_loss" in entry for entry in record["log_history"]) == 3
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() == \
+        AutoModelForCausalLM.from_pretrained(workspace / "pruned").num_parameters()
+
+    code, _, err = run_cli(capsys, "distill", "--teacher", workspace / "teacher", "--student", workspace / "pruned",
+                           "--data", workspace / "heldout.txt", "--not_a_flag", 1, "--out", workspace / "d2")
+    assert code == 2 and err.strip().splitlines() == [
+        "slimlm distill: error: unknown option(s) for distill: --not_a_flag 1 (not a slimlm or TrainingArguments flag)"]
+
+
+def test_distill_resumes_only_the_run_its_checkpoints_belong_to(workspace, capsys, tmp_path):
+    out = tmp_path / "distilled"
+    common = ["distill", "--teacher", workspace / "teacher", "--student", pruned_dir(workspace, capsys),
+              "--seq-len", 16, "--batch-size", 2, "--max_steps", 2, "--save_steps", 1, "--out", out, "--no-progress"]
+    assert run_cli(capsys, *common, "--data", str(workspace / "data" / "*.txt"))[0] == 0
+    shutil.rmtree(out)  # the checkpoints stay: a rerun of the same command resumes them
+    code, stdout, err = run_cli(capsys, *common, "--data", str(workspace / "data" / "*.txt"))
+    assert code == 0, err
+    assert f"resuming from {out}.checkpoints/checkpoint-2" in stdout
+    shutil.rmtree(out)
+    other = [*common, "--data", workspace / "heldout.txt", "--lr", "5e-3"]
+    code, _, err = run_cli(capsys, *other)
+    line = one_line_error(code, err, "distill")
+    assert "belong to another run" in line and "learning_rate" in line and "train" in line
+    code, stdout, err = run_cli(capsys, *other, "--overwrite")
+    assert code == 0, err
+    assert "deleting the checkpoints" in stdout and "resuming" not in stdout
+    record = json.loads((out / "slimlm_distill.json").read_text())
+    assert record["steps"] == 2 and record["learning_rate"] == 5e-3
+
+
+def test_bad_distill_settings_write_nothing(workspace, capsys, tmp_path):
+    for flag, value in (("--lr", "-1"), ("--temperature", "0"), ("--beta", "2")):
+        code, _, err = run_cli(capsys, "distill", "--teacher", workspace / "teacher", "--student",
+                               pruned_dir(workspace, capsys), "--data", workspace / "heldout.txt", flag, value,
+                               "--out", tmp_path / "out")
+        assert flag in one_line_error(code, err, "distill")
+    assert os.listdir(tmp_path) == []
+
+
+def test_distill_runs_unchanged_under_torchrun(workspace, capsys, tmp_path):
+    """Two CPU processes (gloo): one global batch of 2 × 2 blocks per step, one checkpoint written."""
+    student = pruned_dir(workspace, capsys)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slimlm",
+         "distill", "--teacher", str(workspace / "teacher"), "--student", str(student), "--data",
+         str(workspace / "heldout.txt"), "--seq-len", "16", "--batch-size", "2", "--max_steps", "2",
+         "--save_strategy", "no", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((out / "slimlm_distill.json").read_text())
+    assert record["steps"] == 2 and record["tokens_seen"] == 2 * 2 * 16 * 2
+    assert result.stdout.count("distilled model written") == 1
+    AutoModelForCausalLM.from_pretrained(out)

@@ -1,0 +1,193 @@
+"""``slimlm run``: the whole pipeline from a recipe, resuming stage by stage, rerunning what
+changed, and refusing a bad recipe before anything is written."""
+import json
+import shutil
+
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from slimlm.data import load_texts, tokenize_blocks
+from slimlm.pipeline import distill as distill_step
+from tests.tiny import tiny_model, word_tokenizer
+
+from .helpers import one_line_error, run_cli, sentences, stage_lines, tree, write_recipe
+
+
+def test_run_then_resume_after_a_deleted_stage(workspace, capsys):
+    recipe = write_recipe(workspace)
+    code, out, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    run = workspace / "run"
+    for name in ("report/report.md", "report/report.html", "report/perplexity.png", "report/loss.png",
+                 "report/importance.png", "eval.json", "synthetic.jsonl", "distilled/config.json"):
+        assert (run / name).is_file(), name
+    assert "running" in " ".join(stage_lines(out)) and "report:" in out
+    markdown = (run / "report" / "report.md").read_text()
+    assert "| teacher |" in markdown and "| pruned |" in markdown and "| distilled |" in markdown
+    record = json.loads((run / "distilled" / "slimlm_distill.json").read_text())
+    # 256 tokens at 4 blocks × 16 tokens per step: 4 steps.
+    assert record["max_steps"] == 4
+    # Every classic block trains, and the few synthetic blocks join (mix 0.3 cannot be reached).
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "teacher")
+    classic = tokenize_blocks(load_texts(str(workspace / "data" / "*.txt")), tokenizer, 16)
+    synthetic = tokenize_blocks(load_texts(run / "synthetic.jsonl"), tokenizer, 16)
+    assert record["num_train_items"] == len(classic) + len(synthetic)
+
+    code, out, _ = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0
+    assert all("skipped" in line for line in stage_lines(out) if not line.startswith("[setup]"))
+
+    # Deleting the pruned model reruns pruning only: pruning is deterministic, so the distilled
+    # student (recorded against the pruned model's fingerprint) is still the right one.
+    shutil.rmtree(run / "pruned")
+    code, out, _ = run_cli(capsys, "run", recipe, "--no-progress")
+    lines = stage_lines(out)
+    assert code == 0
+    assert any(line.startswith("[importance] skipped") for line in lines)
+    assert any(line.startswith("[prune] running") for line in lines)
+    assert any(line.startswith("[distill] skipped") for line in lines)
+
+    shutil.rmtree(run / "distilled")
+    code, out, _ = run_cli(capsys, "run", recipe, "--no-progress")
+    lines = stage_lines(out)
+    assert code == 0 and (run / "distilled" / "config.json").is_file()
+    assert any(line.startswith("[distill] running") for line in lines)
+    assert any(line.startswith("[synthetic] skipped") for line in lines)
+    # The eval stage reruns: its record names the old distilled model.
+    assert any(line.startswith("[eval] running") for line in lines)
+
+
+def test_run_refuses_an_output_folder_of_another_recipe(workspace, capsys):
+    first = write_recipe(workspace, "first.yaml", out="shared-run", synthetic=None,
+                         distill__max_tokens=64)
+    assert run_cli(capsys, "run", first, "--no-progress")[0] == 0
+    second = write_recipe(workspace, "second.yaml", out="shared-run", synthetic=None, distill__max_tokens=128)
+    code, _, err = run_cli(capsys, "run", second, "--no-progress")
+    assert code == 2 and "another recipe; pass --overwrite" in err
+
+
+def test_run_reruns_every_stage_whose_inputs_changed_in_place(workspace, capsys, tmp_path):
+    """Rewritten training data, then a teacher whose weights were replaced in place: the stages
+    that read them run again, stale checkpoints are deleted rather than resumed, and the
+    synthetic records come from the new teacher."""
+    from slimlm.fingerprint import model_fingerprint
+
+    project = tmp_path / "project"
+    shutil.copytree(workspace / "teacher", project / "teacher")
+    shutil.copytree(workspace / "data", project / "data")
+    shutil.copy(workspace / "heldout.txt", project / "heldout.txt")
+    recipe = write_recipe(project)
+    assert run_cli(capsys, "run", recipe, "--no-progress")[0] == 0
+
+    (project / "data" / "train0.txt").write_text("\n\n".join(sentences(12, 1234)))
+    code, out, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    lines = stage_lines(out)
+    for stage in ("importance", "synthetic", "distill"):
+        assert any(line.startswith(f"[{stage}] running") for line in lines), (stage, lines)
+    assert any(line.startswith("[distill] deleting the checkpoints") for line in lines)
+
+    tokenizer = word_tokenizer()
+    replacement = tiny_model("llama", "training", seed=7, vocab_size=len(tokenizer), hidden_size=64,
+                             intermediate_size=128, num_hidden_layers=2)
+    replacement.save_pretrained(project / "teacher")
+    code, out, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    lines = stage_lines(out)
+    for stage in ("importance", "prune", "synthetic", "distill", "eval"):
+        assert any(line.startswith(f"[{stage}] running") for line in lines), (stage, lines)
+    assert not any("resuming" in line for line in lines)
+    records = [json.loads(line) for line in (project / "run" / "synthetic.jsonl").read_text().splitlines()]
+    assert {r["teacher"]["fingerprint"] for r in records} == {model_fingerprint(replacement)}
+    code, out, _ = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0 and all("skipped" in line for line in stage_lines(out) if not line.startswith("[setup]"))
+
+
+def test_a_failed_overwrite_of_a_run_loses_no_finished_result(workspace, capsys, tmp_path, monkeypatch):
+    out = tmp_path / "replaced-run"
+    first = write_recipe(workspace, "keep.yaml", out=str(out), synthetic=None, distill__max_tokens=64)
+    assert run_cli(capsys, "run", first, "--no-progress")[0] == 0
+    finished = (out / "report" / "report.md").read_text()
+    second = write_recipe(workspace, "replace.yaml", out=str(out), synthetic=None, distill__max_tokens=128)
+    real_distill = distill_step.distill_stage
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_step, "distill_stage", interrupted)
+    assert run_cli(capsys, "run", second, "--overwrite", "--no-progress")[0] == 130
+    kept = tmp_path / ".replaced-run.slimlm-old"
+    assert (kept / "report" / "report.md").read_text() == finished
+    monkeypatch.setattr(distill_step, "distill_stage", real_distill)
+    code, stdout, err = run_cli(capsys, "run", second, "--no-progress")  # resumes the replacement
+    assert code == 0, err
+    assert "[prune] skipped" in stdout and not kept.exists()
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["distill"]["max_tokens"] == 128
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"importance__num_samples": "many"}, "importance.num_samples: expected an integer, got str 'many'"),
+    ({"distill__lr": -1.0}, "distill.lr must be > 0"),
+    ({"colour": "blue"}, "unknown field 'colour'"),
+    ({"target": {"hidden_sise": 3}}, "target: unknown target field(s) hidden_sise"),
+    ({"importance__depth": ["bogus"]}, "importance.depth: unknown value 'bogus'"),
+    ({"data": {"heldout": "heldout.txt"}}, "data.train is required"),
+])
+def test_recipe_errors_name_the_file_and_field(workspace, capsys, change, message):
+    recipe = write_recipe(workspace, "bad.yaml")
+    raw = yaml.safe_load(recipe.read_text())
+    for key, value in change.items():
+        section, _, field = key.partition("__")
+        if field:
+            raw[section][field] = value
+        else:
+            raw[section] = value
+    recipe.write_text(yaml.safe_dump(raw))
+    code, _, err = run_cli(capsys, "run", recipe)
+    assert code == 2
+    assert err.strip() == f"slimlm run: error: {recipe}: {message}" or (message in err and str(recipe) in err)
+
+
+def test_recipe_that_is_not_yaml(workspace, capsys):
+    path = workspace / "broken.yaml"
+    path.write_text("teacher: [unclosed\n")
+    code, _, err = run_cli(capsys, "run", path)
+    assert code == 2 and f"{path}: not valid YAML" in err
+    code, _, err = run_cli(capsys, "run", workspace / "absent.yaml")
+    assert code == 2 and "absent.yaml does not exist" in err
+
+
+def test_run_checks_the_target_before_any_work(workspace, capsys):
+    recipe = write_recipe(workspace, "huge.yaml", out="huge-run", target={"target_params": "10B"})
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 2 and "larger than the model" in err
+    assert not (workspace / "huge-run" / "scores").exists()
+
+
+def test_an_infinite_recipe_target_claims_nothing(workspace, capsys, tmp_path):
+    recipe = write_recipe(workspace, "inf.yaml", out=str(tmp_path / "run"), target={"target_params": float("inf")})
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert "target_params must be a positive finite" in one_line_error(code, err, "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_checks_everything_before_writing_recipe_yaml(workspace, capsys, tmp_path):
+    """A run that cannot start leaves no recipe.yaml, so the corrected recipe is not refused."""
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "late.yaml", out=str(out), data={"train": "data/*.txt", "heldout": "nothing.txt"})
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert "nothing.txt" in one_line_error(code, err, "run")
+    assert not out.exists()
+
+
+def test_run_never_clears_a_folder_holding_its_inputs(workspace, capsys, tmp_path):
+    copy = tmp_path / "project"
+    shutil.copytree(workspace / "teacher", copy / "teacher")
+    shutil.copytree(workspace / "data", copy / "data")
+    shutil.copy(workspace / "heldout.txt", copy / "heldout.txt")
+    recipe = write_recipe(copy, out=".")
+    before = tree(copy)
+    code, _, err = run_cli(capsys, "run", recipe, "--overwrite", "--no-progress")
+    assert "output folder" in one_line_error(code, err, "run") and "contains the" in err
+    assert tree(copy) == before
