@@ -2,6 +2,7 @@
 ``tiny_model(model_type)`` factory over the architecture registry for every test folder."""
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -85,6 +86,16 @@ def tiny_model(model_type: str, preset: str = "surgery", seed: int = 0, **overri
                 parameter.add_(torch.randn_like(parameter) * norm_noise)
             elif bias_noise and name.endswith("bias"):
                 parameter.add_(torch.randn_like(parameter) * bias_noise)
+    return model
+
+
+def cast_weights(model, dtype):
+    """A copy of ``model`` whose weights are in ``dtype``, as loading its checkpoint saved in that
+    dtype gives it (``Module.to`` would cast the rotary frequencies too, which transformers keeps
+    in float32)."""
+    model = copy.deepcopy(model)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
     return model
 
 
