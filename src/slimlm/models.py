@@ -74,8 +74,7 @@ def source_dtype(model_or_config) -> torch.dtype:
     if recorded is not None:
         return recorded
     config = getattr(model_or_config, "config", model_or_config)
-    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return _as_save_dtype(declared) or torch.float32
+    return _as_save_dtype(getattr(config, "dtype", None)) or torch.float32
 
 
 def save_dtype(model_or_config, requested=None) -> torch.dtype:
