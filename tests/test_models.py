@@ -93,3 +93,24 @@ def test_a_quantized_gguf_declares_bfloat16():
     from slimlm.models import _gguf_weights_dtype
 
     assert _gguf_weights_dtype(smollm2_gguf_path()) == torch.bfloat16
+
+
+def test_cast_checkpoint_rewrites_every_shard_and_the_index(tmp_path):
+    import json
+
+    from slimlm.models import cast_checkpoint
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+                         num_hidden_layers=2, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="10KB")
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()
+    cast_checkpoint(tmp_path / "ckpt", "fp16")
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert reloaded.dtype == torch.float16
+    assert index["metadata"]["total_size"] == sum(p.nbytes for p in reloaded.parameters())
+    for name, parameter in model.named_parameters():
+        assert torch.equal(reloaded.get_parameter(name), parameter.half()), name
+    with pytest.raises(ValueError, match="save dtype 'auto' is not one of"):
+        cast_checkpoint(tmp_path / "ckpt", "auto")

@@ -83,6 +83,11 @@ def save_dtype(model_or_config, requested=None) -> torch.dtype:
     Anything else is a ValueError naming the choices."""
     if requested is None or requested == "auto":
         return source_dtype(model_or_config)
+    return dtype_named(requested)
+
+
+def dtype_named(requested) -> torch.dtype:
+    """The save dtype ``requested`` names (see ``save_dtype``); ValueError naming the choices."""
     dtype = _as_save_dtype(requested)
     if dtype is None:
         raise ValueError(f"save dtype {requested!r} is not one of auto, {', '.join(SAVE_DTYPES)} "
@@ -225,9 +230,42 @@ def write_checkpoint(model, folder: str | os.PathLike, *, dtype=None, tokenizer=
         model.save_pretrained(folder, max_shard_size=max_shard_size, state_dict=_cast_state_dict(model, dtype))
     finally:
         model.config.dtype = config_dtype
-    _edit_json(os.path.join(folder, "config.json"), lambda config: config.update(dtype=str(dtype).removeprefix("torch.")))
+    _state_dtype(folder, dtype)
     if tokenizer is not None:
         save_tokenizer(tokenizer, folder)
+    return dtype
+
+
+def _state_dtype(folder: str, dtype: torch.dtype) -> None:
+    _edit_json(os.path.join(folder, "config.json"), lambda config: config.update(dtype=str(dtype).removeprefix("torch.")))
+
+
+def cast_checkpoint(folder: str | os.PathLike, dtype) -> torch.dtype:
+    """Rewrite the safetensors weights a writer already put in ``folder`` (``Trainer.save_model``,
+    under FSDP or DeepSpeed too) in ``dtype`` (a name or torch dtype; floating tensors only),
+    shard by shard, and state it in config.json (and the shard index's total size); returns the
+    dtype. Meant for a staging folder: a shard is replaced whole, the folder is not."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = os.fspath(folder)
+    dtype = dtype_named(dtype)
+    total = 0
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(folder, name)
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {"format": "pt"}
+        tensors = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                   for key, tensor in load_file(path).items()}
+        total += sum(tensor.nbytes for tensor in tensors.values())
+        save_file(tensors, path + ".cast", metadata=metadata)
+        os.replace(path + ".cast", path)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        _edit_json(index, lambda value: value.setdefault("metadata", {}).update(total_size=total))
+    _state_dtype(folder, dtype)
     return dtype
 
 
@@ -243,7 +281,16 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
     ``additional_special_tokens``, the key 4.x reads (it expects a mapping under 5.x's
     ``extra_special_tokens``)."""
     tokenizer.save_pretrained(os.fspath(folder))
-    _edit_json(os.path.join(os.fspath(folder), "tokenizer_config.json"), _for_older_readers)
+    portable_tokenizer_config(folder)
+
+
+def portable_tokenizer_config(folder: str | os.PathLike) -> None:
+    """Make the ``tokenizer_config.json`` a writer (``save_pretrained``, the Trainer) put in
+    ``folder`` loadable by transformers 4.x and llama.cpp's converter (see ``save_tokenizer``);
+    nothing when the folder has none."""
+    path = os.path.join(os.fspath(folder), "tokenizer_config.json")
+    if os.path.isfile(path):
+        _edit_json(path, _for_older_readers)
 
 
 def _for_older_readers(config: dict) -> None:
