@@ -112,18 +112,25 @@ def test_interleaving_pairs_each_heads_halves():
 
 
 def test_an_existing_output_needs_overwrite(tokenizer, tmp_path):
-    out = tmp_path / "model.gguf"
-    out.write_bytes(b"not ours")
+    out = export_gguf(family_model("qwen2"), tmp_path / "model.gguf", tokenizer=tokenizer)
     with pytest.raises(ValueError, match=f"{out} already exists; pass overwrite=True"):
         export_gguf(family_model("llama"), out, tokenizer=tokenizer)
-    assert out.read_bytes() == b"not ours"
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "qwen2"
     export_gguf(family_model("llama"), out, tokenizer=tokenizer, overwrite=True)
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
 
 
+def test_a_file_that_is_not_gguf_is_never_replaced(tokenizer, tmp_path):
+    out = tmp_path / "notes.gguf"
+    out.write_bytes(b"not ours")
+    with pytest.raises(ValueError, match="is not a GGUF file; refusing to replace it even with overwrite=True"):
+        export_gguf(family_model("llama"), out, tokenizer=tokenizer, overwrite=True)
+    assert out.read_bytes() == b"not ours"
+
+
 def test_a_failed_export_leaves_nothing_half_written(tokenizer, tmp_path, monkeypatch):
-    out = tmp_path / "model.gguf"
-    out.write_bytes(b"previous")
+    out = export_gguf(family_model("qwen2"), tmp_path / "model.gguf", tokenizer=tokenizer)
+    previous = open(out, "rb").read()
 
     def fail(self, *args, **kwargs):
         raise OSError("disk full")
@@ -131,7 +138,7 @@ def test_a_failed_export_leaves_nothing_half_written(tokenizer, tmp_path, monkey
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
     with pytest.raises(OSError, match="disk full"):
         export_gguf(family_model("llama"), out, tokenizer=tokenizer, overwrite=True)
-    assert out.read_bytes() == b"previous" and os.listdir(tmp_path) == ["model.gguf"]
+    assert open(out, "rb").read() == previous and os.listdir(tmp_path) == ["model.gguf"]
 
 
 @pytest.mark.parametrize("model_type, overrides, message", [

@@ -43,8 +43,8 @@ def export_gguf(model_dir_or_model, out_path: str | os.PathLike, *, outtype: str
 
     Loading it with ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` gives the
     source's logits within ``outtype``'s rounding. Refuses (ValueError, naming the input): an
-    unknown ``outtype``; an existing ``out_path`` without ``overwrite`` (or one that is or sits
-    inside the model folder); a family llama.cpp has no layout for or a config it cannot run
+    unknown ``outtype``; an existing ``out_path`` without ``overwrite``, or one that is not a GGUF
+    file, or one that is or sits inside the model folder; a family llama.cpp has no layout for or a config it cannot run
     (sliding windows, scaled rope); a model folder without a tokenizer, or a tokenizer that is not
     a byte-level BPE (GPT-2 style: SmolLM2, Llama 3, Qwen) with a pre-tokenizer llama.cpp names.
     """
@@ -65,9 +65,12 @@ def export_gguf(model_dir_or_model, out_path: str | os.PathLike, *, outtype: str
         raise ValueError(f"GGUF output {out_path} is a folder; give a file path (e.g. {out_path}.gguf)")
     if os.path.exists(out_path) and not overwrite:
         raise ValueError(f"GGUF output {out_path} already exists; pass overwrite=True to replace it")
+    if os.path.exists(out_path) and not _is_gguf(out_path):
+        raise ValueError(f"GGUF output {out_path} exists and is not a GGUF file; refusing to replace it even with "
+                         "overwrite=True (choose another path or remove it yourself)")
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):
-        if tokenizer is None and not _has_tokenizer(source):
+        if tokenizer is None and os.path.isdir(source) and not _has_tokenizer(source):
             raise ValueError(f"model {source} has no tokenizer (tokenizer.json); a GGUF file carries its tokenizer, "
                              "so save one beside the weights or pass tokenizer=")
         model = load_model(source)
@@ -94,6 +97,11 @@ def export_gguf(model_dir_or_model, out_path: str | os.PathLike, *, outtype: str
         writer.write_tensors_to_file()
         writer.close()
     return out_path
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
 
 
 def _has_tokenizer(folder: str) -> bool:
