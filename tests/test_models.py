@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from slimlm.models import as_plain_model, load_model, load_tokenizer, smollm2_gguf_path
+from slimlm.models import (as_plain_model, load_model, load_tokenizer, save_dtype, smollm2_gguf_path,
+                           source_dtype)
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,50 @@ def test_unresolvable_specs_fail_clearly(spec, message):
 def test_folder_without_config_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="without config.json"):
         load_model(tmp_path)
+
+
+def test_save_dtype_follows_the_source_unless_asked():
+    config = LlamaConfig(dtype="bfloat16")
+    assert save_dtype(config) == save_dtype(config, "auto") == torch.bfloat16
+    assert save_dtype(config, "float32") == save_dtype(config, "fp32") == save_dtype(config, torch.float32) == torch.float32
+    assert save_dtype(config, "float16") == torch.float16
+    assert source_dtype(LlamaConfig()) == torch.float32  # nothing declared: transformers' default
+    with pytest.raises(ValueError, match="save dtype 'int8' is not one of auto, float32, bfloat16, float16"):
+        save_dtype(config, "int8")
+
+
+def test_load_model_records_the_declared_dtype_whatever_it_runs_in(tmp_path):
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+                         num_hidden_layers=1, vocab_size=64)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = load_model(tmp_path / "bf16", dtype=torch.float32)
+    assert model.dtype == torch.float32 and model.config.dtype == torch.float32
+    assert source_dtype(model) == save_dtype(model) == torch.bfloat16
+
+
+def test_a_quantized_gguf_declares_bfloat16():
+    """SmolLM2's GGUF is Q4_1/Q8_0 (its file keeps no source dtype): saved as bfloat16, its release dtype."""
+    from slimlm.models import _gguf_weights_dtype
+
+    assert _gguf_weights_dtype(smollm2_gguf_path()) == torch.bfloat16
+
+
+def test_cast_checkpoint_rewrites_every_shard_and_the_index(tmp_path):
+    import json
+
+    from slimlm.models import cast_checkpoint
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+                         num_hidden_layers=2, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="10KB")
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()
+    cast_checkpoint(tmp_path / "ckpt", "fp16")
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert reloaded.dtype == torch.float16
+    assert index["metadata"]["total_size"] == sum(p.nbytes for p in reloaded.parameters())
+    for name, parameter in model.named_parameters():
+        assert torch.equal(reloaded.get_parameter(name), parameter.half()), name
+    with pytest.raises(ValueError, match="save dtype 'auto' is not one of"):
+        cast_checkpoint(tmp_path / "ckpt", "auto")

@@ -2,11 +2,12 @@
 ``tiny_model(model_type)`` factory over the architecture registry for every test folder."""
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from slimlm.architectures import supported_model_types
@@ -27,6 +28,27 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return tokenizer
+
+
+BPE_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def bpe_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) trained on WORDS, with merges, three
+    special tokens (ids 0-2: <|endoftext|> = unk/pad, <|im_start|> = bos, <|im_end|> = eos) and a
+    chat template: ``vocab_size`` tokens, so a tiny model needs at least that many rows."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([" ".join(WORDS)] * 4 + [f"{a} {b}." for a in WORDS for b in WORDS[:8]], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
@@ -85,6 +107,16 @@ def tiny_model(model_type: str, preset: str = "surgery", seed: int = 0, **overri
                 parameter.add_(torch.randn_like(parameter) * norm_noise)
             elif bias_noise and name.endswith("bias"):
                 parameter.add_(torch.randn_like(parameter) * bias_noise)
+    return model
+
+
+def cast_weights(model, dtype):
+    """A copy of ``model`` whose weights are in ``dtype``, as loading its checkpoint saved in that
+    dtype gives it (``Module.to`` would cast the rotary frequencies too, which transformers keeps
+    in float32)."""
+    model = copy.deepcopy(model)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
     return model
 
 

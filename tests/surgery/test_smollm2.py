@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from slimlm.importance import estimate_importance
 from slimlm.models import load_model, load_tokenizer, smollm2_gguf_path
 from slimlm.surgery import plan, prune, save_pruned
+from tiny import cast_weights
 
 CALIBRATION_MODULES = ("argparse", "collections", "json", "logging", "pathlib", "subprocess", "typing", "functools",
                        "itertools", "re", "shutil", "dataclasses")
@@ -101,10 +102,17 @@ def test_smollm2_pruned_to_half_saves_reloads_and_generates(tmp_path):
     assert results["params_after"] == chosen.params_after["total"]
     assert 0.45 <= results["params_after"] / results["params_before"] <= 0.5
 
+    # Saved in the teacher's release dtype (bf16; its GGUF is quantized), reloading to exactly the
+    # in-memory model with its weights cast to bf16.
     out = save_pruned(model, tmp_path / "smollm2-half", tokenizer=tokenizer)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.dtype == torch.bfloat16
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(held_out[:2]).logits, model(held_out[:2]).logits)
+        torch.testing.assert_close(reloaded(held_out[:2]).logits,
+                                   cast_weights(model, torch.bfloat16)(held_out[:2]).logits, rtol=0, atol=0)
+    fp32_out = save_pruned(model, tmp_path / "smollm2-half-fp32", save_dtype="float32")
+    results["safetensors_mib"] = {dtype: os.path.getsize(os.path.join(folder, "model.safetensors")) / 2**20
+                                  for dtype, folder in (("bfloat16", out), ("float32", fp32_out))}
     prompt = tokenizer("def fibonacci(n):\n    \"\"\"", return_tensors="pt")
     generated = reloaded.generate(**prompt, max_new_tokens=24, do_sample=False)
     results["generation"] = tokenizer.decode(generated[0], skip_special_tokens=True)

@@ -145,6 +145,13 @@ class DecoderAdapter:
     # (even where head_dim is explicit), so the planner only proposes such sizes.
     hidden_multiple_of_heads: bool = False
     per_layer_fields: tuple[str, ...] = DEFAULT_PER_LAYER_FIELDS
+    # llama.cpp's name for this family's architecture (None: no GGUF export); the tensor names
+    # then come from the gguf package's own map for that architecture.
+    gguf_architecture: str | None = None
+    # llama.cpp's LLAMA rope rotates adjacent pairs of a head's dimensions where transformers
+    # rotates its two halves, so such families store q/k rows interleaved per head; families on
+    # llama.cpp's NEOX rope (Qwen) store them as they are.
+    gguf_interleaved_rope: bool = False
 
     # --- where things are -------------------------------------------------------------------
     def decoder(self, model) -> nn.Module:
@@ -248,6 +255,19 @@ class DecoderAdapter:
             values = getattr(config, name, None)
             if values is not None:
                 setattr(config, name, [values[i] for i in kept_layers])
+
+    def gguf_refusal(self, config) -> str | None:
+        """Why llama.cpp's ``gguf_architecture`` cannot run this config as transformers does
+        (None when it can): no architecture, sliding-window layers, scaled rope."""
+        if self.gguf_architecture is None:
+            return "slimlm has no llama.cpp (GGUF) layout for this family"
+        if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+            return "it has sliding-window attention layers, which the llama.cpp architecture does not run"
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            return f"its rope scaling {rope_type!r} is not exported"
+        return None
 
     def after_resize(self, model) -> None:
         """Refresh state that modules derive from the config but keep outside parameters

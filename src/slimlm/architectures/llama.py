@@ -8,4 +8,6 @@ from slimlm.architectures.base import DecoderAdapter
 @register("llama")
 class LlamaAdapter(DecoderAdapter):
     causal_lm_class = LlamaForCausalLM
+    gguf_architecture = "llama"
+    gguf_interleaved_rope = True
     hidden_multiple_of_heads = True

@@ -9,6 +9,7 @@ from slimlm.architectures.base import DecoderAdapter, count_kept_below
 @register("qwen2")
 class Qwen2Adapter(DecoderAdapter):
     causal_lm_class = Qwen2ForCausalLM
+    gguf_architecture = "qwen2"
 
     def rewrite_config(self, config, sizes, kept_layers):
         super().rewrite_config(config, sizes, kept_layers)

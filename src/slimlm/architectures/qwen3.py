@@ -9,3 +9,4 @@ from slimlm.architectures.qwen2 import Qwen2Adapter
 @register("qwen3")
 class Qwen3Adapter(Qwen2Adapter):
     causal_lm_class = Qwen3ForCausalLM
+    gguf_architecture = "qwen3"

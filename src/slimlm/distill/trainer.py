@@ -37,6 +37,7 @@ from slimlm.architectures import LMHead, lm_head
 from slimlm.distill.lm_heads import check_vocabularies, is_dtensor, vocab_rows, whole_lm_head
 from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
 from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, topk_kl_div_loss
+from slimlm.models import portable_tokenizer_config
 
 
 GEMM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -306,8 +307,10 @@ class DistillationTrainer(transformers.Trainer):
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:  # a tokenizer the Trainer saved (processing_class) loads in older readers too
+            portable_tokenizer_config(output_dir)
         if self.hidden_distiller is not None and len(self.hidden_distiller.projections) and self.args.should_save:
-            output_dir = output_dir or self.args.output_dir
             state = {k: v.detach().cpu().contiguous() for k, v in self.hidden_distiller.state_dict().items()}
             save_file(state, os.path.join(output_dir, PROJECTIONS_FILE))
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import os
 
-from slimlm import outputs
+from slimlm import models, outputs
 from slimlm.fingerprint import model_fingerprint
-from slimlm.models import as_plain_model
 from slimlm.surgery.apply import sync_with_config
 
 RECORD_FILE = "slimlm_prune.json"
@@ -41,9 +40,15 @@ def _holds_this_model(folder: str, fingerprint: str) -> bool:
 
 
 def save_pruned(model, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
-                max_shard_size: str | int = "5GB", record: dict | None = None) -> str:
+                max_shard_size: str | int = "5GB", record: dict | None = None, save_dtype=None) -> str:
     """Save ``model`` (and ``tokenizer``) to ``path`` as safetensors + config that
     ``AutoModelForCausalLM.from_pretrained`` loads with stock transformers; returns the path.
+
+    ``save_dtype``: "float32" | "bfloat16" | "float16"; None or "auto" (the default) saves in the
+    dtype the source checkpoint declares (``slimlm.models.save_dtype``: bfloat16 for SmolLM2's
+    quantized GGUF), whatever dtype the model runs in; config.json states it, and the model in
+    memory is not cast. The tokenizer files load in transformers 4.x and llama.cpp's converter too
+    (``slimlm.models.save_tokenizer``).
 
     ``record``: more fields for ``slimlm_prune.json`` (what the model was pruned from).
 
@@ -63,16 +68,15 @@ def save_pruned(model, path: str | os.PathLike, *, tokenizer=None, overwrite: bo
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{path} exists and is not a folder")
     sync_with_config(model, check_only=True)
-    fingerprint = model_fingerprint(model)
+    dtype = models.save_dtype(model, save_dtype)
+    fingerprint = model_fingerprint(model, dtype)
     replace = os.path.isdir(path) and bool(os.listdir(path))
     if replace and not overwrite and not _holds_this_model(path, fingerprint):
         raise ValueError(f"{path} already holds {_describe(path)}; pass overwrite=True to replace it")
 
-    as_plain_model(model)
+    models.as_plain_model(model)
     with outputs.atomic_output(path) as staging:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        models.write_checkpoint(model, staging, dtype=dtype, tokenizer=tokenizer, max_shard_size=max_shard_size)
         fields = {"fingerprint": fingerprint, **(getattr(model, "slimlm_prune_record", None) or {}), **(record or {})}
         outputs.write_json(os.path.join(staging, RECORD_FILE), fields)
     return path
