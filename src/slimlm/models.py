@@ -181,7 +181,7 @@ def load_model(spec: str | os.PathLike, *, dtype: torch.dtype | None = None,
                              trust_remote_code=trust_remote_code)
     as_plain_model(model)
     declared = _declared_dtype(_resolve(spec))
-    model.slimlm_source_dtype = declared or (model.dtype if dtype is None and model.dtype in SAVE_DTYPES.values()
+    model.slimlm_source_dtype = declared or (model.dtype if dtype is None and model.dtype in DTYPES.values()
                                              else torch.float32)
     if dtype is not None:
         model.to(dtype)
