@@ -75,6 +75,7 @@ struct Vec {
   static void fence() { _mm_sfence(); }
 
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec mul_add(Vec a, Vec b, Vec c) { return fma(a, b, c); }
   static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   static Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
   static Vec abs(Vec a) { return {_mm512_abs_ps(a.v)}; }

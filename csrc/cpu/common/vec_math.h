@@ -20,13 +20,13 @@ inline V exp(const V& x_in) {
   const V x = V::min(V::max(x_in, V::set1(-104.0f)), V::set1(89.0f));
   const V k = V::round(x * V::set1(1.44269504088896341f));
   V r = V::fma(k, V::set1(-0.693145751953125f), x);
-  r = V::fma(k, V::set1(-1.42860682030941723212e-6f), r);
+  r = V::mul_add(k, V::set1(-1.42860682030941723212e-6f), r);
   V q = V::set1(1.389340265e-03f);
-  q = V::fma(q, r, V::set1(8.370262571e-03f));
-  q = V::fma(q, r, V::set1(4.166708887e-02f));
-  q = V::fma(q, r, V::set1(1.666650623e-01f));
-  q = V::fma(q, r, V::set1(4.999999702e-01f));
-  const V e = V::fma(r * r, q, r) + V::set1(1.0f);
+  q = V::mul_add(q, r, V::set1(8.370262571e-03f));
+  q = V::mul_add(q, r, V::set1(4.166708887e-02f));
+  q = V::mul_add(q, r, V::set1(1.666650623e-01f));
+  q = V::mul_add(q, r, V::set1(4.999999702e-01f));
+  const V e = V::mul_add(r * r, q, r) + V::set1(1.0f);
   return V::ldexp(e, k);
 }
 
@@ -39,10 +39,10 @@ inline V log1p_unit(const V& e) {
   const V s = e / (e + V::set1(2.0f));
   const V z = s * s;
   V poly = V::set1(1.400641948e-01f);
-  poly = V::fma(poly, z, V::set1(1.400081366e-01f));
-  poly = V::fma(poly, z, V::set1(2.001076937e-01f));
-  poly = V::fma(poly, z, V::set1(3.333320916e-01f));
-  return (s + s) * V::fma(z, poly, V::set1(1.0f));
+  poly = V::mul_add(poly, z, V::set1(1.400081366e-01f));
+  poly = V::mul_add(poly, z, V::set1(2.001076937e-01f));
+  poly = V::mul_add(poly, z, V::set1(3.333320916e-01f));
+  return (s + s) * V::mul_add(z, poly, V::set1(1.0f));
 }
 
 // Sum of many vectors: fp32 lanes, added into a double every kBlock vectors, so a block's
