@@ -1,0 +1,327 @@
+"""The search space of ``slimlm.search``: every uniform shape a model can be pruned to and
+saved as, each with its exact size, and the ones that meet a budget.
+
+A shape is (hidden_size, intermediate_size, query heads per KV group, KV groups, num_layers),
+each axis between its floor (``SearchSpace``: by default at most 40% width and 20% depth
+pruning per axis, Model Optimizer's defaults) and its current size, widths on the
+planner's grid (multiples of ``multiple_of`` where enough of them lie above the floor),
+hidden sizes divisible by the head count where the family demands it, and every shape's
+config accepted by transformers' own validation.
+
+Sizes are exact: a uniform model has ``P = rest(H) + L · (attention(H, heads, KV) + mlp(H, I)
++ layer_norms(H))``, and each term is read from a one-layer meta-device model of that width
+(``ParameterCounter``), cached per axis, so thousands of shapes cost a few dozen meta builds.
+Memory = P · bytes(dtype) + KV cache, the cache being 2 (K and V) · L · KV heads · head_dim ·
+batch · seq · bytes(dtype), every layer caching the whole sequence (an upper bound for
+sliding-window layers).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from itertools import product
+
+import torch
+
+from slimlm.architectures import get_adapter, model_sizes
+from slimlm.surgery.planning import (
+    DEPTH_SELECTIONS,
+    Target,
+    _grid,
+    count_parameters,
+    meta_model,
+    parse_param_count,
+    pruned_config,
+)
+
+# The axes of a shape, as search.json and the CSV name them.
+AXES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_layers")
+# Floors a user may set per axis (query heads are floored per KV group).
+FLOOR_AXES = ("hidden_size", "intermediate_size", "heads_per_group", "num_key_value_heads", "num_layers")
+_MEMORY_SUFFIX = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "kib": 2**10,
+                  "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_memory(value) -> int:
+    """A byte count from an int or a string like ``"1.5GiB"`` (binary), ``"800MB"`` (decimal),
+    ``"2G"`` (binary, as ``--target-memory 2G`` is usually meant)."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        if not match or match.group(2).lower() not in _MEMORY_SUFFIX:
+            raise ValueError(f"target_memory {value!r} is not a size like '1.5GiB', '800MB' or 2000000000")
+        return int(float(match.group(1).replace("_", "")) * _MEMORY_SUFFIX[match.group(2).lower()])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"target_memory must be a positive byte count or a string like '1.5GiB', got {value!r}")
+    return int(value)
+
+
+def resolve_dtype(dtype, default: torch.dtype) -> torch.dtype:
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} (or a torch.dtype), got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the student must fit in: ``target_params`` (a count, ``"70M"``, or a fraction of
+    the model, as ``Target``'s), or ``target_memory`` (bytes or ``"1.5GiB"``): weights in
+    ``dtype`` (default: the model's) plus the KV cache at ``at_batch`` × ``at_seq`` tokens.
+    A shape meets it when its size is at most the budget and at least (1 − tolerance) of it."""
+
+    target_params: int | float | str | None = None
+    target_memory: int | float | str | None = None
+    at_batch: int | None = None
+    at_seq: int | None = None
+    dtype: str | torch.dtype | None = None
+    tolerance: float = 0.1
+
+    @classmethod
+    def coerce(cls, value) -> "Budget":
+        """A Budget from a Budget, a ``Target`` (its ``target_params``) or a dict of fields."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Target):
+            return cls(target_params=value.target_params)
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown search target field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            return cls(**value)
+        raise ValueError(f"target must be a Budget, a Target or a dict, got {type(value).__name__}")
+
+    def check(self) -> None:
+        if (self.target_params is None) == (self.target_memory is None):
+            raise ValueError("give exactly one of target_params and target_memory")
+        if self.target_memory is not None:
+            parse_memory(self.target_memory)
+            for name in ("at_batch", "at_seq"):
+                value = getattr(self, name)
+                if value is None:
+                    raise ValueError(f"target_memory needs at_batch and at_seq (the KV cache is part of the memory "
+                                     f"budget): {name} is missing")
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.tolerance, (int, float)) and 0 < self.tolerance <= 1):
+            raise ValueError(f"tolerance must be in (0, 1], got {self.tolerance!r}")
+
+    @property
+    def metric(self) -> str:
+        return "memory_bytes" if self.target_memory is not None else "params"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The shapes searched: at most ``max_width_prune`` of each width axis (hidden, MLP,
+    query heads per KV group, KV groups) and ``max_depth_prune`` of the layers pruned, widths
+    on multiples of ``multiple_of`` (as the planner's grid), ``min_sizes`` overriding the
+    floors per axis (keys ``FLOOR_AXES``), and the layer choices ``depth_selections`` (each
+    depth-pruned shape is tried once per choice)."""
+
+    max_width_prune: float = 0.4
+    max_depth_prune: float = 0.2
+    multiple_of: int = 64
+    min_sizes: dict | None = None
+    depth_selections: tuple[str, ...] = ("least_important",)
+
+    def check(self) -> None:
+        for name in ("max_width_prune", "max_depth_prune"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise ValueError(f"multiple_of must be a positive int, got {self.multiple_of!r}")
+        unknown = sorted(set(self.min_sizes or {}) - set(FLOOR_AXES))
+        if unknown:
+            raise ValueError(f"unknown min_sizes axis {', '.join(unknown)}; axes: {', '.join(FLOOR_AXES)}")
+        bad = [d for d in self.depth_selections if d not in DEPTH_SELECTIONS]
+        if bad or not self.depth_selections:
+            raise ValueError(f"depth_selections must be a non-empty subset of {', '.join(DEPTH_SELECTIONS)}, "
+                             f"got {self.depth_selections!r}")
+
+    def floor(self, axis: str, current: int) -> int:
+        stated = (self.min_sizes or {}).get(axis)
+        if stated is not None:
+            if isinstance(stated, bool) or not isinstance(stated, int) or not 1 <= stated:
+                raise ValueError(f"min_sizes[{axis!r}] must be a positive int, got {stated!r}")
+            return min(stated, current)
+        prune = self.max_depth_prune if axis == "num_layers" else self.max_width_prune
+        return max(1, math.ceil(round((1 - prune) * current, 9)))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One student shape, its exact parameter count and its memory at the budget's batch × seq
+    (None for a parameter budget without them)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_layers: int
+    depth_selection: str
+    params: int
+    memory_bytes: int | None
+
+    @property
+    def key(self) -> str:
+        """A stable name (resume matches finished candidates by it)."""
+        depth = "" if self.depth_selection == "least_important" else f"-{self.depth_selection}"
+        return (f"h{self.hidden_size}-i{self.intermediate_size}-q{self.num_attention_heads}"
+                f"-kv{self.num_key_value_heads}-l{self.num_layers}{depth}")
+
+    def sizes(self) -> dict:
+        return {axis: getattr(self, axis) for axis in AXES}
+
+    def target(self) -> Target:
+        """The ``Target`` that prunes to this shape (``prune(model, scores, candidate.target())``)."""
+        return Target(**self.sizes(), depth_selection=self.depth_selection)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ParameterCounter:
+    """Exact parameter counts of uniform shapes of one model, from one-layer meta-device
+    models, cached per axis: ``rest`` (embeddings, LM head, final norm) and ``layer_norms`` by
+    hidden size, ``attention`` by (hidden, heads, KV heads), ``mlp`` by (hidden, MLP width).
+    ``builds`` counts the meta models made."""
+
+    def __init__(self, model_or_config, model_class=None):
+        self.config = getattr(model_or_config, "config", model_or_config)
+        self.adapter = get_adapter(model_or_config, "slimlm.search", "searches")
+        if model_class is None:
+            is_model = model_or_config is not self.config
+            model_class = type(model_or_config) if is_model else self.adapter.causal_lm_class
+        self.model_class = model_class
+        self.before = model_sizes(self.config)
+        self.rest: dict[int, int] = {}
+        self.layer_norms: dict[int, int] = {}
+        self.attention: dict[tuple, int] = {}
+        self.mlp: dict[tuple, int] = {}
+        self.rejected: dict[tuple, str] = {}
+        self.builds = 0
+
+    def _build(self, hidden: int, intermediate: int, heads: int, kv: int) -> None:
+        sizes = {**self.before, "hidden_size": hidden, "intermediate_size": intermediate,
+                 "num_attention_heads": heads, "num_key_value_heads": kv, "num_layers": 1}
+        config = pruned_config(self.config, self.adapter, sizes, [0])
+        model = meta_model(self.model_class, config)
+        self.builds += 1
+        parts = count_parameters(model, self.adapter)
+        layer_total = sum(p.numel() for p in self.adapter.layers(model)[0].parameters())
+        self.attention[(hidden, heads, kv)] = parts["attention"]
+        self.mlp[(hidden, intermediate)] = parts["mlp"]
+        self.layer_norms[hidden] = layer_total - parts["attention"] - parts["mlp"]
+        self.rest[hidden] = parts["total"] - layer_total
+
+    def legal(self, hidden: int, intermediate: int, heads: int, kv: int) -> bool:
+        """Whether transformers accepts this width (checked once per combination of widths)."""
+        key = (hidden, intermediate, heads, kv)
+        if key in self.rejected:
+            return False
+        if (hidden, heads, kv) not in self.attention or (hidden, intermediate) not in self.mlp:
+            try:
+                self._build(hidden, intermediate, heads, kv)
+            except ValueError as error:
+                self.rejected[key] = str(error)
+                return False
+        return True
+
+    def count(self, hidden: int, intermediate: int, heads: int, kv: int, layers: int) -> int:
+        """Total parameters (a tied LM head once) of the uniform shape; the width must be ``legal``."""
+        per_layer = self.attention[(hidden, heads, kv)] + self.mlp[(hidden, intermediate)] + self.layer_norms[hidden]
+        return self.rest[hidden] + layers * per_layer
+
+    def kv_cache_bytes(self, kv: int, layers: int, batch: int, seq: int, dtype: torch.dtype) -> int:
+        return 2 * layers * kv * self.before["head_dim"] * batch * seq * dtype.itemsize
+
+
+def axis_values(counter: ParameterCounter, space: SearchSpace) -> dict:
+    """The values each axis may take (ascending, current size last); hidden sizes per head
+    count where the family needs hidden % heads == 0."""
+    before = counter.before
+    group = before["num_attention_heads"] // before["num_key_value_heads"]
+
+    def span(axis, current):
+        return list(range(space.floor(axis, current), current + 1))
+
+    groups = span("heads_per_group", group)
+    kv_groups = span("num_key_value_heads", before["num_key_value_heads"])
+    head_choices = sorted({(g * k, k) for g, k in product(groups, kv_groups)})
+    hidden_span = span("hidden_size", before["hidden_size"])
+    hidden = {}
+    for heads, _ in head_choices:
+        values = [v for v in hidden_span if v % heads == 0] if counter.adapter.hidden_multiple_of_heads else hidden_span
+        hidden[heads] = _grid(values, space.multiple_of) if values else []
+    return {
+        "heads": head_choices,
+        "hidden_size": hidden,
+        "intermediate_size": _grid(span("intermediate_size", before["intermediate_size"]), space.multiple_of),
+        "num_layers": span("num_layers", before["num_layers"]),
+    }
+
+
+def enumerate_shapes(model, space: SearchSpace | None = None, *, memory_at: tuple | None = None,
+                     dtype: torch.dtype | None = None, counter: ParameterCounter | None = None) -> list[Candidate]:
+    """Every legal uniform shape of ``space`` (the unpruned one included), with its parameter
+    count and, with ``memory_at=(batch, seq)``, its memory in ``dtype`` (default: the model's)."""
+    space = space or SearchSpace()
+    space.check()
+    counter = counter or ParameterCounter(model)
+    values = axis_values(counter, space)
+    dtype = dtype or _model_dtype(model)
+    num_layers = counter.before["num_layers"]
+    shapes = []
+    for heads, kv in values["heads"]:
+        for hidden, intermediate in product(values["hidden_size"][heads], values["intermediate_size"]):
+            if not counter.legal(hidden, intermediate, heads, kv):
+                continue
+            for layers in values["num_layers"]:
+                params = counter.count(hidden, intermediate, heads, kv, layers)
+                memory = None
+                if memory_at is not None:
+                    memory = params * dtype.itemsize + counter.kv_cache_bytes(kv, layers, *memory_at, dtype)
+                for depth in space.depth_selections if layers < num_layers else ("least_important",):
+                    shapes.append(Candidate(hidden, intermediate, heads, kv, layers, depth, params, memory))
+    return shapes
+
+
+def _model_dtype(model) -> torch.dtype:
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return parameter.dtype if parameter is not None else getattr(model, "dtype", torch.float32)
+
+
+def fitting(shapes: list[Candidate], budget: Budget, model_size: int) -> tuple[int, list[Candidate]]:
+    """(budget in params or bytes, the shapes that meet it, closest first); ValueError naming the
+    smallest reachable size when none can, or the largest under the budget when the tolerance
+    leaves none."""
+    metric = budget.metric
+    if metric == "params":
+        limit = parse_param_count(budget.target_params, model_size)
+        what, shown = "parameters", budget.target_params
+    else:
+        limit = parse_memory(budget.target_memory)
+        what, shown = f"bytes at batch {budget.at_batch} x seq {budget.at_seq}", budget.target_memory
+    size = {id(shape): getattr(shape, metric) for shape in shapes}
+    smallest = min(shapes, key=lambda shape: size[id(shape)])
+    if size[id(smallest)] > limit:
+        raise ValueError(
+            f"no legal shape meets the budget {shown!r} ({limit:,} {what}): the smallest the search space allows is "
+            f"{size[id(smallest)]:,} ({smallest.key}); raise max_width_prune/max_depth_prune or lower min_sizes")
+    under = [shape for shape in shapes if size[id(shape)] <= limit]
+    meeting = [shape for shape in under if size[id(shape)] >= (1 - budget.tolerance) * limit]
+    if not meeting:
+        largest = max(under, key=lambda shape: size[id(shape)])
+        raise ValueError(
+            f"no legal shape is within tolerance {budget.tolerance} of the budget {shown!r} ({limit:,} {what}): the "
+            f"largest under it is {size[id(largest)]:,} ({largest.key}); raise the tolerance or lower multiple_of")
+    meeting.sort(key=lambda shape: (limit - size[id(shape)], shape.key))
+    return limit, meeting
