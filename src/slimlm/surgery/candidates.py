@@ -88,6 +88,11 @@ class Budget:
         if isinstance(value, cls):
             return value
         if isinstance(value, Target):
+            named = [f.name for f in fields(Target) if f.name not in ("target_params", "multiple_of", "depth_selection")
+                     and getattr(value, f.name) is not None]
+            if value.target_params is None or named:
+                raise ValueError("search takes a Target only as a budget (target_params, nothing else named; got "
+                                 f"{', '.join(named) or 'no target_params'}): it chooses the sizes itself")
             return cls(target_params=value.target_params)
         if isinstance(value, dict):
             known = {f.name for f in fields(cls)}
