@@ -321,6 +321,10 @@ def fitting(shapes: list[Candidate], budget: Budget, model_size: int) -> tuple[i
         raise ValueError(
             f"no legal shape meets the budget {shown!r} ({limit:,} {what}): the smallest the search space allows is "
             f"{size[id(smallest)]:,} ({smallest.key}); raise max_width_prune/max_depth_prune or lower min_sizes")
+    largest = max(shapes, key=lambda shape: size[id(shape)])
+    if size[id(largest)] <= limit:
+        raise ValueError(f"the unpruned model ({size[id(largest)]:,} {what}) already meets the budget {shown!r} "
+                         f"({limit:,}): there is nothing to prune")
     under = [shape for shape in shapes if size[id(shape)] <= limit]
     meeting = [shape for shape in under if size[id(shape)] >= (1 - budget.tolerance) * limit]
     if not meeting:
