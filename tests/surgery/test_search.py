@@ -108,7 +108,7 @@ def test_a_rerun_reads_finished_candidates_back(tmp_path, monkeypatch):
     first = search(model, scores, {"target_params": 0.8}, blocks(), **options)
 
     calls = {"score": 0, "distill": 0}
-    score, distill = search_module.held_out_losses, search_module._short_distill
+    score, distill = search_module.held_out_losses, search_module.short_distill
 
     def counting_score(*args, **kwargs):
         calls["score"] += 1
@@ -119,7 +119,7 @@ def test_a_rerun_reads_finished_candidates_back(tmp_path, monkeypatch):
         return distill(*args, **kwargs)
 
     monkeypatch.setattr(search_module, "held_out_losses", counting_score)
-    monkeypatch.setattr(search_module, "_short_distill", counting_distill)
+    monkeypatch.setattr(search_module, "short_distill", counting_distill)
     again = search(model, scores, {"target_params": 0.8}, blocks(), **options)
     assert calls == {"score": 0, "distill": 0}
     assert again.candidates == first.candidates and again.target == first.target
@@ -163,7 +163,7 @@ def test_bad_input_is_refused_before_any_work(case, tmp_path, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("work started")
 
-    monkeypatch.setattr(search_module, "_hidden_states", no_work)
+    monkeypatch.setattr(search_module, "teacher_states", no_work)
     monkeypatch.setattr(search_module, "prune", no_work)
     arguments = dict(scores=scores, target={"target_params": 0.8}, data=blocks(), top_n=4, top_k=1, held_out=4)
     arguments.update(overrides)

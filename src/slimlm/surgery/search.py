@@ -16,26 +16,21 @@ and a rerun with the same inputs reads those back instead of recomputing them.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
-import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-
-import torch
 
 from slimlm.architectures import lm_head, model_sizes
 from slimlm.data import TokenBlocks
 from slimlm.fingerprint import model_fingerprint
 from slimlm.importance.scores import ImportanceScores
-from slimlm.losses import fused_linear_kl_div_loss, last_hidden_state
 from slimlm.surgery import search_records as records
 from slimlm.surgery.apply import prune
 from slimlm.surgery.candidates import Budget, Candidate, ParameterCounter, SearchSpace, enumerate_shapes, fitting, \
     resolve_dtype
 from slimlm.surgery.planning import Target, count_parameters, meta_model, pruned_config
+from slimlm.surgery.search_scoring import held_out_losses, short_distill, teacher_states
 from slimlm.surgery.selection import kept_layers_for, select_units
 
 
@@ -102,79 +97,121 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
         raise ValueError(f"top_k={top_k} but only {len(chosen)} candidate(s) meet the budget "
                          f"({len(meeting)} within tolerance {budget.tolerance}); lower top_k or widen the search")
     _check_candidates(model, scores, chosen, counter)
-    phases = {"enumerate": round(time.perf_counter() - started, 3)}
-    log(f"[search] {len(shapes)} legal shapes in {phases['enumerate']} s, {len(meeting)} meet the budget; "
+    enumerate_seconds = round(time.perf_counter() - started, 3)
+    log(f"[search] {len(shapes)} legal shapes in {enumerate_seconds} s, {len(meeting)} meet the budget; "
         f"scoring the {len(chosen)} closest")
 
     inputs = _inputs(model, scores, data, budget, space, top_n, top_k, held_out, seed, rerank_tokens, batch_size,
                      distillation_config, training_args)
     out = os.fspath(out) if out is not None else None
-    finished = records.load_finished(out, inputs)
-    rows = [finished.get(c.key) or records.candidate_record(c) for c in chosen]
-    by_key = {c.key: c for c in chosen}
+    finished, previous_phases = records.load_finished(out, inputs)
+    run = _Run(model, scores, train, held, {c.key: c for c in chosen},
+               [finished.get(c.key) or records.candidate_record(c) for c in chosen], out, inputs,
+               # Seconds per phase over every run of this search (a resumed phase adds its new work only).
+               {"enumerate": enumerate_seconds, "zero_shot": previous_phases.get("zero_shot", 0.0),
+                "rerank": previous_phases.get("rerank", 0.0)},
+               batch_size, distillation_config, log)
+    zero_shot_rank(run)
+    student = distillation_rerank(run, top_k, rerank_tokens, seed, training_args, save_winner)
 
-    def save_progress(winner=None):
-        if out:
-            records.write_record(out, inputs, rows, winner, phases)
-
-    started = time.perf_counter()
-    teacher_head = lm_head(model).detached()
-    teacher_states = None
-    for row in rows:
-        if row["zero_shot_kd_loss"] is not None:
-            log(f"[search] {row['key']}: zero-shot scored by an earlier run")
-            continue
-        if teacher_states is None:
-            teacher_states = _hidden_states(model, held, batch_size)
-        student = prune(model, scores, by_key[row["key"]].target(), inplace=False)
-        row["zero_shot_kd_loss"], row["lm_loss"] = held_out_losses(student, held, teacher_states, teacher_head,
-                                                                   batch_size, distillation_config)
-        del student
-        log(f"[search] {row['key']} ({row['params']:,} params): zero-shot KD {row['zero_shot_kd_loss']:.4f}, "
-            f"LM {row['lm_loss']:.4f}")
-        save_progress()
-    phases["zero_shot"] = round(time.perf_counter() - started, 3)
-    rows.sort(key=lambda row: (row["zero_shot_kd_loss"], row["key"]))
-
-    started = time.perf_counter()
-    student = None
-    best = None
-    winner_dir = os.path.join(out, records.WINNER_DIR) if out else None
-    for row in rows[:top_k]:
-        if row["distill_loss"] is None:
-            if teacher_states is None:
-                teacher_states = _hidden_states(model, held, batch_size)
-            distilled = _short_distill(model, scores, by_key[row["key"]], train, rerank_tokens, batch_size, seed,
-                                       training_args, distillation_config)
-            row["distill_loss"], _ = held_out_losses(distilled, held, teacher_states, teacher_head, batch_size,
-                                                     distillation_config)
-            log(f"[search] {row['key']}: KD {row['distill_loss']:.4f} after the short distillation")
-            if best is None or row["distill_loss"] < best["distill_loss"]:
-                best, student = row, distilled
-                if out and save_winner:
-                    from slimlm.surgery.save import save_pruned
-
-                    save_pruned(student, winner_dir, overwrite=True, record={"search_key": row["key"]})
-            save_progress()
-        elif best is None or row["distill_loss"] < best["distill_loss"]:
-            best, student = row, None
-    phases["rerank"] = round(time.perf_counter() - started, 3)
-
-    ranked = sorted(rows[:top_k], key=lambda row: (row["distill_loss"], row["key"])) + rows[top_k:]
+    ranked = sorted(run.rows[:top_k], key=lambda row: (row["distill_loss"], row["key"])) + run.rows[top_k:]
     for rank, row in enumerate(ranked, 1):
         row["rank"] = rank
     winner = ranked[0]
-    winner_candidate = by_key[winner["key"]]
+    winner_candidate = run.candidates[winner["key"]]
     if student is None and top_k:
-        student = _saved_winner(winner_dir, winner["key"], model)
+        student = _saved_winner(run.winner_dir, winner["key"], model)
     if top_k == 0:
         student = prune(model, scores, winner_candidate.target(), inplace=False)
     winner_target = _winner_target(winner_candidate, scores, counter)
     if out:
-        records.write_record(out, inputs, ranked, winner, phases)
+        records.write_record(out, inputs, ranked, winner, run.phases)
         records.write_results(out, ranked, winner, winner_target)
-    log(f"[search] winner {winner['key']} ({winner['params']:,} params); phases (s): {phases}")
-    return SearchResult(ranked, winner, winner_target, student, len(shapes), len(meeting), phases)
+    log(f"[search] winner {winner['key']} ({winner['params']:,} params); phases (s): {run.phases}")
+    return SearchResult(ranked, winner, winner_target, student, len(shapes), len(meeting), run.phases)
+
+
+@dataclass
+class _Run:
+    """One search's state between its phases: ``rows`` (search.json's, in ``candidates``'
+    order until ranked) are filled in place and written to ``out`` as each finishes."""
+
+    model: object
+    scores: ImportanceScores
+    train: TokenBlocks
+    held: TokenBlocks
+    candidates: dict[str, Candidate]
+    rows: list[dict]
+    out: str | None
+    inputs: dict
+    phases: dict
+    batch_size: int
+    distillation_config: object
+    log: object
+    states: list | None = None
+
+    @property
+    def winner_dir(self) -> str | None:
+        return os.path.join(self.out, records.WINNER_DIR) if self.out else None
+
+    def teacher_states(self) -> list:
+        """The teacher's held-out last hidden states, computed on first use only."""
+        if self.states is None:
+            self.states = teacher_states(self.model, self.held, self.batch_size)
+        return self.states
+
+    def losses(self, student) -> tuple[float, float]:
+        return held_out_losses(student, self.held, self.teacher_states(), lm_head(self.model).detached(),
+                               self.batch_size, self.distillation_config)
+
+    def save(self) -> None:
+        if self.out:
+            records.write_record(self.out, self.inputs, self.rows, None, self.phases)
+
+
+def zero_shot_rank(run: _Run, rows: list[dict] | None = None) -> None:
+    """Score ``rows`` (default: all) not scored yet — each candidate pruned in memory, then its
+    held-out KD and LM loss — and sort ``run.rows`` by zero-shot KD loss. A multi-process
+    search gives each rank its slice of rows and gathers them before the sort."""
+    started = time.perf_counter()
+    for row in run.rows if rows is None else rows:
+        if row["zero_shot_kd_loss"] is not None:
+            run.log(f"[search] {row['key']}: zero-shot scored by an earlier run")
+            continue
+        student = prune(run.model, run.scores, run.candidates[row["key"]].target(), inplace=False)
+        row["zero_shot_kd_loss"], row["lm_loss"] = run.losses(student)
+        del student
+        run.log(f"[search] {row['key']} ({row['params']:,} params): zero-shot KD {row['zero_shot_kd_loss']:.4f}, "
+                f"LM {row['lm_loss']:.4f}")
+        run.save()
+    run.phases["zero_shot"] = round(run.phases["zero_shot"] + time.perf_counter() - started, 3)
+    run.rows.sort(key=lambda row: (row["zero_shot_kd_loss"], row["key"]))
+
+
+def distillation_rerank(run: _Run, top_k: int, tokens, seed: int, training_args, save_winner: bool):
+    """Distill the first ``top_k`` rows' candidates the same way and record their held-out KD
+    loss; the best one distilled here is returned (and saved in ``out/winner`` as soon as it
+    leads), None when the leader was distilled by an earlier run."""
+    started = time.perf_counter()
+    student = best = None
+    for row in run.rows[:top_k]:
+        if row["distill_loss"] is not None:
+            if best is None or row["distill_loss"] < best["distill_loss"]:
+                best, student = row, None
+            continue
+        distilled = short_distill(run.model, run.scores, run.candidates[row["key"]], run.train, tokens,
+                                  run.batch_size, seed, training_args, run.distillation_config)
+        row["distill_loss"], _ = run.losses(distilled)
+        run.log(f"[search] {row['key']}: KD {row['distill_loss']:.4f} after the short distillation")
+        if best is None or row["distill_loss"] < best["distill_loss"]:
+            best, student = row, distilled
+            if run.out and save_winner:
+                from slimlm.surgery.save import save_pruned
+
+                save_pruned(student, run.winner_dir, overwrite=True, record={"search_key": row["key"]})
+        run.save()
+    run.phases["rerank"] = round(run.phases["rerank"] + time.perf_counter() - started, 3)
+    return student
 
 
 def _split(data, held_out, seed) -> tuple[TokenBlocks, TokenBlocks]:
@@ -213,81 +250,6 @@ def _inputs(model, scores, data, budget, space, top_n, top_k, held_out, seed, re
             "space": {k: str(v) for k, v in asdict(space).items()}, "top_n": top_n, "top_k": top_k,
             "held_out": held_out, "seed": seed, "rerank_tokens": rerank_tokens, "batch_size": batch_size,
             "distillation": {k: str(v) for k, v in vars(distillation_config).items()}, "training": training}
-
-
-def _hidden_states(model, blocks: TokenBlocks, batch_size: int) -> list[torch.Tensor]:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return [last_hidden_state(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                for batch in blocks.batches(batch_size)]
-
-
-def held_out_losses(student, blocks: TokenBlocks, teacher_states: list[torch.Tensor], teacher_head, batch_size: int,
-                    distillation_config) -> tuple[float, float]:
-    """(KD, LM) loss per valid next-token position of ``student`` on ``blocks``, against the
-    teacher's last hidden states ``teacher_states`` (one per batch of ``batch_size``) through
-    its ``teacher_head``: τ²·D(P‖Q) at the config's temperature and β, and cross-entropy."""
-    was_training = student.training
-    student.eval()
-    device = next(student.parameters()).device
-    head = lm_head(student)
-    kd = lm = 0.0
-    count = 0
-    with torch.no_grad():
-        for batch, teacher_hidden in zip(blocks.batches(batch_size), teacher_states):
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            labels = ids.masked_fill(mask == 0, -100)[:, 1:]
-            hidden = last_hidden_state(student, ids, mask)
-            terms = fused_linear_kl_div_loss(
-                hidden[:, :-1], head, teacher_hidden[:, :-1].to(device), teacher_head, labels=labels,
-                temperature=distillation_config.temperature, beta=distillation_config.beta, reduction="sum",
-                kd_weight=1.0, ce_weight=1.0, return_terms=True)
-            kd += float(terms["kd"])
-            lm += float(terms["ce"])
-            count += int((labels != -100).sum())
-    student.train(was_training)
-    return kd / max(count, 1), lm / max(count, 1)
-
-
-def _short_distill(model, scores, candidate: Candidate, train: TokenBlocks, tokens, batch_size, seed, training_args,
-                   distillation_config):
-    """The candidate pruned from ``model`` and distilled for ``tokens`` (default: one pass over
-    ``train``); the teacher's flags and mode are restored afterwards."""
-    from slimlm.distill.trainer import DistillationTrainer
-
-    torch.manual_seed(seed)
-    student = prune(model, scores, candidate.target(), inplace=False)
-    student.requires_grad_(True)
-    student.train()
-    blocks = math.ceil(tokens / train.seq_len) if tokens else len(train)
-    steps = max(1, math.ceil(blocks / batch_size))
-    items = [{"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-             for ids, mask in zip(train.input_ids, train.attention_mask)]
-    teacher_flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    teacher_training = model.training
-    with tempfile.TemporaryDirectory(prefix="slimlm-search-") as scratch:
-        args = _training_args(training_args, scratch, steps, batch_size, seed)
-        trainer = DistillationTrainer(model=student, teacher_model=model, args=args, train_dataset=items,
-                                      distillation_config=copy.copy(distillation_config))
-        try:
-            trainer.train()
-        finally:
-            for name, parameter in model.named_parameters():
-                parameter.requires_grad_(teacher_flags[name])
-            model.train(teacher_training)
-    return student.eval()
-
-
-def _training_args(training_args, scratch: str, steps: int, batch_size: int, seed: int):
-    from transformers import TrainingArguments
-
-    overrides = dict(output_dir=scratch, max_steps=steps, save_strategy="no", seed=seed, data_seed=seed,
-                     per_device_train_batch_size=batch_size, report_to="none", disable_tqdm=True)
-    if training_args is not None:
-        return replace(training_args, **overrides)
-    return TrainingArguments(learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
-                             logging_steps=max(1, steps // 10), max_grad_norm=1.0, dataloader_num_workers=0,
-                             use_cpu=not torch.cuda.is_available(), **overrides)
 
 
 def _saved_winner(winner_dir, key: str, model):

@@ -27,12 +27,13 @@ def candidate_record(candidate: Candidate) -> dict:
     return {"key": candidate.key, **candidate.to_dict(), **dict.fromkeys(LOSSES), "rank": None}
 
 
-def load_finished(out: str | None, inputs: dict) -> dict[str, dict]:
-    """Rows of a previous search in ``out`` by key (empty without one); ValueError when that
-    search had other inputs (model, scores, data, budget, space or settings)."""
+def load_finished(out: str | None, inputs: dict) -> tuple[dict[str, dict], dict]:
+    """Rows of a previous search in ``out`` by key, and its seconds per phase (both empty
+    without one); ValueError when that search had other inputs (model, scores, data, budget,
+    space or settings)."""
     path = os.path.join(out, RECORD_FILE) if out else None
     if not path or not os.path.isfile(path):
-        return {}
+        return {}, {}
     with open(path, encoding="utf-8") as handle:
         previous = json.load(handle)
     before = previous.get("inputs", {})
@@ -40,7 +41,7 @@ def load_finished(out: str | None, inputs: dict) -> dict[str, dict]:
     if differ:
         raise ValueError(f"{out} holds a search with other inputs (they differ in {', '.join(differ)}); choose "
                          "another out folder or remove it to start afresh")
-    return {row["key"]: row for row in previous.get("candidates", [])}
+    return {row["key"]: row for row in previous.get("candidates", [])}, previous.get("phase_seconds") or {}
 
 
 def write_record(out: str, inputs: dict, rows: list[dict], winner: dict | None, phases: dict) -> None:
