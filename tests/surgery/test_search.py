@@ -12,10 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimlm import Budget, SearchSpace, Target, prune, search
+from slimlm.architectures import get_adapter
 from slimlm.data import TokenBlocks
 from slimlm.surgery.candidates import enumerate_shapes
 
-from tiny import assert_untouched, calibration, random_scores, snapshot, tiny_model
+from tiny import ARCHITECTURES, assert_untouched, calibration, random_scores, snapshot, tiny_model
 
 search_module = importlib.import_module("slimlm.surgery.search")
 DEAD = 32  # MLP neurons zeroed in every layer of the tiny model (intermediate 96)
@@ -37,21 +38,22 @@ def quiet(*_):
     pass
 
 
-def dead_neuron_model(model_type="llama"):
+def dead_neuron_model(model_type):
     """A tiny model whose neurons 0..DEAD-1 contribute nothing (their down-projection columns
-    and up rows are zero), and scores that rank exactly those lowest."""
+    are zero), and scores that rank exactly those lowest."""
     model = tiny_model(model_type)
+    adapter = get_adapter(model)
     with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight[:, :DEAD] = 0
-            layer.mlp.up_proj.weight[:DEAD] = 0
+        for layer in adapter.layers(model):
+            adapter.mlp(layer).down.weight[:, :DEAD] = 0
     scores = random_scores(model)
     scores.scores["magnitude.neuron"][:, :DEAD] = 0.0
     return model, scores
 
 
-def test_zero_shot_rank_puts_the_candidate_cutting_exactly_the_dead_units_first():
-    model, scores = dead_neuron_model()
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_zero_shot_rank_puts_the_candidate_cutting_exactly_the_dead_units_first(model_type):
+    model, scores = dead_neuron_model(model_type)
     dead_cut = next(s for s in enumerate_shapes(model) if s.key == "h64-i64-q4-kv2-l4")
     result = search(model, scores, {"target_params": dead_cut.params, "tolerance": 0.1}, blocks(), top_n=20, top_k=0,
                     held_out=4, log=quiet)
