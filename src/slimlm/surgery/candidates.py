@@ -211,13 +211,17 @@ class ParameterCounter:
         self.layer_norms: dict[int, int] = {}
         self.attention: dict[tuple, int] = {}
         self.mlp: dict[tuple, int] = {}
-        self.rejected: dict[tuple, str] = {}
+        # Width → None (legal) or transformers' reason to reject it.
+        self.verdicts: dict[tuple, str | None] = {}
         self.builds = 0
 
-    def _build(self, hidden: int, intermediate: int, heads: int, kv: int) -> None:
+    def _config(self, hidden: int, intermediate: int, heads: int, kv: int):
+        """The one-layer config of this width, validated by transformers (ValueError if rejected)."""
         sizes = {**self.before, "hidden_size": hidden, "intermediate_size": intermediate,
                  "num_attention_heads": heads, "num_key_value_heads": kv, "num_layers": 1}
-        config = pruned_config(self.config, self.adapter, sizes, [0])
+        return pruned_config(self.config, self.adapter, sizes, [0])
+
+    def _build(self, config, hidden: int, intermediate: int, heads: int, kv: int) -> None:
         model = meta_model(self.model_class, config)
         self.builds += 1
         parts = count_parameters(model, self.adapter)
@@ -228,17 +232,19 @@ class ParameterCounter:
         self.rest[hidden] = parts["total"] - layer_total
 
     def legal(self, hidden: int, intermediate: int, heads: int, kv: int) -> bool:
-        """Whether transformers accepts this width (checked once per combination of widths)."""
+        """Whether transformers accepts this width (its config validation, run once per
+        combination of widths); counts its parts when they are not cached yet."""
         key = (hidden, intermediate, heads, kv)
-        if key in self.rejected:
-            return False
-        if (hidden, heads, kv) not in self.attention or (hidden, intermediate) not in self.mlp:
+        if key not in self.verdicts:
             try:
-                self._build(hidden, intermediate, heads, kv)
+                config = self._config(*key)
             except ValueError as error:
-                self.rejected[key] = str(error)
+                self.verdicts[key] = str(error)
                 return False
-        return True
+            self.verdicts[key] = None
+            if (hidden, heads, kv) not in self.attention or (hidden, intermediate) not in self.mlp:
+                self._build(config, *key)
+        return self.verdicts[key] is None
 
     def count(self, hidden: int, intermediate: int, heads: int, kv: int, layers: int) -> int:
         """Total parameters (a tied LM head once) of the uniform shape; the width must be ``legal``."""
