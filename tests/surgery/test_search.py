@@ -87,6 +87,7 @@ def test_search_distills_the_top_k_writes_its_outputs_and_leaves_the_teacher_as_
     distilled = [row for row in record["candidates"] if row["distill_loss"] is not None]
     assert len(distilled) == 2 and record["winner"]["key"] == distilled[0]["key"]
     assert distilled[0]["distill_loss"] <= distilled[1]["distill_loss"]
+    assert all(row["distill_loss"] < row["zero_shot_kd_loss"] for row in distilled)  # the short run trained
     rows = list(csv.DictReader((out / "search.csv").open()))
     assert [row["key"] for row in rows] == [row["key"] for row in record["candidates"]]
     assert (out / "search.png").stat().st_size > 1000
