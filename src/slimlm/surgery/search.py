@@ -17,6 +17,7 @@ and a rerun with the same inputs reads those back instead of recomputing them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -259,14 +260,13 @@ def _saved_winner(winner_dir, key: str, model):
     record = os.path.join(winner_dir, RECORD_FILE) if winner_dir else None
     if not record or not os.path.isfile(record):
         return None
-    import json
-
     with open(record, encoding="utf-8") as handle:
         if json.load(handle).get("search_key") != key:
             return None
     from slimlm.models import load_model
 
-    return load_model(winner_dir, dtype=next(model.parameters()).dtype)
+    parameter = next(model.parameters())
+    return load_model(winner_dir, dtype=parameter.dtype, device=parameter.device)
 
 
 def _winner_target(candidate: Candidate, scores, counter: ParameterCounter) -> Target:
