@@ -154,6 +154,8 @@ def bad_inputs():
         "too little data": (dict(data=blocks(count=1)), "too small for the held-out split"),
         "scores of another model": (dict(scores=random_scores(other)), "not on this model"),
         "no scores": (dict(scores=None), "needs the model's importance scores"),
+        "unknown space field": (dict(space={"max_prune": 0.5}), "unknown search space field"),
+        "bad space": (dict(space=SearchSpace(depth_selections=("middle",))), "depth_selections"),
     }
 
 
@@ -181,7 +183,7 @@ def test_bad_input_is_refused_before_any_work(case, tmp_path, monkeypatch):
 def test_budget_objects_and_a_contiguous_block_space_search():
     model = tiny_model("mistral")
     scores = random_scores(model)
-    space = SearchSpace(max_width_prune=0.5, max_depth_prune=0.5, depth_selections=("contiguous_block",))
+    space = {"max_width_prune": 0.5, "max_depth_prune": 0.5, "depth_selections": ["contiguous_block"]}
     result = search(model, scores, Budget(target_params=0.6), blocks(), space=space, top_n=6, top_k=0, held_out=4,
                     log=quiet)
     shallow = [row for row in result.candidates if row["num_layers"] < 4]

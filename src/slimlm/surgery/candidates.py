@@ -136,6 +136,24 @@ class SearchSpace:
     min_sizes: dict | None = None
     depth_selections: tuple[str, ...] = ("least_important",)
 
+    @classmethod
+    def coerce(cls, value) -> "SearchSpace":
+        """A SearchSpace from a SearchSpace, None (the defaults) or a dict of fields (a recipe's)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown search space field(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(f.name for f in fields(cls))}")
+            value = dict(value)
+            if "depth_selections" in value:
+                value["depth_selections"] = tuple(value["depth_selections"])
+            return cls(**value)
+        raise ValueError(f"space must be a SearchSpace, a dict or None, got {type(value).__name__}")
+
     def check(self) -> None:
         for name in ("max_width_prune", "max_depth_prune"):
             value = getattr(self, name)

@@ -52,11 +52,12 @@ class SearchResult:
 
 
 def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: str | os.PathLike | None = None,
-           space: SearchSpace | None = None, top_n: int = 20, top_k: int = 4, held_out: float | int = 0.1,
+           space: SearchSpace | dict | None = None, top_n: int = 20, top_k: int = 4, held_out: float | int = 0.1,
            seed: int = 0, rerank_tokens: int | None = None, batch_size: int = 8, training_args=None,
            distillation_config=None, save_winner: bool = True, log=print) -> SearchResult:
     """Search the student shape of ``model`` (the teacher, never modified) at ``target``
-    (a ``Budget``, a dict of its fields, or a ``Target`` with ``target_params``).
+    (a ``Budget``, a dict of its fields, or a ``Target`` with ``target_params``) within
+    ``space`` (a ``SearchSpace`` or a dict of its fields; default: Model Optimizer's floors).
 
     ``data``: calibration ``TokenBlocks``; ``held_out`` (fraction or block count, split with
     ``seed``) is scored, the rest trains the re-ranked candidates. ``rerank_tokens``: tokens
@@ -65,7 +66,7 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
     saving are set here) with ``distillation_config`` (default: forward KL, τ = 1).
     ``top_k=0`` ranks zero-shot only. Everything is checked before any work (ValueError).
     """
-    space = space or SearchSpace()
+    space = SearchSpace.coerce(space)
     budget = Budget.coerce(target)
     budget.check()
     space.check()
