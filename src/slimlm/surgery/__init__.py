@@ -11,7 +11,8 @@ from slimlm.architectures import get_adapter, supported_model_types
 from slimlm.surgery.planning import PrunePlan, Target, plan
 from slimlm.surgery.apply import prune
 from slimlm.surgery.save import save_pruned
-from slimlm.surgery.candidates import Budget, Candidate, SearchSpace, enumerate_shapes
+from slimlm.surgery.budget import Budget
+from slimlm.surgery.candidates import Candidate, SearchSpace, enumerate_shapes
 from slimlm.surgery.search import SearchResult, search
 
 __all__ = ["Budget", "Candidate", "PrunePlan", "SearchResult", "SearchSpace", "Target", "enumerate_shapes",
