@@ -21,19 +21,21 @@ from slimlm.losses import (
     topk_kl_div_loss,
 )
 from slimlm.models import load_model, load_tokenizer, save_dtype, smollm2_gguf_path
-from slimlm.surgery import PrunePlan, Target, plan, prune, save_pruned
+from slimlm.surgery import Budget, PrunePlan, SearchSpace, Target, plan, prune, save_pruned, search
 
 __version__ = "0.1.0"
 
 build_info = _extension.build_info
 
 __all__ = [
+    "Budget",
     "FusedLinearKLDivLoss",
     "HiddenStateDistiller",
     "HiddenStateProjection",
     "ImportanceScores",
     "LMHead",
     "PrunePlan",
+    "SearchSpace",
     "Target",
     "__version__",
     "backends",
@@ -52,6 +54,7 @@ __all__ = [
     "prune",
     "save_dtype",
     "save_pruned",
+    "search",
     "smollm2_gguf_path",
     "topk_kl_div_loss",
 ]

@@ -81,7 +81,7 @@ def check_output(out, overwrite: bool, inputs: dict | None = None, *, what: str 
 
 # Files that mark a folder as slimlm's own output.
 OWN_MARKERS = ("slimlm_distill.json", "slimlm_prune.json", "recipe.yaml", "meta.json", "slimlm_run.json",
-               "slimlm_stage.json")
+               "slimlm_stage.json", "search.json")
 
 
 def owned(path) -> bool:

@@ -142,7 +142,7 @@ def prune(model, scores: ImportanceScores | None, target, *, inplace: bool = Tru
     after = the_plan.sizes_after
     if scores is not None:
         scores.check_model(model)
-    selection = select_units(scores, before, after, the_plan.drop_layers)
+    selection = select_units(scores, before, after, the_plan.drop_layers, the_plan.depth_selection)
     # Validates the new config (transformers' own checks) while the model is still untouched.
     pruned_config(model.config, adapter, after, selection.kept_layers)
     source_fingerprint = model_fingerprint(model)

@@ -24,6 +24,9 @@ SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_k
 DEFAULT_MIN_FRACTION = {"hidden_size": 0.5, "intermediate_size": 0.25, "num_attention_heads": 0.5, "num_layers": 0.5}
 # The order in which the budget planner shrinks axes (the KV groups it keeps, as Minitron does).
 BUDGET_ORDER = ("intermediate_size", "hidden_size", "num_attention_heads", "num_layers")
+# Which layers go when depth is cut by a count: the k least important layers one by one, or
+# the contiguous block of k whose summed depth score is lowest (Minitron's Llama-3.1-4B-Depth).
+DEPTH_SELECTIONS = ("least_important", "contiguous_block")
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
@@ -33,8 +36,9 @@ class Target:
 
     Explicit sizes (any subset; an axis not named keeps its size): ``hidden_size``,
     ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, and depth as
-    ``num_layers`` (which layers: by the scores' ``layer`` axis) or ``drop_layers`` (these
-    indices). Or a budget, ``target_params``: a count (``70_000_000``, ``"70M"``, ``"1.2B"``)
+    ``num_layers`` (which layers: by the scores' ``layer`` axis, as ``depth_selection`` says:
+    the least important ones, or the least important contiguous block) or ``drop_layers``
+    (these indices). Or a budget, ``target_params``: a count (``70_000_000``, ``"70M"``, ``"1.2B"``)
     or a fraction of the current count (``0.5``); the planner then picks the axes not named
     explicitly, never below ``min_*`` (defaults: ``DEFAULT_MIN_FRACTION`` of the original).
     """
@@ -51,6 +55,7 @@ class Target:
     min_num_attention_heads: int | None = None
     min_num_layers: int | None = None
     multiple_of: int = 64
+    depth_selection: str = "least_important"
 
     @classmethod
     def coerce(cls, target) -> "Target":
@@ -80,6 +85,7 @@ class PrunePlan:
     params_after: dict
     budget: int | None = None
     notes: list[str] = field(default_factory=list)
+    depth_selection: str = "least_important"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +111,9 @@ class PrunePlan:
         if self.drop_layers is not None:
             lines.append(f"drop layers: {self.drop_layers}")
         elif self.sizes_after["num_layers"] < self.sizes_before["num_layers"]:
-            lines.append("layers to drop: chosen by the 'layer' scores at prune time")
+            which = "the least important contiguous block" if self.depth_selection == "contiguous_block" else \
+                "the least important layers"
+            lines.append(f"layers to drop: {which}, by the 'layer' scores at prune time")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -232,6 +240,9 @@ def plan(model, target) -> PrunePlan:
     target = Target.coerce(target)
     before = model_sizes(model.config)
     explicit = _check_explicit(target, before)
+    if target.depth_selection not in DEPTH_SELECTIONS:
+        raise ValueError(f"depth_selection must be one of {', '.join(DEPTH_SELECTIONS)}, "
+                         f"got {target.depth_selection!r}")
     drop_layers = None
     if target.drop_layers is not None:
         drop_layers = _check_drop_layers(list(target.drop_layers), before["num_layers"], explicit)
@@ -266,7 +277,8 @@ def plan(model, target) -> PrunePlan:
         sizes = _fit_budget(sizes, before, explicit, target, adapter, budget, params_of, notes)
     new_config = pruned_config(model.config, adapter, sizes, kept(sizes["num_layers"]))
     params_after = count_parameters(meta_model(model_class, new_config), adapter)
-    return PrunePlan(adapter.model_type, before, sizes, drop_layers, params_before, params_after, budget, notes)
+    return PrunePlan(adapter.model_type, before, sizes, drop_layers, params_before, params_after, budget, notes,
+                     target.depth_selection)
 
 
 def _minimum(axis: str, target: Target, before: dict) -> int:

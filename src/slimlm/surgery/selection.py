@@ -44,17 +44,29 @@ def _scores_for(scores: ImportanceScores | None, axis: str, shape: tuple, why: s
     return values
 
 
+def kept_layers_for(scores: ImportanceScores | None, num_layers: int, keep: int,
+                    depth_selection: str = "least_important") -> list[int]:
+    """Original indices of the ``keep`` layers of ``num_layers`` that stay: the highest-scoring
+    ones (``least_important`` go), or all but the contiguous block of ``num_layers - keep``
+    with the lowest summed score (``contiguous_block``)."""
+    if keep == num_layers:
+        return list(range(num_layers))
+    layer_scores = _scores_for(scores, "layer", (num_layers,), f"num_layers={keep}")
+    if depth_selection == "contiguous_block":
+        dropped = ImportanceScores({"depth.layer": layer_scores}).best_contiguous_block(num_layers - keep)
+        return [i for i in range(num_layers) if i not in dropped]
+    return top_sorted(layer_scores, keep).tolist()
+
+
 def select_units(scores: ImportanceScores | None, before: dict, after: dict,
-                 drop_layers: list[int] | None) -> Selection:
-    """Apply a plan's sizes to the scores: which layers, channels, heads and neurons stay."""
+                 drop_layers: list[int] | None, depth_selection: str = "least_important") -> Selection:
+    """Apply a plan's sizes to the scores: which layers, channels, heads and neurons stay
+    (layers by ``drop_layers`` when given, else by ``kept_layers_for``)."""
     num_layers = before["num_layers"]
-    if after["num_layers"] == num_layers:
-        kept_layers = list(range(num_layers))
-    elif drop_layers is not None:
+    if drop_layers is not None and after["num_layers"] < num_layers:
         kept_layers = [i for i in range(num_layers) if i not in set(drop_layers)]
     else:
-        layer_scores = _scores_for(scores, "layer", (num_layers,), f"num_layers={after['num_layers']}")
-        kept_layers = top_sorted(layer_scores, after["num_layers"]).tolist()
+        kept_layers = kept_layers_for(scores, num_layers, after["num_layers"], depth_selection)
 
     hidden = None
     if after["hidden_size"] < before["hidden_size"]:

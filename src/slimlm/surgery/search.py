@@ -1,0 +1,280 @@
+"""``search``: the student shape that distills best at a budget (Minitron's architecture search).
+
+1. Enumerate every legal uniform shape (``slimlm.surgery.candidates``), keep those meeting
+   the budget (``slimlm.surgery.budget``) and of them the ``top_n`` closest to it.
+2. Zero-shot rank: prune each in memory and score it on a held-out split of ``data``, no
+   training: KD loss against the teacher's logits through the fused loss (the teacher's last
+   hidden states on the split computed once, reused for every candidate) and LM loss, both
+   per valid token. One student forward pass over the split per candidate.
+3. Re-rank: the ``top_k`` best get the same short distillation (``DistillationTrainer``: same
+   tokens, seed and schedule) and are ranked by held-out KD loss after it; the winner's
+   distilled student is returned (and kept in ``out/winner``) so a full distillation can
+   continue from it.
+
+With ``out``, every finished candidate is recorded in ``out/search.json`` as it finishes,
+and a rerun with the same inputs reads those back instead of recomputing them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+from slimlm.architectures import lm_head, model_sizes
+from slimlm.data import TokenBlocks
+from slimlm.fingerprint import model_fingerprint
+from slimlm.importance.scores import ImportanceScores
+from slimlm.surgery import search_records as records
+from slimlm.surgery.apply import prune
+from slimlm.surgery.budget import Budget, fitting, resolve_dtype
+from slimlm.surgery.candidates import Candidate, ParameterCounter, SearchSpace, enumerate_shapes
+from slimlm.surgery.planning import Target, count_parameters, meta_model, pruned_config
+from slimlm.surgery.search_scoring import held_out_losses, short_distill, teacher_states
+from slimlm.surgery.selection import kept_layers_for, select_units
+
+
+@dataclass
+class SearchResult:
+    """``candidates``: every scored candidate's row (search.json's), best rank first;
+    ``winner``: the first row; ``target``: the winner's ``Target`` (``prune`` takes it with the
+    same scores); ``student``: the winner pruned and, when ``top_k`` > 0, short-distilled
+    (None when it was finished by an earlier run and ``out`` holds no saved copy)."""
+
+    candidates: list[dict]
+    winner: dict
+    target: Target
+    student: object | None
+    num_enumerated: int
+    num_meeting: int
+    phase_seconds: dict
+
+
+def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: str | os.PathLike | None = None,
+           space: SearchSpace | dict | None = None, top_n: int = 20, top_k: int = 4, held_out: float | int = 0.1,
+           seed: int = 0, rerank_tokens: int | None = None, batch_size: int = 8, training_args=None,
+           distillation_config=None, save_winner: bool = True, log=print) -> SearchResult:
+    """Search the student shape of ``model`` (the teacher, never modified) at ``target``
+    (a ``Budget``, a dict of its fields, or a ``Target`` with ``target_params``) within
+    ``space`` (a ``SearchSpace`` or a dict of its fields; default: Model Optimizer's floors).
+
+    ``data``: calibration ``TokenBlocks``; ``held_out`` (fraction or block count, split with
+    ``seed``) is scored, the rest trains the re-ranked candidates. ``rerank_tokens``: tokens
+    of each short distillation (default: one pass over the training part), in batches of
+    ``batch_size`` on ``training_args`` (a ``TrainingArguments``; its max_steps, seed and
+    saving are set here) with ``distillation_config`` (default: forward KL, τ = 1).
+    ``top_k=0`` ranks zero-shot only. Everything is checked before any work (ValueError).
+    """
+    space = SearchSpace.coerce(space)
+    budget = Budget.coerce(target)
+    budget.check()
+    space.check()
+    for name, value, low in (("top_n", top_n, 1), ("top_k", top_k, 0), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if rerank_tokens is not None and (isinstance(rerank_tokens, bool) or not isinstance(rerank_tokens, int)
+                                      or rerank_tokens < 1):
+        raise ValueError(f"rerank_tokens must be a positive int, got {rerank_tokens!r}")
+    if top_k > top_n:
+        raise ValueError(f"top_k={top_k} is larger than top_n={top_n}: only the top_n candidates are re-ranked")
+    if scores is None:
+        raise ValueError("search needs the model's importance scores (slimlm.estimate_importance)")
+    scores.check_model(model)
+    train, held = _split(data, held_out, seed)
+    from slimlm.distill.trainer import DistillationConfig
+
+    distillation_config = distillation_config or DistillationConfig()
+    distillation_config.check()
+
+    started = time.perf_counter()
+    counter = ParameterCounter(model)
+    dtype = resolve_dtype(budget.dtype, next(model.parameters()).dtype)
+    memory_at = (budget.at_batch, budget.at_seq) if budget.at_batch and budget.at_seq else None
+    shapes = enumerate_shapes(model, space, memory_at=memory_at, dtype=dtype, counter=counter)
+    model_size = count_parameters(meta_model(type(model), model.config), counter.adapter)["total"]
+    _, meeting = fitting(shapes, budget, model_size)
+    chosen = meeting[:top_n]
+    if top_k > len(chosen):
+        raise ValueError(f"top_k={top_k} but only {len(chosen)} candidate(s) meet the budget "
+                         f"({len(meeting)} within tolerance {budget.tolerance}); lower top_k or widen the search")
+    _check_candidates(model, scores, chosen, counter)
+    enumerate_seconds = round(time.perf_counter() - started, 3)
+    log(f"[search] {len(shapes)} legal shapes in {enumerate_seconds} s, {len(meeting)} meet the budget; "
+        f"scoring the {len(chosen)} closest")
+
+    inputs = _inputs(model, scores, data, budget, space, top_n, top_k, held_out, seed, rerank_tokens, batch_size,
+                     distillation_config, training_args)
+    out = os.fspath(out) if out is not None else None
+    finished, previous_phases = records.load_finished(out, inputs)
+    run = _Run(model, scores, train, held, {c.key: c for c in chosen},
+               [finished.get(c.key) or records.candidate_record(c) for c in chosen], out, inputs,
+               # Seconds per phase over every run of this search (a resumed phase adds its new work only).
+               {"enumerate": enumerate_seconds, "zero_shot": previous_phases.get("zero_shot", 0.0),
+                "rerank": previous_phases.get("rerank", 0.0)},
+               batch_size, distillation_config, log)
+    zero_shot_rank(run)
+    student = distillation_rerank(run, top_k, rerank_tokens, seed, training_args, save_winner)
+
+    ranked = sorted(run.rows[:top_k], key=lambda row: (row["distill_loss"], row["key"])) + run.rows[top_k:]
+    for rank, row in enumerate(ranked, 1):
+        row["rank"] = rank
+    winner = ranked[0]
+    winner_candidate = run.candidates[winner["key"]]
+    if student is None and top_k:
+        student = _saved_winner(run.winner_dir, winner["key"], model)
+    if top_k == 0:
+        student = prune(model, scores, winner_candidate.target(), inplace=False)
+    winner_target = _winner_target(winner_candidate, scores, counter)
+    if out:
+        records.write_record(out, inputs, ranked, winner, run.phases)
+        records.write_results(out, ranked, winner, winner_target)
+    log(f"[search] winner {winner['key']} ({winner['params']:,} params); phases (s): {run.phases}")
+    return SearchResult(ranked, winner, winner_target, student, len(shapes), len(meeting), run.phases)
+
+
+@dataclass
+class _Run:
+    """One search's state between its phases: ``rows`` (search.json's, in ``candidates``'
+    order until ranked) are filled in place and written to ``out`` as each finishes."""
+
+    model: object
+    scores: ImportanceScores
+    train: TokenBlocks
+    held: TokenBlocks
+    candidates: dict[str, Candidate]
+    rows: list[dict]
+    out: str | None
+    inputs: dict
+    phases: dict
+    batch_size: int
+    distillation_config: object
+    log: object
+    states: list | None = None
+
+    @property
+    def winner_dir(self) -> str | None:
+        return os.path.join(self.out, records.WINNER_DIR) if self.out else None
+
+    def teacher_states(self) -> list:
+        """The teacher's held-out last hidden states, computed on first use only."""
+        if self.states is None:
+            self.states = teacher_states(self.model, self.held, self.batch_size)
+        return self.states
+
+    def losses(self, student) -> tuple[float, float]:
+        return held_out_losses(student, self.held, self.teacher_states(), lm_head(self.model).detached(),
+                               self.batch_size, self.distillation_config)
+
+    def save(self) -> None:
+        if self.out:
+            records.write_record(self.out, self.inputs, self.rows, None, self.phases)
+
+
+def zero_shot_rank(run: _Run, rows: list[dict] | None = None) -> None:
+    """Score ``rows`` (default: all) not scored yet — each candidate pruned in memory, then its
+    held-out KD and LM loss — and sort ``run.rows`` by zero-shot KD loss. A multi-process
+    search gives each rank its slice of rows and gathers them before the sort."""
+    started = time.perf_counter()
+    for row in run.rows if rows is None else rows:
+        if row["zero_shot_kd_loss"] is not None:
+            run.log(f"[search] {row['key']}: zero-shot scored by an earlier run")
+            continue
+        student = prune(run.model, run.scores, run.candidates[row["key"]].target(), inplace=False)
+        row["zero_shot_kd_loss"], row["lm_loss"] = run.losses(student)
+        del student
+        run.log(f"[search] {row['key']} ({row['params']:,} params): zero-shot KD {row['zero_shot_kd_loss']:.4f}, "
+                f"LM {row['lm_loss']:.4f}")
+        run.save()
+    run.phases["zero_shot"] = round(run.phases["zero_shot"] + time.perf_counter() - started, 3)
+    run.rows.sort(key=lambda row: (row["zero_shot_kd_loss"], row["key"]))
+
+
+def distillation_rerank(run: _Run, top_k: int, tokens, seed: int, training_args, save_winner: bool):
+    """Distill the first ``top_k`` rows' candidates the same way and record their held-out KD
+    loss; the best one distilled here is returned (and saved in ``out/winner`` as soon as it
+    leads), None when the leader was distilled by an earlier run."""
+    started = time.perf_counter()
+    student = best = None
+    for row in run.rows[:top_k]:
+        if row["distill_loss"] is not None:
+            if best is None or row["distill_loss"] < best["distill_loss"]:
+                best, student = row, None
+            continue
+        distilled = short_distill(run.model, run.scores, run.candidates[row["key"]], run.train, tokens,
+                                  run.batch_size, seed, training_args, run.distillation_config)
+        row["distill_loss"], _ = run.losses(distilled)
+        run.log(f"[search] {row['key']}: KD {row['distill_loss']:.4f} after the short distillation")
+        if best is None or row["distill_loss"] < best["distill_loss"]:
+            best, student = row, distilled
+            if run.out and save_winner:
+                from slimlm.surgery.save import save_pruned
+
+                save_pruned(student, run.winner_dir, overwrite=True, record={"search_key": row["key"]})
+        run.save()
+    run.phases["rerank"] = round(run.phases["rerank"] + time.perf_counter() - started, 3)
+    return student
+
+
+def _split(data, held_out, seed) -> tuple[TokenBlocks, TokenBlocks]:
+    if not isinstance(data, TokenBlocks):
+        raise ValueError(f"data must be TokenBlocks (slimlm.data.load_blocks), got {type(data).__name__}")
+    try:
+        return data.split(held_out, seed)
+    except ValueError as error:
+        raise ValueError(f"calibration data too small for the held-out split: {len(data)} block(s), "
+                         f"held_out={held_out!r} ({error}); give more data or a smaller held_out") from None
+
+
+def _check_candidates(model, scores, chosen: list[Candidate], counter: ParameterCounter) -> None:
+    """Score axes and shapes, and transformers' validation of each full config, before any work."""
+    before = model_sizes(model.config)
+    for candidate in chosen:
+        sizes = {**before, **candidate.sizes()}
+        selection = select_units(scores, before, sizes, None, candidate.depth_selection)
+        pruned_config(model.config, counter.adapter, sizes, selection.kept_layers)
+
+
+def _inputs(model, scores, data, budget, space, top_n, top_k, held_out, seed, rerank_tokens, batch_size,
+            distillation_config, training_args) -> dict:
+    """What the results depend on, compared on resume."""
+    digest = hashlib.sha256()
+    for key in sorted(scores.scores):
+        digest.update(key.encode())
+        digest.update(scores.scores[key].detach().float().cpu().contiguous().numpy().tobytes())
+    data_digest = hashlib.sha256(data.input_ids.numpy().tobytes() + data.attention_mask.numpy().tobytes())
+    training = None
+    if training_args is not None:
+        training = {k: str(getattr(training_args, k)) for k in ("learning_rate", "lr_scheduler_type", "warmup_steps",
+                                                                 "weight_decay", "bf16", "fp16")}
+    return {"model": model_fingerprint(model), "scores": digest.hexdigest()[:16],
+            "data": data_digest.hexdigest()[:16], "budget": {k: str(v) for k, v in asdict(budget).items()},
+            "space": {k: str(v) for k, v in asdict(space).items()}, "top_n": top_n, "top_k": top_k,
+            "held_out": held_out, "seed": seed, "rerank_tokens": rerank_tokens, "batch_size": batch_size,
+            "distillation": {k: str(v) for k, v in vars(distillation_config).items()}, "training": training}
+
+
+def _saved_winner(winner_dir, key: str, model):
+    """The winner's distilled student saved by an earlier run, or None."""
+    from slimlm.surgery.save import RECORD_FILE
+
+    record = os.path.join(winner_dir, RECORD_FILE) if winner_dir else None
+    if not record or not os.path.isfile(record):
+        return None
+    with open(record, encoding="utf-8") as handle:
+        if json.load(handle).get("search_key") != key:
+            return None
+    from slimlm.models import load_model
+
+    parameter = next(model.parameters())
+    return load_model(winner_dir, dtype=parameter.dtype, device=parameter.device)
+
+
+def _winner_target(candidate: Candidate, scores, counter: ParameterCounter) -> Target:
+    """The winner's sizes, its dropped layers named (so the Target needs no depth choice)."""
+    target = candidate.target()
+    num_layers = counter.before["num_layers"]
+    if candidate.num_layers < num_layers:
+        kept = kept_layers_for(scores, num_layers, candidate.num_layers, candidate.depth_selection)
+        target = replace(target, num_layers=None, drop_layers=[i for i in range(num_layers) if i not in kept])
+    return target
