@@ -144,3 +144,38 @@ def test_help_lists_the_budget_space_and_ranking_flags(capsys):
     for flag in ("--target-memory", "--at-batch", "--at-seq", "--top-n", "--top-k", "--rerank-tokens",
                  "--max-width-prune", "--max-depth-prune", "--multiple-of", "--depth-selection", "examples:"):
         assert flag in printed
+
+
+def test_two_gloo_processes_give_one_process_search(workspace, capsys, tmp_path):
+    """torchrun, 2 CPU processes: the zero-shot candidates are split over the ranks and
+    gathered, the short distillations run data-parallel on the same global batch, rank 0
+    alone writes and prints; the ranking and losses are one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.distill.test_trainer import launcher_env
+
+    # 4 steps of 4 blocks at a learning rate that moves the students (a TrainingArguments flag).
+    settings = ["--target-params", 0.6, "--top-n", 5, "--top-k", 2, "--rerank-tokens", 256, "--learning_rate", 0.01]
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, _, err = run_cli(capsys, *search_args(workspace, capsys, one, *settings))
+    assert code == 0, err
+    env = launcher_env()
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(__file__))), env["PYTHONPATH"]])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slimlm",
+               *map(str, search_args(workspace, capsys, two, *settings))]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("winner Target:") == 1  # rank 0 alone prints
+    single, distributed = (json.loads((folder / "search.json").read_text()) for folder in (one, two))
+    assert distributed["inputs"] == single["inputs"]
+    assert [row["key"] for row in distributed["candidates"]] == [row["key"] for row in single["candidates"]]
+    for row, expected in zip(distributed["candidates"], single["candidates"]):
+        assert (row["zero_shot_kd_loss"], row["lm_loss"]) == (expected["zero_shot_kd_loss"], expected["lm_loss"])
+        assert row["distill_loss"] == (None if expected["distill_loss"] is None
+                                       else pytest.approx(expected["distill_loss"], rel=1e-4, abs=1e-6))
+    # The short runs moved the students far more than the two launches differ.
+    assert all(row["distill_loss"] != pytest.approx(row["zero_shot_kd_loss"], rel=0.5) for row in single["candidates"][:2])
+    assert (two / "winner_target.json").read_text() == (one / "winner_target.json").read_text()
+    assert sorted(path.name for path in two.iterdir()) == sorted(path.name for path in one.iterdir())

@@ -130,8 +130,12 @@ def run(args) -> int:
     writer = os.environ.get("RANK", "0") == "0"
     log = print if writer else (lambda line: None)
     # --overwrite: search into a staging folder swapped in only when complete; otherwise in
-    # place, so that an interrupted search leaves what it finished for the rerun.
-    place = outputs.atomic_output(args.out) if args.overwrite and writer else contextlib.nullcontext(args.out)
+    # place, so that an interrupted search leaves what it finished for the rerun. Under a
+    # launcher only rank 0 writes; the others read the record being resumed (none afresh).
+    if args.overwrite:
+        place = outputs.atomic_output(args.out) if writer else contextlib.nullcontext(None)
+    else:
+        place = contextlib.nullcontext(args.out)
     with place as out:
         result = search(model, scores, Budget(**budget), blocks, out=out, space=space, top_n=args.top_n,
                         top_k=args.top_k, held_out=split, seed=args.seed, rerank_tokens=args.rerank_tokens,
