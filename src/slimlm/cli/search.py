@@ -122,7 +122,14 @@ def run(args) -> int:
                          related=[outputs.staging_path(args.out)])
     training_args = training_arguments(args.training_args, output_dir=outputs.staging_path(args.out),
                                        batch_size=args.batch_size, seed=args.seed)
-    model, tokenizer = arguments.load(args.model, args)
+    # Zero-shot scoring runs outside the Trainer: under a launcher each process scores on its own GPU.
+    local_rank = os.environ.get("LOCAL_RANK")
+    device = args.device
+    if device is None and local_rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = arguments.load(args.model, args, device=device)
     if budget.get("target_memory") is not None and budget["dtype"] is None:
         budget["dtype"] = model.slimlm_source_dtype
     scores = importance.load_scores(args.scores, model=model)
