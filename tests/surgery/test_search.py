@@ -191,3 +191,36 @@ def test_budget_objects_and_a_contiguous_block_space_search():
     if result.winner["num_layers"] < 4:
         dropped = result.target.drop_layers
         assert dropped == list(range(dropped[0], dropped[0] + len(dropped)))
+
+
+def test_a_rank_other_than_0_scores_its_share_and_writes_nothing(tmp_path, monkeypatch):
+    """As rank 1 of 2 (the process group stubbed; the real one: tests/cli/test_search.py):
+    zero-shot scores rows[1::2] only, takes the rest from the gather, ranks as one process
+    does, and writes nothing."""
+    model = tiny_model("llama")
+    scores = random_scores(model)
+    options = dict(top_n=5, top_k=1, held_out=4, rerank_tokens=32, batch_size=4, log=quiet)
+    single = search(model, scores, {"target_params": 0.8}, blocks(), **options)
+    by_key = {row["key"]: row for row in single.candidates}
+    scored_here = []
+
+    def gather(rows, rank, world):
+        assert (rank, world) == (1, 2)
+        scored_here.extend(row["key"] for row in rows if row["zero_shot_kd_loss"] is not None)
+        for row in rows[0::2]:  # rank 0's share
+            row["zero_shot_kd_loss"], row["lm_loss"] = by_key[row["key"]]["zero_shot_kd_loss"], by_key[row["key"]]["lm_loss"]
+
+    monkeypatch.setattr(search_module, "_process_group", lambda: (1, 2))
+    monkeypatch.setattr(search_module, "_gather_losses", gather)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    out = tmp_path / "search"
+    rank_one = search(model, scores, {"target_params": 0.8}, blocks(), out=out, **options)
+    in_order = [c.key for c in search_module.fitting(enumerate_shapes(model), search_module.Budget(target_params=0.8),
+                                                     sum(p.numel() for p in model.parameters()))[1][:5]]
+    assert scored_here == in_order[1::2]
+    assert rank_one.candidates == single.candidates and rank_one.target == single.target
+    assert not out.exists()
+
+    monkeypatch.setattr(search_module, "_process_group", lambda: (0, 3))
+    with pytest.raises(ValueError, match="batch_size=4 is not divisible by the 3 processes"):
+        search(model, scores, {"target_params": 0.8}, blocks(), **options)

@@ -25,7 +25,7 @@ from slimlm.errors import InputError
 __all__ = ["COMMANDS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "entry", "main"]
 
 # The subcommands in the order ``slimlm --help`` lists them; each is the module slimlm.cli.<name>.
-COMMANDS = ("importance", "plan", "prune", "generate", "distill", "eval", "run", "demo", "bench")
+COMMANDS = ("importance", "plan", "search", "prune", "generate", "distill", "eval", "run", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

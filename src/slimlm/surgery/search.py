@@ -13,6 +13,11 @@
 
 With ``out``, every finished candidate is recorded in ``out/search.json`` as it finishes,
 and a rerun with the same inputs reads those back instead of recomputing them.
+
+Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) rank r scores the zero-shot
+candidates ``rows[r::world]`` and the losses are gathered before ranking; the short
+distillations run on the Trainer across all ranks with ``batch_size`` as the global batch
+(``batch_size / world`` per process), so the ranking is one process's. Only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -81,6 +86,10 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
     if scores is None:
         raise ValueError("search needs the model's importance scores (slimlm.estimate_importance)")
     scores.check_model(model)
+    rank, world = _process_group()
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the {world} processes: the short distillations "
+                         "keep it as the global batch so that the result is one process's")
     train, held = _split(data, held_out, seed)
     from slimlm.distill.trainer import DistillationConfig
 
@@ -107,13 +116,17 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
                      distillation_config, training_args)
     out = os.fspath(out) if out is not None else None
     finished, previous_phases = records.load_finished(out, inputs)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has read the record before rank 0 writes it again
     run = _Run(model, scores, train, held, {c.key: c for c in chosen},
                [finished.get(c.key) or records.candidate_record(c) for c in chosen], out, inputs,
                # Seconds per phase over every run of this search (a resumed phase adds its new work only).
                {"enumerate": enumerate_seconds, "zero_shot": previous_phases.get("zero_shot", 0.0),
                 "rerank": previous_phases.get("rerank", 0.0)},
-               batch_size, distillation_config, log)
-    zero_shot_rank(run)
+               batch_size, distillation_config, log, writer=rank == 0)
+    zero_shot_rank(run, rank, world)
     student = distillation_rerank(run, top_k, rerank_tokens, seed, training_args, save_winner)
 
     ranked = sorted(run.rows[:top_k], key=lambda row: (row["distill_loss"], row["key"])) + run.rows[top_k:]
@@ -126,7 +139,7 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
     if top_k == 0:
         student = prune(model, scores, winner_candidate.target(), inplace=False)
     winner_target = _winner_target(winner_candidate, scores, counter)
-    if out:
+    if out and run.writer:
         records.write_record(out, inputs, ranked, winner, run.phases)
         records.write_results(out, ranked, winner, winner_target)
     log(f"[search] winner {winner['key']} ({winner['params']:,} params); phases (s): {run.phases}")
@@ -150,6 +163,7 @@ class _Run:
     batch_size: int
     distillation_config: object
     log: object
+    writer: bool = True
     states: list | None = None
 
     @property
@@ -167,16 +181,16 @@ class _Run:
                                self.batch_size, self.distillation_config)
 
     def save(self) -> None:
-        if self.out:
+        if self.out and self.writer:
             records.write_record(self.out, self.inputs, self.rows, None, self.phases)
 
 
-def zero_shot_rank(run: _Run, rows: list[dict] | None = None) -> None:
-    """Score ``rows`` (default: all) not scored yet — each candidate pruned in memory, then its
-    held-out KD and LM loss — and sort ``run.rows`` by zero-shot KD loss. A multi-process
-    search gives each rank its slice of rows and gathers them before the sort."""
+def zero_shot_rank(run: _Run, rank: int = 0, world: int = 1) -> None:
+    """Score the rows not scored yet — each candidate pruned in memory, then its held-out KD and
+    LM loss — and sort ``run.rows`` by zero-shot KD loss. Process ``rank`` of ``world`` scores
+    ``run.rows[rank::world]``; every process then holds every row's losses (gathered)."""
     started = time.perf_counter()
-    for row in run.rows if rows is None else rows:
+    for row in run.rows[rank::world]:
         if row["zero_shot_kd_loss"] is not None:
             run.log(f"[search] {row['key']}: zero-shot scored by an earlier run")
             continue
@@ -185,6 +199,9 @@ def zero_shot_rank(run: _Run, rows: list[dict] | None = None) -> None:
         del student
         run.log(f"[search] {row['key']} ({row['params']:,} params): zero-shot KD {row['zero_shot_kd_loss']:.4f}, "
                 f"LM {row['lm_loss']:.4f}")
+        run.save()
+    if world > 1:
+        _gather_losses(run.rows, rank, world)
         run.save()
     run.phases["zero_shot"] = round(run.phases["zero_shot"] + time.perf_counter() - started, 3)
     run.rows.sort(key=lambda row: (row["zero_shot_kd_loss"], row["key"]))
@@ -207,13 +224,41 @@ def distillation_rerank(run: _Run, top_k: int, tokens, seed: int, training_args,
         run.log(f"[search] {row['key']}: KD {row['distill_loss']:.4f} after the short distillation")
         if best is None or row["distill_loss"] < best["distill_loss"]:
             best, student = row, distilled
-            if run.out and save_winner:
+            if run.out and run.writer and save_winner:
                 from slimlm.surgery.save import save_pruned
 
                 save_pruned(student, run.winner_dir, overwrite=True, record={"search_key": row["key"]})
         run.save()
     run.phases["rerank"] = round(run.phases["rerank"] + time.perf_counter() - started, 3)
     return student
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of this process; under a launcher (``WORLD_SIZE`` > 1) the default
+    process group is set up first if nobody has (NCCL on CUDA, gloo on CPU, as the Trainer's
+    ``training_arguments`` choose), and the Trainer later runs on the same group."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather_losses(rows: list[dict], rank: int, world: int) -> None:
+    """Fill every row with the zero-shot losses the rank that owned it (``rows[r::world]``) computed."""
+    import torch.distributed as dist
+
+    mine = {row["key"]: (row["zero_shot_kd_loss"], row["lm_loss"]) for row in rows[rank::world]}
+    shares = [None] * world
+    dist.all_gather_object(shares, mine)
+    losses = {key: value for share in shares for key, value in share.items()}
+    for row in rows:
+        row["zero_shot_kd_loss"], row["lm_loss"] = losses[row["key"]]
 
 
 def _split(data, held_out, seed) -> tuple[TokenBlocks, TokenBlocks]:

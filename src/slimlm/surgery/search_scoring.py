@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import tempfile
 from dataclasses import replace
 
@@ -86,14 +87,19 @@ def short_distill(model, scores, candidate: Candidate, train: TokenBlocks, token
 def training_arguments(training_args, scratch: str, steps: int, batch_size: int, seed: int):
     """``training_args`` (a ``TrainingArguments``, or slimlm's defaults: lr 1e-4, cosine, 5%
     warmup in whole steps) with what makes every re-ranked candidate's run the same: ``steps``,
-    batch size and seed, no checkpoints, no reporting, in ``scratch``. (Warmup's first step has
+    global batch size (split over ``WORLD_SIZE`` processes) and seed, no checkpoints, no reporting, in ``scratch``. (Warmup's first step has
     learning rate 0, so a short run's warmup rounds down: 1 step must still train.)"""
     from transformers import TrainingArguments
 
+    # Under a launcher the Trainer splits each batch over the processes: ``batch_size`` stays
+    # the global batch, and the run is one process's (the loss is normalised globally).
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     overrides = dict(output_dir=scratch, max_steps=steps, save_strategy="no", seed=seed, data_seed=seed,
-                     per_device_train_batch_size=batch_size, report_to="none", disable_tqdm=True)
+                     per_device_train_batch_size=batch_size // world, report_to="none", disable_tqdm=True)
     if training_args is not None:
         return replace(training_args, **overrides)
+    if world > 1 and not torch.cuda.is_available():
+        overrides["ddp_backend"] = "gloo"
     return TrainingArguments(learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=int(0.05 * steps),
                              weight_decay=0.0, logging_steps=max(1, steps // 10), max_grad_norm=1.0,
                              dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), **overrides)

@@ -1,0 +1,190 @@
+"""``slimlm search``: the student shape that distills best at a budget (``slimlm.search``):
+enumerate every legal shape, rank the closest by zero-shot loss, re-rank the best by a short
+distillation. Any Hugging Face ``TrainingArguments`` flag passes through to the short
+distillations, and under ``torchrun`` / ``accelerate launch`` the zero-shot scoring is split
+across the processes (rank 0 writes).
+
+A rerun into the same ``--out`` resumes (finished candidates are read back); ``--overwrite``
+starts afresh and replaces the old output only once the new one is complete.
+"""
+from __future__ import annotations
+
+import os
+
+from slimlm.cli import arguments
+from slimlm.cli.arguments import EXIT_OK, positive_int
+from slimlm.errors import InputError
+
+DEPTH_CHOICES = {"least_important": ("least_important",), "contiguous_block": ("contiguous_block",),
+                 "both": ("least_important", "contiguous_block")}
+
+
+def add_parser(subparsers) -> None:
+    sub = arguments.add_command(
+        subparsers, "search", "search the student shape that distills best at a parameter or memory budget",
+        ["slimlm search --model M --scores scores/ --data 'docs/*.txt' --target-params 0.5 --out search/",
+         "slimlm search --model M --scores scores/ --data train.jsonl --target-memory 1.5GiB --at-batch 8 "
+         "--at-seq 4096 --dtype bfloat16 --top-n 20 --top-k 4 --rerank-tokens 200000 --out search/"])
+    sub.add_argument("--model", required=True, help="the teacher: a folder, a .gguf file or a cached hub id")
+    sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    arguments.add_trust_option(sub)
+    sub.add_argument("--scores", required=True, help="folder written by slimlm importance for this model")
+    arguments.add_data_options(sub)
+    sub.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration block (default 512)")
+    sub.add_argument("--held-out", type=arguments.positive_float, default=0.1,
+                     help="held-out share of the blocks: a fraction in (0, 1) or a block count (default 0.1)")
+    budget = sub.add_argument_group("budget (one of --target-params and --target-memory)")
+    budget.add_argument("--target-params", help="a fraction of the model (0.5) or a count (70M, 1.2B, 70000000)")
+    budget.add_argument("--target-memory", help="weights + KV cache, e.g. 1.5GiB, 800MB (needs --at-batch, --at-seq)")
+    budget.add_argument("--at-batch", type=positive_int, help="batch size the memory budget's KV cache holds")
+    budget.add_argument("--at-seq", type=positive_int, help="sequence length the memory budget's KV cache holds")
+    budget.add_argument("--dtype", dest="memory_dtype", choices=["float32", "bfloat16", "float16"],
+                        help="dtype the memory budget counts weights and cache in (default: the checkpoint's)")
+    budget.add_argument("--tolerance", type=arguments.positive_float, default=0.1,
+                        help="a shape meets the budget within this fraction below it (default 0.1)")
+    space = sub.add_argument_group("search space")
+    space.add_argument("--max-width-prune", type=float, default=0.4,
+                       help="most of each width axis pruned, in [0, 1) (default 0.4)")
+    space.add_argument("--max-depth-prune", type=float, default=0.2, help="most of the layers pruned (default 0.2)")
+    space.add_argument("--multiple-of", type=positive_int, default=64, help="width grid (default 64)")
+    space.add_argument("--depth-selection", choices=list(DEPTH_CHOICES), default="least_important",
+                       help="which layers a shallower shape keeps dropping (both: each shape tried both ways)")
+    ranking = sub.add_argument_group("ranking")
+    ranking.add_argument("--top-n", type=positive_int, default=20, help="candidates scored zero-shot (default 20)")
+    ranking.add_argument("--top-k", type=int, default=4,
+                         help="of those, re-ranked by a short distillation (default 4; 0: zero-shot only)")
+    ranking.add_argument("--rerank-tokens", type=positive_int,
+                         help="tokens of each short distillation (default: one pass over the training split)")
+    ranking.add_argument("--batch-size", type=positive_int, default=8, help="blocks per batch (default 8)")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--out", required=True, help="folder for search.json, search.csv, winner_target.json, "
+                                                  "search.png and winner/")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="start afresh, replacing an earlier search in --out (default: resume it)")
+    # The model loads in the dtype arguments.load picks for the device (scores are fingerprinted
+    # on it); --dtype only says what the memory budget counts in.
+    sub.set_defaults(handler=run, passthrough=True, dtype="auto")
+
+
+def budget_fields(args) -> dict:
+    """The ``slimlm.Budget`` fields the budget flags name (InputError naming the flags)."""
+    if (args.target_params is None) == (args.target_memory is None):
+        raise InputError("give exactly one of --target-params and --target-memory")
+    if args.target_params is not None:
+        if any(getattr(args, name) is not None for name in ("at_batch", "at_seq")):
+            raise InputError("--at-batch and --at-seq size the KV cache of --target-memory; they mean nothing with "
+                             "--target-params")
+        return {"target_params": arguments.target_params(args.target_params), "tolerance": args.tolerance}
+    missing = [flag for flag, value in (("--at-batch", args.at_batch), ("--at-seq", args.at_seq)) if value is None]
+    if missing:
+        raise InputError(f"--target-memory counts the KV cache too: give {' and '.join(missing)} "
+                         "(the batch and sequence length it must hold)")
+    return {"target_memory": args.target_memory, "at_batch": args.at_batch, "at_seq": args.at_seq,
+            "dtype": args.memory_dtype, "tolerance": args.tolerance}
+
+
+def held_out(value: float) -> float | int:
+    """A fraction below 1, else a whole block count."""
+    if value < 1:
+        return value
+    if not float(value).is_integer():
+        raise InputError(f"--held-out {value}: a fraction must be in (0, 1) and a count a whole number of blocks")
+    return int(value)
+
+
+def run(args) -> int:
+    import contextlib
+
+    from slimlm import outputs
+    from slimlm.data import load_blocks
+    from slimlm.distill.training import training_arguments
+    from slimlm.pipeline import importance
+    from slimlm.surgery.budget import Budget, parse_memory
+    from slimlm.surgery.candidates import SearchSpace
+    from slimlm.surgery.search import search
+
+    arguments.check_model_path(args.model)
+    if not os.path.isdir(args.scores):
+        raise InputError(f"scores folder {args.scores} does not exist (compute them with slimlm importance)")
+    arguments.check_paths_exist(args.data, "data")
+    budget = budget_fields(args)
+    if "target_memory" in budget:
+        parse_memory(budget["target_memory"])
+    if args.top_k < 0:
+        raise InputError(f"--top-k must be >= 0, got {args.top_k}")
+    space = SearchSpace(max_width_prune=args.max_width_prune, max_depth_prune=args.max_depth_prune,
+                        multiple_of=args.multiple_of, depth_selections=DEPTH_CHOICES[args.depth_selection])
+    space.check()
+    split = held_out(args.held_out)
+    resume = not args.overwrite and os.path.isfile(os.path.join(args.out, "search.json"))
+    outputs.check_output(args.out, args.overwrite or resume,
+                         {"model": args.model, "scores": args.scores, "data": args.data},
+                         related=[outputs.staging_path(args.out)])
+    training_args = training_arguments(args.training_args, output_dir=outputs.staging_path(args.out),
+                                       batch_size=args.batch_size, seed=args.seed)
+    # Zero-shot scoring runs outside the Trainer: under a launcher each process scores on its own GPU.
+    local_rank = os.environ.get("LOCAL_RANK")
+    device = args.device
+    if device is None and local_rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = arguments.load(args.model, args, device=device)
+    if budget.get("target_memory") is not None and budget["dtype"] is None:
+        budget["dtype"] = model.slimlm_source_dtype
+    scores = importance.load_scores(args.scores, model=model)
+    blocks = load_blocks(args.data, tokenizer, args.seq_len, text_field=args.text_field, model=model)
+    writer = os.environ.get("RANK", "0") == "0"
+    log = print if writer else (lambda line: None)
+    # --overwrite: search into a staging folder swapped in only when complete; otherwise in
+    # place, so that an interrupted search leaves what it finished for the rerun. Under a
+    # launcher only rank 0 writes; the others read the record being resumed (none afresh).
+    if args.overwrite:
+        place = outputs.atomic_output(args.out) if writer else contextlib.nullcontext(None)
+    else:
+        place = contextlib.nullcontext(args.out)
+    with place as out:
+        result = search(model, scores, Budget(**budget), blocks, out=out, space=space, top_n=args.top_n,
+                        top_k=args.top_k, held_out=split, seed=args.seed, rerank_tokens=args.rerank_tokens,
+                        batch_size=args.batch_size, training_args=training_args, log=log)
+    if writer:
+        print(table(result, memory="target_memory" in budget))
+        print(f"winner Target: {target_text(result.target)}")
+        print(f"prune to it:   slimlm prune --model {args.model} --scores {args.scores} "
+              f"{prune_flags(result.target)} --out student/")
+        print(f"search written to {args.out}")
+    return EXIT_OK
+
+
+def table(result, *, memory: bool) -> str:
+    """The ranked candidates, one line each (losses in nats/token, '-' where not computed)."""
+    def loss(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    header = ["rank", "candidate", "params"] + (["memory"] if memory else []) + ["zero-shot KD", "LM", "distilled KD"]
+    lines = [header]
+    for row in result.candidates:
+        lines.append([str(row["rank"]), row["key"], f"{row['params']:,}"]
+                     + ([f"{row['memory_bytes']:,}"] if memory else [])
+                     + [loss(row["zero_shot_kd_loss"]), loss(row["lm_loss"]), loss(row["distill_loss"])])
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
+                               for column, (cell, width) in enumerate(zip(line, widths))) for line in lines)
+
+
+def target_text(target) -> str:
+    from dataclasses import asdict
+
+    shown = {name: value for name, value in asdict(target).items()
+             if name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                         "num_layers", "drop_layers") and value is not None}
+    return ", ".join(f"{name}={value}" for name, value in shown.items())
+
+
+def prune_flags(target) -> str:
+    """The ``slimlm prune`` flags that give ``target``."""
+    flags = {"--hidden-size": target.hidden_size, "--intermediate-size": target.intermediate_size,
+             "--num-heads": target.num_attention_heads, "--num-kv-heads": target.num_key_value_heads,
+             "--num-layers": target.num_layers,
+             "--drop-layers": ",".join(map(str, target.drop_layers)) if target.drop_layers else None}
+    return " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
