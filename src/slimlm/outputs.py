@@ -86,7 +86,7 @@ OWN_MARKERS = ("slimlm_distill.json", "slimlm_prune.json", "recipe.yaml", "meta.
 
 def owned(path) -> bool:
     """Whether ``path`` is slimlm's own output: a folder holding one of its records, a JSONL of
-    generations, or a JSON file of evaluation results."""
+    generations, or a JSON file of evaluation results (perplexity and/or speed per model)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return any(os.path.isfile(os.path.join(path, marker)) for marker in OWN_MARKERS)
@@ -98,7 +98,8 @@ def owned(path) -> bool:
             value = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(value, list) and all(isinstance(item, dict) and "perplexity" in item for item in value)
+    return isinstance(value, list) and all(isinstance(item, dict) and ("perplexity" in item or "speed" in item)
+                                           for item in value)
 
 
 # ------------------------------------------------------------------ how
