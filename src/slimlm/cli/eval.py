@@ -29,10 +29,11 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--max-new-tokens", type=positive_int, default=32)
     speed = sub.add_argument_group(
         "inference speed (--speed)",
-        "greedy decoding with the KV cache of a fixed prompt, rounds alternating between the models: prefill and "
-        "decode tokens/s at each batch size, time to first token, time per output token, memory (weights + KV "
-        "cache) and size on disk, with ratios to the first model. On a shared CPU, run with OMP_NUM_THREADS=1 (and "
-        "nothing else busy) for figures that compare; --data is then optional.")
+        "greedy decoding of a fixed prompt with the KV cache, rounds alternating between the models:\n"
+        "prefill and decode tokens/s at each batch size, time to first token, time per output token,\n"
+        "memory (weights + KV cache) and size on disk, with ratios to the first model (the teacher).\n"
+        "With --speed, --data is optional. On a shared CPU, run with OMP_NUM_THREADS=1 (and nothing\n"
+        "else busy) for figures that compare.")
     speed.add_argument("--speed", action="store_true", help="measure inference speed of --model and --compare")
     speed.add_argument("--prompt-tokens", type=positive_int, default=128)
     speed.add_argument("--new-tokens", type=arguments.at_least_two, default=32)
