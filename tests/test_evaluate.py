@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import slimlm
 from slimlm import evaluate
 from slimlm.data import TokenBlocks
 from tests.tiny import tiny_model, word_tokenizer
@@ -78,6 +79,9 @@ def test_sizes_and_table(model, tmp_path):
     weights = (tmp_path / "m" / "model.safetensors").stat().st_size
     assert evaluate.disk_bytes(tmp_path / "m") == weights
     assert evaluate.weight_format(tmp_path / "m", model) == "safetensors float32"
+    # What is on disk, not what the model runs in: a bf16 checkpoint loaded in float32.
+    slimlm.save_pruned(model, tmp_path / "bf16", save_dtype="bfloat16")
+    assert evaluate.weight_format(tmp_path / "bf16", model) == "safetensors bfloat16"
     # Tied embeddings: the LM head is the embedding matrix and counts once.
     assert evaluate.count_params(model) == sum(p.numel() for p in model.parameters())
     assert evaluate.count_params(model) < sum(p.numel() for p in model.state_dict().values())

@@ -52,3 +52,22 @@ def test_optional_parts_are_left_out(tmp_path):
     assert sample_rows([result("only", 10, 5.0)]) == []
     with pytest.raises(ValueError, match="at least one"):
         write_report(tmp_path, results=[])
+
+
+def test_a_speed_report_adds_its_section_and_plot(tmp_path):
+    import json
+
+    from slimlm.speed import speed_report
+    from tiny import tiny_model
+
+    teacher, student = tiny_model("llama", num_hidden_layers=2), tiny_model("llama", num_hidden_layers=1)
+    # As the pipeline stores it (speed.json): read back from JSON, batch sizes as strings.
+    speed = json.loads(json.dumps(speed_report({"teacher": teacher, "student": student}, prompt_tokens=4,
+                                               new_tokens=2, batch_sizes=(1, 2), rounds=1, warmup=0)))
+    write_report(tmp_path, results=RESULTS, speed=speed)
+    assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (tmp_path / "report.md").read_text()
+    section = markdown.split("## Inference speed")[1].split("##")[0]
+    assert "| teacher | 1 |" in section and "| student | 2 |" in section and "decode tok/s" in section
+    assert "ratio to teacher" in section and "![Inference throughput, teacher vs student](speed.png)" in markdown
+    assert "<h2>Inference speed</h2>" in (tmp_path / "report.html").read_text()

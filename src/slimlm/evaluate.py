@@ -10,6 +10,7 @@ tokens/s is the forward (prefill) throughput of that same pass: real tokens / wa
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -106,11 +107,18 @@ def disk_bytes(spec: str | os.PathLike) -> int:
 
 
 def weight_format(spec: str | os.PathLike, model=None) -> str:
-    """A short description of how the weights are stored: ``gguf`` or ``safetensors <dtype>``."""
+    """A short description of how the weights are stored: ``gguf`` or ``safetensors <dtype>``, the
+    dtype config.json states (what is on disk), else the loaded model's."""
     spec = os.fspath(spec)
     if spec.endswith(".gguf"):
         return "gguf"
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "") if model is not None else "?"
+    config = {}
+    if os.path.isfile(os.path.join(spec, "config.json")):
+        with open(os.path.join(spec, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    stated = config.get("dtype") or config.get("torch_dtype")
+    dtype = str(stated) if isinstance(stated, str) else (
+        str(next(model.parameters()).dtype).replace("torch.", "") if model is not None else "?")
     has_safetensors = os.path.isdir(spec) and any(name.endswith(".safetensors") for name in os.listdir(spec))
     return f"{'safetensors' if has_safetensors else 'pytorch'} {dtype}"
 

@@ -65,7 +65,7 @@ def export_gguf(model_dir_or_model, out_path: str | os.PathLike, *, outtype: str
         raise ValueError(f"GGUF output {out_path} is a folder; give a file path (e.g. {out_path}.gguf)")
     if os.path.exists(out_path) and not overwrite:
         raise ValueError(f"GGUF output {out_path} already exists; pass overwrite=True to replace it")
-    if os.path.exists(out_path) and not _is_gguf(out_path):
+    if os.path.exists(out_path) and not outputs.is_gguf(out_path):
         raise ValueError(f"GGUF output {out_path} exists and is not a GGUF file; refusing to replace it even with "
                          "overwrite=True (choose another path or remove it yourself)")
 
@@ -97,11 +97,6 @@ def export_gguf(model_dir_or_model, out_path: str | os.PathLike, *, outtype: str
         writer.write_tensors_to_file()
         writer.close()
     return out_path
-
-
-def _is_gguf(path: str) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(4) == b"GGUF"
 
 
 def _has_tokenizer(folder: str) -> bool:

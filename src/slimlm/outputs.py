@@ -86,10 +86,13 @@ OWN_MARKERS = ("slimlm_distill.json", "slimlm_prune.json", "recipe.yaml", "meta.
 
 def owned(path) -> bool:
     """Whether ``path`` is slimlm's own output: a folder holding one of its records, a JSONL of
-    generations, or a JSON file of evaluation results."""
+    generations, a JSON file of evaluation results (perplexity and/or speed per model), or a
+    GGUF file (``slimlm export`` replaces a GGUF file, never anything else)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return any(os.path.isfile(os.path.join(path, marker)) for marker in OWN_MARKERS)
+    if path.endswith(".gguf"):
+        return is_gguf(path)
     try:
         with open(path, encoding="utf-8") as handle:
             if path.endswith(".jsonl"):
@@ -98,7 +101,17 @@ def owned(path) -> bool:
             value = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(value, list) and all(isinstance(item, dict) and "perplexity" in item for item in value)
+    return isinstance(value, list) and all(isinstance(item, dict) and ("perplexity" in item or "speed" in item)
+                                           for item in value)
+
+
+def is_gguf(path) -> bool:
+    """Whether the file ``path`` starts with GGUF's magic bytes."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------ how

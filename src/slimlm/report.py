@@ -6,8 +6,10 @@
 
 Plots (matplotlib, Agg backend): ``importance.png`` (``ImportanceScores.plot``),
 ``loss.png`` (training loss / KD loss per step from the Trainer's ``log_history``) and
-``perplexity.png`` (held-out perplexity per stage, log scale). Every input but ``results``
-is optional; a plot is left out when its data is absent.
+``perplexity.png`` (held-out perplexity per stage, log scale) and ``speed.png`` (decode and
+prefill tokens/s per model and batch size, from a ``slimlm.speed.speed_report``, which also
+makes the report's speed section). Every input but ``results`` is optional; a plot or section is
+left out when its data is absent.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 
 from slimlm import outputs
 from slimlm.evaluate import comparison_rows, format_table
+from slimlm.speed import speed_rows
 
 LOSS_KEYS = ("loss", "kd_loss", "ce_loss", "hidden_loss")
 
@@ -84,6 +87,40 @@ def plot_perplexity(results: list[dict], path: str) -> str:
     return path
 
 
+def plot_speed(speed: dict, path: str) -> str:
+    """Grouped bars of decode and prefill tokens/s per batch size, one colour per model."""
+    plt = _pyplot()
+    names = list(speed["models"])
+    batches = list(next(iter(speed["models"].values()))["batch"])
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(names)
+    for ax, field, label in ((axes[0], "decode_tokens_per_s", "decode"), (axes[1], "prefill_tokens_per_s", "prefill")):
+        for number, name in enumerate(names):
+            values = [speed["models"][name]["batch"][batch][field] for batch in batches]
+            positions = [index + number * width for index in range(len(batches))]
+            ax.bar(positions, values, width, label=name)
+        ax.set_xticks([index + width * (len(names) - 1) / 2 for index in range(len(batches))],
+                      [f"batch {batch}" for batch in batches])
+        ax.set_ylabel("tokens/s (higher is better)")
+        ax.set_title(f"{label} throughput")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def speed_note(speed: dict) -> str:
+    """One sentence saying how the speed figures were measured."""
+    setup = speed["setup"]
+    return (f"Greedy decoding of a fixed {setup['prompt_tokens']}-token prompt for {setup['new_tokens']} tokens with "
+            f"the KV cache on {setup['device']}, medians of {setup['rounds']} rounds alternating between the models "
+            f"(after {setup['warmup']} warm-up). TTFT: prefill + first token; TPOT: time per later token; memory: "
+            f"{setup['memory']}. × columns: ratio to {next(iter(speed['models']))} (above 1 is better for tokens/s, "
+            "below 1 for memory and size).")
+
+
 def _markdown_table(rows: list[list[str]], numeric: bool = True) -> str:
     """A markdown table; ``numeric`` right-aligns every column but the first."""
     def line(cells):
@@ -112,20 +149,22 @@ def sample_rows(results: list[dict]) -> list[list[str]]:
 
 
 def write_report(folder: str | os.PathLike, *, results: list[dict], scores=None, log_history=None,
-                 plan_text: str | None = None, notes: dict | None = None, title: str = "slimlm report") -> dict:
+                 plan_text: str | None = None, notes: dict | None = None, title: str = "slimlm report",
+                 speed: dict | None = None) -> dict:
     """Write ``report.md``, ``report.html`` and the plots into ``folder``, which is replaced
 as a whole, atomically (``slimlm.outputs``).
 
     ``results``: ``slimlm.evaluate.evaluate_model`` dicts, the first being the reference
     (the teacher). ``scores``: ``ImportanceScores``. ``notes``: extra key → value lines
-    (command, data, budget). Returns {"markdown", "html", "plots": {name: path}}.
+    (command, data, budget). ``speed``: a ``slimlm.speed.speed_report`` (teacher first) for the
+    speed section and plot. Returns {"markdown", "html", "plots": {name: path}}.
     """
     if not results:
         raise ValueError("write_report needs at least one evaluated model in results")
     final = os.path.abspath(os.fspath(folder))
     with outputs.atomic_output(final) as staging:
         report = _write_report(staging, results=results, scores=scores, log_history=log_history,
-                               plan_text=plan_text, notes=notes, title=title)
+                               plan_text=plan_text, notes=notes, title=title, speed=speed)
 
     def moved(path):
         return os.path.join(final, os.path.basename(path))
@@ -134,7 +173,7 @@ as a whole, atomically (``slimlm.outputs``).
             "plots": {name: moved(path) for name, path in report["plots"].items()}}
 
 
-def _write_report(folder: str, *, results, scores, log_history, plan_text, notes, title) -> dict:
+def _write_report(folder: str, *, results, scores, log_history, plan_text, notes, title, speed) -> dict:
     plots = {"perplexity": plot_perplexity(results, os.path.join(folder, "perplexity.png"))}
     if log_history:
         loss = plot_loss(log_history, os.path.join(folder, "loss.png"))
@@ -142,11 +181,14 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
             plots["loss"] = loss
     if scores is not None:
         plots["importance"] = scores.plot(os.path.join(folder, "importance.png"))
+    if speed is not None:
+        plots["speed"] = plot_speed(speed, os.path.join(folder, "speed.png"))
 
     table = comparison_rows(results)
     samples = sample_rows(results)
     captions = {"perplexity": "Held-out perplexity per stage", "loss": "Distillation loss",
-                "importance": "Importance scores of the teacher"}
+                "importance": "Importance scores of the teacher", "speed": "Inference throughput, teacher vs student"}
+    speed_table = speed_rows(speed) if speed is not None else None
 
     md = [f"# {title}", ""]
     for key, value in (notes or {}).items():
@@ -154,6 +196,8 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
     md += ["", "## Models", "", _markdown_table(table), ""]
     md.append("Perplexity: exp of the mean next-token NLL over the held-out blocks (padding masked). "
               "tokens/s: forward (prefill) throughput of that pass on this machine.")
+    if speed_table:
+        md += ["", "## Inference speed", "", _markdown_table(speed_table), "", speed_note(speed)]
     if plan_text:
         md += ["", "## Pruning plan", "", "```", plan_text, "```"]
     if samples:
@@ -173,6 +217,8 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
              f"<h1>{html.escape(title)}</h1><ul>"]
     parts += [f"<li><b>{html.escape(str(key))}</b>: {html.escape(str(value))}</li>" for key, value in (notes or {}).items()]
     parts += ["</ul><h2>Models</h2>", _html_table(table)]
+    if speed_table:
+        parts += ["<h2>Inference speed</h2>", _html_table(speed_table), f"<p>{html.escape(speed_note(speed))}</p>"]
     if plan_text:
         parts += ["<h2>Pruning plan</h2>", f"<pre>{html.escape(plan_text)}</pre>"]
     if samples:

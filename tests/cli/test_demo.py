@@ -17,4 +17,10 @@ def test_demo_quick_on_the_real_model(tmp_path):
     # Even the smoke-test budget must recover part of what pruning broke.
     assert evaluation["distilled"]["perplexity"] < evaluation["pruned"]["perplexity"]
     assert (tmp_path / "demo" / "report" / "report.html").is_file()
+    # Saved in the teacher's source dtype (bf16): at most 0.55x the teacher's bf16 weights (2 bytes a parameter).
+    assert json.loads((tmp_path / "demo" / "distilled" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert evaluation["distilled"]["disk_bytes"] <= 0.55 * 2 * evaluation["teacher"]["params"]
+    speed = json.loads((tmp_path / "demo" / "speed.json").read_text())["report"]
+    assert list(speed["models"]) == ["teacher", "distilled"]
+    assert "## Inference speed" in (tmp_path / "demo" / "report" / "report.md").read_text()
     assert "report:" in result.stdout

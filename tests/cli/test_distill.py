@@ -77,3 +77,35 @@ def test_distill_runs_unchanged_under_torchrun(workspace, capsys, tmp_path):
     assert record["steps"] == 2 and record["tokens_seen"] == 2 * 2 * 16 * 2
     assert result.stdout.count("distilled model written") == 1
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_distill_saves_the_student_in_save_dtype_and_checkpoints_in_the_training_dtype(workspace, capsys, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    def dtypes(path):
+        with safe_open(path, "pt") as handle:
+            return {handle.get_tensor(name).dtype for name in handle.keys()}
+
+    out = tmp_path / "distilled"
+    common = ["distill", "--teacher", workspace / "teacher", "--student", pruned_dir(workspace, capsys),
+              "--data", workspace / "heldout.txt", "--seq-len", 16, "--batch-size", 2, "--max_steps", 2,
+              "--save_steps", 2, "--out", out, "--no-progress"]
+    code, _, err = run_cli(capsys, *common, "--save-dtype", "bfloat16")
+    assert code == 0, err
+    assert dtypes(out / "model.safetensors") == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "slimlm_distill.json").read_text())["inputs"]["save_dtype"] == "bfloat16"
+    assert dtypes(tmp_path / "distilled.checkpoints" / "checkpoint-2" / "model.safetensors") == {torch.float32}
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # readable by transformers 4.x
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.dtype == torch.bfloat16
+
+    # The checkpoints do not depend on the saved dtype: another save dtype resumes them. auto is the
+    # student's source dtype (the tiny pruned model is a float32 checkpoint).
+    shutil.rmtree(out)
+    code, stdout, err = run_cli(capsys, *common)
+    assert code == 0, err
+    assert f"resuming from {out}.checkpoints/checkpoint-2" in stdout
+    assert dtypes(out / "model.safetensors") == {torch.float32}

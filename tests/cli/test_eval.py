@@ -26,3 +26,45 @@ def test_eval_json_into_a_folder_fails_before_any_work(workspace, capsys, tmp_pa
                            "--json", tmp_path)
     assert "is a folder" in one_line_error(code, err, "eval")
     assert os.listdir(tmp_path) == []
+
+
+SPEED_FLAGS = ["--speed", "--prompt-tokens", 8, "--new-tokens", 3, "--rounds", 1, "--speed-batch-sizes", "1,2"]
+
+
+def test_eval_speed_alone_needs_no_data_and_puts_its_figures_in_the_json(workspace, capsys, tmp_path):
+    teacher, student = workspace / "teacher", pruned_dir(workspace, capsys)
+    path = tmp_path / "speed.json"
+    code, out, err = run_cli(capsys, "eval", "--model", teacher, "--compare", student, *SPEED_FLAGS, "--json", path,
+                             "--no-progress")
+    assert code == 0, err
+    lines = out.splitlines()
+    header = lines[0].split()
+    assert header[:4] == ["model", "batch", "prefill", "tok/s"] and "TTFT" in header and "TPOT" in header
+    rows = [line.split() for line in lines[2:6]]
+    assert [(row[0], row[1]) for row in rows] == [(str(teacher), "1"), (str(teacher), "2"), (str(student), "1"),
+                                                  (str(student), "2")]
+    assert rows[0][3] == "1.00"  # the teacher is the reference of the ratios
+    results = json.loads(path.read_text())
+    assert [result["name"] for result in results] == [str(teacher), str(student)]
+    for result in results:
+        speed = result["speed"]
+        assert set(speed["batch"]) == {"1", "2"} and speed["disk_bytes"] > 0 and speed["setup"]["prompt_tokens"] == 8
+        for figures in speed["batch"].values():
+            assert {"ttft_s", "tpot_s", "prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache_bytes",
+                    "memory_bytes"} <= set(figures)
+    assert results[1]["speed"]["ratios"]["params"] < 0.6
+    # The file is slimlm's own: a rerun replaces it with --overwrite.
+    code, _, err = run_cli(capsys, "eval", "--model", teacher, *SPEED_FLAGS, "--json", path, "--overwrite")
+    assert code == 0, err
+
+
+def test_eval_speed_with_data_prints_both_tables(workspace, capsys):
+    code, out, err = run_cli(capsys, "eval", "--model", workspace / "teacher", "--data", workspace / "heldout.txt",
+                             "--seq-len", 16, *SPEED_FLAGS, "--no-progress")
+    assert code == 0, err
+    assert out.splitlines()[0].split()[:2] == ["model", "params"] and "decode tok/s" in out
+
+
+def test_eval_without_data_or_speed_is_bad_input(workspace, capsys):
+    code, _, err = run_cli(capsys, "eval", "--model", workspace / "teacher")
+    assert "--data is required" in one_line_error(code, err, "eval")

@@ -1,6 +1,8 @@
 """``slimlm prune``: a loadable smaller model, by scores or by dropped layers; bad scores refused."""
 import shutil
 
+import pytest
+
 from transformers import AutoModelForCausalLM
 
 from .helpers import one_line_error, pruned_dir, run_cli, scores_dir
@@ -30,3 +32,31 @@ def test_truncated_scores_are_bad_input(workspace, capsys, tmp_path):
                            "0.5", "--out", tmp_path / "pruned")
     assert f"scores {scores}" in one_line_error(code, err, "prune")
     assert not (tmp_path / "pruned").exists()
+
+
+def test_prune_saves_in_the_source_dtype_or_the_one_asked(workspace, capsys, tmp_path):
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    def saved(folder):
+        with safe_open(folder / "model.safetensors", "pt") as handle:
+            dtypes = {handle.get_tensor(name).dtype for name in handle.keys()}
+        return json.loads((folder / "config.json").read_text())["dtype"], dtypes
+
+    common = ["prune", "--model", workspace / "teacher", "--drop-layers", "1"]
+    assert run_cli(capsys, *common, "--out", tmp_path / "auto")[0] == 0
+    assert saved(tmp_path / "auto") == ("float32", {torch.float32})  # the tiny teacher is a float32 checkpoint
+    assert run_cli(capsys, *common, "--save-dtype", "bfloat16", "--out", tmp_path / "bf16")[0] == 0
+    assert saved(tmp_path / "bf16") == ("bfloat16", {torch.bfloat16})
+    # A bf16 source saves in bf16 by default, whatever dtype it was pruned in (float32 on CPU).
+    teacher_bf16 = tmp_path / "teacher-bf16"
+    shutil.copytree(workspace / "teacher", teacher_bf16)
+    AutoModelForCausalLM.from_pretrained(workspace / "teacher", dtype=torch.bfloat16).save_pretrained(teacher_bf16)
+    assert run_cli(capsys, "prune", "--model", teacher_bf16, "--drop-layers", "0", "--out", tmp_path / "again")[0] == 0
+    assert saved(tmp_path / "again") == ("bfloat16", {torch.bfloat16})
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(capsys, *common, "--save-dtype", "int8", "--out", tmp_path / "bad")
+    assert exit_info.value.code == 2 and "--save-dtype: invalid choice: 'int8'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

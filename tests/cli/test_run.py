@@ -133,6 +133,9 @@ def test_a_failed_overwrite_of_a_run_loses_no_finished_result(workspace, capsys,
     ({"target": {"hidden_sise": 3}}, "target: unknown target field(s) hidden_sise"),
     ({"importance__depth": ["bogus"]}, "importance.depth: unknown value 'bogus'"),
     ({"data": {"heldout": "heldout.txt"}}, "data.train is required"),
+    ({"save_dtype": "int8"}, "save_dtype: unknown value 'int8'"),
+    ({"eval__speed": "yes"}, "eval.speed: expected true/false, got str 'yes'"),
+    ({"eval__speed_new_tokens": 1}, "eval.speed_new_tokens must be >= 2"),
 ])
 def test_recipe_errors_name_the_file_and_field(workspace, capsys, change, message):
     recipe = write_recipe(workspace, "bad.yaml")
@@ -191,3 +194,34 @@ def test_run_never_clears_a_folder_holding_its_inputs(workspace, capsys, tmp_pat
     code, _, err = run_cli(capsys, "run", recipe, "--overwrite", "--no-progress")
     assert "output folder" in one_line_error(code, err, "run") and "contains the" in err
     assert tree(copy) == before
+
+
+def test_run_saves_in_save_dtype_and_reports_speed(workspace, capsys, tmp_path):
+    """save_dtype reaches both checkpoints and their records' inputs (so a changed value reruns
+    those stages); eval.speed adds speed.json and the report's speed section; a rerun skips
+    every stage."""
+    import torch
+    from safetensors import safe_open
+
+    def dtypes(folder):
+        with safe_open(folder / "model.safetensors", "pt") as handle:
+            return {handle.get_tensor(name).dtype for name in handle.keys()}
+
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "speed.yaml", out=str(out), synthetic=None, save_dtype="bfloat16",
+                          eval__speed=True, eval__speed_prompt_tokens=8, eval__speed_new_tokens=3, eval__speed_rounds=1)
+    code, stdout, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    assert dtypes(out / "pruned") == dtypes(out / "distilled") == {torch.bfloat16}
+    for record in ("pruned/slimlm_prune.json", "distilled/slimlm_distill.json"):
+        assert json.loads((out / record).read_text())["inputs"]["save_dtype"] == "bfloat16", record
+    speed = json.loads((out / "speed.json").read_text())["report"]
+    assert list(speed["models"]) == ["teacher", "distilled"] and set(speed["models"]["teacher"]["batch"]) == {"1", "8"}
+    markdown = (out / "report" / "report.md").read_text()
+    assert "## Inference speed" in markdown and "decode tok/s" in markdown and "bfloat16 safetensors" in markdown
+    assert (out / "report" / "speed.png").is_file()
+    code, stdout, _ = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0 and all("skipped" in line for line in stage_lines(stdout) if not line.startswith("[setup]"))
+    code, stdout, err = run_cli(capsys, "run", recipe, "--save-dtype", "float32", "--overwrite", "--no-progress")
+    assert code == 0, err
+    assert dtypes(out / "pruned") == dtypes(out / "distilled") == {torch.float32}

@@ -1,5 +1,5 @@
 """The ``slimlm`` command: score → prune → distill → evaluate, one subcommand per stage, plus
-``run`` (a whole recipe), ``demo`` and ``bench``. Each subcommand is one module here
+``export`` (GGUF), ``run`` (a whole recipe), ``demo`` and ``bench``. Each subcommand is one module here
 (``slimlm/cli/<command>.py``) with its parser (``add_parser``) beside its handler (``run``);
 ``arguments`` holds what they share.
 
@@ -25,7 +25,7 @@ from slimlm.errors import InputError
 __all__ = ["COMMANDS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "entry", "main"]
 
 # The subcommands in the order ``slimlm --help`` lists them; each is the module slimlm.cli.<name>.
-COMMANDS = ("importance", "plan", "search", "prune", "generate", "distill", "eval", "run", "demo", "bench")
+COMMANDS = ("importance", "plan", "search", "prune", "generate", "distill", "eval", "export", "run", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

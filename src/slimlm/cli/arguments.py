@@ -71,6 +71,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def at_least_two(value: str) -> int:
+    number = positive_int(value)
+    if number < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {value!r}")
+    return number
+
+
 # ---------------------------------------------------------- option groups
 def add_model_options(parser, *, flag="--model", required=True,
                       help_text="model: a folder, a .gguf file or a cached hub id"):
@@ -79,6 +86,15 @@ def add_model_options(parser, *, flag="--model", required=True,
                         help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     add_trust_option(parser)
+
+
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_save_dtype_option(parser, *, default="auto"):
+    parser.add_argument("--save-dtype", default=default, choices=SAVE_DTYPES,
+                        help="dtype of the saved checkpoint (auto: the dtype the source model declares, e.g. "
+                             "bfloat16 for SmolLM2; training and --dtype are unaffected)")
 
 
 def add_trust_option(parser):

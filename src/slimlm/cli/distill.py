@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
         "passes through)",
         ["slimlm distill --teacher M --student student/ --data train.jsonl --max-tokens 2000000 --out distilled/",
          "slimlm distill --teacher M --student student/ --data train.jsonl --synthetic synthetic.jsonl "
-         "--mix 0.5 --lr 1e-4 --gradient_accumulation_steps 4 --bf16 true --out distilled/",
+         "--mix 0.5 --lr 1e-4 --gradient_accumulation_steps 4 --bf16 true --save-dtype bfloat16 --out distilled/",
          "accelerate launch -m slimlm distill --teacher M --student student/ --data train.jsonl --out distilled/",
          "torchrun --nproc-per-node 8 -m slimlm distill … (same flags)"])
     arguments.add_model_options(sub, flag="--teacher")
@@ -36,6 +36,7 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--ce-weight", type=float, default=0.0)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--out", required=True)
+    arguments.add_save_dtype_option(sub)
     sub.add_argument("--overwrite", action="store_true",
                      help="replace an earlier output of slimlm and start over (its checkpoints are deleted)")
     sub.set_defaults(handler=run, passthrough=True)
@@ -88,7 +89,7 @@ def run(args) -> int:
         max_minutes=args.max_minutes, batch_size=args.batch_size, learning_rate=args.lr,
         temperature=args.temperature, beta=args.beta, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
         seed=args.seed, training_args=training_args, overwrite=args.overwrite, resume=not args.overwrite,
-        disable_tqdm=not arguments.progress(args), extra_record={"teacher": args.teacher, "student": args.student},
+        disable_tqdm=not arguments.progress(args), save_dtype=args.save_dtype, extra_record={"teacher": args.teacher, "student": args.student},
         log=print if rank_zero else (lambda line: None))
     if not rank_zero:
         return EXIT_OK

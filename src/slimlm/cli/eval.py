@@ -1,5 +1,6 @@
 """``slimlm eval``: held-out perplexity and tokens/s, optional greedy samples; ``--compare``
-evaluates more models on the same blocks and prints them side by side."""
+evaluates more models on the same blocks and prints them side by side; ``--speed`` measures
+inference (``slimlm.speed``) of all of them in one run, the first (the teacher) the reference."""
 from __future__ import annotations
 
 import os
@@ -12,19 +13,35 @@ from slimlm.errors import InputError
 def add_parser(subparsers) -> None:
     positive_int = arguments.positive_int
     sub = arguments.add_command(
-        subparsers, "eval", "held-out perplexity and tokens/s, optional greedy samples; --compare for a table",
+        subparsers, "eval", "held-out perplexity and tokens/s, optional greedy samples; --compare for a table; "
+        "--speed for inference speed, teacher vs student",
         ["slimlm eval --model distilled/ --data heldout.jsonl",
+         "OMP_NUM_THREADS=1 slimlm eval --model teacher.gguf --compare distilled/ --speed   # no --data: speed only",
          "slimlm eval --model teacher.gguf --compare student/ distilled/ --data heldout.jsonl "
          "--prompt 'The model' --prompt 'To prune'"])
     arguments.add_model_options(sub)
     sub.add_argument("--compare", nargs="+", metavar="M2", help="more models, evaluated on the same blocks")
-    arguments.add_data_options(sub)
+    arguments.add_data_options(sub, required=False)
     sub.add_argument("--seq-len", type=positive_int, default=512)
     sub.add_argument("--max-blocks", type=positive_int, default=64)
     sub.add_argument("--batch-size", type=positive_int, default=8)
     sub.add_argument("--prompt", action="append", help="a prompt for a greedy sample (repeatable)")
     sub.add_argument("--max-new-tokens", type=positive_int, default=32)
-    sub.add_argument("--json", help="also write the results to this JSON file")
+    speed = sub.add_argument_group(
+        "inference speed (--speed)",
+        "greedy decoding of a fixed prompt with the KV cache, rounds alternating between the models:\n"
+        "prefill and decode tokens/s at each batch size, time to first token, time per output token,\n"
+        "memory (weights + KV cache) and size on disk, with ratios to the first model (the teacher).\n"
+        "With --speed, --data is optional. On a shared CPU, run with OMP_NUM_THREADS=1 (and nothing\n"
+        "else busy) for figures that compare.")
+    speed.add_argument("--speed", action="store_true", help="measure inference speed of --model and --compare")
+    speed.add_argument("--prompt-tokens", type=positive_int, default=128)
+    speed.add_argument("--new-tokens", type=arguments.at_least_two, default=32)
+    speed.add_argument("--speed-batch-sizes", type=arguments.int_list, default=[1, 8], metavar="B1,B2",
+                       help="batch sizes (default 1,8)")
+    speed.add_argument("--rounds", type=positive_int, default=3, help="timed rounds per model (medians)")
+    sub.add_argument("--json", help="also write the results to this JSON file (with --speed: each model's "
+                                    "figures under 'speed')")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing --json file of an earlier eval")
     sub.set_defaults(handler=run)
 
@@ -37,7 +54,12 @@ def run(args) -> int:
     specs = [args.model] + list(args.compare or [])
     for spec in specs:
         arguments.check_model_path(spec)
-    arguments.check_paths_exist(args.data, "data")
+    if args.data is None and not args.speed:
+        raise InputError("--data is required (held-out text to evaluate on), unless only --speed is asked")
+    if args.data is not None:
+        arguments.check_paths_exist(args.data, "data")
+    if args.speed and any(size < 1 for size in args.speed_batch_sizes):
+        raise InputError(f"--speed-batch-sizes {','.join(map(str, args.speed_batch_sizes))}: sizes must be >= 1")
     if args.json is not None:
         if os.path.isdir(args.json):
             raise InputError(f"--json {args.json} is a folder; it names the JSON file to write")
@@ -46,24 +68,50 @@ def run(args) -> int:
     results = []
     tokenizer = None
     blocks = None
+    # --speed alternates rounds between the models, so they stay loaded; perplexity alone loads one at a time.
+    loaded = {}
     for spec in specs:
         model, model_tokenizer = arguments.load(spec, args)
         if tokenizer is None:
             tokenizer = model_tokenizer
-            blocks = tokenize_blocks(arguments.texts(args), tokenizer, args.seq_len, model=model)
-            blocks = blocks.select(range(min(len(blocks), args.max_blocks)))
+            if args.data is not None:
+                blocks = tokenize_blocks(arguments.texts(args), tokenizer, args.seq_len, model=model)
+                blocks = blocks.select(range(min(len(blocks), args.max_blocks)))
         elif model_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise InputError(f"{spec} has another tokenizer than {specs[0]}; perplexities would not be comparable")
-        results.append(evaluate_model(model, blocks, tokenizer=tokenizer, prompts=prompts,
-                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, spec=spec,
-                                      progress=arguments.progress(args), name=spec))
+            raise InputError(f"{spec} has another tokenizer than {specs[0]}; its figures would not be comparable")
+        if blocks is not None:
+            results.append(evaluate_model(model, blocks, tokenizer=tokenizer, prompts=prompts,
+                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, spec=spec,
+                                          progress=arguments.progress(args), name=spec))
+        else:
+            results.append({"name": spec, "spec": spec})
+        if args.speed:
+            loaded[spec] = model
         del model
-    print(format_table(comparison_rows(results)))
-    for prompt in prompts:
-        print(f"\nprompt: {prompt}")
+    if blocks is not None:
+        print(format_table(comparison_rows(results)))
+        for prompt in prompts:
+            print(f"\nprompt: {prompt}")
+            for result in results:
+                print(f"  {result['name']}: {' '.join(result['samples'][prompt].split())}")
+    if args.speed:
+        import torch
+
+        from slimlm.speed import speed_report, speed_rows
+
+        report = speed_report(loaded, specs={spec: spec for spec in specs}, tokenizer=tokenizer,
+                              prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                              batch_sizes=tuple(args.speed_batch_sizes), rounds=args.rounds)
+        if blocks is not None:
+            print()
+        print(format_table(speed_rows(report)))
+        print(f"(greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, {args.rounds} rounds on "
+              f"{report['setup']['device']}, {torch.get_num_threads()} threads; × = ratio to {specs[0]})")
         for result in results:
-            print(f"  {result['name']}: {' '.join(result['samples'][prompt].split())}")
+            result["speed"] = {**report["models"][result["name"]], "ratios": report["ratios"][result["name"]],
+                               "setup": report["setup"]}
     if args.json:
         outputs.write_json(args.json, results)
         print(f"results written to {args.json}")
     return EXIT_OK
+

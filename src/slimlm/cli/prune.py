@@ -13,11 +13,12 @@ def add_parser(subparsers) -> None:
         subparsers, "prune", "prune a model by its importance scores and save a standard checkpoint",
         ["slimlm prune --model M --scores scores/ --target-params 0.5 --out student/",
          "slimlm prune --model M --scores scores/ --intermediate-size 768 --num-layers 24 --out student/",
-         "slimlm prune --model M --drop-layers 3,4,5 --out student/"])
+         "slimlm prune --model M --drop-layers 3,4,5 --save-dtype float32 --out student/"])
     arguments.add_model_options(sub)
     sub.add_argument("--scores", help="folder written by slimlm importance (not needed for --drop-layers alone)")
     arguments.add_target_options(sub)
     sub.add_argument("--out", required=True)
+    arguments.add_save_dtype_option(sub)
     sub.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     sub.set_defaults(handler=run)
 
@@ -36,7 +37,8 @@ def run(args) -> int:
     outputs.check_output(args.out, args.overwrite, {"model": args.model, "scores": args.scores})
     model, tokenizer = arguments.load(args.model, args, device="cpu")
     scores = importance.load_scores(args.scores, model=model) if args.scores is not None else None
-    _, the_plan = prune.prune_stage(model, scores, target, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    _, the_plan = prune.prune_stage(model, scores, target, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
+                                    save_dtype=args.save_dtype)
     print(the_plan.table())
     print(f"pruned model written to {args.out}")
     return EXIT_OK

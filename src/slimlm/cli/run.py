@@ -11,10 +11,14 @@ from slimlm.cli.arguments import EXIT_OK
 def add_parser(subparsers) -> None:
     sub = arguments.add_command(
         subparsers, "run", "the whole pipeline from one recipe YAML; finished stages are skipped, so a rerun resumes",
-        ["slimlm run examples/recipe.yaml", "slimlm run recipe.yaml --out run2/ --overwrite"])
+        ["slimlm run examples/recipe.yaml", "slimlm run recipe.yaml --out run2/ --overwrite",
+         "slimlm run recipe.yaml --save-dtype float32 --out run-fp32/"])
     sub.add_argument("recipe", help="recipe YAML (see examples/recipe.yaml)")
     sub.add_argument("--out", help="output folder (default: the recipe's out)")
     sub.add_argument("--device", help="overrides the recipe's device")
+    sub.add_argument("--save-dtype", choices=arguments.SAVE_DTYPES,
+                     help="overrides the recipe's save_dtype: the dtype the pruned and distilled checkpoints are "
+                          "saved in (auto: the teacher's source dtype)")
     sub.add_argument("--overwrite", action="store_true", help="replace an output folder made by another recipe")
     arguments.add_trust_option(sub)
     sub.set_defaults(handler=run)
@@ -28,6 +32,8 @@ def run(args) -> int:
         recipe["out"] = os.path.abspath(args.out)
     if args.device is not None:
         recipe["device"] = args.device
+    if args.save_dtype is not None:
+        recipe["save_dtype"] = args.save_dtype
     summary = run_recipe(recipe, overwrite=args.overwrite, progress=arguments.progress(args),
                          command=f"slimlm run {args.recipe}", recipe_path=args.recipe,
                          trust_remote_code=args.trust_remote_code)

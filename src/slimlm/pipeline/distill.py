@@ -47,7 +47,7 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
                   seq_len=256, max_tokens=None, batch_size=8, learning_rate=1e-4, temperature=1.0, beta=0.0,
                   kd_weight=1.0, ce_weight=0.0, seed=0, training_args=(), resume=True, overwrite=False,
                   clear_stale_checkpoints=False, checkpoints: str | None = None, max_minutes: float | None = None,
-                  disable_tqdm: bool = False, extra_record=None, log=print):
+                  disable_tqdm: bool = False, extra_record=None, save_dtype=None, log=print):
     """Distill ``teacher`` into ``student`` on blocks of ``train_texts`` (and, with
     ``mix_fraction`` > 0, packed ``synthetic_texts``), then save the student to ``out`` atomically.
 
@@ -62,6 +62,12 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     continued (incomplete ones, left by a kill, are deleted); a folder of another run is
     refused unless ``clear_stale_checkpoints``, which deletes it. ``resume=False`` starts
     over. Returns (student, log_history).
+
+    ``out`` holds the student in ``save_dtype`` ("float32" | "bfloat16" | "float16"; None/"auto":
+    the dtype ``student``'s source checkpoint declares, ``slimlm.models.save_dtype``), whatever
+    dtype it trained in; the checkpoints stay in the training dtype, so a resumed run continues
+    exactly. Its record's ``inputs`` are ``distill_inputs`` plus ``save_dtype`` (the dtype's name),
+    which ``distilled_state`` compares.
     """
     from transformers import set_seed
 
@@ -70,6 +76,7 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     from slimlm.distill.training import time_budget_callback, tokens_per_step, training_arguments, training_items, \
         training_set
     from slimlm.fingerprint import model_fingerprint
+    from slimlm.models import save_dtype as resolve_save_dtype
 
     check_distill_settings(learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
                            ce_weight=ce_weight, max_minutes=max_minutes, mix_fraction=mix_fraction)
@@ -79,6 +86,7 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
                             seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
                             learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
                             ce_weight=ce_weight, seed=seed, training_args=training_args)
+    saved_dtype = resolve_save_dtype(student, save_dtype)
     outputs.check_output(out, overwrite)
     args = training_arguments(training_args, output_dir=checkpoints, batch_size=batch_size,
                               learning_rate=learning_rate, seed=seed)
@@ -105,10 +113,10 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or decision["resume"])
 
     record = {"teacher_fingerprint": model_fingerprint(teacher), "student_fingerprint_before": student_before,
-              "inputs": inputs, "train_texts": texts_digest(train_texts), "num_train_items": len(dataset),
+              "inputs": with_save_dtype(inputs, saved_dtype), "train_texts": texts_digest(train_texts), "num_train_items": len(dataset),
               "max_steps": args.max_steps, "seq_len": seq_len, "learning_rate": args.learning_rate,
               "distillation": vars(config), **(extra_record or {})}
-    _save_student(trainer, tokenizer, out, record, seq_len)
+    _save_student(trainer, tokenizer, out, record, seq_len, saved_dtype)
     return trainer.model, trainer.state.log_history
 
 
@@ -131,11 +139,20 @@ def _prepare_checkpoints(trainer, checkpoints: str, decision: dict, inputs: dict
     trainer.accelerator.wait_for_everyone()
 
 
-def _save_student(trainer, tokenizer, out: str, record: dict, seq_len: int) -> None:
+def with_save_dtype(inputs: dict, dtype) -> dict:
+    """A distilled output's inputs: the run's ``distill_inputs`` and the dtype it is saved in."""
+    from slimlm.models import dtype_named
+
+    return {**inputs, "save_dtype": str(dtype_named(dtype)).removeprefix("torch.")}
+
+
+def _save_student(trainer, tokenizer, out: str, record: dict, seq_len: int, dtype) -> None:
     """Every rank takes part in saving (FSDP/DeepSpeed gather the weights); rank 0 writes, into a
-    staging folder swapped into place, so ``out`` never holds half a checkpoint. ``record``
-    (what the run was made from) is completed with what the training did."""
+    staging folder swapped into place, so ``out`` never holds half a checkpoint; the weights are
+    then cast to ``dtype`` there. ``record`` (what the run was made from) is completed with what
+    the training did."""
     from slimlm.distill.training import tokens_per_step
+    from slimlm.models import cast_checkpoint, save_tokenizer
 
     main_process = trainer.is_world_process_zero()
     staging = outputs.staging_path(out)
@@ -144,7 +161,8 @@ def _save_student(trainer, tokenizer, out: str, record: dict, seq_len: int) -> N
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(staging)
     if main_process:
-        tokenizer.save_pretrained(staging)
+        cast_checkpoint(staging, dtype)
+        save_tokenizer(tokenizer, staging)
         state = trainer.state
         done = {"steps": state.global_step,
                 "tokens_seen": int(state.global_step * tokens_per_step(trainer.args, seq_len)),
@@ -157,7 +175,8 @@ def _save_student(trainer, tokenizer, out: str, record: dict, seq_len: int) -> N
 
 
 def distilled_state(out: str, inputs: dict) -> str | None:
-    """None when ``out`` holds a student distilled from ``inputs`` (``distill_inputs``)."""
+    """None when ``out`` holds a student distilled from ``inputs`` (``distill_inputs`` with the
+    saved dtype, ``with_save_dtype``)."""
     if not has_weights(out):
         return "missing"
     record = read_json(os.path.join(out, DISTILL_RECORD))

@@ -15,6 +15,7 @@ _ANY = object()
 # section → field → (expected type(s), default). None as default: optional.
 RECIPE_FIELDS = {
     None: {"teacher": (str, _ANY), "out": (str, None), "seed": (int, 0), "dtype": (str, "auto"),
+           "save_dtype": (str, "auto"),
            "device": (str, None), "data": (dict, _ANY), "importance": (dict, {}), "target": (dict, _ANY),
            "synthetic": ((dict, type(None)), None), "distill": (dict, {}), "eval": (dict, {}), "report": (dict, {})},
     "data": {"train": ((str, list), _ANY), "heldout": ((str, list), None), "heldout_fraction": (float, 0.1),
@@ -28,7 +29,8 @@ RECIPE_FIELDS = {
                 "batch_size": (int, 8), "temperature": (float, 1.0), "beta": (float, 0.0), "kd_weight": (float, 1.0),
                 "ce_weight": (float, 0.0), "training_args": (dict, {})},
     "eval": {"seq_len": (int, 256), "max_blocks": (int, 64), "batch_size": (int, 8), "prompts": (list, []),
-             "max_new_tokens": (int, 32)},
+             "max_new_tokens": (int, 32), "speed": (bool, False), "speed_prompt_tokens": (int, 128),
+             "speed_new_tokens": (int, 32), "speed_rounds": (int, 3)},
     "report": {"title": (str, "slimlm report")},
 }
 
@@ -96,7 +98,8 @@ def _check_semantics(recipe: dict, where: str) -> None:
     positive = [("importance", "num_samples"), ("importance", "seq_len"), ("importance", "batch_size"),
                 ("distill", "seq_len"), ("distill", "batch_size"), ("distill", "lr"), ("distill", "temperature"),
                 ("eval", "seq_len"), ("eval", "max_blocks"), ("eval", "batch_size"), ("eval", "max_new_tokens"),
-                ("distill", "max_tokens"), ("distill", "max_minutes")]
+                ("distill", "max_tokens"), ("distill", "max_minutes"), ("eval", "speed_prompt_tokens"),
+                ("eval", "speed_rounds")]
     if recipe["synthetic"] is not None:
         positive += [("synthetic", "num_prompts"), ("synthetic", "max_new_tokens"), ("synthetic", "batch_size")]
     for section, field in positive:
@@ -115,6 +118,11 @@ def _check_semantics(recipe: dict, where: str) -> None:
         raise InputError(f"{where}: synthetic.mix must be in [0, 1], got {recipe['synthetic']['mix']}")
     if recipe["dtype"] != "auto" and recipe["dtype"] not in DTYPES:
         raise InputError(f"{where}: dtype: unknown value {recipe['dtype']!r}")
+    if recipe["save_dtype"] != "auto" and recipe["save_dtype"] not in DTYPES:
+        raise InputError(f"{where}: save_dtype: unknown value {recipe['save_dtype']!r} (known: auto, float32, "
+                         "bfloat16, float16)")
+    if recipe["eval"]["speed_new_tokens"] < 2:
+        raise InputError(f"{where}: eval.speed_new_tokens must be >= 2, got {recipe['eval']['speed_new_tokens']}")
     if not all(isinstance(p, str) for p in recipe["eval"]["prompts"]):
         raise InputError(f"{where}: eval.prompts must be a list of strings")
 

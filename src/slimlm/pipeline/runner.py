@@ -20,7 +20,7 @@ RECIPE_COPY = "recipe.yaml"
 
 class Pipeline:
     """A validated recipe's run in its ``out`` folder: ``run`` calls one method per stage, in
-    order (setup, importance, prune, synthetic, distill, evaluate, report); each logs whether
+    order (setup, importance, prune, synthetic, distill, evaluate, speed, report); each logs whether
     its output is already there and made from the same inputs, and then skips or runs."""
 
     def __init__(self, recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
@@ -125,7 +125,8 @@ class Pipeline:
         synthetic_texts = self.synthetic()
         log_history = self.distill(synthetic_texts)
         results = self.evaluate()
-        return self.report(scores, plan_text, log_history, results)
+        speed = self.speed()
+        return self.report(scores, plan_text, log_history, results, speed)
 
     def setup(self) -> None:
         """Check every input and load the teacher, its tokenizer and the data before anything is
@@ -186,11 +187,13 @@ class Pipeline:
         plan_path = self.path("plan.txt")
         with self._timed("prune"):
             inputs = {"teacher": self.teacher_fp, "target": self.recipe["target"],
-                      "scores": outputs.file_digest(os.path.join(self.path("scores"), SCORES_FILE))}
+                      "scores": outputs.file_digest(os.path.join(self.path("scores"), SCORES_FILE)),
+                      "save_dtype": self.recipe["save_dtype"]}
             if self._stage("prune", prune.pruned_state(pruned_dir, self.teacher_fp, inputs), pruned_dir) \
                     or not os.path.isfile(plan_path):
                 _, the_plan = prune.prune_stage(copy.deepcopy(self.teacher), scores, self.recipe["target"], pruned_dir,
-                                                tokenizer=self.tokenizer, overwrite=True, inputs=inputs)
+                                                tokenizer=self.tokenizer, overwrite=True, inputs=inputs,
+                                                save_dtype=self.recipe["save_dtype"])
                 outputs.write_text(plan_path, the_plan.table() + "\n")
             with open(plan_path, encoding="utf-8") as handle:
                 return handle.read().rstrip()
@@ -217,8 +220,10 @@ class Pipeline:
             return dataset.texts()
 
     def distill(self, synthetic_texts: list[str] | None) -> list[dict]:
-        """The pruned student distilled from the teacher (``distilled/``); returns its log history."""
-        from slimlm.models import load_model
+        """The pruned student distilled from the teacher (``distilled/``), saved in the recipe's
+        ``save_dtype`` (auto: the pruned model's, i.e. the teacher's source dtype); returns its log
+        history."""
+        from slimlm.models import load_model, save_dtype
 
         section = self.recipe["distill"]
         distilled_dir = self.path("distilled")
@@ -236,14 +241,15 @@ class Pipeline:
                             kd_weight=section["kd_weight"], ce_weight=section["ce_weight"], seed=self.recipe["seed"],
                             training_args=training_args)
             inputs = distill.distill_inputs(self.teacher, student, self.train_texts, **settings)
-            if not self._stage("distill", distill.distilled_state(distilled_dir, inputs), distilled_dir):
+            saved = distill.with_save_dtype(inputs, save_dtype(student, self.recipe["save_dtype"]))
+            if not self._stage("distill", distill.distilled_state(distilled_dir, saved), distilled_dir):
                 return read_json(os.path.join(distilled_dir, DISTILL_RECORD))["log_history"]
             # Checkpoints of a run of other inputs (a changed teacher, data or setting) are stale
             # in this folder the recipe owns: they are deleted, not resumed.
             _, log_history = distill.distill_stage(
                 self.teacher, student, self.tokenizer, self.train_texts, distilled_dir,
                 max_minutes=section["max_minutes"], overwrite=True, clear_stale_checkpoints=True,
-                disable_tqdm=not self.progress, log=self.log, **settings)
+                disable_tqdm=not self.progress, save_dtype=self.recipe["save_dtype"], log=self.log, **settings)
             return log_history
 
     def evaluate(self) -> list[dict]:
@@ -254,7 +260,7 @@ class Pipeline:
         from slimlm.fingerprint import model_fingerprint
         from slimlm.models import load_model
 
-        section = self.recipe["eval"]
+        section = {key: value for key, value in self.recipe["eval"].items() if not key.startswith("speed")}
         specs = {"teacher": self.recipe["teacher"], "pruned": self.path("pruned"), "distilled": self.path("distilled")}
         blocks = tokenize_blocks(self.heldout_texts, self.tokenizer, section["seq_len"], model=self.teacher)
         blocks = blocks.select(range(min(len(blocks), section["max_blocks"])))
@@ -279,7 +285,39 @@ class Pipeline:
             outputs.write_json(eval_path, {"key": key, "results": results})
             return results
 
-    def report(self, scores, plan_text: str, log_history: list[dict], results: list[dict]) -> dict:
+    def speed(self) -> dict | None:
+        """Inference figures of the teacher and the distilled student side by side
+        (``slimlm.speed.speed_report``: prefill/decode tokens/s at batch 1 and 8, TTFT, TPOT,
+        memory with the KV cache, size on disk, ratios) in ``speed.json``, when the recipe asks
+        (``eval.speed``); None otherwise. Timings are of this machine at the time of the run:
+        the file is kept while the models and settings are the same."""
+        from slimlm.fingerprint import model_fingerprint
+        from slimlm.models import load_model
+        from slimlm.speed import speed_report
+
+        section = self.recipe["eval"]
+        if not section["speed"]:
+            return None
+        specs = {"teacher": self.recipe["teacher"], "distilled": self.path("distilled")}
+        speed_path = self.path("speed.json")
+        with self._timed("speed"):
+            models = {"teacher": self.teacher, "distilled": load_model(specs["distilled"], dtype=self.dtype,
+                                                                       device=self.device)}
+            settings = {"prompt_tokens": section["speed_prompt_tokens"], "new_tokens": section["speed_new_tokens"],
+                        "rounds": section["speed_rounds"]}
+            key = {"settings": settings, "device": self.device, "dtype": str(self.dtype),
+                   "fingerprints": {name: model_fingerprint(model) for name, model in models.items()}}
+            previous = read_json(speed_path)
+            state = None if previous is not None and previous.get("key") == read_json_roundtrip(key) else (
+                "missing" if previous is None else "made for other models or settings")
+            if not self._stage("speed", state, speed_path):
+                return previous["report"]
+            report = read_json_roundtrip(speed_report(models, specs=specs, tokenizer=self.tokenizer, **settings))
+            outputs.write_json(speed_path, {"key": key, "report": report})
+            return report
+
+    def report(self, scores, plan_text: str, log_history: list[dict], results: list[dict],
+               speed: dict | None = None) -> dict:
         """The report (``report/``); once it is written the run this one replaced is deleted."""
         from slimlm.report import write_report
 
@@ -293,18 +331,26 @@ class Pipeline:
                                  f"(budget {section['max_tokens'] or '-'} tokens / {section['max_minutes'] or '-'} min), "
                                  f"{distill_record['train_seconds'] or 0:.0f} s, lr {section['lr']}, seq_len "
                                  f"{section['seq_len']}, temperature {section['temperature']}, beta {section['beta']}",
-                 "sizes on disk": "a .gguf teacher is stored 4-bit quantized (Q4_1); students as saved (float32 "
-                                  "safetensors on CPU)" if str(recipe["teacher"]).endswith(".gguf") else "as saved",
+                 "sizes on disk": self._sizes_note(),
                  "device": f"{self.device} ({torch.get_num_threads()} threads)",
                  "stage seconds": ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())}
         report = write_report(self.path("report"), results=results, scores=scores, log_history=log_history,
-                              plan_text=plan_text, notes=notes, title=recipe["report"]["title"])
+                              plan_text=plan_text, notes=notes, title=recipe["report"]["title"], speed=speed)
         previous = outputs.aside_path(self.out)
         if os.path.lexists(previous):
             self.log(f"[report] this run is complete: deleting the run it replaced ({previous})")
             outputs.remove(previous)
         return {"results": results, "report": report, "table": report["table"], "out": self.out,
                 "timings": self.timings}
+
+
+    def _sizes_note(self) -> str:
+        """How the report's sizes on disk are stored: the teacher's format, the students' dtype."""
+        config = read_json(os.path.join(self.path("distilled"), "config.json")) or {}
+        saved = config.get("dtype") or config.get("torch_dtype") or "float32"
+        teacher = "a .gguf teacher is stored 4-bit quantized (Q4_1); " if str(self.recipe["teacher"]).endswith(
+            ".gguf") else ""
+        return f"{teacher}students as saved: {saved} safetensors (save_dtype {self.recipe['save_dtype']})"
 
 
 def run_recipe(recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
