@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import QUICK, record_row
+from conftest import QUICK, record_row, teacher_and_student
 
 PROVIDERS = ("plain", "slimlm", "plain-bf16", "slimlm-bf16")
 STEPS = 3 if QUICK else 4
@@ -46,30 +46,6 @@ def _vm_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(field)
-
-
-def build_models():
-    """(teacher, student): the real SmolLM2 and a magnitude-pruned copy, or tiny random models (QUICK)."""
-    from slimlm.importance import estimate_importance
-    from slimlm.surgery import prune
-
-    if QUICK:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        teacher = LlamaForCausalLM(LlamaConfig(
-            vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=256,
-        )).eval()
-        target = {"intermediate_size": 384, "hidden_size": 192}
-    else:
-        from slimlm.models import load_model, smollm2_gguf_path
-
-        teacher = load_model(smollm2_gguf_path(), dtype=torch.float32)
-        target = {"target_params": 0.6}
-    scores = estimate_importance(teacher, None, metrics=("magnitude",), depth=(), progress=False)
-    student = prune(teacher, scores, target, inplace=False)
-    return teacher, student.train()
 
 
 def batches(vocab: int):
@@ -136,7 +112,8 @@ def run_slimlm(teacher, student, bf16: bool) -> list[float]:
 
 
 def child(provider: str, out_path: str) -> None:
-    teacher, student = build_models()
+    teacher, student, _ = teacher_and_student({"target_params": 0.6}, {"intermediate_size": 384, "hidden_size": 192})
+    student.train()
     base_kib = _vm_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")

@@ -18,44 +18,20 @@ import json
 import os
 
 import pytest
-import torch
 
-from conftest import QUICK, record_row
+from conftest import QUICK, record_row, teacher_and_student
 from slimlm.evaluate import format_table
 from slimlm.speed import speed_report, speed_rows
 
 PROMPT_TOKENS, NEW_TOKENS, ROUNDS = (16, 8, 1) if QUICK else (128, 32, 3)
 
 
-def build_models():
-    """(teacher, student, tokenizer): SmolLM2 and a magnitude-pruned half, or tiny ones (QUICK)."""
-    from slimlm.importance import estimate_importance
-    from slimlm.surgery import prune
-
-    if QUICK:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        teacher = LlamaForCausalLM(LlamaConfig(
-            vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=256,
-        )).eval()
-        tokenizer = None
-    else:
-        from slimlm.models import load_model, load_tokenizer, smollm2_gguf_path
-
-        teacher = load_model(smollm2_gguf_path(), dtype=torch.float32)
-        tokenizer = load_tokenizer(smollm2_gguf_path())
-    scores = estimate_importance(teacher, None, metrics=("magnitude",), depth=(), progress=False)
-    student = prune(teacher, scores, {"target_params": 0.5}, inplace=False)
-    return teacher, student.eval(), tokenizer
-
-
 @pytest.mark.benchmark(group="inference")
 def test_teacher_vs_student_inference(benchmark, tmp_path):
     from slimlm.surgery import save_pruned
 
-    teacher, student, tokenizer = build_models()
+    teacher, student, tokenizer = teacher_and_student({"target_params": 0.5})
+    student.eval()
     specs = {"teacher": save_pruned(teacher, tmp_path / "teacher"), "student": save_pruned(student, tmp_path / "student")}
     models = {"teacher": teacher, "student": student}
     report = benchmark.pedantic(speed_report, args=(models,), rounds=1, iterations=1, kwargs=dict(

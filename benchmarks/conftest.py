@@ -64,6 +64,30 @@ def record_row(op, provider, shape, dtype, metric, value, unit, device="cpu") ->
     SESSION_ROWS.append({**row, "value": float(value)})
 
 
+def teacher_and_student(real_target: dict, quick_target: dict | None = None):
+    """(teacher, magnitude-pruned student, tokenizer or None): SmolLM2-135M (fp32) pruned to
+    ``real_target``, or under QUICK a tiny random Llama pruned to ``quick_target`` (default the same)."""
+    from slimlm.importance import estimate_importance
+    from slimlm.surgery import prune
+
+    if QUICK:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        teacher = LlamaForCausalLM(LlamaConfig(
+            vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=256,
+        )).eval()
+        tokenizer, target = None, quick_target or real_target
+    else:
+        from slimlm.models import load_model, load_tokenizer, smollm2_gguf_path
+
+        teacher = load_model(smollm2_gguf_path(), dtype=torch.float32)
+        tokenizer, target = load_tokenizer(smollm2_gguf_path()), real_target
+    scores = estimate_importance(teacher, None, metrics=("magnitude",), depth=(), progress=False)
+    return teacher, prune(teacher, scores, target, inplace=False), tokenizer
+
+
 @pytest.fixture
 def record():
     return record_row
