@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from slimlm.surgery.candidates import Candidate
-from slimlm.surgery.planning import Target, parse_param_count
+from slimlm.surgery.planning import Target, from_fields, parse_param_count
 
 _MEMORY_SUFFIX = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "kib": 2**10,
                   "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40}
@@ -68,11 +68,7 @@ class Budget:
                                  f"{', '.join(named) or 'no target_params'}): it chooses the sizes itself")
             return cls(target_params=value.target_params)
         if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"unknown search target field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-            return cls(**value)
+            return from_fields(cls, value, "search target")
         raise ValueError(f"target must be a Budget, a Target or a dict, got {type(value).__name__}")
 
     def check(self) -> None:

@@ -18,13 +18,13 @@ sliding-window layers).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from itertools import product
 
 import torch
 
 from slimlm.architectures import get_adapter, model_sizes
-from slimlm.surgery.planning import DEPTH_SELECTIONS, Target, _grid, count_parameters, meta_model, pruned_config
+from slimlm.surgery.planning import DEPTH_SELECTIONS, Target, _grid, from_fields, count_parameters, meta_model, pruned_config
 
 # The axes of a shape, as search.json and the CSV name them.
 AXES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_layers")
@@ -54,14 +54,10 @@ class SearchSpace:
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):
-            unknown = sorted(set(value) - {f.name for f in fields(cls)})
-            if unknown:
-                raise ValueError(f"unknown search space field(s) {', '.join(unknown)}; known: "
-                                 f"{', '.join(f.name for f in fields(cls))}")
             value = dict(value)
-            if "depth_selections" in value:
+            if isinstance(value.get("depth_selections"), list):
                 value["depth_selections"] = tuple(value["depth_selections"])
-            return cls(**value)
+            return from_fields(cls, value, "search space")
         raise ValueError(f"space must be a SearchSpace, a dict or None, got {type(value).__name__}")
 
     def check(self) -> None:

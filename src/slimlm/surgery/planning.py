@@ -30,6 +30,16 @@ DEPTH_SELECTIONS = ("least_important", "contiguous_block")
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
+def from_fields(cls, values: dict, what: str):
+    """``cls(**values)`` for a dataclass ``cls``, a key that is not one of its fields a ValueError
+    naming ``what`` and the fields it has."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
 @dataclass
 class Target:
     """What the pruned model should look like.
@@ -63,11 +73,7 @@ class Target:
         if isinstance(target, cls):
             return target
         if isinstance(target, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(target) - known)
-            if unknown:
-                raise ValueError(f"unknown target field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-            return cls(**target)
+            return from_fields(cls, target, "target")
         raise ValueError(f"target must be a Target, a dict or a PrunePlan, got {type(target).__name__}")
 
 
