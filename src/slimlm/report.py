@@ -8,7 +8,8 @@ Plots (matplotlib, Agg backend): ``importance.png`` (``ImportanceScores.plot``),
 ``loss.png`` (training loss / KD loss per step from the Trainer's ``log_history``) and
 ``perplexity.png`` (held-out perplexity per stage, log scale) and ``speed.png`` (decode and
 prefill tokens/s per model and batch size, from a ``slimlm.speed.speed_report``, which also
-makes the report's speed section). Every input but ``results`` is optional; a plot or section is
+makes the report's speed section) and ``search.png`` (an architecture search's candidates,
+parameters vs held-out KD loss, beside its section). Every input but ``results`` is optional; a plot or section is
 left out when its data is absent.
 """
 from __future__ import annotations
@@ -150,21 +151,23 @@ def sample_rows(results: list[dict]) -> list[list[str]]:
 
 def write_report(folder: str | os.PathLike, *, results: list[dict], scores=None, log_history=None,
                  plan_text: str | None = None, notes: dict | None = None, title: str = "slimlm report",
-                 speed: dict | None = None) -> dict:
+                 speed: dict | None = None, search: dict | None = None) -> dict:
     """Write ``report.md``, ``report.html`` and the plots into ``folder``, which is replaced
 as a whole, atomically (``slimlm.outputs``).
 
     ``results``: ``slimlm.evaluate.evaluate_model`` dicts, the first being the reference
     (the teacher). ``scores``: ``ImportanceScores``. ``notes``: extra key → value lines
     (command, data, budget). ``speed``: a ``slimlm.speed.speed_report`` (teacher first) for the
-    speed section and plot. Returns {"markdown", "html", "plots": {name: path}}.
+    speed section and plot. ``search``: a search's ``search.json`` record (candidates, winner,
+    phase_seconds; optional ``rerank_tokens``: the winner's, counted in the distillation) for
+    the architecture-search section and plot. Returns {"markdown", "html", "plots": {name: path}}.
     """
     if not results:
         raise ValueError("write_report needs at least one evaluated model in results")
     final = os.path.abspath(os.fspath(folder))
     with outputs.atomic_output(final) as staging:
         report = _write_report(staging, results=results, scores=scores, log_history=log_history,
-                               plan_text=plan_text, notes=notes, title=title, speed=speed)
+                               plan_text=plan_text, notes=notes, title=title, speed=speed, search=search)
 
     def moved(path):
         return os.path.join(final, os.path.basename(path))
@@ -173,7 +176,37 @@ as a whole, atomically (``slimlm.outputs``).
             "plots": {name: moved(path) for name, path in report["plots"].items()}}
 
 
-def _write_report(folder: str, *, results, scores, log_history, plan_text, notes, title, speed) -> dict:
+def search_rows(search: dict) -> list[list[str]]:
+    """The search section's table: every scored candidate by rank (losses in nats/token)."""
+    def loss(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = [["rank", "candidate", "hidden", "MLP", "heads", "KV heads", "layers", "params", "zero-shot KD",
+             "LM", "KD after short distillation"]]
+    for row in sorted(search["candidates"], key=lambda row: row["rank"]):
+        rows.append([str(row["rank"]), row["key"], str(row["hidden_size"]), str(row["intermediate_size"]),
+                     str(row["num_attention_heads"]), str(row["num_key_value_heads"]), str(row["num_layers"]),
+                     f"{row['params']:,}", loss(row["zero_shot_kd_loss"]), loss(row["lm_loss"]),
+                     loss(row["distill_loss"])])
+    return rows
+
+
+def search_note(search: dict) -> str:
+    """One sentence on how the search ranked, and what it cost."""
+    candidates = search["candidates"]
+    reranked = sum(row["distill_loss"] is not None for row in candidates)
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in (search.get("phase_seconds") or {}).items())
+    text = (f"{len(candidates)} candidates closest to the budget scored zero-shot on held-out calibration blocks "
+            f"(KD loss against the teacher, LM loss); the best {reranked} re-ranked by the same short "
+            f"distillation. Winner: {search['winner']['key']}. Phases: {phases}.")
+    if search.get("rerank_tokens"):
+        text += (f" The distillation continued from the winner's short-distilled student: its "
+                 f"{search['rerank_tokens']:,} tokens count in the distillation budget.")
+    return text
+
+
+def _write_report(folder: str, *, results, scores, log_history, plan_text, notes, title, speed,
+                  search=None) -> dict:
     plots = {"perplexity": plot_perplexity(results, os.path.join(folder, "perplexity.png"))}
     if log_history:
         loss = plot_loss(log_history, os.path.join(folder, "loss.png"))
@@ -183,12 +216,18 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
         plots["importance"] = scores.plot(os.path.join(folder, "importance.png"))
     if speed is not None:
         plots["speed"] = plot_speed(speed, os.path.join(folder, "speed.png"))
+    if search is not None:
+        from slimlm.surgery.search_records import plot as plot_search
+
+        plots["search"] = plot_search(search["candidates"], search["winner"], os.path.join(folder, "search.png"))
 
     table = comparison_rows(results)
     samples = sample_rows(results)
     captions = {"perplexity": "Held-out perplexity per stage", "loss": "Distillation loss",
-                "importance": "Importance scores of the teacher", "speed": "Inference throughput, teacher vs student"}
+                "importance": "Importance scores of the teacher", "speed": "Inference throughput, teacher vs student",
+                "search": "Architecture search: parameters vs held-out KD loss"}
     speed_table = speed_rows(speed) if speed is not None else None
+    search_table = search_rows(search) if search is not None else None
 
     md = [f"# {title}", ""]
     for key, value in (notes or {}).items():
@@ -198,6 +237,8 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
               "tokens/s: forward (prefill) throughput of that pass on this machine.")
     if speed_table:
         md += ["", "## Inference speed", "", _markdown_table(speed_table), "", speed_note(speed)]
+    if search_table:
+        md += ["", "## Architecture search", "", _markdown_table(search_table), "", search_note(search)]
     if plan_text:
         md += ["", "## Pruning plan", "", "```", plan_text, "```"]
     if samples:
@@ -219,6 +260,8 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
     parts += ["</ul><h2>Models</h2>", _html_table(table)]
     if speed_table:
         parts += ["<h2>Inference speed</h2>", _html_table(speed_table), f"<p>{html.escape(speed_note(speed))}</p>"]
+    if search_table:
+        parts += ["<h2>Architecture search</h2>", _html_table(search_table), f"<p>{html.escape(search_note(search))}</p>"]
     if plan_text:
         parts += ["<h2>Pruning plan</h2>", f"<pre>{html.escape(plan_text)}</pre>"]
     if samples:

@@ -17,12 +17,16 @@ RECIPE_FIELDS = {
     None: {"teacher": (str, _ANY), "out": (str, None), "seed": (int, 0), "dtype": (str, "auto"),
            "save_dtype": (str, "auto"),
            "device": (str, None), "data": (dict, _ANY), "importance": (dict, {}), "target": (dict, _ANY),
-           "synthetic": ((dict, type(None)), None), "distill": (dict, {}), "eval": (dict, {}), "report": (dict, {})},
+           "search": ((dict, type(None)), None), "synthetic": ((dict, type(None)), None), "distill": (dict, {}), "eval": (dict, {}), "report": (dict, {})},
     "data": {"train": ((str, list), _ANY), "heldout": ((str, list), None), "heldout_fraction": (float, 0.1),
              "text_field": (str, "text")},
     "importance": {"num_samples": (int, 64), "seq_len": (int, 256), "batch_size": (int, 8),
                    "metrics": (list, ["activation"]), "depth": (list, ["block_influence"]),
                    "loss_drop_samples": (int, None)},
+    # With a search section, ``target`` is the search's budget (slimlm.Budget's fields).
+    "search": {"top_n": (int, 20), "top_k": (int, 4), "num_blocks": (int, 64), "seq_len": (int, 256),
+               "held_out": (float, 0.25), "rerank_tokens": (int, None), "batch_size": (int, 8), "lr": (float, None),
+               "space": (dict, {})},
     "synthetic": {"num_prompts": (int, 64), "max_new_tokens": (int, 64), "temperature": (float, 0.8),
                   "top_p": (float, 0.95), "batch_size": (int, 8), "mix": (float, 0.3), "chat": (bool, False)},
     "distill": {"seq_len": (int, 256), "max_tokens": (int, None), "max_minutes": (float, None), "lr": (float, 1e-4),
@@ -76,8 +80,9 @@ def validate_recipe(raw, where: str) -> dict:
     recipe = _check_section(None, raw, RECIPE_FIELDS[None], where)
     for section in ("data", "importance", "distill", "eval", "report"):
         recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
-    if recipe["synthetic"] is not None:
-        recipe["synthetic"] = _check_section("synthetic", recipe["synthetic"], RECIPE_FIELDS["synthetic"], where)
+    for section in ("search", "synthetic"):
+        if recipe[section] is not None:
+            recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
     _check_semantics(recipe, where)
     return recipe
 
@@ -85,16 +90,22 @@ def validate_recipe(raw, where: str) -> dict:
 def _check_semantics(recipe: dict, where: str) -> None:
     from slimlm.importance.estimate import DEPTH_METRICS, WIDTH_METRICS
     from slimlm.models import DTYPES
-    from slimlm.surgery import Target
+    from slimlm.surgery import Budget, Target
 
     from slimlm.surgery.planning import parse_param_count
 
     try:
-        target = Target.coerce(recipe["target"])
-        if target.target_params is not None:
-            parse_param_count(target.target_params, 1)  # finite, positive, a fraction or a whole count
+        if recipe["search"] is not None:
+            budget = Budget.coerce(recipe["target"])
+            budget.check()
+        else:
+            budget = Target.coerce(recipe["target"])
+        if budget.target_params is not None:
+            parse_param_count(budget.target_params, 1)  # finite, positive, a fraction or a whole count
     except (ValueError, TypeError) as error:
         raise InputError(f"{where}: target: {error}") from None
+    if recipe["search"] is not None:
+        _check_search(recipe["search"], where)
     positive = [("importance", "num_samples"), ("importance", "seq_len"), ("importance", "batch_size"),
                 ("distill", "seq_len"), ("distill", "batch_size"), ("distill", "lr"), ("distill", "temperature"),
                 ("eval", "seq_len"), ("eval", "max_blocks"), ("eval", "batch_size"), ("eval", "max_new_tokens"),
@@ -125,6 +136,26 @@ def _check_semantics(recipe: dict, where: str) -> None:
         raise InputError(f"{where}: eval.speed_new_tokens must be >= 2, got {recipe['eval']['speed_new_tokens']}")
     if not all(isinstance(p, str) for p in recipe["eval"]["prompts"]):
         raise InputError(f"{where}: eval.prompts must be a list of strings")
+
+
+def _check_search(section: dict, where: str) -> None:
+    from slimlm.surgery.candidates import SearchSpace
+
+    for field in ("top_n", "num_blocks", "seq_len", "batch_size", "rerank_tokens", "lr", "held_out"):
+        if section[field] is not None and not section[field] > 0:
+            raise InputError(f"{where}: search.{field} must be > 0, got {section[field]}")
+    if section["top_k"] < 0:
+        raise InputError(f"{where}: search.top_k must be >= 0, got {section['top_k']}")
+    if section["top_k"] > section["top_n"]:
+        raise InputError(f"{where}: search.top_k {section['top_k']} is larger than search.top_n {section['top_n']}: "
+                         "only the top_n candidates are re-ranked")
+    if section["held_out"] >= 1 and not float(section["held_out"]).is_integer():
+        raise InputError(f"{where}: search.held_out: a fraction in (0, 1) or a whole block count, got "
+                         f"{section['held_out']}")
+    try:
+        SearchSpace.coerce(section["space"]).check()
+    except (ValueError, TypeError) as error:
+        raise InputError(f"{where}: search.space: {error}") from None
 
 
 def load_recipe(path: str | os.PathLike) -> dict:

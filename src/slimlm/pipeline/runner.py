@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import time
 
@@ -13,6 +14,7 @@ from slimlm import outputs
 from slimlm.errors import InputError
 from slimlm.models import default_device, resolve_dtype
 from slimlm.pipeline import distill, importance, prune, synthetic
+from slimlm.pipeline import search as search_stage
 from slimlm.pipeline.records import DISTILL_RECORD, read_json, read_json_roundtrip, texts_digest
 
 RECIPE_COPY = "recipe.yaml"
@@ -20,7 +22,7 @@ RECIPE_COPY = "recipe.yaml"
 
 class Pipeline:
     """A validated recipe's run in its ``out`` folder: ``run`` calls one method per stage, in
-    order (setup, importance, prune, synthetic, distill, evaluate, speed, report); each logs whether
+    order (setup, importance, search, prune, synthetic, distill, evaluate, speed, report); each logs whether
     its output is already there and made from the same inputs, and then skips or runs."""
 
     def __init__(self, recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
@@ -121,12 +123,13 @@ class Pipeline:
         """Every stage in order; returns {"results", "report", "table", "out", "timings"}."""
         self.setup()
         scores = self.importance()
-        plan_text = self.prune(scores)
+        searched = self.search(scores)
+        plan_text = self.prune(scores, searched)
         synthetic_texts = self.synthetic()
         log_history = self.distill(synthetic_texts)
         results = self.evaluate()
         speed = self.speed()
-        return self.report(scores, plan_text, log_history, results, speed)
+        return self.report(scores, plan_text, log_history, results, speed, searched)
 
     def setup(self) -> None:
         """Check every input and load the teacher, its tokenizer and the data before anything is
@@ -134,6 +137,7 @@ class Pipeline:
         from slimlm.fingerprint import model_fingerprint
         from slimlm.models import load_model, load_tokenizer
         from slimlm.surgery import plan
+        from slimlm.surgery.search import search_candidates
 
         recipe = self.recipe
         clear = self._check_output()
@@ -149,10 +153,21 @@ class Pipeline:
             self.teacher_fp = model_fingerprint(self.teacher)
             # A target the model cannot meet fails now, not after the importance pass.
             try:
-                plan(self.teacher, recipe["target"])
+                if recipe["search"] is None:
+                    plan(self.teacher, recipe["target"])
+                else:
+                    section = recipe["search"]
+                    search_candidates(self.teacher, recipe["target"], space=section["space"], top_n=section["top_n"],
+                                      top_k=section["top_k"])
             except (ValueError, TypeError, OverflowError) as error:
-                raise InputError(f"target: {error}") from None
+                raise InputError(f"{'search' if recipe['search'] else 'target'}: {error}") from None
             self.train_texts, self.heldout_texts = self._data()
+            self.rerank_tokens = 0
+            if recipe["search"] is not None:
+                self.search_blocks, train_blocks = search_stage.search_blocks(
+                    self.train_texts, self.tokenizer, recipe["search"], recipe["seed"], self.teacher)
+                self.rerank_tokens = search_stage.rerank_tokens(recipe["search"], train_blocks)
+                search_stage.check_token_budget(recipe["distill"]["max_tokens"], self.rerank_tokens)
             self.prompts = None
             if recipe["synthetic"] is not None:
                 from slimlm.distill.generate import prompts_from_texts
@@ -179,19 +194,42 @@ class Pipeline:
                 num_samples=section["num_samples"], batch_size=section["batch_size"], seed=self.recipe["seed"],
                 loss_drop_samples=section["loss_drop_samples"], progress=self.progress, inputs=inputs)
 
-    def prune(self, scores) -> str:
-        """A copy of the teacher pruned to the target (``pruned/``); returns the plan's table (``plan.txt``)."""
+    def search(self, scores) -> dict | None:
+        """The student shape that distills best at the recipe's budget (``search/``: search.json,
+        search.csv, search.png, winner_target.json, winner/), when the recipe has a search
+        section; its search.json record (candidates, winner, phase_seconds), None otherwise.
+        ``slimlm.search`` resumes on its own: finished candidates are read back."""
+        section = self.recipe["search"]
+        if section is None:
+            return None
+        out = self.path(search_stage.SEARCH_DIR)
+        with self._timed("search"):
+            done = os.path.isfile(os.path.join(out, "search.json"))
+            self.log(f"[search] running ({search_stage.SEARCH_DIR}: "
+                     f"{'resuming: finished candidates are read back' if done else 'missing'})")
+            result = search_stage.search_stage(self.teacher, scores, self.recipe["target"], self.search_blocks, out,
+                                               section=section, distill=self.recipe["distill"],
+                                               seed=self.recipe["seed"], device=self.device, log=self.log)
+            record = search_stage.winner_record(out)
+            record["target"] = dataclasses.asdict(result.target)
+            record["rerank_tokens"] = self.rerank_tokens
+            return record
+
+    def prune(self, scores, searched: dict | None = None) -> str:
+        """A copy of the teacher pruned to the target — the search's winner when there was one —
+        (``pruned/``); returns the plan's table (``plan.txt``)."""
         from slimlm.importance.scores import SCORES_FILE
 
         pruned_dir = self.path("pruned")
         plan_path = self.path("plan.txt")
+        target = searched["target"] if searched is not None else self.recipe["target"]
         with self._timed("prune"):
-            inputs = {"teacher": self.teacher_fp, "target": self.recipe["target"],
+            inputs = {"teacher": self.teacher_fp, "target": target,
                       "scores": outputs.file_digest(os.path.join(self.path("scores"), SCORES_FILE)),
                       "save_dtype": self.recipe["save_dtype"]}
             if self._stage("prune", prune.pruned_state(pruned_dir, self.teacher_fp, inputs), pruned_dir) \
                     or not os.path.isfile(plan_path):
-                _, the_plan = prune.prune_stage(copy.deepcopy(self.teacher), scores, self.recipe["target"], pruned_dir,
+                _, the_plan = prune.prune_stage(copy.deepcopy(self.teacher), scores, target, pruned_dir,
                                                 tokenizer=self.tokenizer, overwrite=True, inputs=inputs,
                                                 save_dtype=self.recipe["save_dtype"])
                 outputs.write_text(plan_path, the_plan.table() + "\n")
@@ -222,12 +260,22 @@ class Pipeline:
     def distill(self, synthetic_texts: list[str] | None) -> list[dict]:
         """The pruned student distilled from the teacher (``distilled/``), saved in the recipe's
         ``save_dtype`` (auto: the pruned model's, i.e. the teacher's source dtype); returns its log
-        history."""
+        history. After a search with re-ranking the student is the winner's short-distilled one
+        (``search/winner``) and trains ``max_tokens`` minus the tokens it has already seen."""
         from slimlm.models import load_model, save_dtype
 
         section = self.recipe["distill"]
         distilled_dir = self.path("distilled")
-        student = load_model(self.path("pruned"), dtype=torch.float32 if self.device == "cpu" else self.dtype)
+        start = self.path("pruned")
+        max_tokens = section["max_tokens"]
+        if self.rerank_tokens:
+            from slimlm.surgery.search_records import WINNER_DIR
+
+            start = os.path.join(self.path(search_stage.SEARCH_DIR), WINNER_DIR)
+            max_tokens = max_tokens - self.rerank_tokens if max_tokens is not None else None
+            self.log(f"[distill] continuing from the search's winner ({os.path.relpath(start, self.out)}, "
+                     f"{self.rerank_tokens:,} tokens distilled)")
+        student = load_model(start, dtype=torch.float32 if self.device == "cpu" else self.dtype)
         with self._timed("distill"):
             training_args = []
             for key, value in section["training_args"].items():
@@ -236,7 +284,7 @@ class Pipeline:
                 training_args = ["--use_cpu", "true"] + training_args
             mix_fraction = self.recipe["synthetic"]["mix"] if synthetic_texts is not None else 0.0
             settings = dict(synthetic_texts=synthetic_texts, mix_fraction=mix_fraction, seq_len=section["seq_len"],
-                            max_tokens=section["max_tokens"], batch_size=section["batch_size"],
+                            max_tokens=max_tokens, batch_size=section["batch_size"],
                             learning_rate=section["lr"], temperature=section["temperature"], beta=section["beta"],
                             kd_weight=section["kd_weight"], ce_weight=section["ce_weight"], seed=self.recipe["seed"],
                             training_args=training_args)
@@ -317,7 +365,7 @@ class Pipeline:
             return report
 
     def report(self, scores, plan_text: str, log_history: list[dict], results: list[dict],
-               speed: dict | None = None) -> dict:
+               speed: dict | None = None, searched: dict | None = None) -> dict:
         """The report (``report/``); once it is written the run this one replaced is deleted."""
         from slimlm.report import write_report
 
@@ -335,7 +383,8 @@ class Pipeline:
                  "device": f"{self.device} ({torch.get_num_threads()} threads)",
                  "stage seconds": ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())}
         report = write_report(self.path("report"), results=results, scores=scores, log_history=log_history,
-                              plan_text=plan_text, notes=notes, title=recipe["report"]["title"], speed=speed)
+                              plan_text=plan_text, notes=notes, title=recipe["report"]["title"], speed=speed,
+                              search=searched)
         previous = outputs.aside_path(self.out)
         if os.path.lexists(previous):
             self.log(f"[report] this run is complete: deleting the run it replaced ({previous})")

@@ -71,21 +71,20 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
     saving are set here) with ``distillation_config`` (default: forward KL, τ = 1).
     ``top_k=0`` ranks zero-shot only. Everything is checked before any work (ValueError).
     """
-    space = SearchSpace.coerce(space)
-    budget = Budget.coerce(target)
-    budget.check()
-    space.check()
-    for name, value, low in (("top_n", top_n, 1), ("top_k", top_k, 0), ("batch_size", batch_size, 1)):
+    for name, value, low in (("batch_size", batch_size, 1),):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if rerank_tokens is not None and (isinstance(rerank_tokens, bool) or not isinstance(rerank_tokens, int)
                                       or rerank_tokens < 1):
         raise ValueError(f"rerank_tokens must be a positive int, got {rerank_tokens!r}")
-    if top_k > top_n:
-        raise ValueError(f"top_k={top_k} is larger than top_n={top_n}: only the top_n candidates are re-ranked")
+    started = time.perf_counter()
     if scores is None:
         raise ValueError("search needs the model's importance scores (slimlm.estimate_importance)")
     scores.check_model(model)
+    plan = search_candidates(model, target, space=space, top_n=top_n, top_k=top_k, scores=scores)
+    budget, space, shapes, meeting, chosen, counter = (plan.budget, plan.space, plan.shapes, plan.meeting,
+                                                       plan.chosen, plan.counter)
+    enumerate_seconds = round(time.perf_counter() - started, 3)
     rank, world = _process_group()
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} is not divisible by the {world} processes: the short distillations "
@@ -96,19 +95,6 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
     distillation_config = distillation_config or DistillationConfig()
     distillation_config.check()
 
-    started = time.perf_counter()
-    counter = ParameterCounter(model)
-    dtype = resolve_dtype(budget.dtype, next(model.parameters()).dtype)
-    memory_at = (budget.at_batch, budget.at_seq) if budget.at_batch and budget.at_seq else None
-    shapes = enumerate_shapes(model, space, memory_at=memory_at, dtype=dtype, counter=counter)
-    model_size = count_parameters(meta_model(type(model), model.config), counter.adapter)["total"]
-    _, meeting = fitting(shapes, budget, model_size)
-    chosen = meeting[:top_n]
-    if top_k > len(chosen):
-        raise ValueError(f"top_k={top_k} but only {len(chosen)} candidate(s) meet the budget "
-                         f"({len(meeting)} within tolerance {budget.tolerance}); lower top_k or widen the search")
-    _check_candidates(model, scores, chosen, counter)
-    enumerate_seconds = round(time.perf_counter() - started, 3)
     log(f"[search] {len(shapes)} legal shapes in {enumerate_seconds} s, {len(meeting)} meet the budget; "
         f"scoring the {len(chosen)} closest")
 
@@ -231,6 +217,50 @@ def distillation_rerank(run: _Run, top_k: int, tokens, seed: int, training_args,
         run.save()
     run.phases["rerank"] = round(run.phases["rerank"] + time.perf_counter() - started, 3)
     return student
+
+
+@dataclass
+class CandidatePlan:
+    """What a search at a budget would score: every legal shape (``shapes``), those meeting
+    the budget closest first (``meeting``) and the ``top_n`` of them scored (``chosen``)."""
+
+    budget: Budget
+    space: SearchSpace
+    shapes: list[Candidate]
+    meeting: list[Candidate]
+    chosen: list[Candidate]
+    counter: ParameterCounter
+
+
+def search_candidates(model, target, *, space=None, top_n: int = 20, top_k: int = 4,
+                      scores: ImportanceScores | None = None) -> CandidatePlan:
+    """The candidates ``search`` would score for ``model`` at ``target`` within ``space``,
+    enumerated and counted on the meta device (no weights touched, a fraction of a second):
+    ValueError for a budget no legal shape meets, ``top_k`` above the candidates found, or
+    (with ``scores``) a shape the scores or transformers' config checks refuse — so a search,
+    or a pipeline that will run one, fails before any work."""
+    space = SearchSpace.coerce(space)
+    budget = Budget.coerce(target)
+    budget.check()
+    space.check()
+    for name, value, low in (("top_n", top_n, 1), ("top_k", top_k, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if top_k > top_n:
+        raise ValueError(f"top_k={top_k} is larger than top_n={top_n}: only the top_n candidates are re-ranked")
+    counter = ParameterCounter(model)
+    dtype = resolve_dtype(budget.dtype, next(model.parameters()).dtype)
+    memory_at = (budget.at_batch, budget.at_seq) if budget.at_batch and budget.at_seq else None
+    shapes = enumerate_shapes(model, space, memory_at=memory_at, dtype=dtype, counter=counter)
+    model_size = count_parameters(meta_model(type(model), model.config), counter.adapter)["total"]
+    _, meeting = fitting(shapes, budget, model_size)
+    chosen = meeting[:top_n]
+    if top_k > len(chosen):
+        raise ValueError(f"top_k={top_k} but only {len(chosen)} candidate(s) meet the budget "
+                         f"({len(meeting)} within tolerance {budget.tolerance}); lower top_k or widen the search")
+    if scores is not None:
+        _check_candidates(model, scores, chosen, counter)
+    return CandidatePlan(budget, space, shapes, meeting, chosen, counter)
 
 
 def _process_group() -> tuple[int, int]:

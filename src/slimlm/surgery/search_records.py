@@ -22,6 +22,10 @@ LOSSES = ("zero_shot_kd_loss", "lm_loss", "distill_loss")
 COLUMNS = ("rank", "key", *AXES, "depth_selection", "params", "memory_bytes", *LOSSES)
 
 
+class StaleSearch(ValueError):
+    """``out`` holds a search made from other inputs (the caller may clear it and start afresh)."""
+
+
 def candidate_record(candidate: Candidate) -> dict:
     """A candidate's row of search.json: its shape and sizes, losses still null, no rank."""
     return {"key": candidate.key, **candidate.to_dict(), **dict.fromkeys(LOSSES), "rank": None}
@@ -29,8 +33,8 @@ def candidate_record(candidate: Candidate) -> dict:
 
 def load_finished(out: str | None, inputs: dict) -> tuple[dict[str, dict], dict]:
     """Rows of a previous search in ``out`` by key, and its seconds per phase (both empty
-    without one); ValueError when that search had other inputs (model, scores, data, budget,
-    space or settings)."""
+    without one); ``StaleSearch`` (a ValueError) when that search had other inputs (model,
+    scores, data, budget, space or settings)."""
     path = os.path.join(out, RECORD_FILE) if out else None
     if not path or not os.path.isfile(path):
         return {}, {}
@@ -39,7 +43,7 @@ def load_finished(out: str | None, inputs: dict) -> tuple[dict[str, dict], dict]
     before = previous.get("inputs", {})
     differ = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
     if differ:
-        raise ValueError(f"{out} holds a search with other inputs (they differ in {', '.join(differ)}); choose "
+        raise StaleSearch(f"{out} holds a search with other inputs (they differ in {', '.join(differ)}); choose "
                          "another out folder or remove it to start afresh")
     return {row["key"]: row for row in previous.get("candidates", [])}, previous.get("phase_seconds") or {}
 

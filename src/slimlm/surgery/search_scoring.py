@@ -65,8 +65,7 @@ def short_distill(model, scores, candidate: Candidate, train: TokenBlocks, token
     student = prune(model, scores, candidate.target(), inplace=False)
     student.requires_grad_(True)
     student.train()
-    blocks = math.ceil(tokens / train.seq_len) if tokens else len(train)
-    steps = max(1, math.ceil(blocks / batch_size))
+    steps = short_distill_steps(tokens, len(train), train.seq_len, batch_size)
     items = [{"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
              for ids, mask in zip(train.input_ids, train.attention_mask)]
     teacher_flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -82,6 +81,13 @@ def short_distill(model, scores, candidate: Candidate, train: TokenBlocks, token
                 parameter.requires_grad_(teacher_flags[name])
             model.train(teacher_training)
     return student.eval()
+
+
+def short_distill_steps(tokens: int | None, train_blocks: int, seq_len: int, batch_size: int) -> int:
+    """Optimizer steps of a short distillation of ``tokens`` (rounded up to whole blocks and
+    batches; None: one pass over the ``train_blocks``), at least one."""
+    blocks = math.ceil(tokens / seq_len) if tokens else train_blocks
+    return max(1, math.ceil(blocks / batch_size))
 
 
 def training_arguments(training_args, scratch: str, steps: int, batch_size: int, seed: int):

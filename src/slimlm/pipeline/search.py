@@ -1,0 +1,107 @@
+"""The recipe's ``search:`` stage: the student shape that distills best at the recipe's budget
+(``slimlm.search``), in ``out/search``. The prune stage then cuts the winner's ``Target``, and
+the distillation continues from the winner's short-distilled student (``out/search/winner``),
+its re-ranking tokens counted in ``distill.max_tokens``.
+
+``search()`` itself resumes (finished candidates are read back from ``search.json``); a
+search of other inputs in the folder the recipe owns (a changed teacher file, say) is deleted
+and started afresh, as every stage's stale output is.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from slimlm import outputs
+from slimlm.errors import InputError
+
+SEARCH_DIR = "search"
+
+
+def search_blocks(train_texts, tokenizer, section: dict, seed: int, model):
+    """``section["num_blocks"]`` blocks of ``seq_len`` tokens of the training text, picked with
+    ``seed`` across the whole corpus (not its first files); InputError when the held-out split
+    cannot be cut from them."""
+    from slimlm.data import tokenize_blocks
+
+    blocks = tokenize_blocks(train_texts, tokenizer, section["seq_len"], model=model)
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed)).tolist()
+    blocks = blocks.select(sorted(order[:section["num_blocks"]]))
+    try:
+        train, _ = blocks.split(held_out(section["held_out"]), seed)
+    except ValueError as error:
+        raise InputError(f"search: {len(blocks)} calibration block(s) of {section['seq_len']} tokens are too few for "
+                         f"held_out={section['held_out']} ({error}); give more data, num_blocks or a smaller "
+                         "held_out") from None
+    return blocks, len(train)
+
+
+def held_out(value: float) -> float | int:
+    """A recipe's ``held_out``: a fraction below 1, else a whole block count."""
+    if value < 1:
+        return value
+    if not float(value).is_integer():
+        raise InputError(f"search.held_out {value}: a fraction must be in (0, 1) and a count a whole number of blocks")
+    return int(value)
+
+
+def rerank_steps(section: dict, train_blocks: int) -> int:
+    """Optimizer steps of each re-ranked candidate's short distillation (as ``short_distill``
+    counts them: ``rerank_tokens`` rounded up to whole blocks and batches, default one pass)."""
+    from slimlm.surgery.search_scoring import short_distill_steps
+
+    return short_distill_steps(section["rerank_tokens"], train_blocks, section["seq_len"], section["batch_size"])
+
+
+def rerank_tokens(section: dict, train_blocks: int) -> int:
+    """Training tokens the winner has seen when the full distillation continues from it (0 without re-ranking)."""
+    if section["top_k"] == 0:
+        return 0
+    return rerank_steps(section, train_blocks) * section["batch_size"] * section["seq_len"]
+
+
+def search_stage(teacher, scores, target: dict, blocks, out: str, *, section: dict, distill: dict, seed: int,
+                 device: str, log=print):
+    """Run (or resume) the search into ``out``; returns the ``SearchResult``."""
+    from slimlm.distill.trainer import DistillationConfig
+    from slimlm.distill.training import training_arguments
+    from slimlm.surgery.candidates import SearchSpace
+    from slimlm.surgery.search import search
+    from slimlm.surgery.search_records import StaleSearch
+
+    flags = []
+    for key, value in distill["training_args"].items():
+        if key not in ("save_steps", "logging_steps", "save_total_limit"):  # the short runs neither save nor log
+            flags += [f"--{key}", str(value)]
+    if device == "cpu":
+        flags = ["--use_cpu", "true"] + flags
+    args = training_arguments(flags, output_dir=outputs.staging_path(out), batch_size=section["batch_size"],
+                              learning_rate=section["lr"] or distill["lr"], seed=seed)
+    config = DistillationConfig(temperature=distill["temperature"], beta=distill["beta"])
+    settings = dict(space=SearchSpace.coerce(section["space"]), top_n=section["top_n"], top_k=section["top_k"],
+                    held_out=held_out(section["held_out"]), seed=seed, rerank_tokens=section["rerank_tokens"],
+                    batch_size=section["batch_size"], training_args=args, distillation_config=config, log=log)
+    try:
+        return search(teacher, scores, target, blocks, out=out, **settings)
+    except StaleSearch:
+        log(f"[search] {out} holds a search of other inputs: deleting it and searching afresh")
+        outputs.remove(out)
+        return search(teacher, scores, target, blocks, out=out, **settings)
+
+
+def winner_record(out: str) -> dict:
+    """``search.json`` of a finished search (candidates, winner, phase_seconds)."""
+    from slimlm.pipeline.records import read_json
+    from slimlm.surgery.search_records import RECORD_FILE
+
+    record = read_json(os.path.join(out, RECORD_FILE))
+    if record is None or record.get("winner") is None:
+        raise InputError(f"{out} holds no finished search")
+    return record
+
+
+def check_token_budget(max_tokens: int | None, used: int) -> None:
+    if max_tokens is not None and max_tokens - used < 1:
+        raise InputError(f"distill.max_tokens {max_tokens} counts the search's re-ranking tokens ({used} for the "
+                         f"winner): give more than {used}, or lower search.rerank_tokens")
