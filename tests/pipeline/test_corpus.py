@@ -39,7 +39,7 @@ def test_package_docs_corpus_is_deterministic_and_split_by_file(tmp_path, monkey
     assert len(everything["train"]) + len(everything["heldout"]) == 41
     (tmp_path / "site" / "tinydoc").mkdir()
     (tmp_path / "site" / "tinydoc" / "__init__.py").write_text('"""' + "word " * 40 + '"""\n')
-    with pytest.raises(ValueError, match="hold only"):
+    with pytest.raises(ValueError, match="holds only"):
         collect_package_docs(train_chars=10**6, heldout_chars=10, packages=("tinydoc",), min_chars=100,
                              progress=False)
     with pytest.raises(ValueError, match="none of the packages"):
