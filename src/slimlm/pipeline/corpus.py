@@ -2,34 +2,38 @@
 
 Sources (``SOURCES``), each a set of documents (one per file, or per topic of one file):
 
-=================  ============================================================  =========  ==========
-source             text                                                          register   split
-=================  ============================================================  =========  ==========
-packages           docstrings and bundled .md/.rst/.txt docs of ``DEFAULT_PACKAGES``  API docs   train
-readmes            long descriptions (READMEs) in the installed distributions'   READMEs    train
-                   metadata
-stdlib             docstrings and comments of the Python standard library        API docs,  train
-                   (``sysconfig.get_paths()["stdlib"]``, less the parts Debian    comments
-                   ships separately)
-man                English man pages (/usr/share/man/man*/*), roff stripped      manuals    train
-info               info manuals (/usr/share/info)                                manuals    train
-python-reference   the Python Language Reference's topics (pydoc_data/topics.py)  prose      general
-licenses           /usr/share/common-licenses (Debian's base-files)              legal      general
-=================  ============================================================  =========  ==========
+================  ==============================================================  ==========  =======
+source            text                                                            register    split
+================  ==============================================================  ==========  =======
+packages          docstrings and bundled .md/.rst/.txt docs of ``DEFAULT_PACKAGES``  API docs    train
+                  (their licence files left out: licences are the general set's)
+readmes           long descriptions (READMEs) in the installed distributions'     READMEs     train
+                  metadata
+stdlib            docstrings and comments of the Python standard library          API docs,   train
+                  (``sysconfig.get_paths()["stdlib"]``, less tests and the parts   comments
+                  Debian ships in other packages)
+man               English man pages (/usr/share/man/man*/*), roff stripped        manuals     train
+info              info manuals (/usr/share/info), node headers and menus dropped  manuals     train
+python-reference  the Python Language Reference's topics (pydoc_data/topics.py)   prose       general
+licenses          /usr/share/common-licenses (Debian's base-files)                legal       general
+================  ==============================================================  ==========  =======
 
-Three splits: ``train`` and the in-domain ``heldout`` split are cut from the training sources
-by file; ``general`` is cut from the general sources only, which no training file draws from,
-so it measures how the student does on registers it was never trained or calibrated on: the
-long-form prose of the language reference and legal English. Both general sources are fixed
-for a given Python version and Debian release (the packages, man and info pages vary with what
-a machine has installed, so they only feed training).
+Three splits: ``train`` and the in-domain ``heldout`` split are cut by file from the training
+sources; ``general`` from the general sources only, which no training document draws from
+(pydoc_data is left out of the stdlib source, licence files out of the packages source), so it
+measures how the student does on registers it was never trained or calibrated on: the long-form
+prose of the language reference and legal English. The general sources are fixed for a given
+Python version and Debian release, and python-reference is in every CPython install; the
+packages, READMEs, man and info pages vary with what a machine has installed, so they only feed
+training.
 
-Deterministic: a source's documents are visited in the order of the SHA-256 of their key
-(source name and path relative to the source's root, so the install location does not matter),
-and a training-source document goes to the held-out split when that hash is ≡ 0 mod
+Deterministic: a source's documents are visited in the order of the SHA-256 of their key (the
+path relative to the source's root, or the topic, so the install location does not matter), and
+a training-source document goes to the held-out split when that hash is ≡ 0 mod
 ``heldout_every``. Each split's characters are shared among its sources by weight; a source
 that is missing or short leaves its share to the others, and the manifest records what each
-source gave. The same installed versions give the same corpus on any machine.
+source gave. The same installed versions (Python, its packages, the Debian packages) give the
+same corpus on any machine.
 """
 from __future__ import annotations
 
@@ -221,13 +225,14 @@ def _stdlib_documents(root: str):
 
 def _package_documents(root: str, packages=DEFAULT_PACKAGES):
     """``root`` is a folder of packages (a site-packages); the default, ``<sys.path>``, is wherever
-    each of ``packages`` is installed."""
+    each of ``packages`` is installed. Licence files are left out (the general set's register)."""
     for name in packages:
         package = os.path.join(root, name) if root != "<sys.path>" else _package_root(name)
         if package is None or not os.path.isdir(package):
             continue
         base = os.path.dirname(package)
-        for relative in _walk(package, lambda file: file.endswith((".py",) + DOC_SUFFIXES),
+        for relative in _walk(package, lambda file: file.endswith((".py",) + DOC_SUFFIXES)
+                              and not file.upper().startswith(("LICENSE", "LICENCE", "COPYING")),
                               {"__pycache__", "tests", "testing"}):
             yield f"{name}/{relative}", lambda path=os.path.join(base, name, relative): _document(path)
 
