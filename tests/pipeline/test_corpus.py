@@ -126,6 +126,8 @@ def test_corpus_is_deterministic_disjoint_by_file_and_written(machine, tmp_path)
     assert manifest["sources"]["packages"]["chars"]["train"] == 6000
     assert manifest["sources"]["python-reference"]["chars"]["general"] == 2400
     assert all(entry["used"] for entry in manifest["sources"].values())
+    # Sources are interleaved, so an evaluation's first blocks are not one source's alone.
+    assert len({key.partition(":")[0] for key in first["sources"]["train"][:8]}) > 1
     man_text = next(text for text, key in zip(first["train"], first["sources"]["train"]) if key.startswith("man:"))
     assert man_text.startswith("NAME\n\ntool") and "\\f" not in man_text and ".TP" not in man_text
     paths = write_corpus(first, tmp_path / "corpus")

@@ -372,9 +372,13 @@ def _collect(split_sources: dict, budgets: dict, required: dict, *, sources: dic
     for name, entry in manifest.items():
         entry["files"] = {split: len(c[name].keys) for split, c in cursors.items() if name in c}
         entry["chars"] = {split: c[name].chars for split, c in cursors.items() if name in c}
-    corpus = {split: [text for cursor in cursors[split].values() for text in cursor.texts] for split in budgets}
-    corpus["sources"] = {split: [f"{name}:{key}" if prefix_keys else key
-                                 for name, cursor in cursors[split].items() for key in cursor.keys]
+    # Sources interleaved in hash order, so that any first blocks of a split (an evaluation's
+    # max_blocks) hold its sources in proportion, not the first source alone.
+    ordered = {split: sorted((hashlib.sha256(key.encode()).hexdigest(), name, key, text)
+                             for name, cursor in cursors[split].items() for key, text in zip(cursor.keys, cursor.texts))
+               for split in budgets}
+    corpus = {split: [text for *_, text in ordered[split]] for split in budgets}
+    corpus["sources"] = {split: [f"{name}:{key}" if prefix_keys else key for _, name, key, _ in ordered[split]]
                          for split in budgets}
     for split, budget in budgets.items():
         got = sum(map(len, corpus[split]))
