@@ -1,5 +1,8 @@
 """``slimlm demo``: prune SmolLM2-135M-Instruct to half, distill it back and write a report,
-on a corpus cut from the documentation of the installed packages (the builtin recipes)."""
+on a corpus cut from text every machine has (the builtin recipes; ``slimlm.pipeline.corpus``):
+train and in-domain held-out splits from the installed packages' docs, the standard library,
+READMEs, man and info pages, and a general held-out split from the Python Language Reference and
+licence texts that training never reads."""
 from __future__ import annotations
 
 import os
@@ -25,7 +28,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from slimlm.models import smollm2_gguf_path
     from slimlm.pipeline import builtin_recipe, run_recipe, validate_recipe
-    from slimlm.pipeline.corpus import collect_package_docs, write_corpus
+    from slimlm.pipeline.corpus import collect_corpus, write_corpus
+    from slimlm.pipeline.recipe import RECIPE_FIELDS
 
     name = "demo-quick" if args.quick else "demo"
     raw = builtin_recipe(name)
@@ -36,11 +40,23 @@ def run(args) -> int:
     except FileNotFoundError as error:
         raise InputError(f"{error}; `make build` installs it") from None
     data_folder = os.path.join(out + ".data")
-    paths = {split: os.path.join(data_folder, f"{split}.jsonl") for split in ("train", "heldout")}
+    paths = {split: os.path.join(data_folder, f"{split}.jsonl") for split in ("train", "heldout", "general")}
     if not all(os.path.isfile(path) for path in paths.values()):
-        print(f"[data] collecting the documentation of installed packages into {data_folder}")
-        paths = write_corpus(collect_package_docs(progress=arguments.progress(args), **corpus_settings), data_folder)
-    raw.update(teacher=teacher, out=out, data={"train": paths["train"], "heldout": paths["heldout"]})
+        print(f"[data] collecting text every machine has into {data_folder}")
+        try:
+            corpus = collect_corpus(progress=arguments.progress(args), **corpus_settings)
+        except ValueError as error:
+            raise InputError(f"cannot build the demo's corpus: {error}") from None
+        for source, entry in corpus["manifest"]["sources"].items():
+            if "skipped" in entry:
+                print(f"[data]   {source:<17} skipped: {entry['skipped']}")
+            else:
+                print(f"[data]   {source:<17} " + ", ".join(f"{split} {chars:,}" for split, chars in entry["chars"].items())
+                      + " chars")
+        paths = write_corpus(corpus, data_folder)
+    # data.general (the general held-out set) is passed once the recipe knows the field.
+    data = {split: path for split, path in paths.items() if split in RECIPE_FIELDS["data"]}
+    raw.update(teacher=teacher, out=out, data=data)
     if args.device is not None:
         raw["device"] = args.device
     recipe = validate_recipe(raw, f"builtin recipe {name}")

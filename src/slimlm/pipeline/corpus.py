@@ -1,21 +1,57 @@
-"""A real-text corpus that exists wherever slimlm is installed: the documentation of the
-installed Python packages it depends on (docstrings of their modules, classes and functions,
-and their bundled .md/.rst/.txt files).
+"""Real-text corpora that exist wherever slimlm is installed, for training and for held-out evaluation.
 
-Deterministic: files are visited in the order of the SHA-256 of their path relative to
-site-packages (so packages interleave and the machine's install location does not matter),
-and a file goes to the held-out split when that hash is ≡ 0 mod ``heldout_every``; splitting
-by file keeps any text of a held-out document out of training and calibration. The same
-package versions give the same corpus on any machine.
+Sources (``SOURCES``), each a set of documents (one per file, or per topic of one file):
+
+================  ==============================================================  ==========  =======
+source            text                                                            register    split
+================  ==============================================================  ==========  =======
+packages          docstrings and bundled .md/.rst/.txt docs of ``DEFAULT_PACKAGES``  API docs    train
+                  (their licence files left out: licences are the general set's)
+readmes           long descriptions (READMEs) in the installed distributions'     READMEs     train
+                  metadata
+stdlib            docstrings and comments of the Python standard library          API docs,   train
+                  (``sysconfig.get_paths()["stdlib"]``, less tests and the parts   comments
+                  Debian ships in other packages)
+man               English man pages (/usr/share/man/man*/*), roff stripped        manuals     train
+info              info manuals (/usr/share/info), node headers and menus dropped  manuals     train
+python-reference  the Python Language Reference's topics (pydoc_data/topics.py)   prose       general
+licenses          /usr/share/common-licenses (Debian's base-files)                legal       general
+================  ==============================================================  ==========  =======
+
+Three splits: ``train`` and the in-domain ``heldout`` split are cut by file from the training
+sources; ``general`` from the general sources only, which no training document draws from
+(pydoc_data is left out of the stdlib source, licence files out of the packages source), so it
+measures how the student does on registers it was never trained or calibrated on: the long-form
+prose of the language reference and legal English. The general sources are fixed for a given
+Python version and Debian release, and python-reference is in every CPython install; the
+packages, READMEs, man and info pages vary with what a machine has installed, so they only feed
+training.
+
+Deterministic: a source's documents are visited in the order of the SHA-256 of their key (the
+path relative to the source's root, or the topic, so the install location does not matter), and
+a training-source document goes to the held-out split when that hash is ≡ 0 mod
+``heldout_every``. Each split's characters are shared among its sources by weight; a source
+that is missing or short leaves its share to the others, and the manifest records what each
+source gave. The same installed versions (Python, its packages, the Debian packages) give the
+same corpus on any machine.
 """
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import importlib.util
+import io
 import json
+import math
 import os
+import platform
+import re
+import sysconfig
+import tokenize
 import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
@@ -24,6 +60,14 @@ from slimlm import outputs
 DEFAULT_PACKAGES = ("transformers", "torch", "numpy", "huggingface_hub", "tokenizers", "safetensors", "tqdm",
                     "yaml", "jinja2", "matplotlib", "accelerate", "gguf")
 DOC_SUFFIXES = (".md", ".rst", ".txt")
+# Share of each split's characters per source (renormalised over the sources a machine has).
+TRAIN_SOURCES = {"packages": 0.5, "stdlib": 0.2, "readmes": 0.1, "man": 0.15, "info": 0.05}
+GENERAL_SOURCES = {"python-reference": 0.8, "licenses": 0.2}
+# Standard-library folders that are tests, generated tables or that Debian ships in other packages
+# (python3-tk, python3-lib2to3, python3-distutils, idle, python3-venv): left out so that the
+# stdlib source is the same on a pyenv and a Debian Python. pydoc_data is the general set's.
+_STDLIB_SKIP = {"test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo", "lib2to3", "distutils", "ensurepip",
+                "pydoc_data", "encodings", "site-packages", "dist-packages", "__pycache__", "turtle.py"}
 
 
 def _package_root(name: str) -> str | None:
@@ -35,88 +79,405 @@ def _package_root(name: str) -> str | None:
 
 def python_docstrings(source: str) -> list[str]:
     """Docstrings of a module and of every class and function in it, in source order."""
+    return [text for _, text in _docstrings(source)]
+
+
+def _docstrings(source: str) -> list[tuple[int, str]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # invalid escape sequences in old files are not our concern
         tree = ast.parse(source)
     nodes = [tree] + [node for node in ast.walk(tree)
                       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
     nodes[1:] = sorted(nodes[1:], key=lambda node: node.lineno)
-    return [doc for doc in (ast.get_docstring(node, clean=True) for node in nodes) if doc]
+    found = ((getattr(node, "lineno", 0), ast.get_docstring(node, clean=True)) for node in nodes)
+    return [(line, doc) for line, doc in found if doc]
+
+
+def python_text(source: str) -> str:
+    """A module's prose: its docstrings and its comment blocks (consecutive comment lines joined,
+    the ``#`` dropped; shebang, coding and lint-pragma lines left out), in source order."""
+    pieces = _docstrings(source)
+    block, block_line, last_line = [], 0, -2
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type != tokenize.COMMENT:
+            continue
+        text = token.string.lstrip("#").strip()
+        line = token.start[0]
+        if line != last_line + 1 and block:
+            pieces.append((block_line, " ".join(block)))
+            block = []
+        if not block:
+            block_line = line
+        last_line = line
+        if text and not text.startswith(("!", "-*-", "noqa", "type:", "pragma", "fmt:", "pylint")):
+            block.append(text)
+    if block:
+        pieces.append((block_line, " ".join(block)))
+    return "\n\n".join(text for _, text in sorted(pieces, key=lambda piece: piece[0]) if text)
+
+
+_ROFF_ESCAPES = [(re.compile(pattern), replacement) for pattern, replacement in (
+    (r"\\f(\[[^\]]*\]|\(..|.)", ""), (r"\\s[+-]?\d", ""), (r"\\\*(\[[^\]]*\]|\(..|.)", ""),
+    (r"\\\((aq|cq)", "'"), (r"\\\((dq|lq|rq)", '"'), (r"\\\((em|en|hy)", "-"), (r"\\\((bu|pc)", "*"),
+    (r"\\\(..", ""), (r"\\\[[^\]]*\]", ""), (r"\\[-e]", lambda m: "-" if m.group(0) == "\\-" else "\\"),
+    (r"\\[&/,%|^:){}]", ""), (r"\\[ ~0]", " "), (r"\\c?$", ""))]
+_MDOC_MACRO = re.compile(r"[A-Z][a-z]")
+_ROFF_HEADINGS = {"SH", "SS", "Sh", "Ss"}
+_ROFF_ALTERNATING = {"BR", "BI", "IB", "IR", "RB", "RI"}  # fonts alternate word by word, with no space between
+_ROFF_TEXT = {"B", "I", "SM", "SB", "TP", "IP", "UR", "MT"} | _ROFF_ALTERNATING
+
+
+def _roff_line(text: str) -> str:
+    for pattern, replacement in _ROFF_ESCAPES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def roff_text(source: str) -> str:
+    """The readable text of a man page's roff source: headings, paragraphs and the arguments of
+    the font and list macros; comments, definitions and other requests dropped."""
+    lines, skipping = [], False
+    for line in source.splitlines():
+        if skipping:
+            skipping = line.strip() != ".."
+            continue
+        if line.startswith((".\\\"", "'\\\"", '.\\"')) or line.strip() in (".", "'"):
+            continue
+        if not line.startswith((".", "'")):
+            lines.append(_roff_line(line))
+            continue
+        macro, _, arguments = line[1:].strip().partition(" ")
+        if macro in ("de", "de1", "am", "ig"):
+            skipping = True
+        elif macro in _ROFF_HEADINGS:
+            lines.extend(["", _roff_line(arguments.replace('"', "")).strip(), ""])
+        elif macro in _ROFF_TEXT or (_MDOC_MACRO.fullmatch(macro) and macro not in ("Dd", "Dt", "Os")):
+            words = [word.strip('"') for word in re.findall(r'"[^"]*"|\S+', arguments)]
+            if macro in ("IP", "TP"):
+                words = words[:1]
+            if macro not in _ROFF_TEXT:  # mdoc: inline macros among the arguments; Fl is an option's dash
+                words = ["-" + word if previous == "Fl" else word
+                         for previous, word in zip([macro] + words, words) if not _MDOC_MACRO.fullmatch(word)]
+            lines.append(_roff_line(("" if macro in _ROFF_ALTERNATING else " ").join(words)))
+        elif macro in ("PP", "LP", "P", "sp", "Pp", "TP", "IP"):
+            lines.append("")
+    text = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+_INFO_MENU = re.compile(r"\* (Menu:|[^:]*::|[^:]*: [^.]*\.)")
+
+
+def info_text(source: str) -> str:
+    """The readable text of an info file: its nodes, without the preamble, node headers, menus and tag tables."""
+    kept = []
+    for node in source.split("\x1f")[1:]:  # before the first separator: the file's preamble and dir entry
+        node = node.lstrip("\n")
+        if not node.startswith("File:"):  # tag tables, indirect tables, local variables
+            continue
+        node = re.sub(r"\x00\x08\[[^\]]*\x00\x08\]", "", node.partition("\n")[2])
+        kept.append("\n".join(line for line in node.splitlines() if not _INFO_MENU.match(line)).strip())
+    return "\n\n".join(piece for piece in kept if piece)
+
+
+def _read(path: str) -> str:
+    if path.endswith(".gz"):
+        with gzip.open(path, "rb") as handle:
+            return handle.read().decode("utf-8")
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+@dataclass(frozen=True)
+class Source:
+    """A text source: ``documents(root)`` yields (key, reader) per document, where ``key`` names the
+    document independently of the machine and ``reader()`` returns its text; ``default_root()`` says
+    where the source lives here (None, and the reason, when the machine lacks it)."""
+
+    name: str
+    register: str
+    default_root: Callable[[], tuple[str | None, str]]
+    documents: Callable[[str], Iterator[tuple[str, Callable[[], str]]]]
+
+
+def _folder(path: str) -> Callable[[], tuple[str | None, str]]:
+    return lambda: (path, "") if os.path.isdir(path) else (None, f"{path} does not exist")
+
+
+def _stdlib_root() -> tuple[str | None, str]:
+    return _folder(sysconfig.get_paths()["stdlib"])()
+
+
+def _walk(root: str, keep: Callable[[str], bool], skip=frozenset()) -> Iterator[str]:
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in skip and not d.startswith("config-"))
+        for file in sorted(files):
+            path = os.path.join(folder, file)
+            if file not in skip and keep(file) and not os.path.islink(path):
+                yield os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _stdlib_documents(root: str):
+    for relative in _walk(root, lambda file: file.endswith(".py") and not file.startswith("_sysconfigdata"),
+                          _STDLIB_SKIP):
+        yield relative, lambda path=os.path.join(root, relative): python_text(_read(path))
+
+
+def _package_documents(root: str, packages=DEFAULT_PACKAGES):
+    """``root`` is a folder of packages (a site-packages); the default, ``<sys.path>``, is wherever
+    each of ``packages`` is installed. Licence files are left out (the general set's register)."""
+    for name in packages:
+        package = os.path.join(root, name) if root != "<sys.path>" else _package_root(name)
+        if package is None or not os.path.isdir(package):
+            continue
+        base = os.path.dirname(package)
+        for relative in _walk(package, lambda file: file.endswith((".py",) + DOC_SUFFIXES)
+                              and not file.upper().startswith(("LICENSE", "LICENCE", "COPYING")),
+                              {"__pycache__", "tests", "testing"}):
+            yield f"{name}/{relative}", lambda path=os.path.join(base, name, relative): _document(path)
+
+
+def _readme_documents(root: str):
+    from importlib.metadata import distributions
+
+    found = {}
+    for distribution in distributions(**({} if root == "<sys.path>" else {"path": [root]})):
+        name = (distribution.metadata["Name"] or "").lower()
+        if name and name not in found:
+            found[name] = distribution
+    for name in sorted(found):
+        metadata = found[name].metadata
+        yield name, lambda metadata=metadata: metadata.get_payload() or metadata["Description"] or ""
+
+
+def _man_documents(root: str):
+    for section in sorted(os.listdir(root)):
+        if re.fullmatch(r"man[1-9n]", section):  # man/<lang>/... are translations: English only
+            for relative in _walk(os.path.join(root, section), lambda file: True):
+                yield f"{section}/{relative}", lambda path=os.path.join(root, section, relative): roff_text(_read(path))
+
+
+def _info_documents(root: str):
+    for relative in _walk(root, lambda file: ".info" in file):
+        yield relative, lambda path=os.path.join(root, relative): info_text(_read(path))
+
+
+def _reference_documents(root: str):
+    path = os.path.join(root, "pydoc_data", "topics.py")
+    if not os.path.isfile(path):
+        return
+    tree = ast.parse(_read(path))
+    topics = next(ast.literal_eval(node.value) for node in tree.body
+                  if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict))
+    for topic in sorted(topics):
+        yield f"pydoc_data/topics.py#{topic}", lambda text=topics[topic]: text
+
+
+def _license_documents(root: str):
+    for relative in _walk(root, lambda file: True):
+        yield relative, lambda path=os.path.join(root, relative): _read(path)
+
+
+SOURCES = {source.name: source for source in (
+    Source("packages", "API docs", lambda: ("<sys.path>", ""), _package_documents),
+    Source("readmes", "READMEs", lambda: ("<sys.path>", ""), _readme_documents),
+    Source("stdlib", "API docs and comments", _stdlib_root, _stdlib_documents),
+    Source("man", "manuals", _folder("/usr/share/man"), _man_documents),
+    Source("info", "manuals", _folder("/usr/share/info"), _info_documents),
+    Source("python-reference", "prose", _stdlib_root, _reference_documents),
+    Source("licenses", "legal", _folder("/usr/share/common-licenses"), _license_documents),
+)}
 
 
 def _document(path: str) -> str:
-    with open(path, encoding="utf-8") as handle:
-        source = handle.read()
+    source = _read(path)
     if path.endswith(".py"):
         return "\n\n".join(python_docstrings(source))
     return source
 
 
-def collect_package_docs(*, train_chars: int, heldout_chars: int, packages=DEFAULT_PACKAGES, heldout_every: int = 10,
-                         min_chars: int = 400, max_doc_chars: int = 20_000, progress: bool = True) -> dict:
-    """{"train": [...], "heldout": [...], "sources": {"train": [...], "heldout": [...]}, "packages": {...}}:
-    documents (one per file, capped at ``max_doc_chars``, at least ``min_chars`` long) until each
-    split holds ``train_chars`` / ``heldout_chars`` characters. Raises ValueError when the
-    installed packages hold too little text."""
-    candidates = []
-    versions = {}
-    for name in packages:
-        root = _package_root(name)
-        if root is None:
-            continue
-        base = os.path.dirname(root)
-        try:
-            from importlib.metadata import version
+_READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, SyntaxError, ValueError, tokenize.TokenError)
 
+
+class _Cursor:
+    """One source's documents for one split, read lazily in the order of their keys' SHA-256."""
+
+    def __init__(self, candidates, min_chars: int, max_doc_chars: int):
+        self._candidates = iter(candidates)
+        self._min_chars, self._max_doc_chars = min_chars, max_doc_chars
+        self.texts, self.keys, self.chars = [], [], 0
+
+    def take(self, wanted: float) -> int:
+        """Read the next usable document, cut to ``wanted`` characters (or ``min_chars`` when fewer
+        are wanted, and at most ``max_doc_chars``); returns its length, 0 when the source is spent."""
+        for key, reader in self._candidates:
+            try:
+                text = reader().strip()
+            except _READ_ERRORS:
+                continue
+            if len(text) >= self._min_chars:
+                text = text[:max(self._min_chars, min(self._max_doc_chars, math.ceil(wanted)))]
+                self.texts.append(text)
+                self.keys.append(key)
+                self.chars += len(text)
+                return len(text)
+        return 0
+
+
+def _fill(cursors: dict, weights: dict, budget: int, bar) -> None:
+    """Fill ``budget`` characters from the cursors: each source first up to its share of the
+    weight, then whatever is still missing from the sources in order."""
+    total_weight = sum(weights[name] for name in cursors) or 1.0
+    for name, cursor in cursors.items():
+        quota = budget * weights[name] / total_weight
+        while cursor.chars < quota and (taken := cursor.take(quota - cursor.chars)):
+            bar.update(taken)
+    filled = sum(cursor.chars for cursor in cursors.values())
+    for cursor in cursors.values():
+        while filled < budget and (taken := cursor.take(budget - filled)):
+            filled += taken
+            bar.update(taken)
+
+
+def _collect(split_sources: dict, budgets: dict, required: dict, *, sources: dict, roots: dict, heldout_every: int,
+             min_chars: int, max_doc_chars: int, progress: bool, prefix_keys: bool = True) -> dict:
+    """The splits ``budgets`` names, each from the sources ``split_sources[split]`` (name → weight):
+    documents of a ``train``/``heldout`` source go to ``heldout`` when their hash is ≡ 0 mod
+    ``heldout_every``, those of any other split's sources all go to it."""
+    manifest, cursors = {}, {split: {} for split in budgets}
+    for split, weights in split_sources.items():
+        for name, weight in weights.items():
+            source = sources[name]
+            root, reason = (roots[name], "") if name in roots else source.default_root()
+            entry = manifest[name] = {"register": source.register, "weight": weight, "root": root, "used": False}
+            if root is None or (root != "<sys.path>" and not os.path.exists(root)):
+                entry["skipped"] = reason or f"{root} does not exist"
+                continue
+            documents = sorted((hashlib.sha256(key.encode()).hexdigest(), key, reader)
+                               for key, reader in source.documents(root))
+            if not documents:
+                entry["skipped"] = f"no documents under {root}"
+                continue
+            entry["used"] = True
+            targets = ("train", "heldout") if split == "train" else (split,)
+            for target in targets:
+                chosen = [(key, reader) for digest, key, reader in documents
+                          if target not in ("train", "heldout") or (int(digest, 16) % heldout_every == 0) == (target == "heldout")]
+                cursors[target][name] = _Cursor(chosen, min_chars, max_doc_chars)
+    bar = tqdm(total=sum(budgets.values()), desc="collecting text", unit="char", unit_scale=True, disable=not progress)
+    for split, budget in budgets.items():
+        weights = split_sources["train" if split == "heldout" else split]
+        _fill(cursors[split], weights, budget, bar)
+    bar.close()
+    for name, entry in manifest.items():
+        entry["files"] = {split: len(c[name].keys) for split, c in cursors.items() if name in c}
+        entry["chars"] = {split: c[name].chars for split, c in cursors.items() if name in c}
+    # Sources interleaved in hash order, so that any first blocks of a split (an evaluation's
+    # max_blocks) hold its sources in proportion, not the first source alone.
+    ordered = {split: sorted((hashlib.sha256(key.encode()).hexdigest(), name, key, text)
+                             for name, cursor in cursors[split].items() for key, text in zip(cursor.keys, cursor.texts))
+               for split in budgets}
+    corpus = {split: [text for *_, text in ordered[split]] for split in budgets}
+    corpus["sources"] = {split: [f"{name}:{key}" if prefix_keys else key for _, name, key, _ in ordered[split]]
+                         for split in budgets}
+    for split, budget in budgets.items():
+        got = sum(map(len, corpus[split]))
+        if got < required[split]:
+            account = "; ".join(f"{name}: " + (entry.get("skipped") or f"{entry['chars'].get(split, 0):,} chars")
+                                for name, entry in manifest.items()
+                                if name in split_sources["train" if split == "heldout" else split])
+            raise ValueError(f"the {split} split holds only {got:,} of the {required[split]:,} characters it needs "
+                             f"({account})")
+    corpus["manifest"] = manifest
+    return corpus
+
+
+def _versions(packages) -> dict:
+    from importlib.metadata import version
+
+    versions = {"python": platform.python_version()}
+    for name in packages:
+        try:
             versions[name] = version(name if name != "yaml" else "pyyaml")
         except Exception:  # a package without metadata still has docs; its version is just unknown
             versions[name] = "?"
-        for folder, subfolders, files in os.walk(root):
-            subfolders[:] = sorted(d for d in subfolders if d not in ("__pycache__", "tests", "testing"))
-            for file in files:
-                if file.endswith((".py",) + DOC_SUFFIXES):
-                    relative = os.path.relpath(os.path.join(folder, file), base).replace(os.sep, "/")
-                    candidates.append((hashlib.sha256(relative.encode()).hexdigest(), relative, base))
-    if not candidates:
+    if os.path.isfile("/etc/debian_version"):
+        with open("/etc/debian_version") as handle:
+            versions["debian"] = handle.read().strip()
+    return versions
+
+
+def collect_corpus(*, train_chars: int, heldout_chars: int, general_chars: int, train_sources=None,
+                   general_sources=None, roots: dict | None = None, heldout_every: int = 10, min_chars: int = 400,
+                   max_doc_chars: int = 20_000, min_fraction: float = 0.5, progress: bool = True) -> dict:
+    """{"train": [...], "heldout": [...], "general": [...], "sources": {split: [source:key, ...]}, "manifest": {...}}.
+
+    ``train`` and the in-domain ``heldout`` split come from ``train_sources`` (name → share of the
+    characters, default ``TRAIN_SOURCES``), split by file; ``general`` from ``general_sources``
+    (default ``GENERAL_SOURCES``), which must not overlap them. Each split collects documents (one
+    per file or topic, capped at ``max_doc_chars``, at least ``min_chars`` long) until it holds its
+    ``*_chars``. ``roots`` overrides where a source is read from (name → folder). A source missing
+    here is skipped, with the reason in ``manifest[name]["skipped"]``; the manifest also gives each
+    source's files and characters per split. Raises ValueError when a split gets less than
+    ``min_fraction`` of its characters, naming what each of its sources gave."""
+    train_sources = dict(TRAIN_SOURCES if train_sources is None else train_sources)
+    general_sources = dict(GENERAL_SOURCES if general_sources is None else general_sources)
+    for name in [*train_sources, *general_sources]:
+        if name not in SOURCES:
+            raise ValueError(f"unknown corpus source {name!r}; the sources are: {', '.join(SOURCES)}")
+    if set(train_sources) & set(general_sources):
+        raise ValueError(f"a source cannot feed both training and the general held-out set: "
+                         f"{', '.join(sorted(set(train_sources) & set(general_sources)))}")
+    if not 0.0 < min_fraction <= 1.0:
+        raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
+    budgets = {"train": train_chars, "heldout": heldout_chars, "general": general_chars}
+    corpus = _collect({"train": train_sources, "general": general_sources}, budgets,
+                      {split: int(min_fraction * budget) for split, budget in budgets.items()},
+                      sources=SOURCES, roots=dict(roots or {}), heldout_every=heldout_every, min_chars=min_chars,
+                      max_doc_chars=max_doc_chars, progress=progress)
+    corpus["manifest"] = {"versions": _versions(DEFAULT_PACKAGES), "sources": corpus["manifest"],
+                          "chars": {split: sum(map(len, corpus[split])) for split in budgets},
+                          "settings": {"heldout_every": heldout_every, "min_chars": min_chars,
+                                       "max_doc_chars": max_doc_chars}}
+    return corpus
+
+
+def collect_package_docs(*, train_chars: int, heldout_chars: int, packages=DEFAULT_PACKAGES, heldout_every: int = 10,
+                         min_chars: int = 400, max_doc_chars: int = 20_000, progress: bool = True) -> dict:
+    """{"train": [...], "heldout": [...], "sources": {"train": [...], "heldout": [...]}, "packages": {...}}:
+    the ``packages`` source alone (docs of ``packages``; keys relative to site-packages),
+    documents until each split holds ``train_chars`` / ``heldout_chars`` characters. Raises
+    ValueError when the installed packages hold too little text."""
+    if not any(_package_root(name) for name in packages):
         raise ValueError(f"none of the packages {', '.join(packages)} is installed")
-    candidates.sort()
-    splits = {"train": [], "heldout": []}
-    sources = {"train": [], "heldout": []}
-    budget = {"train": train_chars, "heldout": heldout_chars}
-    filled = {"train": 0, "heldout": 0}
-    bar = tqdm(total=train_chars + heldout_chars, desc="collecting docs", unit="char", unit_scale=True,
-               disable=not progress)
-    for digest, relative, base in candidates:
-        split = "heldout" if int(digest, 16) % heldout_every == 0 else "train"
-        if filled[split] >= budget[split]:
-            if all(filled[key] >= budget[key] for key in budget):
-                break
-            continue
-        try:
-            text = _document(os.path.join(base, relative)).strip()
-        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
-            continue
-        if len(text) < min_chars:
-            continue
-        text = text[:max_doc_chars]
-        splits[split].append(text)
-        sources[split].append(relative)
-        taken = min(len(text), budget[split] - filled[split])
-        filled[split] += len(text)
-        bar.update(taken)
-    bar.close()
-    for split in budget:
-        if filled[split] < min(budget[split], 10 * min_chars):
-            raise ValueError(f"the installed packages hold only {filled[split]:,} characters of documentation for the "
-                             f"{split} split; install more of: {', '.join(packages)}")
-    return {**splits, "sources": sources, "packages": versions}
+    source = Source("packages", "API docs", lambda: ("<sys.path>", ""),
+                    lambda root: _package_documents(root, packages))
+    budgets = {"train": train_chars, "heldout": heldout_chars}
+    try:
+        corpus = _collect({"train": {"packages": 1.0}}, budgets,
+                          {split: min(budget, 10 * min_chars) for split, budget in budgets.items()},
+                          sources={"packages": source}, roots={}, heldout_every=heldout_every, min_chars=min_chars,
+                          max_doc_chars=max_doc_chars, progress=progress, prefix_keys=False)
+    except ValueError as error:
+        raise ValueError(f"the installed packages hold too little documentation: {error}; install more of: "
+                         f"{', '.join(packages)}") from None
+    del corpus["manifest"]
+    corpus["packages"] = {name: version for name, version in _versions(
+        [name for name in packages if _package_root(name)]).items() if name != "python" and name != "debian"}
+    return corpus
 
 
 def write_corpus(corpus: dict, folder: str) -> dict:
-    """Write ``train.jsonl`` and ``heldout.jsonl`` ({"text", "source"} per line) into ``folder``; returns their paths."""
-    for split in ("train", "heldout"):
+    """Write each split of ``corpus`` (``train.jsonl``, ``heldout.jsonl`` and, from
+    ``collect_corpus``, ``general.jsonl``; {"text", "source"} per line) into ``folder``, with
+    ``manifest.json`` (or, from ``collect_package_docs``, ``packages.json``); returns the splits' paths."""
+    splits = [split for split in ("train", "heldout", "general") if split in corpus]
+    for split in splits:
         lines = (json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
                  for text, source in zip(corpus[split], corpus["sources"][split]))
         outputs.write_text(os.path.join(folder, f"{split}.jsonl"), "".join(lines))
-    outputs.write_json(os.path.join(folder, "packages.json"), corpus["packages"])
-    return {split: os.path.join(folder, f"{split}.jsonl") for split in ("train", "heldout")}
+    if "manifest" in corpus:
+        outputs.write_json(os.path.join(folder, "manifest.json"), corpus["manifest"])
+    if "packages" in corpus:
+        outputs.write_json(os.path.join(folder, "packages.json"), corpus["packages"])
+    return {split: os.path.join(folder, f"{split}.jsonl") for split in splits}
