@@ -130,14 +130,20 @@ def count_params(model) -> int:
 
 def evaluate_model(model, blocks: TokenBlocks, *, tokenizer=None, prompts=(), max_new_tokens: int = 32,
                    batch_size: int = 8, spec: str | os.PathLike | None = None, progress: bool = True,
-                   name: str = "model") -> dict:
+                   name: str = "model", general_blocks: TokenBlocks | None = None) -> dict:
     """Everything the report's table holds for one model: params, size on disk (when ``spec``
-    is a path), held-out perplexity and tokens/s, and greedy samples for ``prompts``."""
+    is a path), held-out perplexity and tokens/s, and greedy samples for ``prompts``; with
+    ``general_blocks`` (a held-out set of another register than the training text) also
+    ``general_perplexity`` and ``general_nll`` on them."""
     result = {"name": name, "params": count_params(model)}
     if spec is not None and os.path.exists(os.fspath(spec)):
         result["disk_bytes"] = disk_bytes(spec)
         result["format"] = weight_format(spec, model)
     result.update(perplexity(model, blocks, batch_size=batch_size, progress=progress, desc=f"eval {name}"))
+    if general_blocks is not None:
+        general = perplexity(model, general_blocks, batch_size=batch_size, progress=progress,
+                             desc=f"eval {name} (general)")
+        result["general_perplexity"], result["general_nll"] = general["perplexity"], general["nll"]
     if prompts:
         if tokenizer is None:
             raise ValueError("greedy samples need the tokenizer")
@@ -156,18 +162,23 @@ def human_bytes(count: int | None) -> str:
 
 
 def comparison_rows(results: list[dict]) -> list[list[str]]:
-    """Header + one row per result: model, params, size on disk, perplexity, tokens/s; the
+    """Header + one row per result: model, params, size on disk, perplexity (and its ratio to
+    the first's), the general held-out set's perplexity and ratio when measured, tokens/s; the
     first result is the reference for the relative columns."""
-    rows = [["model", "params", "params vs first", "size on disk", "held-out ppl", "tokens/s"]]
-    first = results[0]["params"] if results else 1
+    general = bool(results) and all("general_perplexity" in result for result in results)
+    rows = [["model", "params", "params vs first", "size on disk", "held-out ppl", "ppl vs first"]
+            + (["general ppl", "general vs first"] if general else []) + ["tokens/s"]]
+    first = results[0] if results else {"params": 1}
     for result in results:
         size = human_bytes(result.get("disk_bytes"))
         if result.get("format"):
             size += f" ({result['format']})"
-        rows.append([
-            result["name"], f"{result['params'] / 1e6:.1f}M", f"{result['params'] / first:.1%}", size,
-            f"{result['perplexity']:.2f}", f"{result['tokens_per_s']:.0f}",
-        ])
+        row = [result["name"], f"{result['params'] / 1e6:.1f}M", f"{result['params'] / first['params']:.1%}", size,
+               f"{result['perplexity']:.2f}", f"{result['perplexity'] / first['perplexity']:.2f}×"]
+        if general:
+            row += [f"{result['general_perplexity']:.2f}",
+                    f"{result['general_perplexity'] / first['general_perplexity']:.2f}×"]
+        rows.append(row + [f"{result['tokens_per_s']:.0f}"])
     return rows
 
 

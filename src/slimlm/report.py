@@ -70,18 +70,27 @@ def plot_loss(log_history: list[dict], path: str) -> str | None:
 
 
 def plot_perplexity(results: list[dict], path: str) -> str:
-    """Bar chart of held-out perplexity per model/stage (log scale), values printed on the bars."""
+    """Bar chart of held-out perplexity per model/stage (log scale), values printed on the bars;
+    beside it the general held-out set's when every result has one."""
     plt = _pyplot()
     names = [result["name"] for result in results]
-    values = [result["perplexity"] for result in results]
-    figure, ax = plt.subplots(figsize=(1.6 * len(names) + 3, 4))
-    bars = ax.bar(names, values, color=["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple"][: len(names)]
-                  or None)
+    sets = [("held-out", "perplexity")]
+    if all("general_perplexity" in result for result in results):
+        sets = [("in-domain held-out", "perplexity"), ("general held-out", "general_perplexity")]
+    width = 0.8 / len(sets)
+    figure, ax = plt.subplots(figsize=(1.6 * len(names) * len(sets) + 3, 4))
+    for number, (label, field) in enumerate(sets):
+        values = [result[field] for result in results]
+        offsets = [i + (number - (len(sets) - 1) / 2) * width for i in range(len(names))]
+        bars = ax.bar(offsets, values, width=width, label=label)
+        for bar, value in zip(bars, values):
+            ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom")
+    ax.set_xticks(range(len(names)), names)
     ax.set_yscale("log")
-    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_ylabel("perplexity (log scale)")
     ax.set_title("perplexity per stage (lower is better)")
-    for bar, value in zip(bars, values):
-        ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom")
+    if len(sets) > 1:
+        ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -233,8 +242,10 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
     for key, value in (notes or {}).items():
         md.append(f"- **{key}**: {value}")
     md += ["", "## Models", "", _markdown_table(table), ""]
-    md.append("Perplexity: exp of the mean next-token NLL over the held-out blocks (padding masked). "
-              "tokens/s: forward (prefill) throughput of that pass on this machine.")
+    md.append("Perplexity: exp of the mean next-token NLL over the held-out blocks (padding masked)"
+              + ("; general: the same on a held-out set of another register than the training text"
+                 if any("general_perplexity" in result for result in results) else "")
+              + ". tokens/s: forward (prefill) throughput of that pass on this machine.")
     if speed_table:
         md += ["", "## Inference speed", "", _markdown_table(speed_table), "", speed_note(speed)]
     if search_table:

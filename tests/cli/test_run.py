@@ -225,3 +225,26 @@ def test_run_saves_in_save_dtype_and_reports_speed(workspace, capsys, tmp_path):
     code, stdout, err = run_cli(capsys, "run", recipe, "--save-dtype", "float32", "--overwrite", "--no-progress")
     assert code == 0, err
     assert dtypes(out / "pruned") == dtypes(out / "distilled") == {torch.float32}
+
+
+def test_run_evaluates_and_reports_a_general_held_out_set(workspace, capsys, tmp_path):
+    general = tmp_path / "general.txt"
+    general.write_text("\n\n".join(sentences(8, 123)))
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "general.yaml", out=str(out), synthetic=None,
+                          data={"train": "data/*.txt", "heldout": "heldout.txt", "general": str(general)})
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    results = json.loads((out / "eval.json").read_text())["results"]
+    assert [result["name"] for result in results] == ["teacher", "pruned", "distilled"]
+    assert all(result["general_perplexity"] > 1 and result["general_perplexity"] != result["perplexity"]
+               for result in results)
+    report = (out / "report" / "report.md").read_text()
+    assert "general ppl" in report and "general vs first" in report and "1.00×" in report
+    # Another general set is another evaluation: eval reruns, the trained stages do not.
+    general.write_text("\n\n".join(sentences(8, 321)))
+    code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    lines = stage_lines(printed)
+    assert any(line.startswith("[eval] running") for line in lines)
+    assert any(line.startswith("[distill] skipped") for line in lines)

@@ -29,7 +29,6 @@ def run(args) -> int:
     from slimlm.models import smollm2_gguf_path
     from slimlm.pipeline import builtin_recipe, run_recipe, validate_recipe
     from slimlm.pipeline.corpus import collect_corpus, write_corpus
-    from slimlm.pipeline.recipe import RECIPE_FIELDS
 
     name = "demo-quick" if args.quick else "demo"
     raw = builtin_recipe(name)
@@ -54,9 +53,7 @@ def run(args) -> int:
                 print(f"[data]   {source:<17} " + ", ".join(f"{split} {chars:,}" for split, chars in entry["chars"].items())
                       + " chars")
         paths = write_corpus(corpus, data_folder)
-    # data.general (the general held-out set) is passed once the recipe knows the field.
-    data = {split: path for split, path in paths.items() if split in RECIPE_FIELDS["data"]}
-    raw.update(teacher=teacher, out=out, data=data)
+    raw.update(teacher=teacher, out=out, data=paths)
     if args.device is not None:
         raw["device"] = args.device
     recipe = validate_recipe(raw, f"builtin recipe {name}")

@@ -18,7 +18,10 @@ RECIPE_FIELDS = {
            "save_dtype": (str, "auto"),
            "device": (str, None), "data": (dict, _ANY), "importance": (dict, {}), "target": (dict, _ANY),
            "search": ((dict, type(None)), None), "synthetic": ((dict, type(None)), None), "distill": (dict, {}), "eval": (dict, {}), "report": (dict, {})},
-    "data": {"train": ((str, list), _ANY), "heldout": ((str, list), None), "heldout_fraction": (float, 0.1),
+    # general: a held-out set of another register than the training text (the demo's: Python's
+    # language reference and the common licences), evaluated and reported beside heldout.
+    "data": {"train": ((str, list), _ANY), "heldout": ((str, list), None), "general": ((str, list), None),
+             "heldout_fraction": (float, 0.1),
              "text_field": (str, "text")},
     "importance": {"num_samples": (int, 64), "seq_len": (int, 256), "batch_size": (int, 8),
                    "metrics": (list, ["activation"]), "depth": (list, ["block_influence"]),
@@ -179,7 +182,7 @@ def load_recipe(path: str | os.PathLike) -> dict:
 
     if os.path.exists(local(recipe["teacher"])):
         recipe["teacher"] = local(recipe["teacher"])
-    for key in ("train", "heldout"):
+    for key in ("train", "heldout", "general"):
         if recipe["data"][key] is not None:
             recipe["data"][key] = local(recipe["data"][key])
     stem = os.path.splitext(os.path.basename(path))[0]

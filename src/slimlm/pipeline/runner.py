@@ -51,7 +51,8 @@ class Pipeline:
 
         data = self.recipe["data"]
         inputs = {"teacher": self.recipe["teacher"], "training data": data["train"],
-                  "held-out data": data["heldout"], "recipe": self.recipe_path}
+                  "held-out data": data["heldout"], "general held-out data": data["general"],
+                  "recipe": self.recipe_path}
         outputs.check_output(self.out, True, inputs, what="output folder")
         if not (os.path.isdir(self.out) and os.listdir(self.out)):
             return False
@@ -162,6 +163,11 @@ class Pipeline:
             except (ValueError, TypeError, OverflowError) as error:
                 raise InputError(f"{'search' if recipe['search'] else 'target'}: {error}") from None
             self.train_texts, self.heldout_texts = self._data()
+            self.general_texts = None
+            if recipe["data"]["general"] is not None:
+                from slimlm.data import load_texts
+
+                self.general_texts = load_texts(recipe["data"]["general"], text_field=recipe["data"]["text_field"])
             self.rerank_tokens = 0
             if recipe["search"] is not None:
                 self.search_blocks, train_blocks = search_stage.search_blocks(
@@ -302,7 +308,8 @@ class Pipeline:
 
     def evaluate(self) -> list[dict]:
         """Perplexity, speed and samples of the teacher, the pruned and the distilled model on
-        the held-out blocks (``eval.json``, keyed by the models' fingerprints and the data)."""
+        the held-out blocks, and perplexity on the general held-out set's when the recipe has
+        one (``eval.json``, keyed by the models' fingerprints and the data)."""
         from slimlm.data import tokenize_blocks
         from slimlm.evaluate import evaluate_model
         from slimlm.fingerprint import model_fingerprint
@@ -312,12 +319,17 @@ class Pipeline:
         specs = {"teacher": self.recipe["teacher"], "pruned": self.path("pruned"), "distilled": self.path("distilled")}
         blocks = tokenize_blocks(self.heldout_texts, self.tokenizer, section["seq_len"], model=self.teacher)
         blocks = blocks.select(range(min(len(blocks), section["max_blocks"])))
+        general = None
+        if self.general_texts is not None:
+            general = tokenize_blocks(self.general_texts, self.tokenizer, section["seq_len"], model=self.teacher)
+            general = general.select(range(min(len(general), section["max_blocks"])))
         eval_path = self.path("eval.json")
         with self._timed("eval"):
             models = {"teacher": self.teacher}
             for name in ("pruned", "distilled"):
                 models[name] = load_model(specs[name], dtype=self.dtype, device=self.device)
             key = {"heldout": texts_digest(self.heldout_texts), "settings": section,
+                   "general": texts_digest(self.general_texts) if self.general_texts is not None else None,
                    "fingerprints": {name: model_fingerprint(model) for name, model in models.items()},
                    "distilled_record": read_json(os.path.join(specs["distilled"], DISTILL_RECORD)).get(
                        "train_seconds")}
@@ -328,7 +340,7 @@ class Pipeline:
                 return previous["results"]
             results = [evaluate_model(model, blocks, tokenizer=self.tokenizer, prompts=section["prompts"],
                                       max_new_tokens=section["max_new_tokens"], batch_size=section["batch_size"],
-                                      spec=specs[name], progress=self.progress, name=name)
+                                      spec=specs[name], progress=self.progress, name=name, general_blocks=general)
                        for name, model in models.items()]
             outputs.write_json(eval_path, {"key": key, "results": results})
             return results
@@ -374,7 +386,9 @@ class Pipeline:
         distill_record = read_json(os.path.join(self.path("distilled"), DISTILL_RECORD))
         notes = {"command": self.command, "teacher": recipe["teacher"], "target": recipe["target"],
                  "data": f"{len(self.train_texts)} training documents, {len(self.heldout_texts)} held-out documents "
-                         f"(never used for calibration or training)",
+                         f"(never used for calibration or training)" + (
+                             f", {len(self.general_texts)} general held-out documents (another register: neither "
+                             "the training text nor its domain)" if self.general_texts is not None else ""),
                  "distillation": f"{distill_record['steps']} steps, {distill_record['tokens_seen']:,} tokens "
                                  f"(budget {section['max_tokens'] or '-'} tokens / {section['max_minutes'] or '-'} min), "
                                  f"{distill_record['train_seconds'] or 0:.0f} s, lr {section['lr']}, seq_len "
