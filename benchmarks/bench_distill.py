@@ -196,16 +196,7 @@ def teacher_quality(precisions=("fp32", "bf16", "int8"), blocks: int = 8, seq_le
     from slimlm.distill.teacher import prepare_teacher
 
     teacher, _, tokenizer = teacher_and_student({"target_params": 0.6}, {"intermediate_size": 384, "hidden_size": 192})
-    if tokenizer is None:
-        input_ids = torch.randint(0, teacher.config.vocab_size, (blocks, seq_len), generator=torch.Generator().manual_seed(1))
-    else:
-        from slimlm.data import tokenize_blocks
-        from slimlm.pipeline.corpus import collect_package_docs
-
-        texts = collect_package_docs(train_chars=1000, heldout_chars=blocks * seq_len * 12, progress=False)["heldout"]
-        held_out = tokenize_blocks(texts, tokenizer, seq_len)
-        input_ids = held_out.input_ids[held_out.attention_mask.all(dim=1)][:blocks]  # whole blocks only
-        assert len(input_ids) == blocks, f"only {len(input_ids)} whole held-out blocks"
+    input_ids = held_out_blocks(tokenizer, teacher.config.vocab_size, blocks, seq_len, "heldout")
     head = teacher.get_output_embeddings().weight.detach()
     labels = input_ids[:, 1:]
 
@@ -243,6 +234,71 @@ def test_teacher_precision_quality(benchmark):
               f"{values['perplexity']:.3f}, top-1 agreement {values['top1_agreement']:.4f}")
     assert results["fp32"]["kl_from_fp32"] < 1e-6
     assert results["bf16"]["kl_from_fp32"] < 0.01, "a bf16 teacher must teach almost what the float32 one does"
+
+
+def held_out_blocks(tokenizer, vocab: int, count: int, seq_len: int, split: str, seed: int = 1) -> torch.Tensor:
+    """``count`` whole blocks of ``seq_len`` tokens of the demo corpus' ``split`` ("train" or
+    "heldout": the installed packages' documentation), or random ids without a tokenizer (QUICK)."""
+    if tokenizer is None:
+        return torch.randint(0, vocab, (count, seq_len), generator=torch.Generator().manual_seed(seed))
+    from slimlm.data import tokenize_blocks
+    from slimlm.pipeline.corpus import collect_package_docs
+
+    chars = count * seq_len * 12
+    texts = collect_package_docs(train_chars=chars, heldout_chars=chars, progress=False)[split]
+    blocks = tokenize_blocks(texts, tokenizer, seq_len)
+    input_ids = blocks.input_ids[blocks.attention_mask.all(dim=1)][:count]  # whole blocks only
+    assert len(input_ids) == count, f"only {len(input_ids)} whole {split} blocks"
+    return input_ids
+
+
+def test_short_distillation_per_teacher_precision(benchmark, tmp_path):
+    """The same student distilled for ``STEPS`` steps of BATCH × SEQ tokens from each teacher
+    precision, then scored on held-out blocks against the float32 teacher: KL(fp32 teacher ‖
+    student) per token and the student's perplexity. A cheaper teacher is a gain only if these
+    stay where the float32 teacher's run puts them."""
+    import copy
+
+    import transformers
+
+    from slimlm.distill.trainer import DistillationConfig, DistillationTrainer
+
+    teacher, student, tokenizer = teacher_and_student({"target_params": 0.6}, {"intermediate_size": 384, "hidden_size": 192})
+    vocab = teacher.config.vocab_size
+    train = held_out_blocks(tokenizer, vocab, STEPS * BATCH, SEQ, "train", seed=2)
+    heldout = held_out_blocks(tokenizer, vocab, 4, SEQ, "heldout")
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids} for ids in train]
+
+    def score(model):
+        with torch.no_grad():
+            target = F.log_softmax(teacher(input_ids=heldout).logits[:, :-1].float(), dim=-1)
+            lp = F.log_softmax(model(input_ids=heldout).logits[:, :-1].float(), dim=-1)
+        kl = (target.exp() * (target - lp)).sum(-1).mean()
+        return float(kl), float((-lp.gather(-1, heldout[:, 1:, None])).mean().exp())
+
+    def distill_each():
+        results = {"before": score(student)}
+        for precision in ("fp32", "bf16", "int8"):
+            torch.manual_seed(0)
+            trained = copy.deepcopy(student).train()
+            args = transformers.TrainingArguments(
+                output_dir=str(tmp_path / precision), per_device_train_batch_size=BATCH, learning_rate=5e-4,
+                max_steps=STEPS, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                logging_strategy="no", lr_scheduler_type="constant", weight_decay=0.0, dataloader_num_workers=0,
+                seed=0, data_seed=0)
+            DistillationTrainer(model=trained, teacher_model=teacher, args=args, train_dataset=data,
+                                distillation_config=DistillationConfig(teacher_precision=precision)).train()
+            results[precision] = score(trained.eval())
+        return results
+
+    results = benchmark.pedantic(distill_each, rounds=1, iterations=1)
+    shape = f"{STEPS * BATCH}x{SEQ} tokens"
+    for name, (kl, perplexity) in results.items():
+        record_row("distill_short", f"teacher-{name}", shape, "float32", "heldout_kl_from_fp32_teacher", kl, "nats/token")
+        record_row("distill_short", f"teacher-{name}", shape, "float32", "student_perplexity", perplexity, "")
+        print(f"\n{name}: held-out KL(fp32 teacher || student) {kl:.4f}, student perplexity {perplexity:.2f}")
+    if not QUICK:  # random tiny models on random tokens have nothing to learn in 3 steps
+        assert results["fp32"][0] < results["before"][0], "distilling from the float32 teacher did not help"
 
 
 if __name__ == "__main__":
