@@ -230,6 +230,7 @@ def test_teacher_precision_quality(benchmark):
         record_row("distill_teacher", provider, shape, precision, "kl_from_fp32", values["kl_from_fp32"], "nats/token")
         record_row("distill_teacher", provider, shape, precision, "perplexity", values["perplexity"], "")
         record_row("distill_teacher", provider, shape, precision, "top1_agreement", values["top1_agreement"], "")
+        record_row("distill_teacher", provider, shape, precision, "forward", values["forward_s"], "s")
         print(f"\nteacher {precision}: KL from fp32 {values['kl_from_fp32']:.5f} nats/token, perplexity "
               f"{values['perplexity']:.3f}, top-1 agreement {values['top1_agreement']:.4f}")
     assert results["fp32"]["kl_from_fp32"] < 1e-6

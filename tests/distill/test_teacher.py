@@ -131,10 +131,22 @@ def test_a_device_mapped_teacher_runs_as_given(teacher, native):
 def test_a_bad_precision_is_a_value_error_naming_the_option(teacher, bad):
     with pytest.raises(ValueError, match="teacher_precision must be one of auto, fp32, bf16, int8"):
         prepare_teacher(teacher, bad)
-    with pytest.raises(ValueError, match="teacher_precision"):
-        DistillationConfig(teacher_precision=bad).check()
+    if bad is not None:  # None is the config's default: the teacher as given
+        with pytest.raises(ValueError, match="teacher_precision"):
+            DistillationConfig(teacher_precision=bad).check()
     with pytest.raises(ValueError, match="teacher_precision"):
         distill_inputs(teacher, teacher, ["a text"], teacher_precision=bad)
+
+
+def test_the_trainer_keeps_the_teacher_as_given_by_default(tmp_path):
+    """No ``teacher_precision``: a bf16 teacher stays bf16, a float32 one is used itself."""
+    student = tiny_model("llama", "training", vocab_size=VOCAB, seed=2).train()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    for dtype in (torch.float32, torch.bfloat16):
+        teacher = tiny.cast_weights(tiny_model("llama", "training", vocab_size=VOCAB, seed=1), dtype)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                      train_dataset=tiny.token_dataset(VOCAB, 4, 8, 0))
+        assert trainer.teacher is teacher and {p.dtype for p in trainer.teacher.parameters()} == {dtype}
 
 
 def test_the_fingerprint_differs_per_precision(teacher):

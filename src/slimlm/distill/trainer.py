@@ -64,8 +64,8 @@ class DistillationConfig:
     mixed precision (bf16 under ``bf16=True``, fp16 under ``fp16=True``, else exact fp32),
     or "float32" / "bfloat16" / "float16". Softmax, KL and CE are fp32 in every case.
     teacher_precision: what the live teacher's forward runs in, ``slimlm.distill.teacher``:
-    "fp32" (default: the teacher as given when it is float32, exact), "bf16", "int8" or "auto"
-    (bf16 where the CPU has it natively); its LM head in the loss stays the caller's.
+    None (default: the teacher as given, in its own dtype, exact), "fp32", "bf16", "int8" or
+    "auto" (bf16 where the CPU has it natively); its LM head in the loss stays the caller's.
     """
 
     kd_weight: float = 1.0
@@ -79,7 +79,7 @@ class DistillationConfig:
     topk: str | None = None
     topk_tail: str = "bucket"
     gemm_dtype: str = "auto"
-    teacher_precision: str = "fp32"
+    teacher_precision: str | None = None
 
     def check(self) -> None:
         for name in ("kd_weight", "ce_weight", "hidden_loss_weight"):
@@ -100,7 +100,8 @@ class DistillationConfig:
             raise ValueError(f"gemm_dtype must be one of {', '.join(GEMM_DTYPES)}, got {self.gemm_dtype!r}")
         if self.hidden_loss_kind not in ("cosine", "mse"):
             raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
-        check_teacher_precision(self.teacher_precision)
+        if self.teacher_precision is not None:
+            check_teacher_precision(self.teacher_precision)
 
 
 PROJECTIONS_FILE = "hidden_projections.safetensors"
@@ -148,8 +149,9 @@ class DistillationTrainer(transformers.Trainer):
             # Read once: a sharded teacher's head is gathered here, as the loss uses it outside its forward.
             # It is the caller's head, in its own dtype, whatever precision the teacher's blocks then run in.
             self.teacher_head = whole_lm_head(teacher_model)
-            self.teacher = prepare_teacher(teacher_model, self.distillation_config.teacher_precision,
-                                           log=transformers.logging.get_logger(__name__).warning)
+            if self.distillation_config.teacher_precision is not None:
+                self.teacher = prepare_teacher(teacher_model, self.distillation_config.teacher_precision,
+                                               log=transformers.logging.get_logger(__name__).warning)
         else:
             self.vocab_size = vocab_rows(self.model)
         self.hidden_distiller = None
