@@ -9,12 +9,13 @@ than the student trains in. ``prepare_teacher(teacher, precision)`` returns the 
 - "bf16": a copy whose weights are bfloat16. On CPU only where bf16 is native (AVX512-BF16 or
   AMX, ``cpu_has_bf16``); elsewhere emulated bf16 is slower than float32, so it falls back to the
   teacher as given, with a one-line notice. On CUDA where ``torch.cuda.is_bf16_supported()``.
-- "int8": a copy whose ``nn.Linear`` layers but the LM head (the blocks' projections) are dynamically quantized
-  (``torch.ao.quantization.quantize_dynamic``, int8 weights per output channel, activations
-  quantized per tensor at run time); embeddings, norms and the LM head keep their dtype and
+- "int8": a copy whose ``nn.Linear`` layers but the LM head (the blocks' projections) are
+  dynamically quantized (``torch.ao.quantization.quantize_dynamic``, int8 weights per output
+  channel, activations quantized per tensor at run time); embeddings, norms and the LM head keep their dtype and
   are shared with the caller's model, not copied. CPU only (the x86/fbgemm engine); on CUDA
   it falls back to "bf16", elsewhere to the teacher as given, with a notice.
-- "auto" (the default): "bf16" for a float32 teacher on a CPU with native bf16, otherwise the
+- "auto" (the default here, in ``distill_stage`` and ``slimlm distill``; ``DistillationConfig``'s
+  is None, the teacher as given): "bf16" for a float32 teacher on a CPU with native bf16, otherwise the
   teacher as given (on CUDA its loaded dtype is the user's choice; a CPU without native bf16
   runs float32). Never "int8": on SmolLM2-135M it raised held-out perplexity 20.1 → 78 and
   the KL from the float32 teacher to 1.4 nats/token, while bf16 cost 0.0008 (BENCHMARKS.md).
@@ -22,8 +23,8 @@ than the student trains in. ``prepare_teacher(teacher, precision)`` returns the 
 The LM head the loss uses is not touched: ``DistillationTrainer`` takes it from the caller's
 teacher, so the KD targets are the exact head applied to the cheaper hidden states (for a
 float32 teacher the logits stay float32); a copy returns its ``hidden_states`` in the caller's
-dtype to match it. A teacher sharded by FSDP or spread by
-``device_map`` runs as given, whatever ``precision`` says (with a notice).
+dtype to match it. A teacher sharded by FSDP or spread by ``device_map`` runs as given
+(with a notice when ``precision`` asked for bf16 or int8).
 """
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def resolve_teacher_precision(teacher, precision: str = "auto", log=print) -> st
     if precision == "bf16":
         native = cpu_has_bf16() if device.type == "cpu" else device.type == "cuda" and torch.cuda.is_bf16_supported()
         if not native:
-            log(f"[distill] teacher_precision='bf16' needs native bf16 ({'AVX512-BF16 or AMX' if device.type == 'cpu' else device.type}), "
+            needed = "AVX512-BF16 or AMX" if device.type == "cpu" else device.type
+            log(f"[distill] teacher_precision='bf16' needs native bf16 ({needed}), "
                 "absent here: emulated bf16 is slower than float32; the teacher runs as given")
             return "as-given"
     return precision
