@@ -7,6 +7,7 @@ import os
 
 from slimlm.cli import arguments
 from slimlm.cli.arguments import EXIT_OK
+from slimlm.distill.teacher import TEACHER_PRECISIONS
 from slimlm.errors import InputError
 
 
@@ -35,6 +36,10 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--kd-weight", type=float, default=1.0)
     sub.add_argument("--ce-weight", type=float, default=0.0)
     sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--teacher-precision", choices=TEACHER_PRECISIONS, default="auto",
+                     help="what the teacher's forward runs in (its LM head in the loss stays as loaded): auto = bf16 "
+                     "where the CPU has native bf16 (AVX512-BF16/AMX), else as loaded; int8 = dynamic quantization "
+                     "on CPU (fast but a much worse teacher on SmolLM2, see BENCHMARKS.md)")
     sub.add_argument("--out", required=True)
     arguments.add_save_dtype_option(sub)
     sub.add_argument("--overwrite", action="store_true",
@@ -89,7 +94,8 @@ def run(args) -> int:
         max_minutes=args.max_minutes, batch_size=args.batch_size, learning_rate=args.lr,
         temperature=args.temperature, beta=args.beta, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
         seed=args.seed, training_args=training_args, overwrite=args.overwrite, resume=not args.overwrite,
-        disable_tqdm=not arguments.progress(args), save_dtype=args.save_dtype, extra_record={"teacher": args.teacher, "student": args.student},
+        disable_tqdm=not arguments.progress(args), save_dtype=args.save_dtype,
+        teacher_precision=args.teacher_precision, extra_record={"teacher": args.teacher, "student": args.student},
         log=print if rank_zero else (lambda line: None))
     if not rank_zero:
         return EXIT_OK

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from slimlm.architectures import LMHead, lm_head
 from slimlm.distill.lm_heads import check_vocabularies, is_dtensor, vocab_rows, whole_lm_head
+from slimlm.distill.teacher import check_teacher_precision, prepare_teacher
 from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
 from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, topk_kl_div_loss
 from slimlm.models import portable_tokenizer_config
@@ -62,6 +63,9 @@ class DistillationConfig:
     gemm_dtype: operands of the LM-head GEMMs inside the loss: "auto" follows the Trainer's
     mixed precision (bf16 under ``bf16=True``, fp16 under ``fp16=True``, else exact fp32),
     or "float32" / "bfloat16" / "float16". Softmax, KL and CE are fp32 in every case.
+    teacher_precision: what the live teacher's forward runs in, ``slimlm.distill.teacher``:
+    None (default: the teacher as given, in its own dtype, exact), "fp32", "bf16", "int8" or
+    "auto" (bf16 where the CPU has it natively); its LM head in the loss stays the caller's.
     """
 
     kd_weight: float = 1.0
@@ -75,6 +79,7 @@ class DistillationConfig:
     topk: str | None = None
     topk_tail: str = "bucket"
     gemm_dtype: str = "auto"
+    teacher_precision: str | None = None
 
     def check(self) -> None:
         for name in ("kd_weight", "ce_weight", "hidden_loss_weight"):
@@ -95,6 +100,8 @@ class DistillationConfig:
             raise ValueError(f"gemm_dtype must be one of {', '.join(GEMM_DTYPES)}, got {self.gemm_dtype!r}")
         if self.hidden_loss_kind not in ("cosine", "mse"):
             raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
+        if self.teacher_precision is not None:
+            check_teacher_precision(self.teacher_precision)
 
 
 PROJECTIONS_FILE = "hidden_projections.safetensors"
@@ -109,8 +116,9 @@ class DistillationTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose loss distills ``teacher_model`` into ``model``.
 
     teacher_model: any causal LM with the student's tokenizer; it runs in eval mode under
-    no_grad in its own dtype, on ``teacher_device`` (default: the training device), or where
-    it already is when loaded with ``device_map`` or sharded by FSDP. Logs per step: each
+    no_grad, on ``teacher_device`` (default: the training device), or where it already is when
+    loaded with ``device_map`` or sharded by FSDP, in ``DistillationConfig.teacher_precision``
+    (a cheaper copy of it where that asks for one; the caller's model is not cast). Logs per step: each
     loss term, tokens/s, teacher forward seconds, peak memory.
     """
 
@@ -139,7 +147,11 @@ class DistillationTrainer(transformers.Trainer):
             teacher_model.eval()
             teacher_model.requires_grad_(False)
             # Read once: a sharded teacher's head is gathered here, as the loss uses it outside its forward.
+            # It is the caller's head, in its own dtype, whatever precision the teacher's blocks then run in.
             self.teacher_head = whole_lm_head(teacher_model)
+            if self.distillation_config.teacher_precision is not None:
+                self.teacher = prepare_teacher(teacher_model, self.distillation_config.teacher_precision,
+                                               log=transformers.logging.get_logger(__name__).warning)
         else:
             self.vocab_size = vocab_rows(self.model)
         self.hidden_distiller = None
