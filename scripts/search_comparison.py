@@ -11,7 +11,7 @@ settings) into two run folders under ``--out``:
   short-distilled student, its re-ranking tokens counted in ``distill.max_tokens``.
 
 ``--tokens`` sets ``distill.max_tokens`` of both (no time cap, so both train every token).
-Prints the held-out perplexities of teacher / pruned / distilled on every evaluation set the
+Prints the held-out perplexities (and with ``--general``, those on the demo's general set) of teacher / pruned / distilled on every evaluation set the
 recipe has, the search's phases, and the Spearman correlation between the zero-shot and the
 post-short-distillation ranking of the re-ranked candidates; writes ``comparison.json``.
 
@@ -81,8 +81,31 @@ def corpus_paths(out: str) -> dict:
     return {"train": paths["train"], "heldout": paths["heldout"]}
 
 
-def summarize(out: str) -> dict:
+def general_perplexities(run: str, general_path: str, seq_len: int, max_blocks: int) -> dict:
+    """Perplexity of the run's teacher, pruned and distilled models on the general held-out set."""
+    import torch
+
+    from slimlm.data import load_texts, tokenize_blocks
+    from slimlm.evaluate import perplexity
+    from slimlm.models import load_model, load_tokenizer
+
+    teacher = smollm2_gguf_path()
+    tokenizer = load_tokenizer(teacher)
+    blocks = None
+    result = {}
+    for name, spec in (("teacher", teacher), ("pruned", os.path.join(run, "pruned")),
+                       ("distilled", os.path.join(run, "distilled"))):
+        model = load_model(spec, dtype=torch.float32)
+        if blocks is None:
+            blocks = tokenize_blocks(load_texts(general_path), tokenizer, seq_len, model=model)
+            blocks = blocks.select(range(min(len(blocks), max_blocks)))
+        result[name] = perplexity(model, blocks, progress=False)["perplexity"]
+    return result
+
+
+def summarize(out: str, general: str | None = None) -> dict:
     rows = {}
+    eval_section = builtin_recipe("demo")["eval"]
     for name in ("greedy", "searched"):
         run = os.path.join(out, name)
         evaluated = read_json(os.path.join(run, "eval.json"))
@@ -90,6 +113,9 @@ def summarize(out: str) -> dict:
             continue
         rows[name] = {result["name"]: result["perplexity"] for result in evaluated["results"]}
         rows[name]["params"] = {result["name"]: result.get("params") for result in evaluated["results"]}
+        if general is not None:
+            rows[name]["general"] = general_perplexities(run, general, eval_section["seq_len"],
+                                                         eval_section["max_blocks"])
         distilled = read_json(os.path.join(run, "distilled", "slimlm_distill.json")) or {}
         rows[name]["distill_tokens"] = distilled.get("tokens_seen")
         rows[name]["distill_seconds"] = distilled.get("train_seconds")
@@ -118,6 +144,8 @@ def main() -> None:
     parser.add_argument("--max-width-prune", type=float, default=0.75)
     parser.add_argument("--max-depth-prune", type=float, default=0.2)
     parser.add_argument("--only", choices=["greedy", "searched"])
+    parser.add_argument("--general", help="a general held-out set (e.g. the demo's general.jsonl) to evaluate "
+                                          "every run's models on as well")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     made = recipes(args, corpus_paths(args.out))
@@ -126,7 +154,7 @@ def main() -> None:
             started = time.time()
             run_recipe(recipe, progress=False, command=f"scripts/search_comparison.py ({name})")
             print(f"[{name}] done in {time.time() - started:.0f} s", flush=True)
-    rows = summarize(args.out)
+    rows = summarize(args.out, args.general)
     with open(os.path.join(args.out, "comparison.json"), "w", encoding="utf-8") as handle:
         json.dump(rows, handle, indent=2)
     print(json.dumps(rows, indent=2))
