@@ -34,7 +34,7 @@ RECIPE_FIELDS = {
                   "top_p": (float, 0.95), "batch_size": (int, 8), "mix": (float, 0.3), "chat": (bool, False)},
     "distill": {"seq_len": (int, 256), "max_tokens": (int, None), "max_minutes": (float, None), "lr": (float, 1e-4),
                 "batch_size": (int, 8), "temperature": (float, 1.0), "beta": (float, 0.0), "kd_weight": (float, 1.0),
-                "ce_weight": (float, 0.0), "training_args": (dict, {})},
+                "ce_weight": (float, 0.0), "teacher_precision": (str, "auto"), "training_args": (dict, {})},
     "eval": {"seq_len": (int, 256), "max_blocks": (int, 64), "batch_size": (int, 8), "prompts": (list, []),
              "max_new_tokens": (int, 32), "speed": (bool, False), "speed_prompt_tokens": (int, 128),
              "speed_new_tokens": (int, 32), "speed_rounds": (int, 3)},
@@ -126,6 +126,11 @@ def _check_semantics(recipe: dict, where: str) -> None:
                 raise InputError(f"{where}: importance.{field}: unknown value {value!r} (known: {', '.join(known)})")
     if not 0.0 < recipe["data"]["heldout_fraction"] < 1.0:
         raise InputError(f"{where}: data.heldout_fraction must be in (0, 1), got {recipe['data']['heldout_fraction']}")
+    from slimlm.distill.teacher import TEACHER_PRECISIONS
+
+    if recipe["distill"]["teacher_precision"] not in TEACHER_PRECISIONS:
+        raise InputError(f"{where}: distill.teacher_precision: unknown value {recipe['distill']['teacher_precision']!r} "
+                         f"(known: {', '.join(TEACHER_PRECISIONS)})")
     if not 0.0 <= recipe["distill"]["beta"] <= 1.0:
         raise InputError(f"{where}: distill.beta must be in [0, 1], got {recipe['distill']['beta']}")
     if recipe["synthetic"] is not None and not 0.0 <= recipe["synthetic"]["mix"] <= 1.0:

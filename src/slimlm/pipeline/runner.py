@@ -293,6 +293,7 @@ class Pipeline:
                             max_tokens=max_tokens, batch_size=section["batch_size"],
                             learning_rate=section["lr"], temperature=section["temperature"], beta=section["beta"],
                             kd_weight=section["kd_weight"], ce_weight=section["ce_weight"], seed=self.recipe["seed"],
+                            teacher_precision=section["teacher_precision"],
                             training_args=training_args)
             inputs = distill.distill_inputs(self.teacher, student, self.train_texts, **settings)
             saved = distill.with_save_dtype(inputs, save_dtype(student, self.recipe["save_dtype"]))

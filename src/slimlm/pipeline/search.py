@@ -78,7 +78,8 @@ def search_stage(teacher, scores, target: dict, blocks, out: str, *, section: di
         flags = ["--use_cpu", "true"] + flags
     args = training_arguments(flags, output_dir=outputs.staging_path(out), batch_size=section["batch_size"],
                               learning_rate=section["lr"] or distill["lr"], seed=seed)
-    config = DistillationConfig(temperature=distill["temperature"], beta=distill["beta"])
+    config = DistillationConfig(temperature=distill["temperature"], beta=distill["beta"],
+                                teacher_precision=distill["teacher_precision"])
     settings = dict(space=SearchSpace.coerce(section["space"]), top_n=section["top_n"], top_k=section["top_k"],
                     held_out=held_out(section["held_out"]), seed=seed, rerank_tokens=section["rerank_tokens"],
                     batch_size=section["batch_size"], training_args=args, distillation_config=config, log=log)
