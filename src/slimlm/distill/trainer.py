@@ -8,9 +8,10 @@
 
 The loss never materialises logits: both models run with ``logits_to_keep`` empty and
 ``fused_linear_kl_div_loss`` works from their last hidden states and LM-head weights in
-row chunks. Loss = kd_weight·KD + ce_weight·CE + hidden_loss_weight·hidden, normalised by
-the global number of valid (shifted) label tokens that the Trainer passes as
-``num_items_in_batch``, so gradient accumulation and data parallelism give the loss of one
+row chunks. Loss = kd_weight·KD + ce_weight·CE + hidden_loss_weight·hidden (the hidden term
+optionally rescaled each step to the KD term's size, ``hidden_loss_schedule="minitron"``), the
+logit terms normalised by the global number of valid (shifted) label tokens that the Trainer
+passes as ``num_items_in_batch``, so gradient accumulation and data parallelism give the loss of one
 big batch. DDP, FSDP and DeepSpeed come from the Trainer (``accelerate launch``/``torchrun``).
 
 The student's side of the loss runs inside the student's own (wrapped) forward call, where
@@ -41,6 +42,7 @@ from slimlm.models import portable_tokenizer_config
 
 
 GEMM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HIDDEN_LOSS_SCHEDULES = ("fixed", "minitron")
 
 
 @dataclass
@@ -54,7 +56,13 @@ class DistillationConfig:
     states; ``layer_map`` maps indices into the student's and teacher's ``hidden_states``
     tuples (0: embeddings, i: after layer i; default ``slimlm.losses.depth_layer_map``), with
     a learnable projection per mapped layer when the widths differ (saved with checkpoints
-    as ``hidden_projections.safetensors``).
+    as ``hidden_projections.safetensors``). ``hidden_loss_weight`` > 0 turns the loss on.
+    hidden_loss_schedule: how the hidden loss is weighted each step. "fixed" (default):
+    ``hidden_loss_weight · hidden``. "minitron" (Minitron's dynamic weighting):
+    ``hidden_loss_weight · sg(kd / hidden) · hidden``, with sg the stop-gradient and kd the
+    step's logit distillation term, so the hidden term has the logit term's size every step
+    (and scales with it under gradient accumulation) while its gradient is the hidden loss's;
+    needs kd_weight > 0.
     chunk_size: rows per chunk of the fused loss (None: chosen from a memory budget).
     topk, topk_tail: a folder written by ``slimlm.distill.cache_teacher_topk``: the student then
     learns from the cached sparse teacher (``topk_kl_div_loss`` with tail "bucket" or
@@ -70,6 +78,7 @@ class DistillationConfig:
     beta: float = 0.0
     hidden_loss_weight: float = 0.0
     hidden_loss_kind: str = "cosine"
+    hidden_loss_schedule: str = "fixed"
     layer_map: dict[int, int] | None = None
     chunk_size: int | None = None
     topk: str | None = None
@@ -95,6 +104,12 @@ class DistillationConfig:
             raise ValueError(f"gemm_dtype must be one of {', '.join(GEMM_DTYPES)}, got {self.gemm_dtype!r}")
         if self.hidden_loss_kind not in ("cosine", "mse"):
             raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
+        if self.hidden_loss_schedule not in HIDDEN_LOSS_SCHEDULES:
+            raise ValueError(f"hidden_loss_schedule must be one of {', '.join(HIDDEN_LOSS_SCHEDULES)}, "
+                             f"got {self.hidden_loss_schedule!r}")
+        if self.hidden_loss_schedule == "minitron" and self.hidden_loss_weight > 0 and self.kd_weight == 0:
+            raise ValueError("hidden_loss_schedule='minitron' weights the hidden loss by the logit loss: "
+                             "it needs kd_weight > 0")
 
 
 PROJECTIONS_FILE = "hidden_projections.safetensors"
@@ -234,7 +249,7 @@ class DistillationTrainer(transformers.Trainer):
                     student_states, [state.to(device) for state in teacher_states], mask.bool() if mask is not None else None
                 )
                 terms["hidden"] = hidden.detach()
-                loss = loss + config.hidden_loss_weight * hidden
+                loss = loss + config.hidden_loss_weight * hidden_loss_scale(config, terms["kd"], hidden) * hidden
             return {"loss": loss, **{f"{name}_loss": terms[name] for name in ("kd", "ce", "hidden") if name in terms}}
 
         result = self._student_loss(model, inputs, loss_fn)
@@ -337,6 +352,16 @@ class DistillationTrainer(transformers.Trainer):
             self._metrics = {}
             self._window_start = time.perf_counter()
         super().log(logs, *args, **kwargs)
+
+
+def hidden_loss_scale(config: DistillationConfig, kd: torch.Tensor, hidden: torch.Tensor):
+    """The factor the hidden loss is multiplied by besides ``hidden_loss_weight``: 1 for the
+    "fixed" schedule; for "minitron", kd / hidden, detached (a constant of the step, so no
+    gradient flows through it; 0 when the hidden loss is 0)."""
+    if config.hidden_loss_schedule == "fixed":
+        return 1.0
+    hidden = hidden.detach()
+    return torch.where(hidden > 0, kd.detach() / hidden.clamp(min=torch.finfo(hidden.dtype).tiny), 0.0)
 
 
 def topk_examples(cache: TeacherTopKCache) -> list[dict]:
