@@ -16,11 +16,16 @@ def distill_inputs(teacher, student, train_texts, *, synthetic_texts=None, mix_f
                    max_tokens=None, batch_size=8, learning_rate=1e-4, temperature=1.0, beta=0.0, kd_weight=1.0,
                    ce_weight=0.0, seed=0, training_args=()) -> dict:
     """Everything a distillation run depends on: the models' fingerprints, the data's digests
-    and the training arguments. A checkpoint folder is resumed only by a run with the same."""
+    and the training arguments. A checkpoint folder is resumed only by a run with the same.
+    A teacher from ``slimlm.pipeline.correct.correct_teacher_stage`` adds its correction's
+    inputs ("teacher_correction"): its weights' fingerprint alone may miss the fine-tuning."""
     from slimlm.fingerprint import model_fingerprint
+    from slimlm.pipeline.correct import CORRECTION_ATTRIBUTE
 
     mixed = bool(synthetic_texts) and mix_fraction > 0
+    correction = getattr(teacher, CORRECTION_ATTRIBUTE, None)
     return read_json_roundtrip({
+        **({"teacher_correction": correction} if correction is not None else {}),
         "teacher": model_fingerprint(teacher), "student": model_fingerprint(student),
         "train": texts_digest(train_texts), "synthetic": texts_digest(synthetic_texts) if mixed else None,
         "mix": mix_fraction if mixed else 0.0, "seq_len": seq_len, "max_tokens": max_tokens,
