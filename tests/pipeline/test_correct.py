@@ -70,3 +70,4 @@ def test_bad_settings_write_nothing(tmp_path, change, message):
     with pytest.raises(InputError, match=message):
         correct_teacher_stage(teacher, tokenizer, texts(0), str(tmp_path / "out"), **settings)
     assert not (tmp_path / "out").exists()
+
