@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from slimlm.architectures import LMHead, lm_head
 from slimlm.distill.lm_heads import check_vocabularies, is_dtensor, vocab_rows, whole_lm_head
+from slimlm.distill.on_policy import OnPolicySampler
 from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
 from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, topk_kl_div_loss
 from slimlm.models import portable_tokenizer_config
@@ -63,6 +64,13 @@ class DistillationConfig:
     step's logit distillation term, so the hidden term has the logit term's size every step
     (and scales with it under gradient accumulation) while its gradient is the hidden loss's;
     needs kd_weight > 0.
+    on_policy_fraction, on_policy_prompt_fraction, on_policy_temperature: on-policy
+    distillation (GKD, ``slimlm.distill.on_policy``): on this fraction λ of the batches
+    (default 0: none) the student samples, at ``on_policy_temperature`` (default 1), the rest of
+    each block after its first ``on_policy_prompt_fraction`` (default 0.5), and the loss (β as
+    above: β = 0.5 is GKD's JSD) counts only the sampled tokens, with the Trainer's
+    normaliser of the batch as drawn (so each counted token weighs the same in a step).
+    Needs a live teacher and a model ``generate`` can run (not FSDP).
     chunk_size: rows per chunk of the fused loss (None: chosen from a memory budget).
     topk, topk_tail: a folder written by ``slimlm.distill.cache_teacher_topk``: the student then
     learns from the cached sparse teacher (``topk_kl_div_loss`` with tail "bucket" or
@@ -80,6 +88,9 @@ class DistillationConfig:
     hidden_loss_kind: str = "cosine"
     hidden_loss_schedule: str = "fixed"
     layer_map: dict[int, int] | None = None
+    on_policy_fraction: float = 0.0
+    on_policy_prompt_fraction: float = 0.5
+    on_policy_temperature: float = 1.0
     chunk_size: int | None = None
     topk: str | None = None
     topk_tail: str = "bucket"
@@ -104,6 +115,16 @@ class DistillationConfig:
             raise ValueError(f"gemm_dtype must be one of {', '.join(GEMM_DTYPES)}, got {self.gemm_dtype!r}")
         if self.hidden_loss_kind not in ("cosine", "mse"):
             raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
+        for name, value, ok, rule in (
+                ("on_policy_fraction", self.on_policy_fraction, 0.0 <= self.on_policy_fraction <= 1.0, "in [0, 1]"),
+                ("on_policy_prompt_fraction", self.on_policy_prompt_fraction,
+                 0.0 < self.on_policy_prompt_fraction < 1.0, "in (0, 1)"),
+                ("on_policy_temperature", self.on_policy_temperature, self.on_policy_temperature > 0, "> 0")):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
+        if self.topk is not None and self.on_policy_fraction > 0:
+            raise ValueError("on_policy_fraction needs a live teacher to score the student's samples; "
+                             "it cannot be used with a top-k cache (topk)")
         if self.hidden_loss_schedule not in HIDDEN_LOSS_SCHEDULES:
             raise ValueError(f"hidden_loss_schedule must be one of {', '.join(HIDDEN_LOSS_SCHEDULES)}, "
                              f"got {self.hidden_loss_schedule!r}")
@@ -167,6 +188,10 @@ class DistillationTrainer(transformers.Trainer):
                 student_config.hidden_size, teacher_config.hidden_size, layer_map,
                 kind=self.distillation_config.hidden_loss_kind, device=self.args.device,
             )
+        config = self.distillation_config
+        self.on_policy = OnPolicySampler(
+            config.on_policy_fraction, prompt_fraction=config.on_policy_prompt_fraction,
+            temperature=config.on_policy_temperature, seed=self.args.seed) if config.on_policy_fraction > 0 else None
         self._metrics: dict[str, float] = {}
         self._window_start = time.perf_counter()
         self.gemm_dtype = GEMM_DTYPES[self.distillation_config.gemm_dtype]
@@ -210,6 +235,8 @@ class DistillationTrainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         config = self.distillation_config
+        if self.on_policy is not None and model.training:
+            inputs = self._on_policy_inputs(model, inputs)
         labels = inputs.get("labels")
         if labels is None:
             labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", 1) == 0, -100)
@@ -258,6 +285,15 @@ class DistillationTrainer(transformers.Trainer):
                 self._add_metric(name, float(result[name]))
         self._add_metric("tokens", float(inputs["input_ids"].numel()))
         return self._finish(result["loss"], num_items_in_batch, return_outputs)
+
+    def _on_policy_inputs(self, model, inputs):
+        if self.is_fsdp_enabled:
+            raise RuntimeError("on-policy distillation samples with generate(), which FSDP-sharded students do not run")
+        start = time.perf_counter()
+        resampled = self.on_policy.maybe_resample(self.accelerator.unwrap_model(model), inputs, self.state.global_step)
+        if resampled is not inputs:
+            self._add_metric("student_sampling_s", time.perf_counter() - start)
+        return resampled
 
     def _finish(self, loss, num_items_in_batch, return_outputs):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.world_size > 1:
@@ -348,6 +384,8 @@ class DistillationTrainer(transformers.Trainer):
                     logs[name] = round(self._metrics[name] / self._metrics[f"_{name}_count"], 6)
             logs["tokens_per_s"] = round(self._metrics.get("tokens", 0.0) / max(elapsed, 1e-9), 2)
             logs["teacher_forward_s"] = round(self._metrics.get("teacher_forward_s", 0.0), 4)
+            if "student_sampling_s" in self._metrics:
+                logs["student_sampling_s"] = round(self._metrics["student_sampling_s"], 4)
             logs["peak_memory_mb"] = round(peak_memory_bytes(self.args.device) / 2**20, 1)
             self._metrics = {}
             self._window_start = time.perf_counter()
