@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=96, help="teacher generations for the synthetic set")
     parser.add_argument("--correction-tokens", type=int, default=65536, help="teacher correction budget for (f), (o)")
     parser.add_argument("--heldout-blocks", type=int, default=24, help="held-out blocks of --seq-len tokens")
-    parser.add_argument("--only", default="abcdef", help="letters of the variants to run (default: issue 6's a-f)")
+    parser.add_argument("--only", default="abcdef",
+                        help="letters of the variants to run, in this order (default: issue 6's a-f)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -120,9 +121,10 @@ def main() -> None:
             student="depth", options={**hidden, "hidden_loss_schedule": "minitron"}),
         "(s) width, on-policy (GKD) λ 0.5, JSD(0.5)": dict(beta=0.5, options={"on_policy_fraction": 0.5}),
     }
-    for index, (name, spec) in enumerate(variants.items()):
-        if name[1] not in args.only:
-            continue
+    order = {letter: position for position, letter in enumerate(args.only)}  # run in --only's order
+    chosen = sorted((order[name[1]], index, name, spec) for index, (name, spec) in enumerate(variants.items())
+                    if name[1] in order)
+    for _, index, name, spec in chosen:
         if spec.get("student", "width") is None:
             torch.manual_seed(0)
             student = AutoModelForCausalLM.from_config(students["width"].config)
