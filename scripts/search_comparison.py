@@ -144,11 +144,12 @@ def main() -> None:
     parser.add_argument("--max-width-prune", type=float, default=0.75)
     parser.add_argument("--max-depth-prune", type=float, default=0.2)
     parser.add_argument("--only", choices=["greedy", "searched"])
+    parser.add_argument("--summary-only", action="store_true", help="only summarize runs already finished")
     parser.add_argument("--general", help="a general held-out set (e.g. the demo's general.jsonl) to evaluate "
                                           "every run's models on as well")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    made = recipes(args, corpus_paths(args.out))
+    made = {} if args.summary_only else recipes(args, corpus_paths(args.out))
     for name, recipe in made.items():
         if args.only in (None, name):
             started = time.time()

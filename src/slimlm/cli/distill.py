@@ -35,6 +35,12 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--beta", type=float, default=0.0, help="0 forward KL, 1 reverse KL, between: JSD(beta)")
     sub.add_argument("--kd-weight", type=float, default=1.0)
     sub.add_argument("--ce-weight", type=float, default=0.0)
+    sub.add_argument("--correct-teacher-tokens", type=positive_int,
+                     help="Minitron's teacher correction: first fine-tune the teacher on this many tokens of --data "
+                     "with cross-entropy, saved to <out>.teacher-corrected (reused by a rerun of the same inputs, "
+                     "replaced otherwise; the distillation's checkpoints record it) (default: no correction)")
+    sub.add_argument("--correct-teacher-lr", type=arguments.positive_float,
+                     help="learning rate of the teacher correction (default: a tenth of --lr)")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--teacher-precision", choices=TEACHER_PRECISIONS, default="auto",
                      help="what the teacher's forward runs in (its LM head in the loss stays as loaded): auto = bf16 "
@@ -56,6 +62,7 @@ def run(args) -> int:
     from slimlm.distill.training import training_arguments
     from slimlm.models import load_model, load_tokenizer, resolve_dtype
     from slimlm.pipeline import distill
+    from slimlm.pipeline.correct import correct_teacher_stage
 
     arguments.check_model_path(args.teacher)
     arguments.check_model_path(args.student)
@@ -67,11 +74,17 @@ def run(args) -> int:
     distill.check_distill_settings(learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
                                    kd_weight=args.kd_weight, ce_weight=args.ce_weight, max_minutes=args.max_minutes,
                                    mix_fraction=args.mix)
+    if args.correct_teacher_lr is not None and args.correct_teacher_tokens is None:
+        raise InputError("--correct-teacher-lr needs --correct-teacher-tokens")
+    if args.correct_teacher_tokens is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("--correct-teacher-tokens runs in one process, not under torchrun/accelerate: "
+                         "distill with it in one process, or pass a corrected teacher as --teacher")
     checkpoints = args.out.rstrip(os.sep) + ".checkpoints"
+    corrected_dir = args.out.rstrip(os.sep) + ".teacher-corrected"
     outputs.check_output(args.out, args.overwrite,
                          {"teacher": args.teacher, "student": args.student, "data": args.data,
                           "synthetic data": args.synthetic},
-                         related=[checkpoints, outputs.staging_path(args.out)])
+                         related=[checkpoints, outputs.staging_path(args.out), corrected_dir])
     training_args = (["--use_cpu", "true"] if args.device == "cpu" else []) + args.training_args
     training_arguments(training_args, output_dir=checkpoints)
     # Under accelerate/torchrun every process loads both models on CPU and the Trainer places
@@ -88,8 +101,15 @@ def run(args) -> int:
     check_vocabularies(student, teacher, tokenizer, teacher_tokenizer)
     synthetic_texts = SyntheticDataset.load(args.synthetic).texts() if args.synthetic else None
     rank_zero = os.environ.get("RANK", "0") == "0"
+    train_texts = arguments.texts(args)
+    if args.correct_teacher_tokens is not None:
+        teacher = correct_teacher_stage(
+            teacher, teacher_tokenizer, train_texts, corrected_dir, tokens=args.correct_teacher_tokens,
+            seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=args.correct_teacher_lr or args.lr / 10,
+            seed=args.seed, overwrite=True, inplace=True, disable_tqdm=not arguments.progress(args),
+            log=print if rank_zero else (lambda line: None))
     _, log_history = distill.distill_stage(
-        teacher, student, tokenizer, arguments.texts(args), args.out, synthetic_texts=synthetic_texts,
+        teacher, student, tokenizer, train_texts, args.out, synthetic_texts=synthetic_texts,
         mix_fraction=args.mix if synthetic_texts else 0.0, seq_len=args.seq_len, max_tokens=args.max_tokens,
         max_minutes=args.max_minutes, batch_size=args.batch_size, learning_rate=args.lr,
         temperature=args.temperature, beta=args.beta, kd_weight=args.kd_weight, ce_weight=args.ce_weight,

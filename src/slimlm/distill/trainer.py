@@ -8,9 +8,10 @@
 
 The loss never materialises logits: both models run with ``logits_to_keep`` empty and
 ``fused_linear_kl_div_loss`` works from their last hidden states and LM-head weights in
-row chunks. Loss = kd_weight·KD + ce_weight·CE + hidden_loss_weight·hidden, normalised by
-the global number of valid (shifted) label tokens that the Trainer passes as
-``num_items_in_batch``, so gradient accumulation and data parallelism give the loss of one
+row chunks. Loss = kd_weight·KD + ce_weight·CE + hidden_loss_weight·hidden (the hidden term
+optionally rescaled each step to the KD term's size, ``hidden_loss_schedule="minitron"``), the
+logit terms normalised by the global number of valid (shifted) label tokens that the Trainer
+passes as ``num_items_in_batch``, so gradient accumulation and data parallelism give the loss of one
 big batch. DDP, FSDP and DeepSpeed come from the Trainer (``accelerate launch``/``torchrun``).
 
 The student's side of the loss runs inside the student's own (wrapped) forward call, where
@@ -36,12 +37,14 @@ from safetensors.torch import load_file, save_file
 from slimlm.architectures import LMHead, lm_head
 from slimlm.distill.lm_heads import check_vocabularies, is_dtensor, vocab_rows, whole_lm_head
 from slimlm.distill.teacher import check_teacher_precision, prepare_teacher
+from slimlm.distill.on_policy import OnPolicySampler
 from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
 from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, topk_kl_div_loss
 from slimlm.models import portable_tokenizer_config
 
 
 GEMM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HIDDEN_LOSS_SCHEDULES = ("fixed", "minitron")
 
 
 @dataclass
@@ -55,7 +58,20 @@ class DistillationConfig:
     states; ``layer_map`` maps indices into the student's and teacher's ``hidden_states``
     tuples (0: embeddings, i: after layer i; default ``slimlm.losses.depth_layer_map``), with
     a learnable projection per mapped layer when the widths differ (saved with checkpoints
-    as ``hidden_projections.safetensors``).
+    as ``hidden_projections.safetensors``). ``hidden_loss_weight`` > 0 turns the loss on.
+    hidden_loss_schedule: how the hidden loss is weighted each step. "fixed" (default):
+    ``hidden_loss_weight · hidden``. "minitron" (Minitron's dynamic weighting):
+    ``hidden_loss_weight · sg(kd / hidden) · hidden``, with sg the stop-gradient and kd the
+    step's logit distillation term, so the hidden term has the logit term's size every step
+    (and scales with it under gradient accumulation) while its gradient is the hidden loss's;
+    needs kd_weight > 0.
+    on_policy_fraction, on_policy_prompt_fraction, on_policy_temperature: on-policy
+    distillation (GKD, ``slimlm.distill.on_policy``): on this fraction λ of the batches
+    (default 0: none) the student samples, at ``on_policy_temperature`` (default 1), the rest of
+    each block after its first ``on_policy_prompt_fraction`` (default 0.5), and the loss (β as
+    above: β = 0.5 is GKD's JSD) counts only the sampled tokens, with the Trainer's
+    normaliser of the batch as drawn (so each counted token weighs the same in a step).
+    Needs a live teacher and a model ``generate`` can run (not FSDP).
     chunk_size: rows per chunk of the fused loss (None: chosen from a memory budget).
     topk, topk_tail: a folder written by ``slimlm.distill.cache_teacher_topk``: the student then
     learns from the cached sparse teacher (``topk_kl_div_loss`` with tail "bucket" or
@@ -74,7 +90,11 @@ class DistillationConfig:
     beta: float = 0.0
     hidden_loss_weight: float = 0.0
     hidden_loss_kind: str = "cosine"
+    hidden_loss_schedule: str = "fixed"
     layer_map: dict[int, int] | None = None
+    on_policy_fraction: float = 0.0
+    on_policy_prompt_fraction: float = 0.5
+    on_policy_temperature: float = 1.0
     chunk_size: int | None = None
     topk: str | None = None
     topk_tail: str = "bucket"
@@ -102,6 +122,22 @@ class DistillationConfig:
             raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
         if self.teacher_precision is not None:
             check_teacher_precision(self.teacher_precision)
+        for name, value, ok, rule in (
+                ("on_policy_fraction", self.on_policy_fraction, 0.0 <= self.on_policy_fraction <= 1.0, "in [0, 1]"),
+                ("on_policy_prompt_fraction", self.on_policy_prompt_fraction,
+                 0.0 < self.on_policy_prompt_fraction < 1.0, "in (0, 1)"),
+                ("on_policy_temperature", self.on_policy_temperature, self.on_policy_temperature > 0, "> 0")):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
+        if self.topk is not None and self.on_policy_fraction > 0:
+            raise ValueError("on_policy_fraction needs a live teacher to score the student's samples; "
+                             "it cannot be used with a top-k cache (topk)")
+        if self.hidden_loss_schedule not in HIDDEN_LOSS_SCHEDULES:
+            raise ValueError(f"hidden_loss_schedule must be one of {', '.join(HIDDEN_LOSS_SCHEDULES)}, "
+                             f"got {self.hidden_loss_schedule!r}")
+        if self.hidden_loss_schedule == "minitron" and self.hidden_loss_weight > 0 and self.kd_weight == 0:
+            raise ValueError("hidden_loss_schedule='minitron' weights the hidden loss by the logit loss: "
+                             "it needs kd_weight > 0")
 
 
 PROJECTIONS_FILE = "hidden_projections.safetensors"
@@ -164,6 +200,10 @@ class DistillationTrainer(transformers.Trainer):
                 student_config.hidden_size, teacher_config.hidden_size, layer_map,
                 kind=self.distillation_config.hidden_loss_kind, device=self.args.device,
             )
+        config = self.distillation_config
+        self.on_policy = OnPolicySampler(
+            config.on_policy_fraction, prompt_fraction=config.on_policy_prompt_fraction,
+            temperature=config.on_policy_temperature, seed=self.args.seed) if config.on_policy_fraction > 0 else None
         self._metrics: dict[str, float] = {}
         self._window_start = time.perf_counter()
         self.gemm_dtype = GEMM_DTYPES[self.distillation_config.gemm_dtype]
@@ -207,6 +247,8 @@ class DistillationTrainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         config = self.distillation_config
+        if self.on_policy is not None and model.training:
+            inputs = self._on_policy_inputs(model, inputs)
         labels = inputs.get("labels")
         if labels is None:
             labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", 1) == 0, -100)
@@ -246,7 +288,7 @@ class DistillationTrainer(transformers.Trainer):
                     student_states, [state.to(device) for state in teacher_states], mask.bool() if mask is not None else None
                 )
                 terms["hidden"] = hidden.detach()
-                loss = loss + config.hidden_loss_weight * hidden
+                loss = loss + config.hidden_loss_weight * hidden_loss_scale(config, terms["kd"], hidden) * hidden
             return {"loss": loss, **{f"{name}_loss": terms[name] for name in ("kd", "ce", "hidden") if name in terms}}
 
         result = self._student_loss(model, inputs, loss_fn)
@@ -255,6 +297,15 @@ class DistillationTrainer(transformers.Trainer):
                 self._add_metric(name, float(result[name]))
         self._add_metric("tokens", float(inputs["input_ids"].numel()))
         return self._finish(result["loss"], num_items_in_batch, return_outputs)
+
+    def _on_policy_inputs(self, model, inputs):
+        if self.is_fsdp_enabled:
+            raise RuntimeError("on-policy distillation samples with generate(), which FSDP-sharded students do not run")
+        start = time.perf_counter()
+        resampled = self.on_policy.maybe_resample(self.accelerator.unwrap_model(model), inputs, self.state.global_step)
+        if resampled is not inputs:
+            self._add_metric("student_sampling_s", time.perf_counter() - start)
+        return resampled
 
     def _finish(self, loss, num_items_in_batch, return_outputs):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.world_size > 1:
@@ -345,10 +396,22 @@ class DistillationTrainer(transformers.Trainer):
                     logs[name] = round(self._metrics[name] / self._metrics[f"_{name}_count"], 6)
             logs["tokens_per_s"] = round(self._metrics.get("tokens", 0.0) / max(elapsed, 1e-9), 2)
             logs["teacher_forward_s"] = round(self._metrics.get("teacher_forward_s", 0.0), 4)
+            if "student_sampling_s" in self._metrics:
+                logs["student_sampling_s"] = round(self._metrics["student_sampling_s"], 4)
             logs["peak_memory_mb"] = round(peak_memory_bytes(self.args.device) / 2**20, 1)
             self._metrics = {}
             self._window_start = time.perf_counter()
         super().log(logs, *args, **kwargs)
+
+
+def hidden_loss_scale(config: DistillationConfig, kd: torch.Tensor, hidden: torch.Tensor):
+    """The factor the hidden loss is multiplied by besides ``hidden_loss_weight``: 1 for the
+    "fixed" schedule; for "minitron", kd / hidden, detached (a constant of the step, so no
+    gradient flows through it; 0 when the hidden loss is 0)."""
+    if config.hidden_loss_schedule == "fixed":
+        return 1.0
+    hidden = hidden.detach()
+    return torch.where(hidden > 0, kd.detach() / hidden.clamp(min=torch.finfo(hidden.dtype).tiny), 0.0)
 
 
 def topk_examples(cache: TeacherTopKCache) -> list[dict]:

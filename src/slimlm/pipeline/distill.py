@@ -2,6 +2,7 @@
 Trainer, checkpointing as it goes, and swap the finished student into its output folder."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -14,21 +15,28 @@ from slimlm.pipeline.records import DISTILL_RECORD, RUN_RECORD, has_weights, inp
 
 def distill_inputs(teacher, student, train_texts, *, synthetic_texts=None, mix_fraction=0.0, seq_len=256,
                    max_tokens=None, batch_size=8, learning_rate=1e-4, temperature=1.0, beta=0.0, kd_weight=1.0,
-                   ce_weight=0.0, seed=0, training_args=(), teacher_precision="auto") -> dict:
+                   ce_weight=0.0, seed=0, training_args=(), teacher_precision="auto",
+                   distillation_options=None) -> dict:
     """Everything a distillation run depends on: the models' fingerprints, the data's digests,
     the training arguments and the teacher's precision option (as asked: "auto" resolves per
-    machine). A checkpoint folder is resumed only by a run with the same."""
+    machine). A checkpoint folder is resumed only by a run with the same. A teacher from
+    ``slimlm.pipeline.correct.correct_teacher_stage`` adds its correction's inputs
+    ("teacher_correction"): its weights' fingerprint alone may miss the fine-tuning."""
     from slimlm.distill.teacher import check_teacher_precision
     from slimlm.fingerprint import model_fingerprint
+    from slimlm.pipeline.correct import CORRECTION_ATTRIBUTE
 
     mixed = bool(synthetic_texts) and mix_fraction > 0
+    correction = getattr(teacher, CORRECTION_ATTRIBUTE, None)
     return read_json_roundtrip({
+        **({"teacher_correction": correction} if correction is not None else {}),
         "teacher": model_fingerprint(teacher), "student": model_fingerprint(student),
         "train": texts_digest(train_texts), "synthetic": texts_digest(synthetic_texts) if mixed else None,
         "mix": mix_fraction if mixed else 0.0, "seq_len": seq_len, "max_tokens": max_tokens,
         "batch_size": batch_size, "learning_rate": learning_rate, "temperature": temperature, "beta": beta,
         "kd_weight": kd_weight, "ce_weight": ce_weight, "seed": seed, "training_args": list(training_args),
-        "teacher_precision": check_teacher_precision(teacher_precision)})
+        "teacher_precision": check_teacher_precision(teacher_precision),
+        **({"distillation_options": distillation_options} if distillation_options else {})})
 
 
 def check_distill_settings(*, learning_rate, temperature, beta, kd_weight, ce_weight, max_minutes=None,
@@ -51,6 +59,7 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
                   kd_weight=1.0, ce_weight=0.0, seed=0, training_args=(), resume=True, overwrite=False,
                   clear_stale_checkpoints=False, checkpoints: str | None = None, max_minutes: float | None = None,
                   disable_tqdm: bool = False, extra_record=None, save_dtype=None, teacher_precision="auto",
+                  distillation_options=None,
                   log=print):
     """Distill ``teacher`` into ``student`` on blocks of ``train_texts`` (and, with
     ``mix_fraction`` > 0, packed ``synthetic_texts``), then save the student to ``out`` atomically.
@@ -77,6 +86,10 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     dtype it trained in; the checkpoints stay in the training dtype, so a resumed run continues
     exactly. Its record's ``inputs`` are ``distill_inputs`` plus ``save_dtype`` (the dtype's name),
     which ``distilled_state`` compares.
+
+    ``distillation_options``: more ``DistillationConfig`` fields, e.g. the hidden-state loss
+    (``{"hidden_loss_weight": 1.0, "hidden_loss_schedule": "minitron", "layer_map": {...}}``);
+    default none. The fields this function takes as parameters are refused there.
     """
     from transformers import set_seed
 
@@ -89,13 +102,23 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
 
     check_distill_settings(learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
                            ce_weight=ce_weight, max_minutes=max_minutes, mix_fraction=mix_fraction)
+    options = dict(distillation_options or {})
+    own = {"kd_weight", "ce_weight", "temperature", "beta", "teacher_precision"} & set(options)
+    if own:
+        raise ValueError(f"distillation_options: {', '.join(sorted(own))} are distill_stage parameters; pass them as such")
+    unknown = set(options) - {field.name for field in dataclasses.fields(DistillationConfig)}
+    if unknown:
+        raise ValueError(f"distillation_options: {', '.join(sorted(unknown))} are not DistillationConfig fields")
+    config = DistillationConfig(kd_weight=kd_weight, ce_weight=ce_weight, temperature=temperature, beta=beta,
+                                teacher_precision=teacher_precision, **options)
+    config.check()
     checkpoints = checkpoints or out.rstrip(os.sep) + ".checkpoints"
     student_before = model_fingerprint(student)
     inputs = distill_inputs(teacher, student, train_texts, synthetic_texts=synthetic_texts, mix_fraction=mix_fraction,
                             seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
                             learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
                             ce_weight=ce_weight, seed=seed, training_args=training_args,
-                            teacher_precision=teacher_precision)
+                            teacher_precision=teacher_precision, distillation_options=options)
     saved_dtype = resolve_save_dtype(student, save_dtype)
     outputs.check_output(out, overwrite)
     args = training_arguments(training_args, output_dir=checkpoints, batch_size=batch_size,
@@ -115,8 +138,6 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     if max_tokens is not None and not explicit_steps:
         args.max_steps = max(1, math.ceil(max_tokens / tokens_per_step(args, seq_len)))
 
-    config = DistillationConfig(kd_weight=kd_weight, ce_weight=ce_weight, temperature=temperature, beta=beta,
-                                teacher_precision=teacher_precision)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                                   distillation_config=config,
                                   callbacks=[time_budget_callback(max_minutes * 60)] if max_minutes else None)

@@ -1,0 +1,33 @@
+"""The distill stage's ``distillation_options``: more DistillationConfig fields (the hidden-state
+loss), validated before any work and recorded among the run's inputs."""
+import json
+import random
+
+import pytest
+
+from tests.tiny import WORDS, tiny_model, word_tokenizer
+
+
+def texts(seed, count=24):
+    generator = random.Random(seed)
+    return [" ".join(generator.choice(WORDS) for _ in range(generator.randint(8, 16))) + " ." for _ in range(count)]
+
+
+def test_distill_stage_takes_hidden_loss_options_and_records_them(tmp_path):
+    from slimlm.pipeline.distill import distill_stage
+
+    tokenizer = word_tokenizer()
+    teacher = tiny_model("llama", "training", vocab_size=len(tokenizer), seed=0)
+    student = tiny_model("llama", "training", vocab_size=len(tokenizer), seed=2, intermediate_size=32)
+    options = {"hidden_loss_weight": 1.0, "hidden_loss_schedule": "minitron", "layer_map": {1: 1, 2: 2}}
+    flags = ["--use_cpu", "true", "--max_steps", "2", "--save_strategy", "no", "--report_to", "none"]
+    _, history = distill_stage(teacher, student, tokenizer, texts(0), str(tmp_path / "out"), seq_len=8, batch_size=2,
+                               training_args=flags, distillation_options=options, disable_tqdm=True, log=lambda line: None)
+    assert all(entry["hidden_loss"] > 0 for entry in history if "loss" in entry and "hidden_loss" in entry)
+    record = json.loads((tmp_path / "out" / "slimlm_distill.json").read_text())
+    assert record["inputs"]["distillation_options"]["hidden_loss_schedule"] == "minitron"
+    for bad, message in (({"beta": 1.0}, "distill_stage parameters"), ({"hidden_weight": 1.0}, "not DistillationConfig"),
+                         ({"hidden_loss_schedule": "dynamic"}, "hidden_loss_schedule must be one of")):
+        with pytest.raises(ValueError, match=message):
+            distill_stage(teacher, student, tokenizer, texts(0), str(tmp_path / "bad"), training_args=flags,
+                          distillation_options=bad, log=lambda line: None)
