@@ -248,3 +248,40 @@ def test_run_evaluates_and_reports_a_general_held_out_set(workspace, capsys, tmp
     lines = stage_lines(printed)
     assert any(line.startswith("[eval] running") for line in lines)
     assert any(line.startswith("[distill] skipped") for line in lines)
+
+
+def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, capsys, tmp_path):
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "correct.yaml", out=str(out), synthetic=None,
+                          correct_teacher={"tokens": 64}, distill__hidden_loss_weight=1.0,
+                          distill__hidden_loss_schedule="minitron", distill__teacher_precision="fp32")
+    code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    assert "[correct_teacher] fine-tuning the teacher" in printed
+    assert (out / "teacher-corrected" / "config.json").is_file()
+    inputs = json.loads((out / "distilled" / "slimlm_distill.json").read_text())["inputs"]
+    assert inputs["teacher_correction"]["tokens"] == 64
+    assert inputs["distillation_options"]["hidden_loss_schedule"] == "minitron"
+    history = json.loads((out / "distilled" / "slimlm_distill.json").read_text())["log_history"]
+    assert any("hidden_loss" in entry for entry in history)
+    report = (out / "report" / "report.md").read_text()
+    assert "from the teacher corrected on 64 tokens" in report and "hidden-state loss 1.0 (minitron)" in report
+    code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    assert "holds the teacher corrected on these inputs" in printed
+    assert any(line.startswith("[distill] skipped") for line in stage_lines(printed))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"distill__hidden_loss_schedule": "sometimes"}, "distill: hidden_loss_schedule must be one of"),
+    ({"distill__on_policy_fraction": 1.5}, "distill: on_policy_fraction must be in [0, 1]"),
+    ({"distill__teacher_precision": "int4"}, "distill.teacher_precision: unknown value 'int4'"),
+    ({"correct_teacher": {"tokens": 0}}, "correct_teacher.tokens must be > 0"),
+    ({"correct_teacher": {"lr": 0.1}}, "correct_teacher.tokens is required"),
+])
+def test_recovery_options_are_checked_before_any_work(workspace, capsys, tmp_path, change, message):
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "bad-options.yaml", out=str(out), synthetic=None, **change)
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 2 and message in err, err
+    assert not out.exists()

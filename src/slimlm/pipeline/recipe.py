@@ -17,7 +17,7 @@ RECIPE_FIELDS = {
     None: {"teacher": (str, _ANY), "out": (str, None), "seed": (int, 0), "dtype": (str, "auto"),
            "save_dtype": (str, "auto"),
            "device": (str, None), "data": (dict, _ANY), "importance": (dict, {}), "target": (dict, _ANY),
-           "search": ((dict, type(None)), None), "synthetic": ((dict, type(None)), None), "distill": (dict, {}), "eval": (dict, {}), "report": (dict, {})},
+           "search": ((dict, type(None)), None), "correct_teacher": ((dict, type(None)), None), "synthetic": ((dict, type(None)), None), "distill": (dict, {}), "eval": (dict, {}), "report": (dict, {})},
     # general: a held-out set of another register than the training text (the demo's: Python's
     # language reference and the common licences), evaluated and reported beside heldout.
     "data": {"train": ((str, list), _ANY), "heldout": ((str, list), None), "general": ((str, list), None),
@@ -30,11 +30,16 @@ RECIPE_FIELDS = {
     "search": {"top_n": (int, 20), "top_k": (int, 4), "num_blocks": (int, 64), "seq_len": (int, 256),
                "held_out": (float, 0.25), "rerank_tokens": (int, None), "batch_size": (int, 8), "lr": (float, None),
                "space": (dict, {})},
+    # Minitron's teacher correction before distilling: lr default distill.lr / 10, seq_len and
+    # batch_size default the distillation's.
+    "correct_teacher": {"tokens": (int, _ANY), "lr": (float, None), "seq_len": (int, None), "batch_size": (int, None)},
     "synthetic": {"num_prompts": (int, 64), "max_new_tokens": (int, 64), "temperature": (float, 0.8),
                   "top_p": (float, 0.95), "batch_size": (int, 8), "mix": (float, 0.3), "chat": (bool, False)},
     "distill": {"seq_len": (int, 256), "max_tokens": (int, None), "max_minutes": (float, None), "lr": (float, 1e-4),
                 "batch_size": (int, 8), "temperature": (float, 1.0), "beta": (float, 0.0), "kd_weight": (float, 1.0),
-                "ce_weight": (float, 0.0), "teacher_precision": (str, "auto"), "training_args": (dict, {})},
+                "ce_weight": (float, 0.0), "teacher_precision": (str, "auto"), "hidden_loss_weight": (float, 0.0),
+                "hidden_loss_schedule": (str, "fixed"), "on_policy_fraction": (float, 0.0),
+                "training_args": (dict, {})},
     "eval": {"seq_len": (int, 256), "max_blocks": (int, 64), "batch_size": (int, 8), "prompts": (list, []),
              "max_new_tokens": (int, 32), "speed": (bool, False), "speed_prompt_tokens": (int, 128),
              "speed_new_tokens": (int, 32), "speed_rounds": (int, 3)},
@@ -83,7 +88,7 @@ def validate_recipe(raw, where: str) -> dict:
     recipe = _check_section(None, raw, RECIPE_FIELDS[None], where)
     for section in ("data", "importance", "distill", "eval", "report"):
         recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
-    for section in ("search", "synthetic"):
+    for section in ("search", "correct_teacher", "synthetic"):
         if recipe[section] is not None:
             recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
     _check_semantics(recipe, where)
@@ -133,6 +138,16 @@ def _check_semantics(recipe: dict, where: str) -> None:
                          f"(known: {', '.join(TEACHER_PRECISIONS)})")
     if not 0.0 <= recipe["distill"]["beta"] <= 1.0:
         raise InputError(f"{where}: distill.beta must be in [0, 1], got {recipe['distill']['beta']}")
+    from slimlm.distill.trainer import DistillationConfig
+
+    try:
+        DistillationConfig(**distillation_options(recipe["distill"])).check()
+    except (ValueError, TypeError) as error:
+        raise InputError(f"{where}: distill: {error}") from None
+    if recipe["correct_teacher"] is not None:
+        for field, value in recipe["correct_teacher"].items():
+            if value is not None and not value > 0:
+                raise InputError(f"{where}: correct_teacher.{field} must be > 0, got {value}")
     if recipe["synthetic"] is not None and not 0.0 <= recipe["synthetic"]["mix"] <= 1.0:
         raise InputError(f"{where}: synthetic.mix must be in [0, 1], got {recipe['synthetic']['mix']}")
     if recipe["dtype"] != "auto" and recipe["dtype"] not in DTYPES:
@@ -144,6 +159,14 @@ def _check_semantics(recipe: dict, where: str) -> None:
         raise InputError(f"{where}: eval.speed_new_tokens must be >= 2, got {recipe['eval']['speed_new_tokens']}")
     if not all(isinstance(p, str) for p in recipe["eval"]["prompts"]):
         raise InputError(f"{where}: eval.prompts must be a list of strings")
+
+
+DISTILLATION_OPTIONS = ("hidden_loss_weight", "hidden_loss_schedule", "on_policy_fraction")
+
+
+def distillation_options(section: dict) -> dict:
+    """The distill section's ``DistillationConfig`` fields beyond distill_stage's own parameters."""
+    return {name: section[name] for name in DISTILLATION_OPTIONS}
 
 
 def _check_search(section: dict, where: str) -> None:

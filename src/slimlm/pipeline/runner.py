@@ -22,7 +22,8 @@ RECIPE_COPY = "recipe.yaml"
 
 class Pipeline:
     """A validated recipe's run in its ``out`` folder: ``run`` calls one method per stage, in
-    order (setup, importance, search, prune, synthetic, distill, evaluate, speed, report); each logs whether
+    order (setup, importance, search, prune, synthetic, correct_teacher, distill, evaluate, speed,
+    report); each logs whether
     its output is already there and made from the same inputs, and then skips or runs."""
 
     def __init__(self, recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
@@ -127,7 +128,8 @@ class Pipeline:
         searched = self.search(scores)
         plan_text = self.prune(scores, searched)
         synthetic_texts = self.synthetic()
-        log_history = self.distill(synthetic_texts)
+        teacher = self.correct_teacher()
+        log_history = self.distill(synthetic_texts, teacher)
         results = self.evaluate()
         speed = self.speed()
         return self.report(scores, plan_text, log_history, results, speed, searched)
@@ -263,13 +265,37 @@ class Pipeline:
                 dataset = SyntheticDataset.load(synthetic_path)
             return dataset.texts()
 
-    def distill(self, synthetic_texts: list[str] | None) -> list[dict]:
+    def correct_teacher(self):
+        """The teacher to distill from: Minitron's teacher correction (``teacher-corrected/``,
+        the teacher fine-tuned ``correct_teacher.tokens`` tokens with CE on the training text)
+        when the recipe has that section, else the teacher itself. Evaluation keeps the original
+        teacher as the reference."""
+        section = self.recipe["correct_teacher"]
+        if section is None:
+            return self.teacher
+        from slimlm.pipeline.correct import correct_teacher_stage
+
+        distill_section = self.recipe["distill"]
+        with self._timed("correct_teacher"):
+            return correct_teacher_stage(
+                self.teacher, self.tokenizer, self.train_texts, self.path("teacher-corrected"),
+                tokens=section["tokens"], seq_len=section["seq_len"] or distill_section["seq_len"],
+                batch_size=section["batch_size"] or distill_section["batch_size"],
+                learning_rate=section["lr"] or distill_section["lr"] / 10, seed=self.recipe["seed"],
+                training_args=["--use_cpu", "true"] if self.device == "cpu" else [], overwrite=True,
+                save_dtype=self.recipe["save_dtype"], disable_tqdm=not self.progress,
+                log=lambda line: self.log(line.replace("[correct]", "[correct_teacher]")))
+
+    def distill(self, synthetic_texts: list[str] | None, teacher=None) -> list[dict]:
         """The pruned student distilled from the teacher (``distilled/``), saved in the recipe's
         ``save_dtype`` (auto: the pruned model's, i.e. the teacher's source dtype); returns its log
         history. After a search with re-ranking the student is the winner's short-distilled one
-        (``search/winner``) and trains ``max_tokens`` minus the tokens it has already seen."""
+        (``search/winner``) and trains ``max_tokens`` minus the tokens it has already seen.
+        ``teacher``: the one to distill from (default: the recipe's; ``correct_teacher``'s)."""
         from slimlm.models import load_model, save_dtype
+        from slimlm.pipeline.recipe import distillation_options
 
+        teacher = teacher if teacher is not None else self.teacher
         section = self.recipe["distill"]
         distilled_dir = self.path("distilled")
         start = self.path("pruned")
@@ -294,15 +320,16 @@ class Pipeline:
                             learning_rate=section["lr"], temperature=section["temperature"], beta=section["beta"],
                             kd_weight=section["kd_weight"], ce_weight=section["ce_weight"], seed=self.recipe["seed"],
                             teacher_precision=section["teacher_precision"],
+                            distillation_options=distillation_options(section),
                             training_args=training_args)
-            inputs = distill.distill_inputs(self.teacher, student, self.train_texts, **settings)
+            inputs = distill.distill_inputs(teacher, student, self.train_texts, **settings)
             saved = distill.with_save_dtype(inputs, save_dtype(student, self.recipe["save_dtype"]))
             if not self._stage("distill", distill.distilled_state(distilled_dir, saved), distilled_dir):
                 return read_json(os.path.join(distilled_dir, DISTILL_RECORD))["log_history"]
             # Checkpoints of a run of other inputs (a changed teacher, data or setting) are stale
             # in this folder the recipe owns: they are deleted, not resumed.
             _, log_history = distill.distill_stage(
-                self.teacher, student, self.tokenizer, self.train_texts, distilled_dir,
+                teacher, student, self.tokenizer, self.train_texts, distilled_dir,
                 max_minutes=section["max_minutes"], overwrite=True, clear_stale_checkpoints=True,
                 disable_tqdm=not self.progress, save_dtype=self.recipe["save_dtype"], log=self.log, **settings)
             return log_history
@@ -393,7 +420,14 @@ class Pipeline:
                  "distillation": f"{distill_record['steps']} steps, {distill_record['tokens_seen']:,} tokens "
                                  f"(budget {section['max_tokens'] or '-'} tokens / {section['max_minutes'] or '-'} min), "
                                  f"{distill_record['train_seconds'] or 0:.0f} s, lr {section['lr']}, seq_len "
-                                 f"{section['seq_len']}, temperature {section['temperature']}, beta {section['beta']}",
+                                 f"{section['seq_len']}, temperature {section['temperature']}, beta {section['beta']}, teacher "
+                                 f"precision {section['teacher_precision']}" + (
+                                     f", hidden-state loss {section['hidden_loss_weight']} "
+                                     f"({section['hidden_loss_schedule']})" if section['hidden_loss_weight'] else "")
+                                 + (f", on-policy fraction {section['on_policy_fraction']}"
+                                    if section['on_policy_fraction'] else "")
+                                 + (f", from the teacher corrected on {recipe['correct_teacher']['tokens']:,} tokens"
+                                    if recipe['correct_teacher'] else ""),
                  "sizes on disk": self._sizes_note(),
                  "device": f"{self.device} ({torch.get_num_threads()} threads)",
                  "stage seconds": ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())}
