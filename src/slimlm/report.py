@@ -21,7 +21,8 @@ from slimlm import outputs
 from slimlm.evaluate import comparison_rows, format_table
 from slimlm.speed import speed_rows
 
-LOSS_KEYS = ("loss", "kd_loss", "ce_loss", "hidden_loss")
+LOSS_KEYS = ("loss", "kd_loss", "ce_loss", "hidden_loss", "heldout_nll", "general_nll")
+LOSS_LABELS = {"heldout_nll": "held-out NLL (in-domain)", "general_nll": "held-out NLL (general)"}
 
 
 def _pyplot():
@@ -57,10 +58,12 @@ def plot_loss(log_history: list[dict], path: str) -> str | None:
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(7, 4))
     for key, (steps, values) in curves.items():
-        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        held_out = key in LOSS_LABELS
+        ax.plot(steps, values, marker="s" if held_out else ("o" if len(steps) < 30 else None),
+                markersize=5 if held_out else 3, linestyle="--" if held_out else "-", label=LOSS_LABELS.get(key, key))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per token)")
-    ax.set_title("distillation loss")
+    ax.set_title("distillation loss" + (", held-out NLL along it" if any(k in LOSS_LABELS for k in curves) else ""))
     ax.grid(alpha=0.3)
     ax.legend()
     figure.tight_layout()

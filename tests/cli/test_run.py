@@ -232,9 +232,15 @@ def test_run_evaluates_and_reports_a_general_held_out_set(workspace, capsys, tmp
     general.write_text("\n\n".join(sentences(8, 123)))
     out = tmp_path / "run"
     recipe = write_recipe(workspace, "general.yaml", out=str(out), synthetic=None,
-                          data={"train": "data/*.txt", "heldout": "heldout.txt", "general": str(general)})
+                          data={"train": "data/*.txt", "heldout": "heldout.txt", "general": str(general)},
+                          distill__eval_steps=2, distill__eval_blocks=2)
     code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
     assert code == 0, err
+    # Both held-out sets scored along the distillation: every 2 steps and after the last (4 steps).
+    history = json.loads((out / "distilled" / "slimlm_distill.json").read_text())["log_history"]
+    evals = [entry for entry in history if "heldout_nll" in entry]
+    assert [entry["step"] for entry in evals] == [2, 4] and all(entry["general_nll"] > 0 for entry in evals)
+    assert (out / "report" / "loss.png").is_file()
     results = json.loads((out / "eval.json").read_text())["results"]
     assert [result["name"] for result in results] == ["teacher", "pruned", "distilled"]
     assert all(result["general_perplexity"] > 1 and result["general_perplexity"] != result["perplexity"]

@@ -88,3 +88,40 @@ def time_budget_callback(seconds: float):
             return control
 
     return TimeBudgetCallback()
+
+
+def heldout_eval_callback(sets: dict, every: int, *, batch_size: int = 8):
+    """A TrainerCallback that, every ``every`` optimizer steps and after the last, scores the
+    student on each held-out ``TokenBlocks`` of ``sets`` ({name: blocks}) and logs
+    ``<name>_nll`` and ``<name>_ppl`` into the Trainer's ``log_history`` (so the report draws
+    them along the loss curve). The model is put back in training mode afterwards; scoring
+    uses no randomness, so it changes nothing about the training."""
+    import math as _math
+
+    from transformers import TrainerCallback
+
+    from slimlm.evaluate import perplexity
+
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"eval steps must be a positive int, got {every!r}")
+
+    class HeldoutEvalCallback(TrainerCallback):
+        def _score(self, state, model):
+            if model is None or any(e.get("step") == state.global_step and any(k.endswith("_nll") for k in e)
+                                    for e in state.log_history):
+                return
+            training = model.training
+            entry = {"step": state.global_step}
+            for name, blocks in sets.items():
+                nll = perplexity(model, blocks, batch_size=batch_size, progress=False)["nll"]
+                entry[f"{name}_nll"] = round(nll, 5)
+                entry[f"{name}_ppl"] = round(_math.exp(nll), 4)
+            model.train(training)
+            state.log_history.append(entry)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every == 0 or state.global_step >= state.max_steps or control.should_training_stop:
+                self._score(state, model)
+            return control
+
+    return HeldoutEvalCallback()

@@ -59,7 +59,8 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
                   kd_weight=1.0, ce_weight=0.0, seed=0, training_args=(), resume=True, overwrite=False,
                   clear_stale_checkpoints=False, checkpoints: str | None = None, max_minutes: float | None = None,
                   disable_tqdm: bool = False, extra_record=None, save_dtype=None, teacher_precision="auto",
-                  distillation_options=None,
+                  distillation_options=None, eval_texts: dict | None = None, eval_steps: int | None = None,
+                  eval_blocks: int = 8,
                   log=print):
     """Distill ``teacher`` into ``student`` on blocks of ``train_texts`` (and, with
     ``mix_fraction`` > 0, packed ``synthetic_texts``), then save the student to ``out`` atomically.
@@ -87,6 +88,9 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     exactly. Its record's ``inputs`` are ``distill_inputs`` plus ``save_dtype`` (the dtype's name),
     which ``distilled_state`` compares.
 
+    ``eval_texts`` ({name: texts}) with ``eval_steps``: every that many steps (and after the
+    last) the student's NLL/perplexity on the first ``eval_blocks`` blocks of each is logged
+    (``<name>_nll``, ``<name>_ppl``) into the log history, beside the losses.
     ``distillation_options``: more ``DistillationConfig`` fields, e.g. the hidden-state loss
     (``{"hidden_loss_weight": 1.0, "hidden_loss_schedule": "minitron", "layer_map": {...}}``);
     default none. The fields this function takes as parameters are refused there.
@@ -95,8 +99,8 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
 
     from slimlm.data import tokenize_blocks
     from slimlm.distill.trainer import DistillationConfig, DistillationTrainer
-    from slimlm.distill.training import time_budget_callback, tokens_per_step, training_arguments, training_items, \
-        training_set
+    from slimlm.distill.training import heldout_eval_callback, time_budget_callback, tokens_per_step, \
+        training_arguments, training_items, training_set
     from slimlm.fingerprint import model_fingerprint
     from slimlm.models import save_dtype as resolve_save_dtype
 
@@ -138,9 +142,15 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     if max_tokens is not None and not explicit_steps:
         args.max_steps = max(1, math.ceil(max_tokens / tokens_per_step(args, seq_len)))
 
+    callbacks = [time_budget_callback(max_minutes * 60)] if max_minutes else []
+    if eval_texts and eval_steps:
+        sets = {}
+        for name, texts in eval_texts.items():
+            blocks = tokenize_blocks(texts, tokenizer, seq_len, model=student)
+            sets[name] = blocks.select(range(min(len(blocks), eval_blocks)))
+        callbacks.append(heldout_eval_callback(sets, eval_steps, batch_size=batch_size))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                                  distillation_config=config,
-                                  callbacks=[time_budget_callback(max_minutes * 60)] if max_minutes else None)
+                                  distillation_config=config, callbacks=callbacks or None)
     _prepare_checkpoints(trainer, checkpoints, decision, inputs, resume=resume, log=log)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or decision["resume"])
 

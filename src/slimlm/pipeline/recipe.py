@@ -39,6 +39,7 @@ RECIPE_FIELDS = {
                 "batch_size": (int, 8), "temperature": (float, 1.0), "beta": (float, 0.0), "kd_weight": (float, 1.0),
                 "ce_weight": (float, 0.0), "teacher_precision": (str, "auto"), "hidden_loss_weight": (float, 0.0),
                 "hidden_loss_schedule": (str, "fixed"), "on_policy_fraction": (float, 0.0),
+                "eval_steps": (int, None), "eval_blocks": (int, 8),
                 "training_args": (dict, {})},
     "eval": {"seq_len": (int, 256), "max_blocks": (int, 64), "batch_size": (int, 8), "prompts": (list, []),
              "max_new_tokens": (int, 32), "speed": (bool, False), "speed_prompt_tokens": (int, 128),
@@ -117,7 +118,7 @@ def _check_semantics(recipe: dict, where: str) -> None:
     positive = [("importance", "num_samples"), ("importance", "seq_len"), ("importance", "batch_size"),
                 ("distill", "seq_len"), ("distill", "batch_size"), ("distill", "lr"), ("distill", "temperature"),
                 ("eval", "seq_len"), ("eval", "max_blocks"), ("eval", "batch_size"), ("eval", "max_new_tokens"),
-                ("distill", "max_tokens"), ("distill", "max_minutes"), ("eval", "speed_prompt_tokens"),
+                ("distill", "max_tokens"), ("distill", "max_minutes"), ("distill", "eval_steps"), ("distill", "eval_blocks"), ("eval", "speed_prompt_tokens"),
                 ("eval", "speed_rounds")]
     if recipe["synthetic"] is not None:
         positive += [("synthetic", "num_prompts"), ("synthetic", "max_new_tokens"), ("synthetic", "batch_size")]

@@ -331,8 +331,17 @@ class Pipeline:
             _, log_history = distill.distill_stage(
                 teacher, student, self.tokenizer, self.train_texts, distilled_dir,
                 max_minutes=section["max_minutes"], overwrite=True, clear_stale_checkpoints=True,
-                disable_tqdm=not self.progress, save_dtype=self.recipe["save_dtype"], log=self.log, **settings)
+                disable_tqdm=not self.progress, save_dtype=self.recipe["save_dtype"], log=self.log,
+                eval_texts=self._eval_texts(), eval_steps=section["eval_steps"], eval_blocks=section["eval_blocks"],
+                **settings)
             return log_history
+
+    def _eval_texts(self) -> dict:
+        """The held-out sets scored along the distillation (``distill.eval_steps``)."""
+        sets = {"heldout": self.heldout_texts}
+        if self.general_texts is not None:
+            sets["general"] = self.general_texts
+        return sets
 
     def evaluate(self) -> list[dict]:
         """Perplexity, speed and samples of the teacher, the pruned and the distilled model on
@@ -419,7 +428,10 @@ class Pipeline:
                              "the training text nor its domain)" if self.general_texts is not None else ""),
                  "distillation": f"{distill_record['steps']} steps, {distill_record['tokens_seen']:,} tokens "
                                  f"(budget {section['max_tokens'] or '-'} tokens / {section['max_minutes'] or '-'} min), "
-                                 f"{distill_record['train_seconds'] or 0:.0f} s, lr {section['lr']}, seq_len "
+                                 f"{distill_record['train_seconds'] or 0:.0f} s"
+                                 + (f" ({distill_record['tokens_seen'] / distill_record['train_seconds']:.0f} tokens/s)"
+                                    if distill_record.get("train_seconds") else "")
+                                 + f", lr {section['lr']}, seq_len "
                                  f"{section['seq_len']}, temperature {section['temperature']}, beta {section['beta']}, teacher "
                                  f"precision {section['teacher_precision']}" + (
                                      f", hidden-state loss {section['hidden_loss_weight']} "
