@@ -83,15 +83,6 @@ def budget_fields(args) -> dict:
             "dtype": args.memory_dtype, "tolerance": args.tolerance}
 
 
-def held_out(value: float) -> float | int:
-    """A fraction below 1, else a whole block count."""
-    if value < 1:
-        return value
-    if not float(value).is_integer():
-        raise InputError(f"--held-out {value}: a fraction must be in (0, 1) and a count a whole number of blocks")
-    return int(value)
-
-
 def run(args) -> int:
     import contextlib
 
@@ -99,6 +90,7 @@ def run(args) -> int:
     from slimlm.data import load_blocks
     from slimlm.distill.training import training_arguments
     from slimlm.pipeline import importance
+    from slimlm.pipeline.search import held_out
     from slimlm.surgery.budget import Budget, parse_memory
     from slimlm.surgery.candidates import SearchSpace
     from slimlm.surgery.search import search
@@ -115,7 +107,7 @@ def run(args) -> int:
     space = SearchSpace(max_width_prune=args.max_width_prune, max_depth_prune=args.max_depth_prune,
                         multiple_of=args.multiple_of, depth_selections=DEPTH_CHOICES[args.depth_selection])
     space.check()
-    split = held_out(args.held_out)
+    split = held_out(args.held_out, "--held-out")
     resume = not args.overwrite and os.path.isfile(os.path.join(args.out, "search.json"))
     outputs.check_output(args.out, args.overwrite or resume,
                          {"model": args.model, "scores": args.scores, "data": args.data},

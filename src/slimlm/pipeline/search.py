@@ -37,12 +37,13 @@ def search_blocks(train_texts, tokenizer, section: dict, seed: int, model):
     return blocks, len(train)
 
 
-def held_out(value: float) -> float | int:
-    """A recipe's ``held_out``: a fraction below 1, else a whole block count."""
+def held_out(value: float, name: str = "search.held_out") -> float | int:
+    """A held-out share as ``slimlm.search`` takes it: a fraction below 1, else a whole block
+    count (InputError naming ``name`` otherwise; the command line's ``--held-out`` uses it too)."""
     if value < 1:
         return value
     if not float(value).is_integer():
-        raise InputError(f"search.held_out {value}: a fraction must be in (0, 1) and a count a whole number of blocks")
+        raise InputError(f"{name} {value}: a fraction must be in (0, 1) and a count a whole number of blocks")
     return int(value)
 
 
