@@ -234,8 +234,9 @@ def test_run_evaluates_and_reports_a_general_held_out_set(workspace, capsys, tmp
     recipe = write_recipe(workspace, "general.yaml", out=str(out), synthetic=None,
                           data={"train": "data/*.txt", "heldout": "heldout.txt", "general": str(general)},
                           distill__eval_steps=2, distill__eval_blocks=2)
-    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
     assert code == 0, err
+    assert "[distill] step 2: held-out perplexity heldout " in printed and ", general " in printed
     # Both held-out sets scored along the distillation: every 2 steps and after the last (4 steps).
     history = json.loads((out / "distilled" / "slimlm_distill.json").read_text())["log_history"]
     evals = [entry for entry in history if "heldout_nll" in entry]

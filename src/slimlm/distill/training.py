@@ -90,12 +90,13 @@ def time_budget_callback(seconds: float):
     return TimeBudgetCallback()
 
 
-def heldout_eval_callback(sets: dict, every: int, *, batch_size: int = 8):
+def heldout_eval_callback(sets: dict, every: int, *, batch_size: int = 8, log=None):
     """A TrainerCallback that, every ``every`` optimizer steps and after the last, scores the
     student on each held-out ``TokenBlocks`` of ``sets`` ({name: blocks}) and logs
     ``<name>_nll`` and ``<name>_ppl`` into the Trainer's ``log_history`` (so the report draws
     them along the loss curve). The model is put back in training mode afterwards; scoring
-    uses no randomness, so it changes nothing about the training."""
+    uses no randomness, so it changes nothing about the training. ``log``: a function given one
+    line per evaluation."""
     import math as _math
 
     from transformers import TrainerCallback
@@ -118,6 +119,9 @@ def heldout_eval_callback(sets: dict, every: int, *, batch_size: int = 8):
                 entry[f"{name}_ppl"] = round(_math.exp(nll), 4)
             model.train(training)
             state.log_history.append(entry)
+            if log is not None and state.is_world_process_zero:
+                log(f"[distill] step {state.global_step}: held-out perplexity "
+                    + ", ".join(f"{name} {entry[f'{name}_ppl']:.2f}" for name in sets))
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % every == 0 or state.global_step >= state.max_steps or control.should_training_stop:

@@ -148,7 +148,7 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
         for name, texts in eval_texts.items():
             blocks = tokenize_blocks(texts, tokenizer, seq_len, model=student)
             sets[name] = blocks.select(range(min(len(blocks), eval_blocks)))
-        callbacks.append(heldout_eval_callback(sets, eval_steps, batch_size=batch_size))
+        callbacks.append(heldout_eval_callback(sets, eval_steps, batch_size=batch_size, log=log))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                                   distillation_config=config, callbacks=callbacks or None)
     _prepare_checkpoints(trainer, checkpoints, decision, inputs, resume=resume, log=log)
