@@ -30,7 +30,9 @@ def test_run_with_search(workspace, capsys, tmp_path):
         winner["hidden_size"], winner["intermediate_size"], winner["num_layers"])
     # The distillation continued from the winner and trained max_tokens minus its 64 re-ranking tokens.
     assert "continuing from the search's winner" in printed
-    assert (out / "search" / WINNER_DIR / "config.json").is_file()
+    # The winner is kept in the dtype it trained in; the distilled student is saved in the teacher's.
+    assert json.loads((out / "search" / WINNER_DIR / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads((out / "distilled" / "config.json").read_text())["dtype"] == config["dtype"]
     distilled = json.loads((out / "distilled" / "slimlm_distill.json").read_text())
     assert distilled["tokens_seen"] == 256 - 64
     report = (out / "report" / "report.md").read_text()

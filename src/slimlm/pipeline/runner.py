@@ -308,6 +308,10 @@ class Pipeline:
             self.log(f"[distill] continuing from the search's winner ({os.path.relpath(start, self.out)}, "
                      f"{self.rerank_tokens:,} tokens distilled)")
         student = load_model(start, dtype=torch.float32 if self.device == "cpu" else self.dtype)
+        # auto: the teacher's source dtype (the pruned model's), also for a student started from
+        # the search's winner, which is kept in the dtype it trained in.
+        saving = self.recipe["save_dtype"] if self.recipe["save_dtype"] != "auto" else \
+            str(save_dtype(self.teacher, "auto")).removeprefix("torch.")
         with self._timed("distill"):
             training_args = []
             for key, value in section["training_args"].items():
@@ -323,7 +327,7 @@ class Pipeline:
                             distillation_options=distillation_options(section),
                             training_args=training_args)
             inputs = distill.distill_inputs(teacher, student, self.train_texts, **settings)
-            saved = distill.with_save_dtype(inputs, save_dtype(student, self.recipe["save_dtype"]))
+            saved = distill.with_save_dtype(inputs, save_dtype(student, saving))
             if not self._stage("distill", distill.distilled_state(distilled_dir, saved), distilled_dir):
                 return read_json(os.path.join(distilled_dir, DISTILL_RECORD))["log_history"]
             # Checkpoints of a run of other inputs (a changed teacher, data or setting) are stale
@@ -331,7 +335,7 @@ class Pipeline:
             _, log_history = distill.distill_stage(
                 teacher, student, self.tokenizer, self.train_texts, distilled_dir,
                 max_minutes=section["max_minutes"], overwrite=True, clear_stale_checkpoints=True,
-                disable_tqdm=not self.progress, save_dtype=self.recipe["save_dtype"], log=self.log,
+                disable_tqdm=not self.progress, save_dtype=saving, log=self.log,
                 eval_texts=self._eval_texts(), eval_steps=section["eval_steps"], eval_blocks=section["eval_blocks"],
                 **settings)
             return log_history

@@ -213,7 +213,10 @@ def distillation_rerank(run: _Run, top_k: int, tokens, seed: int, training_args,
             if run.out and run.writer and save_winner:
                 from slimlm.surgery.save import save_pruned
 
-                save_pruned(student, run.winner_dir, overwrite=True, record={"search_key": row["key"]})
+                # In the dtype it trained in, so a distillation continuing from it starts exactly there.
+                trained = str(next(student.parameters()).dtype).removeprefix("torch.")
+                save_pruned(student, run.winner_dir, overwrite=True, record={"search_key": row["key"]},
+                            save_dtype=trained)
         run.save()
     run.phases["rerank"] = round(run.phases["rerank"] + time.perf_counter() - started, 3)
     return student
