@@ -71,3 +71,15 @@ def device(request):
     if callspec is not None and "backend" in callspec.params:
         return native_device(callspec.params["backend"])
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models run in a millisecond on one, while with
+    two OpenMP threads on a loaded 2-core machine each forward can spin for a second (OpenMP's
+    barriers cost more than the matmuls). Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from slimlm.evaluate import format_table
 from slimlm.speed import TIMED_FIELDS, speed_report, speed_rows
@@ -11,14 +10,7 @@ from slimlm.surgery import plan, prune, save_pruned
 from tiny import bpe_tokenizer, random_scores, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run in a millisecond on one thread; with two OpenMP threads on a loaded
-    2-core machine each forward can spin for a second."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ from tiny import ARCHITECTURES, random_scores, tiny_model
 WIDE = SearchSpace(max_width_prune=0.5, max_depth_prune=0.5, depth_selections=("least_important", "contiguous_block"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def unique_parameters(model) -> int:

@@ -33,14 +33,7 @@ def input_ids():
     return torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(7))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread: with two, OpenMP's barriers cost more than the
-    matmuls and stall badly when other processes share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def logits(model, input_ids):

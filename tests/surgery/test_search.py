@@ -22,12 +22,7 @@ search_module = importlib.import_module("slimlm.surgery.search")
 DEAD = 32  # MLP neurons zeroed in every layer of the tiny model (intermediate 96)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def blocks(count=12, seq=16, seed=1):
