@@ -283,6 +283,8 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
     ({"distill__hidden_loss_schedule": "sometimes"}, "distill: hidden_loss_schedule must be one of"),
     ({"distill__on_policy_fraction": 1.5}, "distill: on_policy_fraction must be in [0, 1]"),
     ({"distill__teacher_precision": "int4"}, "distill.teacher_precision: unknown value 'int4'"),
+    ({"distill__student_precision": "fp16"}, "distill.student_precision: unknown value 'fp16'"),
+    ({"distill__fit_to_time": True, "distill__max_minutes": None}, "distill.fit_to_time fits the schedule"),
     ({"correct_teacher": {"tokens": 0}}, "correct_teacher.tokens must be > 0"),
     ({"correct_teacher": {"lr": 0.1}}, "correct_teacher.tokens is required"),
 ])

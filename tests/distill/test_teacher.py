@@ -163,6 +163,8 @@ def test_the_cli_flag_is_parsed():
     base = ["distill", "--teacher", "t", "--student", "s", "--data", "d", "--out", "o"]
     assert parser.parse_args(base).teacher_precision == "auto"
     assert parser.parse_args(base + ["--teacher-precision", "int8"]).teacher_precision == "int8"
+    assert parser.parse_args(base).student_precision == "auto"
+    assert parser.parse_args(base + ["--student-precision", "fp32"]).student_precision == "fp32"
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--teacher-precision", "int4"])
 

@@ -31,3 +31,28 @@ def test_distill_stage_takes_hidden_loss_options_and_records_them(tmp_path):
         with pytest.raises(ValueError, match=message):
             distill_stage(teacher, student, tokenizer, texts(0), str(tmp_path / "bad"), training_args=flags,
                           distillation_options=bad, log=lambda line: None)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_run_records_the_precisions_asked_and_what_they_resolved_to(tmp_path, monkeypatch, native):
+    """student_precision bf16 trains under --bf16 where bf16 is native (faked either way), else
+    in float32 with a one-line notice; the record keeps the request (an input) and the result."""
+    from slimlm.distill import training
+    from slimlm.pipeline.distill import distill_stage
+
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: native)
+    tokenizer = word_tokenizer()
+    teacher = tiny_model("llama", "training", vocab_size=len(tokenizer), seed=0)
+    student = tiny_model("llama", "training", vocab_size=len(tokenizer), seed=2, intermediate_size=32)
+    flags = ["--use_cpu", "true", "--max_steps", "2", "--save_strategy", "no", "--report_to", "none"]
+    notices = []
+    distill_stage(teacher, student, tokenizer, texts(0), str(tmp_path / "out"), seq_len=8, batch_size=2,
+                  training_args=flags, student_precision="bf16", teacher_precision="fp32", disable_tqdm=True,
+                  log=notices.append)
+    record = json.loads((tmp_path / "out" / "slimlm_distill.json").read_text())
+    assert record["inputs"]["student_precision"] == "bf16" and record["inputs"]["teacher_precision"] == "fp32"
+    assert record["precision_used"] == {"teacher": "float32", "student": "bf16" if native else "fp32"}
+    assert sum("student_precision='bf16' needs native bf16" in line for line in notices) == (not native)
+    with pytest.raises(ValueError, match="student_precision must be one of"):
+        distill_stage(teacher, student, tokenizer, texts(0), str(tmp_path / "bad"), training_args=flags,
+                      student_precision="bfloat16", log=lambda line: None)

@@ -8,6 +8,7 @@ import os
 from slimlm.cli import arguments
 from slimlm.cli.arguments import EXIT_OK
 from slimlm.distill.teacher import TEACHER_PRECISIONS
+from slimlm.distill.training import STUDENT_PRECISIONS
 from slimlm.errors import InputError
 
 
@@ -30,6 +31,10 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--batch-size", type=positive_int, default=8, help="per-device batch (blocks)")
     sub.add_argument("--max-tokens", type=positive_int, help="training budget in tokens (sets --max_steps)")
     sub.add_argument("--max-minutes", type=arguments.positive_float, help="stop training after this many minutes")
+    sub.add_argument("--fit-to-time", action="store_true",
+                     help="fit the learning-rate schedule to --max-minutes: after the first steps, plan the steps "
+                     "that fit at the measured speed (at most --max-tokens' worth) so warmup and decay end there "
+                     "(a resumed run keeps the plan)")
     sub.add_argument("--lr", type=float, default=1e-4)
     sub.add_argument("--temperature", type=float, default=1.0)
     sub.add_argument("--beta", type=float, default=0.0, help="0 forward KL, 1 reverse KL, between: JSD(beta)")
@@ -46,6 +51,10 @@ def add_parser(subparsers) -> None:
                      help="what the teacher's forward runs in (its LM head in the loss stays as loaded): auto = bf16 "
                      "where the CPU has native bf16 (AVX512-BF16/AMX), else as loaded; int8 = dynamic quantization "
                      "on CPU (fast but a much worse teacher on SmolLM2, see BENCHMARKS.md)")
+    sub.add_argument("--student-precision", choices=STUDENT_PRECISIONS, default="auto",
+                     help="what the student trains in: auto = bf16 mixed precision (float32 master weights) where "
+                     "bf16 is native (AVX512-BF16/AMX, or a CUDA device with bf16), else float32; a --bf16/--fp16 "
+                     "flag wins")
     sub.add_argument("--out", required=True)
     arguments.add_save_dtype_option(sub)
     sub.add_argument("--overwrite", action="store_true",
@@ -73,7 +82,7 @@ def run(args) -> int:
         arguments.check_paths_exist([args.synthetic], "synthetic data")
     distill.check_distill_settings(learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
                                    kd_weight=args.kd_weight, ce_weight=args.ce_weight, max_minutes=args.max_minutes,
-                                   mix_fraction=args.mix)
+                                   mix_fraction=args.mix, fit_to_time=args.fit_to_time)
     if args.correct_teacher_lr is not None and args.correct_teacher_tokens is None:
         raise InputError("--correct-teacher-lr needs --correct-teacher-tokens")
     if args.correct_teacher_tokens is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -111,11 +120,11 @@ def run(args) -> int:
     _, log_history = distill.distill_stage(
         teacher, student, tokenizer, train_texts, args.out, synthetic_texts=synthetic_texts,
         mix_fraction=args.mix if synthetic_texts else 0.0, seq_len=args.seq_len, max_tokens=args.max_tokens,
-        max_minutes=args.max_minutes, batch_size=args.batch_size, learning_rate=args.lr,
+        max_minutes=args.max_minutes, fit_to_time=args.fit_to_time, batch_size=args.batch_size, learning_rate=args.lr,
         temperature=args.temperature, beta=args.beta, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
         seed=args.seed, training_args=training_args, overwrite=args.overwrite, resume=not args.overwrite,
         disable_tqdm=not arguments.progress(args), save_dtype=args.save_dtype,
-        teacher_precision=args.teacher_precision, extra_record={"teacher": args.teacher, "student": args.student},
+        teacher_precision=args.teacher_precision, student_precision=args.student_precision, extra_record={"teacher": args.teacher, "student": args.student},
         log=print if rank_zero else (lambda line: None))
     if not rank_zero:
         return EXIT_OK

@@ -37,9 +37,58 @@ def tokens_per_step(args, seq_len: int) -> int:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated.
+    ``SLIMLM_CPU_ISA=avx2`` or ``scalar`` (the C++ kernels' forced variant) answers False too: a CPU
+    without AVX-512 has neither, so one machine can run the decisions of a machine without them."""
+    if os.environ.get("SLIMLM_CPU_ISA", "") in ("avx2", "scalar"):
+        return False
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+STUDENT_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def check_student_precision(precision) -> str:
+    """``precision`` if it is one of ``STUDENT_PRECISIONS``, else a ValueError naming the option."""
+    if precision not in STUDENT_PRECISIONS:
+        raise ValueError(f"student_precision must be one of {', '.join(STUDENT_PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def _flag_value(flags, name: str):
+    """The value ``flags`` (command-line style) give ``name`` (the last one wins), "true" for a bare
+    flag, None when absent."""
+    value = None
+    for i, flag in enumerate(flags):
+        key, sep, rest = flag.partition("=")
+        if key == name:
+            following = flags[i + 1] if i + 1 < len(flags) else None
+            value = rest if sep else following if following is not None and not following.startswith("--") else "true"
+    return value
+
+
+def student_precision_flags(precision: str = "auto", flags=(), log=print) -> list[str]:
+    """``flags`` (``TrainingArguments`` flags, command-line style) with the student's mixed
+    precision for ``precision`` added: "bf16" is ``--bf16 true`` (float32 master weights and
+    optimizer; the student's forward under bf16 autocast and the loss's LM-head GEMMs with bf16
+    operands; softmax and KL in float32) where bf16 is native — a CPU with AVX512-BF16 or AMX
+    (``cpu_has_bf16``), a CUDA device that supports it — and float32 elsewhere, said in one line
+    (emulated bf16 is slower than float32); "auto" is the same without the line; "fp32" adds
+    nothing. Flags that set ``--bf16`` or ``--fp16`` themselves are the user's choice and win."""
+    check_student_precision(precision)
+    flags = list(flags)
+    if precision == "fp32" or _flag_value(flags, "--bf16") is not None or _flag_value(flags, "--fp16") is not None:
+        return flags
+    on_cpu = not torch.cuda.is_available() or str(_flag_value(flags, "--use_cpu")).lower() in ("true", "1", "yes")
+    native = cpu_has_bf16() if on_cpu else torch.cuda.is_bf16_supported()
+    if native:
+        return flags + ["--bf16", "true"]
+    if precision == "bf16":
+        needed = "AVX512-BF16 or AMX" if on_cpu else "a CUDA device with bf16"
+        log(f"[distill] student_precision='bf16' needs native bf16 ({needed}), absent here: "
+            "emulated bf16 is slower than float32; the student trains in float32")
+    return flags
 
 
 def training_arguments(flags=(), *, output_dir: str, batch_size: int = 8, learning_rate: float = 1e-4,
@@ -88,6 +137,114 @@ def time_budget_callback(seconds: float):
             return control
 
     return TimeBudgetCallback()
+
+
+def fit_schedule_callback(seconds: float, *, probe_steps: int = 4, margin: float = 0.97, log=print):
+    """A TrainerCallback that fits the run to ``seconds`` of wall time: the learning-rate
+    schedule (its warmup and decay) ends at the step the time allows instead of ``max_steps``,
+    which stays the upper bound. After ``probe_steps`` steps past the first (whose warm-up it
+    leaves out) it plans ``steps done + margin · time left / seconds per step`` and sets
+    ``state.max_steps`` to it; it plans again every ⌈plan/8⌉ steps with the mean over all steps so far
+    (evaluations and checkpoint saves included) until three quarters of the plan, so the
+    schedule decays fully on a fast or a slow machine. The plan is kept in the Trainer's state
+    (``stateful_callbacks``, saved with every checkpoint): a resumed run keeps it, so it
+    continues the same schedule. Under torchrun every rank takes rank 0's plan.
+
+    Works with the schedules ``transformers.get_scheduler`` builds from ``num_training_steps``
+    (linear, cosine, polynomial, …; warmup as a fraction of the plan); a constant schedule only
+    stops at the plan. Use it with ``time_budget_callback(seconds)`` as the hard stop."""
+    import functools
+
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+
+    def agreed(value: int) -> int:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return value
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor([value], dtype=torch.long, device=device)
+        dist.broadcast(tensor, 0)
+        return int(tensor.item())
+
+    class FitScheduleCallback(TrainerCallback, ExportableState):
+        def __init__(self):
+            self.planned = None
+            self.resumed = False
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"planned": self.planned}}
+
+        def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            self.begin, self.first, self.limit, self.scheduler = time.perf_counter(), None, state.max_steps, lr_scheduler
+            self.next_plan = None
+            stored = (state.stateful_callbacks or {}).get(type(self).__name__) if state.global_step else None
+            if isinstance(stored, list):
+                stored = stored[0] if stored else None
+            planned = (stored or {}).get("attributes", {}).get("planned")
+            if planned:
+                self.resumed = True
+                self._apply(args, state, int(planned))
+                log(f"[distill] resuming the schedule fitted to the time budget: {self.planned} steps")
+            return control
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            if self.resumed:
+                return control
+            if self.first is None:
+                self.first = (state.global_step, now)
+                return control
+            done = state.global_step - self.first[0]
+            due = self.planned is None and done >= probe_steps or \
+                self.next_plan is not None and state.global_step >= self.next_plan
+            if not due or control.should_training_stop:
+                return control
+            per_step = (now - self.first[1]) / done
+            left = max(0.0, seconds - (now - self.begin))
+            planned = agreed(max(state.global_step + 1, min(self.limit, state.global_step + int(margin * left / per_step))))
+            first = self.planned is None
+            self._apply(args, state, planned)
+            step = max(1, -(-planned // 8))
+            self.next_plan = state.global_step + step if state.global_step + step <= 0.75 * planned else None
+            if first:
+                log(f"[distill] schedule fitted to {seconds / 60:g} min: {planned} steps of at most {self.limit} "
+                    f"({per_step:.2f} s/step measured over {done} steps)")
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.planned is not None and not self.resumed:
+                log(f"[distill] fitted schedule: {self.planned} steps planned, {state.global_step} trained")
+            return control
+
+        def _apply(self, args, state, planned: int) -> None:
+            self.planned = planned
+            state.max_steps = planned
+            scheduler = getattr(self.scheduler, "scheduler", self.scheduler)  # accelerate's wrapper
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            if not lambdas:
+                return
+            refit = []
+            for fn in lambdas:
+                keywords = getattr(fn, "keywords", None) or {}
+                if isinstance(fn, functools.partial) and "num_training_steps" in keywords:
+                    keywords = {**keywords, "num_training_steps": planned}
+                    if "num_warmup_steps" in keywords:
+                        keywords["num_warmup_steps"] = args.get_warmup_steps(planned)
+                    fn = functools.partial(fn.func, *fn.args, **keywords)
+                refit.append(fn)
+            scheduler.lr_lambdas = refit
+            # The learning rate of the next step, under the new plan.
+            lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, refit)]
+            for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
+
+    return FitScheduleCallback()
 
 
 def heldout_eval_callback(sets: dict, every: int, *, batch_size: int = 8, log=None):

@@ -15,14 +15,15 @@ from slimlm.pipeline.records import DISTILL_RECORD, RUN_RECORD, has_weights, inp
 
 def distill_inputs(teacher, student, train_texts, *, synthetic_texts=None, mix_fraction=0.0, seq_len=256,
                    max_tokens=None, batch_size=8, learning_rate=1e-4, temperature=1.0, beta=0.0, kd_weight=1.0,
-                   ce_weight=0.0, seed=0, training_args=(), teacher_precision="auto",
-                   distillation_options=None) -> dict:
+                   ce_weight=0.0, seed=0, training_args=(), teacher_precision="auto", student_precision="auto",
+                   fit_to_time=False, distillation_options=None) -> dict:
     """Everything a distillation run depends on: the models' fingerprints, the data's digests,
-    the training arguments and the teacher's precision option (as asked: "auto" resolves per
-    machine). A checkpoint folder is resumed only by a run with the same. A teacher from
+    the training arguments and the teacher's and student's precision options (as asked: "auto"
+    resolves per machine). A checkpoint folder is resumed only by a run with the same. A teacher from
     ``slimlm.pipeline.correct.correct_teacher_stage`` adds its correction's inputs
     ("teacher_correction"): its weights' fingerprint alone may miss the fine-tuning."""
     from slimlm.distill.teacher import check_teacher_precision
+    from slimlm.distill.training import check_student_precision
     from slimlm.fingerprint import model_fingerprint
     from slimlm.pipeline.correct import CORRECTION_ATTRIBUTE
 
@@ -36,12 +37,16 @@ def distill_inputs(teacher, student, train_texts, *, synthetic_texts=None, mix_f
         "batch_size": batch_size, "learning_rate": learning_rate, "temperature": temperature, "beta": beta,
         "kd_weight": kd_weight, "ce_weight": ce_weight, "seed": seed, "training_args": list(training_args),
         "teacher_precision": check_teacher_precision(teacher_precision),
+        "student_precision": check_student_precision(student_precision),
+        "fit_to_time": bool(fit_to_time),
         **({"distillation_options": distillation_options} if distillation_options else {})})
 
 
 def check_distill_settings(*, learning_rate, temperature, beta, kd_weight, ce_weight, max_minutes=None,
-                           mix_fraction=0.0) -> None:
+                           mix_fraction=0.0, fit_to_time=False) -> None:
     """InputError for a setting no run can use, before anything is loaded or written."""
+    if fit_to_time and not max_minutes:
+        raise InputError("--fit-to-time fits the schedule to --max-minutes: give --max-minutes too")
     checks = [("lr", learning_rate, learning_rate > 0, "> 0"), ("temperature", temperature, temperature > 0, "> 0"),
               ("beta", beta, 0 <= beta <= 1, "in [0, 1]"), ("kd-weight", kd_weight, kd_weight >= 0, ">= 0"),
               ("ce-weight", ce_weight, ce_weight >= 0, ">= 0"),
@@ -59,7 +64,7 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
                   kd_weight=1.0, ce_weight=0.0, seed=0, training_args=(), resume=True, overwrite=False,
                   clear_stale_checkpoints=False, checkpoints: str | None = None, max_minutes: float | None = None,
                   disable_tqdm: bool = False, extra_record=None, save_dtype=None, teacher_precision="auto",
-                  distillation_options=None, eval_texts: dict | None = None, eval_steps: int | None = None,
+                  student_precision="auto", fit_to_time=False, distillation_options=None, eval_texts: dict | None = None, eval_steps: int | None = None,
                   eval_blocks: int = 8,
                   log=print):
     """Distill ``teacher`` into ``student`` on blocks of ``train_texts`` (and, with
@@ -69,7 +74,11 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     unless ``training_args`` names ``--max_steps``. ``training_args``: command-line style
     ``TrainingArguments`` flags (``["--warmup_steps", "0.1"]``), which win over these defaults.
     ``max_minutes`` stops training early (a safety cap on a loaded machine; the schedule
-    still follows ``max_steps``, and a rerun may change it and still resume).
+    still follows ``max_steps``, and a rerun may change it and still resume). With
+    ``fit_to_time`` the schedule is fitted to ``max_minutes`` instead
+    (``slimlm.distill.training.fit_schedule_callback``): after the first steps the run plans the
+    steps that fit at the measured speed (at most ``max_steps``), and its warmup and decay end
+    there; the plan is kept in the checkpoints, so a resumed run continues it.
 
     Checkpoints go to ``checkpoints`` (default ``<out>.checkpoints``), which records the run's
     ``distill_inputs``. With ``resume``, the newest complete checkpoint of this same run is
@@ -80,7 +89,10 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     ``teacher_precision`` ("auto" | "fp32" | "bf16" | "int8", ``slimlm.distill.teacher``): what the
     teacher's forward runs in; "auto" (default) is bf16 for a float32 teacher on a CPU with native
     bf16 (held-out KL from the float32 teacher ~0.001 nats/token on SmolLM2), else the teacher as
-    given. The teacher's LM head in the loss stays as loaded.
+    given. The teacher's LM head in the loss stays as loaded. ``student_precision`` ("auto" |
+    "fp32" | "bf16", ``slimlm.distill.training.student_precision_flags``): "auto" (default) trains
+    the student in bf16 mixed precision (float32 master weights) where bf16 is native, else in
+    float32; a ``--bf16``/``--fp16`` flag in ``training_args`` wins.
 
     ``out`` holds the student in ``save_dtype`` ("float32" | "bfloat16" | "float16"; None/"auto":
     the dtype ``student``'s source checkpoint declares, ``slimlm.models.save_dtype``), whatever
@@ -99,13 +111,14 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
 
     from slimlm.data import tokenize_blocks
     from slimlm.distill.trainer import DistillationConfig, DistillationTrainer
-    from slimlm.distill.training import heldout_eval_callback, time_budget_callback, tokens_per_step, \
-        training_arguments, training_items, training_set
+    from slimlm.distill.training import fit_schedule_callback, heldout_eval_callback, student_precision_flags, \
+        time_budget_callback, tokens_per_step, training_arguments, training_items, training_set
     from slimlm.fingerprint import model_fingerprint
     from slimlm.models import save_dtype as resolve_save_dtype
 
     check_distill_settings(learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
-                           ce_weight=ce_weight, max_minutes=max_minutes, mix_fraction=mix_fraction)
+                           ce_weight=ce_weight, max_minutes=max_minutes, mix_fraction=mix_fraction,
+                           fit_to_time=fit_to_time)
     options = dict(distillation_options or {})
     own = {"kd_weight", "ce_weight", "temperature", "beta", "teacher_precision"} & set(options)
     if own:
@@ -122,10 +135,11 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
                             seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
                             learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
                             ce_weight=ce_weight, seed=seed, training_args=training_args,
-                            teacher_precision=teacher_precision, distillation_options=options)
+                            teacher_precision=teacher_precision, student_precision=student_precision,
+                            fit_to_time=fit_to_time, distillation_options=options)
     saved_dtype = resolve_save_dtype(student, save_dtype)
     outputs.check_output(out, overwrite)
-    args = training_arguments(training_args, output_dir=checkpoints, batch_size=batch_size,
+    args = training_arguments(student_precision_flags(student_precision, training_args, log=log), output_dir=checkpoints, batch_size=batch_size,
                               learning_rate=learning_rate, seed=seed)
     args.disable_tqdm = args.disable_tqdm or disable_tqdm
     # An explicit --resume_from_checkpoint is the user's choice: the folder is left as it is.
@@ -143,6 +157,8 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
         args.max_steps = max(1, math.ceil(max_tokens / tokens_per_step(args, seq_len)))
 
     callbacks = [time_budget_callback(max_minutes * 60)] if max_minutes else []
+    if fit_to_time:  # before the evaluation callback, which evaluates at the (fitted) last step
+        callbacks.insert(0, fit_schedule_callback(max_minutes * 60, log=log))
     if eval_texts and eval_steps:
         sets = {}
         for name, texts in eval_texts.items():
@@ -157,9 +173,22 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     record = {"teacher_fingerprint": model_fingerprint(teacher), "student_fingerprint_before": student_before,
               "inputs": with_save_dtype(inputs, saved_dtype), "train_texts": texts_digest(train_texts), "num_train_items": len(dataset),
               "max_steps": args.max_steps, "seq_len": seq_len, "learning_rate": args.learning_rate,
-              "distillation": vars(config), **(extra_record or {})}
+              "distillation": vars(config), "precision_used": precision_used(trainer), **(extra_record or {})}
     _save_student(trainer, tokenizer, out, record, seq_len, saved_dtype)
     return trainer.model, trainer.state.log_history
+
+
+def precision_used(trainer) -> dict:
+    """What "auto" resolved to here: the teacher's forward dtype, the student's mixed precision."""
+    teacher = getattr(trainer, "teacher", None)
+    if teacher is None:  # a top-k cache: no live teacher
+        name = None
+    elif any("quantized" in type(module).__module__ for module in teacher.modules()):
+        name = "int8"
+    else:
+        name = str(next(teacher.parameters()).dtype).removeprefix("torch.")
+    return {"teacher": name,
+            "student": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"}
 
 
 def _prepare_checkpoints(trainer, checkpoints: str, decision: dict, inputs: dict, *, resume: bool, log) -> None:
@@ -206,7 +235,7 @@ def _save_student(trainer, tokenizer, out: str, record: dict, seq_len: int, dtyp
         cast_checkpoint(staging, dtype)
         save_tokenizer(tokenizer, staging)
         state = trainer.state
-        done = {"steps": state.global_step,
+        done = {"steps": state.global_step, "scheduled_steps": state.max_steps,
                 "tokens_seen": int(state.global_step * tokens_per_step(trainer.args, seq_len)),
                 "train_seconds": next((entry["train_runtime"] for entry in reversed(state.log_history)
                                        if "train_runtime" in entry), None),

@@ -35,9 +35,11 @@ RECIPE_FIELDS = {
     "correct_teacher": {"tokens": (int, _ANY), "lr": (float, None), "seq_len": (int, None), "batch_size": (int, None)},
     "synthetic": {"num_prompts": (int, 64), "max_new_tokens": (int, 64), "temperature": (float, 0.8),
                   "top_p": (float, 0.95), "batch_size": (int, 8), "mix": (float, 0.3), "chat": (bool, False)},
-    "distill": {"seq_len": (int, 256), "max_tokens": (int, None), "max_minutes": (float, None), "lr": (float, 1e-4),
+    "distill": {"seq_len": (int, 256), "max_tokens": (int, None), "max_minutes": (float, None),
+                "fit_to_time": (bool, False), "lr": (float, 1e-4),
                 "batch_size": (int, 8), "temperature": (float, 1.0), "beta": (float, 0.0), "kd_weight": (float, 1.0),
-                "ce_weight": (float, 0.0), "teacher_precision": (str, "auto"), "hidden_loss_weight": (float, 0.0),
+                "ce_weight": (float, 0.0), "teacher_precision": (str, "auto"),
+                "student_precision": (str, "auto"), "hidden_loss_weight": (float, 0.0),
                 "hidden_loss_schedule": (str, "fixed"), "on_policy_fraction": (float, 0.0),
                 "eval_steps": (int, None), "eval_blocks": (int, 8),
                 "training_args": (dict, {})},
@@ -133,10 +135,14 @@ def _check_semantics(recipe: dict, where: str) -> None:
     if not 0.0 < recipe["data"]["heldout_fraction"] < 1.0:
         raise InputError(f"{where}: data.heldout_fraction must be in (0, 1), got {recipe['data']['heldout_fraction']}")
     from slimlm.distill.teacher import TEACHER_PRECISIONS
+    from slimlm.distill.training import STUDENT_PRECISIONS
 
-    if recipe["distill"]["teacher_precision"] not in TEACHER_PRECISIONS:
-        raise InputError(f"{where}: distill.teacher_precision: unknown value {recipe['distill']['teacher_precision']!r} "
-                         f"(known: {', '.join(TEACHER_PRECISIONS)})")
+    for field, known in (("teacher_precision", TEACHER_PRECISIONS), ("student_precision", STUDENT_PRECISIONS)):
+        if recipe["distill"][field] not in known:
+            raise InputError(f"{where}: distill.{field}: unknown value {recipe['distill'][field]!r} "
+                             f"(known: {', '.join(known)})")
+    if recipe["distill"]["fit_to_time"] and not recipe["distill"]["max_minutes"]:
+        raise InputError(f"{where}: distill.fit_to_time fits the schedule to distill.max_minutes: give max_minutes too")
     if not 0.0 <= recipe["distill"]["beta"] <= 1.0:
         raise InputError(f"{where}: distill.beta must be in [0, 1], got {recipe['distill']['beta']}")
     from slimlm.distill.trainer import DistillationConfig

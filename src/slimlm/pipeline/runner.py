@@ -324,6 +324,8 @@ class Pipeline:
                             learning_rate=section["lr"], temperature=section["temperature"], beta=section["beta"],
                             kd_weight=section["kd_weight"], ce_weight=section["ce_weight"], seed=self.recipe["seed"],
                             teacher_precision=section["teacher_precision"],
+                            student_precision=section["student_precision"],
+                            fit_to_time=section["fit_to_time"],
                             distillation_options=distillation_options(section),
                             training_args=training_args)
             inputs = distill.distill_inputs(teacher, student, self.train_texts, **settings)
@@ -339,6 +341,14 @@ class Pipeline:
                 eval_texts=self._eval_texts(), eval_steps=section["eval_steps"], eval_blocks=section["eval_blocks"],
                 **settings)
             return log_history
+
+    @staticmethod
+    def _precision_note(section: dict, distill_record: dict) -> str:
+        """'teacher precision auto (bfloat16), student precision auto (bf16)': as asked, and what
+        it resolved to on the machine that trained (older records lack the latter)."""
+        used = distill_record.get("precision_used") or {}
+        return ", ".join(f"{who} precision {section[who + '_precision']}" + (f" ({used[who]})" if used.get(who) else "")
+                         for who in ("teacher", "student"))
 
     def _eval_texts(self) -> dict:
         """The held-out sets scored along the distillation (``distill.eval_steps``)."""
@@ -431,13 +441,16 @@ class Pipeline:
                              f", {len(self.general_texts)} general held-out documents (another register: neither "
                              "the training text nor its domain)" if self.general_texts is not None else ""),
                  "distillation": f"{distill_record['steps']} steps, {distill_record['tokens_seen']:,} tokens "
-                                 f"(budget {section['max_tokens'] or '-'} tokens / {section['max_minutes'] or '-'} min), "
+                                 f"(budget {section['max_tokens'] or '-'} tokens / {section['max_minutes'] or '-'} min"
+                                 + (f", schedule fitted to the time: {distill_record['scheduled_steps']} steps"
+                                    if section["fit_to_time"] and distill_record.get("scheduled_steps") else "")
+                                 + "), "
                                  f"{distill_record['train_seconds'] or 0:.0f} s"
                                  + (f" ({distill_record['tokens_seen'] / distill_record['train_seconds']:.0f} tokens/s)"
                                     if distill_record.get("train_seconds") else "")
                                  + f", lr {section['lr']}, seq_len "
-                                 f"{section['seq_len']}, temperature {section['temperature']}, beta {section['beta']}, teacher "
-                                 f"precision {section['teacher_precision']}" + (
+                                 f"{section['seq_len']}, temperature {section['temperature']}, beta {section['beta']}, "
+                                 + self._precision_note(section, distill_record) + (
                                      f", hidden-state loss {section['hidden_loss_weight']} "
                                      f"({section['hidden_loss_schedule']})" if section['hidden_loss_weight'] else "")
                                  + (f", on-policy fraction {section['on_policy_fraction']}"

@@ -66,7 +66,7 @@ def search_stage(teacher, scores, target: dict, blocks, out: str, *, section: di
                  device: str, log=print):
     """Run (or resume) the search into ``out``; returns the ``SearchResult``."""
     from slimlm.distill.trainer import DistillationConfig
-    from slimlm.distill.training import training_arguments
+    from slimlm.distill.training import student_precision_flags, training_arguments
     from slimlm.surgery.candidates import SearchSpace
     from slimlm.surgery.search import search
     from slimlm.surgery.search_records import StaleSearch
@@ -77,6 +77,8 @@ def search_stage(teacher, scores, target: dict, blocks, out: str, *, section: di
             flags += [f"--{key}", str(value)]
     if device == "cpu":
         flags = ["--use_cpu", "true"] + flags
+    # The short distillations train as the pipeline's distillation does (its student_precision).
+    flags = student_precision_flags(distill["student_precision"], flags, log=log)
     args = training_arguments(flags, output_dir=outputs.staging_path(out), batch_size=section["batch_size"],
                               learning_rate=section["lr"] or distill["lr"], seed=seed)
     config = DistillationConfig(temperature=distill["temperature"], beta=distill["beta"],
