@@ -56,3 +56,22 @@ def test_the_run_records_the_precisions_asked_and_what_they_resolved_to(tmp_path
     with pytest.raises(ValueError, match="student_precision must be one of"):
         distill_stage(teacher, student, tokenizer, texts(0), str(tmp_path / "bad"), training_args=flags,
                       student_precision="bfloat16", log=lambda line: None)
+
+
+def test_a_depth_pruned_student_is_compared_with_the_layers_it_was_cut_from(tmp_path):
+    """pruned_layer_map reads kept_layers from the student's slimlm_prune.json (student layer i →
+    its teacher layer, as hidden_states indices); none for a model pruned twice or of other depths."""
+    from slimlm.pipeline.distill import pruned_layer_map
+
+    teacher = tiny_model("llama", "training", num_hidden_layers=4)
+    student = tiny_model("llama", "training", num_hidden_layers=3)
+    folder = tmp_path / "student"
+    folder.mkdir()
+    record = folder / "slimlm_prune.json"
+    assert pruned_layer_map(str(folder), student, teacher) is None  # no record
+    record.write_text(json.dumps({"kept_layers": [0, 2, 3], "previous": None}))
+    assert pruned_layer_map(str(folder), student, teacher) == {1: 1, 2: 3, 3: 4}
+    record.write_text(json.dumps({"kept_layers": [0, 2, 3], "previous": {"kept_layers": [0, 1, 2, 3, 4]}}))
+    assert pruned_layer_map(str(folder), student, teacher) is None
+    record.write_text(json.dumps({"kept_layers": [0, 1], "previous": None}))
+    assert pruned_layer_map(str(folder), student, teacher) is None

@@ -42,6 +42,25 @@ def distill_inputs(teacher, student, train_texts, *, synthetic_texts=None, mix_f
         **({"distillation_options": distillation_options} if distillation_options else {})})
 
 
+def pruned_layer_map(student_dir: str, student, teacher) -> dict[int, int] | None:
+    """The hidden-state loss's layer map for a student pruned from ``teacher`` by slimlm: student
+    layer i onto the teacher layer it was cut from (``kept_layers`` of ``slimlm_prune.json`` in
+    ``student_dir``), so each student layer is compared with its own origin rather than with
+    layers spread evenly (the trainer's default). None when the folder holds no such record (or
+    one of a model pruned twice, or not matching the two models' depths)."""
+    from slimlm.losses import depth_layer_map
+    from slimlm.surgery.save import RECORD_FILE
+
+    record = read_json(os.path.join(student_dir, RECORD_FILE)) or {}
+    kept = record.get("kept_layers")
+    if not kept or record.get("previous") is not None:
+        return None
+    try:
+        return depth_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers, kept)
+    except ValueError:
+        return None
+
+
 def check_distill_settings(*, learning_rate, temperature, beta, kd_weight, ce_weight, max_minutes=None,
                            mix_fraction=0.0, fit_to_time=False) -> None:
     """InputError for a setting no run can use, before anything is loaded or written."""

@@ -312,6 +312,11 @@ class Pipeline:
         # the search's winner, which is kept in the dtype it trained in.
         saving = self.recipe["save_dtype"] if self.recipe["save_dtype"] != "auto" else \
             str(save_dtype(self.teacher, "auto")).removeprefix("torch.")
+        options = distillation_options(section)
+        if section["hidden_loss_weight"] > 0:
+            layer_map = distill.pruned_layer_map(start, student, teacher)
+            if layer_map is not None:  # each student layer against the teacher layer it was cut from
+                options["layer_map"] = layer_map
         with self._timed("distill"):
             training_args = []
             for key, value in section["training_args"].items():
@@ -326,7 +331,7 @@ class Pipeline:
                             teacher_precision=section["teacher_precision"],
                             student_precision=section["student_precision"],
                             fit_to_time=section["fit_to_time"],
-                            distillation_options=distillation_options(section),
+                            distillation_options=options,
                             training_args=training_args)
             inputs = distill.distill_inputs(teacher, student, self.train_texts, **settings)
             saved = distill.with_save_dtype(inputs, save_dtype(student, saving))
