@@ -1,6 +1,7 @@
 """What a distillation run trains on and with: Trainer items from token blocks (classic text
 with synthetic text mixed in), ``TrainingArguments`` from command-line style flags over
-slimlm's defaults, the tokens one optimizer step sees, and a wall-time cap."""
+slimlm's defaults (with the student's precision, ``student_precision_flags``), the tokens one
+optimizer step sees, a wall-time cap and a learning-rate schedule fitted to it."""
 from __future__ import annotations
 
 import os
