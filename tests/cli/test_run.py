@@ -297,3 +297,50 @@ def test_recovery_options_are_checked_before_any_work(workspace, capsys, tmp_pat
     code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
     assert code == 2 and message in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"distill__finish_by_minutes": 0}, "distill.finish_by_minutes must be > 0 and finite"),
+    ({"distill__finish_by_minutes": float("inf")}, "distill.finish_by_minutes must be > 0 and finite"),
+    ({"distill__max_minutes": float("nan")}, "distill.max_minutes must be > 0 and finite"),
+])
+def test_time_budgets_are_checked_before_any_work(workspace, capsys, tmp_path, change, message):
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "bad-time.yaml", out=str(out), synthetic=None, **change)
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 2 and message in err, err
+    assert not out.exists()
+
+
+def test_finish_by_minutes_caps_distillation_from_the_run_start(workspace, capsys, tmp_path):
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "finish-by.yaml", out=str(out), synthetic=None,
+                          distill__finish_by_minutes=30, distill__fit_to_time=True)
+    code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    capped = [line for line in stage_lines(printed) if "finish_by_minutes 30" in line]
+    assert len(capped) == 1 and "distillation capped at " in capped[0], printed
+    record = json.loads((out / "distilled" / "slimlm_distill.json").read_text())
+    assert 29 < record["max_minutes"] <= 30
+    assert "finish_by_minutes" not in json.dumps(record["inputs"])  # a cap, not an input of the result
+    assert "(finish_by_minutes 30)" in (out / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("max_minutes, finish_by, elapsed, expected, says", [
+    (15.0, None, 20.0, 15.0, None),            # no finish_by: max_minutes as it is
+    (15.0, 25.0, 5.0, 15.0, None),             # time enough: max_minutes, nothing said
+    (15.0, 25.0, 14.0, 11.0, "capped at 11.0 min (max_minutes 15)"),
+    (15.0, 25.0, 24.8, 1.0, "0.2 left, at least 1.0"),  # the earlier stages overran
+    (None, 25.0, 14.0, 11.0, "capped at 11.0 min"),
+])
+def test_distill_minutes_follow_finish_by(max_minutes, finish_by, elapsed, expected, says):
+    import time
+
+    from slimlm.pipeline.runner import Pipeline
+
+    lines = []
+    pipeline = Pipeline.__new__(Pipeline)
+    pipeline.log, pipeline.started = lines.append, time.monotonic() - elapsed * 60
+    minutes = pipeline._distill_minutes({"max_minutes": max_minutes, "finish_by_minutes": finish_by})
+    assert minutes == pytest.approx(expected, abs=0.01)
+    assert (says is None) == (not lines) and (says is None or says in lines[0]), lines

@@ -60,6 +60,7 @@ def test_distillation_lowers_heldout_kl(tmp_path):
     logged = trainer.state.log_history[0]
     for key in ("kd_loss", "tokens_per_s", "teacher_forward_s", "peak_memory_mb"):
         assert key in logged and logged[key] >= 0
+    assert 0 < logged["teacher_forward_share"] < 1
 
 
 def test_ce_only_matches_hf_trainer(tmp_path):

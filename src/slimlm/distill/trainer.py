@@ -389,13 +389,20 @@ class DistillationTrainer(transformers.Trainer):
         self._metrics[f"_{name}_count"] = self._metrics.get(f"_{name}_count", 0.0) + 1
 
     def log(self, logs: dict, *args, **kwargs) -> None:
+        """Adds to each training log entry, over the window since the previous one: the mean
+        kd/ce/hidden losses, ``tokens_per_s``, ``teacher_forward_s`` (the teacher's forward seconds
+        summed over the window's steps), ``teacher_forward_share`` (that over the window's wall
+        time) and ``peak_memory_mb``."""
         if self._metrics and "loss" in logs:
             elapsed = time.perf_counter() - self._window_start
             for name in ("kd_loss", "ce_loss", "hidden_loss", "topk_loss"):
                 if name in self._metrics:
                     logs[name] = round(self._metrics[name] / self._metrics[f"_{name}_count"], 6)
             logs["tokens_per_s"] = round(self._metrics.get("tokens", 0.0) / max(elapsed, 1e-9), 2)
+            # Seconds summed over the logging window (logging_steps steps), and their share of
+            # the window's wall time: a per-step reading of the sum overstates the teacher.
             logs["teacher_forward_s"] = round(self._metrics.get("teacher_forward_s", 0.0), 4)
+            logs["teacher_forward_share"] = round(self._metrics.get("teacher_forward_s", 0.0) / max(elapsed, 1e-9), 3)
             if "student_sampling_s" in self._metrics:
                 logs["student_sampling_s"] = round(self._metrics["student_sampling_s"], 4)
             logs["peak_memory_mb"] = round(peak_memory_bytes(self.args.device) / 2**20, 1)

@@ -35,8 +35,11 @@ RECIPE_FIELDS = {
     "correct_teacher": {"tokens": (int, _ANY), "lr": (float, None), "seq_len": (int, None), "batch_size": (int, None)},
     "synthetic": {"num_prompts": (int, 64), "max_new_tokens": (int, 64), "temperature": (float, 0.8),
                   "top_p": (float, 0.95), "batch_size": (int, 8), "mix": (float, 0.3), "chat": (bool, False)},
+    # finish_by_minutes: distillation ends by then, counted from the start of this invocation of
+    # the run (max_minutes shrinks when the stages before it took long), so that the whole run
+    # keeps a time budget on a slower machine; like max_minutes, not an input of the result.
     "distill": {"seq_len": (int, 256), "max_tokens": (int, None), "max_minutes": (float, None),
-                "fit_to_time": (bool, False), "lr": (float, 1e-4),
+                "finish_by_minutes": (float, None), "fit_to_time": (bool, False), "lr": (float, 1e-4),
                 "batch_size": (int, 8), "temperature": (float, 1.0), "beta": (float, 0.0), "kd_weight": (float, 1.0),
                 "ce_weight": (float, 0.0), "teacher_precision": (str, "auto"),
                 "student_precision": (str, "auto"), "hidden_loss_weight": (float, 0.0),
@@ -120,14 +123,14 @@ def _check_semantics(recipe: dict, where: str) -> None:
     positive = [("importance", "num_samples"), ("importance", "seq_len"), ("importance", "batch_size"),
                 ("distill", "seq_len"), ("distill", "batch_size"), ("distill", "lr"), ("distill", "temperature"),
                 ("eval", "seq_len"), ("eval", "max_blocks"), ("eval", "batch_size"), ("eval", "max_new_tokens"),
-                ("distill", "max_tokens"), ("distill", "max_minutes"), ("distill", "eval_steps"), ("distill", "eval_blocks"), ("eval", "speed_prompt_tokens"),
+                ("distill", "max_tokens"), ("distill", "max_minutes"), ("distill", "finish_by_minutes"), ("distill", "eval_steps"), ("distill", "eval_blocks"), ("eval", "speed_prompt_tokens"),
                 ("eval", "speed_rounds")]
     if recipe["synthetic"] is not None:
         positive += [("synthetic", "num_prompts"), ("synthetic", "max_new_tokens"), ("synthetic", "batch_size")]
     for section, field in positive:
         value = recipe[section][field]
-        if value is not None and not value > 0:
-            raise InputError(f"{where}: {section}.{field} must be > 0, got {value}")
+        if value is not None and not (value > 0 and value != float("inf")):
+            raise InputError(f"{where}: {section}.{field} must be > 0 and finite, got {value}")
     for field, known in (("metrics", WIDTH_METRICS), ("depth", DEPTH_METRICS)):
         for value in recipe["importance"][field]:
             if value not in known:
@@ -141,8 +144,9 @@ def _check_semantics(recipe: dict, where: str) -> None:
         if recipe["distill"][field] not in known:
             raise InputError(f"{where}: distill.{field}: unknown value {recipe['distill'][field]!r} "
                              f"(known: {', '.join(known)})")
-    if recipe["distill"]["fit_to_time"] and not recipe["distill"]["max_minutes"]:
-        raise InputError(f"{where}: distill.fit_to_time fits the schedule to distill.max_minutes: give max_minutes too")
+    if recipe["distill"]["fit_to_time"] and not (recipe["distill"]["max_minutes"] or recipe["distill"]["finish_by_minutes"]):
+        raise InputError(f"{where}: distill.fit_to_time fits the schedule to distill.max_minutes (or finish_by_minutes): "
+                         "give max_minutes too")
     if not 0.0 <= recipe["distill"]["beta"] <= 1.0:
         raise InputError(f"{where}: distill.beta must be in [0, 1], got {recipe['distill']['beta']}")
     from slimlm.distill.trainer import DistillationConfig

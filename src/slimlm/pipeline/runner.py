@@ -18,6 +18,8 @@ from slimlm.pipeline import search as search_stage
 from slimlm.pipeline.records import DISTILL_RECORD, read_json, read_json_roundtrip, texts_digest
 
 RECIPE_COPY = "recipe.yaml"
+# The least distillation time distill.finish_by_minutes leaves a run whose earlier stages overran.
+MIN_DISTILL_MINUTES = 1.0
 
 
 class Pipeline:
@@ -39,6 +41,7 @@ class Pipeline:
         self.device = recipe["device"] or default_device()
         self.dtype = resolve_dtype(recipe["dtype"], self.device)
         self.timings: dict[str, float] = {}
+        self.started = time.monotonic()  # this invocation's clock (distill.finish_by_minutes)
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -318,6 +321,7 @@ class Pipeline:
             if layer_map is not None:  # each student layer against the teacher layer it was cut from
                 options["layer_map"] = layer_map
         with self._timed("distill"):
+            max_minutes = self._distill_minutes(section)
             training_args = []
             for key, value in section["training_args"].items():
                 training_args += [f"--{key}", str(value)]
@@ -341,11 +345,28 @@ class Pipeline:
             # in this folder the recipe owns: they are deleted, not resumed.
             _, log_history = distill.distill_stage(
                 teacher, student, self.tokenizer, self.train_texts, distilled_dir,
-                max_minutes=section["max_minutes"], overwrite=True, clear_stale_checkpoints=True,
+                max_minutes=max_minutes, extra_record={"max_minutes": max_minutes},
+                overwrite=True, clear_stale_checkpoints=True,
                 disable_tqdm=not self.progress, save_dtype=saving, log=self.log,
                 eval_texts=self._eval_texts(), eval_steps=section["eval_steps"], eval_blocks=section["eval_blocks"],
                 **settings)
             return log_history
+
+    def _distill_minutes(self, section: dict) -> float | None:
+        """``distill.max_minutes``, shortened so that distillation ends ``distill.finish_by_minutes``
+        after this invocation started (at least ``MIN_DISTILL_MINUTES``: a run whose earlier
+        stages overran still distills, and says so)."""
+        cap, finish_by = section["max_minutes"], section["finish_by_minutes"]
+        if finish_by is None:
+            return cap
+        elapsed = (time.monotonic() - self.started) / 60
+        left = finish_by - elapsed
+        minutes = max(left, MIN_DISTILL_MINUTES) if cap is None else min(cap, max(left, MIN_DISTILL_MINUTES))
+        if cap is None or minutes < cap:
+            note = f"; {left:.1f} left, at least {MIN_DISTILL_MINUTES}" if left < MIN_DISTILL_MINUTES else ""
+            self.log(f"[distill] {elapsed:.1f} min into the run, finish_by_minutes {finish_by:g}: distillation capped "
+                     f"at {minutes:.1f} min" + (f" (max_minutes {cap:g})" if cap is not None else "") + note)
+        return minutes
 
     @staticmethod
     def _precision_note(section: dict, distill_record: dict) -> str:
@@ -446,7 +467,7 @@ class Pipeline:
                              f", {len(self.general_texts)} general held-out documents (another register: neither "
                              "the training text nor its domain)" if self.general_texts is not None else ""),
                  "distillation": f"{distill_record['steps']} steps, {distill_record['tokens_seen']:,} tokens "
-                                 f"(budget {section['max_tokens'] or '-'} tokens / {section['max_minutes'] or '-'} min"
+                                 f"(budget {section['max_tokens'] or '-'} tokens / {self._minutes_note(section, distill_record)} min"
                                  + (f", schedule fitted to the time: {distill_record['scheduled_steps']} steps"
                                     if section["fit_to_time"] and distill_record.get("scheduled_steps") else "")
                                  + "), "
@@ -475,6 +496,17 @@ class Pipeline:
         return {"results": results, "report": report, "table": report["table"], "out": self.out,
                 "timings": self.timings}
 
+
+    @staticmethod
+    def _minutes_note(section: dict, distill_record: dict) -> str:
+        """The distillation's time cap as the report states it: the recipe's max_minutes, and
+        what finish_by_minutes shortened it to in the run that made the student."""
+        used = distill_record.get("max_minutes")
+        if section["finish_by_minutes"] is None or used is None:
+            return f"{section['max_minutes'] or '-'}"
+        if section["max_minutes"] is not None and used >= section["max_minutes"]:
+            return f"{section['max_minutes']:g}"
+        return f"{used:.1f} (finish_by_minutes {section['finish_by_minutes']:g})"
 
     def _sizes_note(self) -> str:
         """How the report's sizes on disk are stored: the teacher's format, the students' dtype."""
