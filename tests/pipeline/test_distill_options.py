@@ -75,3 +75,24 @@ def test_a_depth_pruned_student_is_compared_with_the_layers_it_was_cut_from(tmp_
     assert pruned_layer_map(str(folder), student, teacher) is None
     record.write_text(json.dumps({"kept_layers": [0, 1], "previous": None}))
     assert pruned_layer_map(str(folder), student, teacher) is None
+
+
+def test_a_narrower_students_folder_holds_the_model_not_the_hidden_projections(tmp_path):
+    """The hidden loss learns a projection per layer when the widths differ; the checkpoints keep
+    them for a resume, the saved student is a plain HF checkpoint (and its size on disk the model's)."""
+    from slimlm.evaluate import disk_bytes
+    from slimlm.pipeline.distill import distill_stage
+
+    tokenizer = word_tokenizer()
+    teacher = tiny_model("llama", "training", vocab_size=len(tokenizer), seed=0)
+    width = teacher.config.hidden_size // 2
+    student = tiny_model("llama", "training", vocab_size=len(tokenizer), seed=2, hidden_size=width,
+                         head_dim=teacher.config.head_dim)
+    options = {"hidden_loss_weight": 1.0, "layer_map": {1: 1, 2: 2}}
+    flags = ["--use_cpu", "true", "--max_steps", "2", "--save_steps", "2", "--report_to", "none"]
+    out = tmp_path / "out"
+    distill_stage(teacher, student, tokenizer, texts(0), str(out), seq_len=8, batch_size=2, training_args=flags,
+                  distillation_options=options, disable_tqdm=True, log=lambda line: None)
+    assert (tmp_path / "out.checkpoints" / "checkpoint-2" / "hidden_projections.safetensors").is_file()
+    assert not (out / "hidden_projections.safetensors").exists()
+    assert disk_bytes(out) == (out / "model.safetensors").stat().st_size

@@ -241,6 +241,9 @@ def _save_student(trainer, tokenizer, out: str, record: dict, seq_len: int, dtyp
     staging folder swapped into place, so ``out`` never holds half a checkpoint; the weights are
     then cast to ``dtype`` there. ``record`` (what the run was made from) is completed with what
     the training did."""
+    from transformers.trainer import TRAINING_ARGS_NAME
+
+    from slimlm.distill.trainer import PROJECTIONS_FILE
     from slimlm.distill.training import tokens_per_step
     from slimlm.models import cast_checkpoint, save_tokenizer
 
@@ -251,6 +254,11 @@ def _save_student(trainer, tokenizer, out: str, record: dict, seq_len: int, dtyp
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(staging)
     if main_process:
+        # The hidden loss's learned projections and the Trainer's pickled arguments are training
+        # artefacts (kept in the checkpoints for a resume; the record holds the arguments), not
+        # part of the model: the student folder is a plain HF checkpoint, its weights its own.
+        for artefact in (PROJECTIONS_FILE, TRAINING_ARGS_NAME):
+            outputs.remove(os.path.join(staging, artefact))
         cast_checkpoint(staging, dtype)
         save_tokenizer(tokenizer, staging)
         state = trainer.state
