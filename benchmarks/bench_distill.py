@@ -199,7 +199,13 @@ def test_distill_throughput(benchmark, provider, tmp_path):
         # The defaults where bf16 is native: issue 14's 2x over today's float32 run (measured 2.3x).
         if provider == "slimlm-auto" and not QUICK and cpu_has_bf16():
             assert speed > 1.8, f"teacher and student precision auto gave only {speed:.2f}x"
-        assert speed > 0.3, f"{provider} is far slower than slimlm ({speed:.2f}x)"
+        # slimlm-bf16 forces bf16 on the student: where bf16 is emulated (no AVX512-BF16/AMX) it is
+        # expected to be far slower than float32 — that is why "auto" never picks it there — and it
+        # is held only to its like-for-like pair, plain-bf16, above.
+        if provider in MIXED_PRECISION and not cpu_has_bf16():
+            print(f"{provider}: bf16 is emulated on this CPU; not held to the float32 run")
+        else:
+            assert speed > 0.3, f"{provider} is far slower than slimlm ({speed:.2f}x)"
 
 
 def teacher_quality(precisions=("fp32", "bf16", "int8"), blocks: int = 8, seq_len: int = 256) -> dict:
