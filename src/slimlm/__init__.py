@@ -21,7 +21,18 @@ from slimlm.losses import (
     topk_kl_div_loss,
 )
 from slimlm.models import load_model, load_tokenizer, save_dtype, smollm2_gguf_path
-from slimlm.surgery import Budget, PrunePlan, SearchSpace, Target, plan, prune, save_pruned, search
+from slimlm.surgery import (
+    Budget,
+    PrunePlan,
+    ReconstructionStats,
+    SearchSpace,
+    Target,
+    plan,
+    prune,
+    reconstruction_stats,
+    save_pruned,
+    search,
+)
 
 __version__ = "0.1.0"
 
@@ -35,6 +46,7 @@ __all__ = [
     "ImportanceScores",
     "LMHead",
     "PrunePlan",
+    "ReconstructionStats",
     "SearchSpace",
     "Target",
     "__version__",
@@ -52,6 +64,7 @@ __all__ = [
     "load_tokenizer",
     "plan",
     "prune",
+    "reconstruction_stats",
     "save_dtype",
     "save_pruned",
     "search",

@@ -60,3 +60,31 @@ def test_prune_saves_in_the_source_dtype_or_the_one_asked(workspace, capsys, tmp
         run_cli(capsys, *common, "--save-dtype", "int8", "--out", tmp_path / "bad")
     assert exit_info.value.code == 2 and "--save-dtype: invalid choice: 'int8'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_prune_with_data_refits_the_projections(workspace, capsys, tmp_path):
+    """--data: o_proj/down_proj refitted on calibration blocks (recorded); the same cut without it
+    differs only in those projections; a missing data path or a bad ridge exits 2 first."""
+    import json
+
+    from safetensors.torch import load_file
+
+    common = ["prune", "--model", workspace / "teacher", "--scores", scores_dir(workspace, capsys),
+              "--intermediate-size", "32"]
+    code, printed, err = run_cli(capsys, *common, "--data", str(workspace / "data" / "*.txt"), "--num-samples", "4",
+                                 "--seq-len", "16", "--out", tmp_path / "refit")
+    assert code == 0, err
+    assert "reconstruction: o_proj/down_proj input statistics of 64 tokens" in printed
+    record = json.loads((tmp_path / "refit" / "slimlm_prune.json").read_text())
+    assert record["reconstruct"]["tokens"] == 64 and record["reconstruct"]["ridge"] == 1.0
+    assert run_cli(capsys, *common, "--out", tmp_path / "plain")[0] == 0
+    refit, plain = load_file(tmp_path / "refit" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    differ = {name for name in plain if not (refit[name] == plain[name]).all()}
+    assert differ and all(name.endswith("mlp.down_proj.weight") for name in differ), differ
+
+    code, _, err = run_cli(capsys, *common, "--data", str(tmp_path / "missing.txt"), "--out", tmp_path / "bad")
+    assert "missing.txt" in one_line_error(code, err, "prune")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(capsys, *common, "--data", str(workspace / "data" / "*.txt"), "--ridge", "0", "--out", tmp_path / "bad")
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "bad").exists()

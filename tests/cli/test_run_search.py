@@ -94,3 +94,31 @@ def test_a_search_of_other_inputs_in_the_run_folder_is_redone(workspace, capsys,
     assert "holds a search of other inputs: deleting it" in printed
     assert sum("after the short distillation" in line for line in printed.splitlines()) == 2
     assert json.loads(path.read_text())["inputs"]["model"] != "another teacher"
+
+
+def test_run_with_reconstruction_refits_the_searched_and_pruned_students(workspace, capsys, tmp_path):
+    """A reconstruct section: the search's candidates and the pruned student are refitted
+    (slimlm.surgery.reconstruct), the prune record says so, the search's inputs name it (so a
+    run without it is another search), a rerun redoes nothing, and bad values exit 2 first."""
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "reconstruct.yaml", out=str(out), synthetic=None, search=SEARCH,
+                          target={"target_params": 0.6}, distill__max_tokens=128,
+                          reconstruct={"num_samples": 4, "ridge": 0.5})
+    code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    assert sum(line.startswith("[reconstruct]") for line in stage_lines(printed)) == 1  # once, shared
+    record = json.loads((out / "pruned" / "slimlm_prune.json").read_text())
+    assert record["reconstruct"]["ridge"] == 0.5 and record["reconstruct"]["tokens"] == 4 * 16
+    search = json.loads((out / "search" / "search.json").read_text())
+    assert search["inputs"]["reconstruct"] == record["reconstruct"]
+    code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    assert all("running" not in line for line in stage_lines(printed) if line.startswith(("[prune]", "[distill]")))
+    for change, message in (({"ridge": 0}, "reconstruct.ridge must be > 0"),
+                            ({"num_samples": -1}, "reconstruct.num_samples must be > 0"),
+                            ({"bogus": 1}, "unknown field 'reconstruct.bogus'")):
+        bad = write_recipe(workspace, "bad-reconstruct.yaml", out=str(tmp_path / "bad"), synthetic=None,
+                           reconstruct={"num_samples": 4, **change})
+        code, _, err = run_cli(capsys, "run", bad, "--no-progress")
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "bad").exists()

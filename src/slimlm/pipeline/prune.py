@@ -7,14 +7,14 @@ from slimlm.pipeline.records import has_weights, inputs_state, read_json, stage_
 
 
 def prune_stage(model, scores, target, out: str, *, tokenizer=None, overwrite: bool = False,
-                inputs: dict | None = None, save_dtype=None):
-    """Prune ``model`` in place to ``target`` with ``scores``, save it to ``out`` in ``save_dtype``
-    (None/"auto": the source's, see ``slimlm.models.save_dtype``), recording ``inputs``; returns
-    (model, plan)."""
+                inputs: dict | None = None, save_dtype=None, reconstruct=None):
+    """Prune ``model`` in place to ``target`` with ``scores`` (and ``reconstruct``'s compensation,
+    ``slimlm.surgery.reconstruct``, when given), save it to ``out`` in ``save_dtype`` (None/"auto":
+    the source's, see ``slimlm.models.save_dtype``), recording ``inputs``; returns (model, plan)."""
     from slimlm.surgery import plan, prune, save_pruned
 
     the_plan = plan(model, target)
-    pruned = prune(model, scores, the_plan)
+    pruned = prune(model, scores, the_plan, reconstruct=reconstruct)
     save_pruned(pruned, out, tokenizer=tokenizer, overwrite=overwrite, save_dtype=save_dtype,
                 record=stage_record(inputs) if inputs is not None else None)
     return pruned, the_plan

@@ -17,7 +17,8 @@ RECIPE_FIELDS = {
     None: {"teacher": (str, _ANY), "out": (str, None), "seed": (int, 0), "dtype": (str, "auto"),
            "save_dtype": (str, "auto"),
            "device": (str, None), "data": (dict, _ANY), "importance": (dict, {}), "target": (dict, _ANY),
-           "search": ((dict, type(None)), None), "correct_teacher": ((dict, type(None)), None), "synthetic": ((dict, type(None)), None), "distill": (dict, {}), "eval": (dict, {}), "report": (dict, {})},
+           "search": ((dict, type(None)), None),
+           "reconstruct": ((dict, type(None)), None), "correct_teacher": ((dict, type(None)), None), "synthetic": ((dict, type(None)), None), "distill": (dict, {}), "eval": (dict, {}), "report": (dict, {})},
     # general: a held-out set of another register than the training text (the demo's: Python's
     # language reference and the common licences), evaluated and reported beside heldout.
     "data": {"train": ((str, list), _ANY), "heldout": ((str, list), None), "general": ((str, list), None),
@@ -30,6 +31,10 @@ RECIPE_FIELDS = {
     "search": {"top_n": (int, 20), "top_k": (int, 4), "num_blocks": (int, 64), "seq_len": (int, 256),
                "held_out": (float, 0.25), "rerank_tokens": (int, None), "batch_size": (int, 8), "lr": (float, None),
                "space": (dict, {})},
+    # The pruned o_proj/down_proj refitted to the heads/neurons that stay (slimlm.surgery.reconstruct),
+    # on the first num_samples blocks of importance.seq_len tokens of the training text; the
+    # search's candidates and the prune stage both use it.
+    "reconstruct": {"num_samples": (int, 32), "ridge": (float, 1.0)},
     # Minitron's teacher correction before distilling: lr default distill.lr / 10, seq_len and
     # batch_size default the distillation's.
     "correct_teacher": {"tokens": (int, _ANY), "lr": (float, None), "seq_len": (int, None), "batch_size": (int, None)},
@@ -94,7 +99,7 @@ def validate_recipe(raw, where: str) -> dict:
     recipe = _check_section(None, raw, RECIPE_FIELDS[None], where)
     for section in ("data", "importance", "distill", "eval", "report"):
         recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
-    for section in ("search", "correct_teacher", "synthetic"):
+    for section in ("search", "reconstruct", "correct_teacher", "synthetic"):
         if recipe[section] is not None:
             recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
     _check_semantics(recipe, where)
@@ -125,6 +130,8 @@ def _check_semantics(recipe: dict, where: str) -> None:
                 ("eval", "seq_len"), ("eval", "max_blocks"), ("eval", "batch_size"), ("eval", "max_new_tokens"),
                 ("distill", "max_tokens"), ("distill", "max_minutes"), ("distill", "finish_by_minutes"), ("distill", "eval_steps"), ("distill", "eval_blocks"), ("eval", "speed_prompt_tokens"),
                 ("eval", "speed_rounds")]
+    if recipe["reconstruct"] is not None:
+        positive += [("reconstruct", "num_samples"), ("reconstruct", "ridge")]
     if recipe["synthetic"] is not None:
         positive += [("synthetic", "num_prompts"), ("synthetic", "max_new_tokens"), ("synthetic", "batch_size")]
     for section, field in positive:

@@ -220,7 +220,8 @@ class Pipeline:
                      f"{'resuming: finished candidates are read back' if done else 'missing'})")
             result = search_stage.search_stage(self.teacher, scores, self.recipe["target"], self.search_blocks, out,
                                                section=section, distill=self.recipe["distill"],
-                                               seed=self.recipe["seed"], device=self.device, log=self.log)
+                                               seed=self.recipe["seed"], device=self.device,
+                                               reconstruct=self._reconstruction(), log=self.log)
             record = search_stage.winner_record(out)
             record["target"] = dataclasses.asdict(result.target)
             record["rerank_tokens"] = self.rerank_tokens
@@ -238,14 +239,40 @@ class Pipeline:
             inputs = {"teacher": self.teacher_fp, "target": target,
                       "scores": outputs.file_digest(os.path.join(self.path("scores"), SCORES_FILE)),
                       "save_dtype": self.recipe["save_dtype"]}
+            if self.recipe["reconstruct"] is not None:  # (absent otherwise: older run folders stay valid)
+                inputs["reconstruct"] = {**self.recipe["reconstruct"], "train": texts_digest(self.train_texts),
+                                         "seq_len": self.recipe["importance"]["seq_len"]}
             if self._stage("prune", prune.pruned_state(pruned_dir, self.teacher_fp, inputs), pruned_dir) \
                     or not os.path.isfile(plan_path):
                 _, the_plan = prune.prune_stage(copy.deepcopy(self.teacher), scores, target, pruned_dir,
                                                 tokenizer=self.tokenizer, overwrite=True, inputs=inputs,
-                                                save_dtype=self.recipe["save_dtype"])
+                                                save_dtype=self.recipe["save_dtype"],
+                                                reconstruct=self._reconstruction())
                 outputs.write_text(plan_path, the_plan.table() + "\n")
             with open(plan_path, encoding="utf-8") as handle:
                 return handle.read().rstrip()
+
+    def _reconstruction(self):
+        """The teacher's ``reconstruction_stats`` on the first ``reconstruct.num_samples`` blocks of
+        ``importance.seq_len`` tokens of the training text (computed once per run, in memory:
+        they are a few hundred MB), or None when the recipe has no reconstruct section."""
+        section = self.recipe["reconstruct"]
+        if section is None:
+            return None
+        if getattr(self, "reconstruction", None) is None:
+            from slimlm.data import tokenize_blocks
+            from slimlm.surgery.reconstruct import reconstruction_stats
+
+            started = time.perf_counter()
+            calibration = tokenize_blocks(self.train_texts, self.tokenizer, self.recipe["importance"]["seq_len"],
+                                          model=self.teacher)
+            self.reconstruction = reconstruction_stats(
+                self.teacher, calibration, batch_size=self.recipe["importance"]["batch_size"],
+                num_samples=section["num_samples"], ridge=section["ridge"])
+            seconds = time.perf_counter() - started  # counted in the stage that asked (search or prune)
+            self.log(f"[reconstruct] o_proj/down_proj input statistics of {self.reconstruction.tokens:,} tokens "
+                     f"in {seconds:.0f} s (ridge {section['ridge']:g})")
+        return self.reconstruction
 
     def synthetic(self) -> list[str] | None:
         """The teacher's generations from prompts of the training data (``synthetic.jsonl``);

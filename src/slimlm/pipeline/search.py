@@ -63,8 +63,9 @@ def rerank_tokens(section: dict, train_blocks: int) -> int:
 
 
 def search_stage(teacher, scores, target: dict, blocks, out: str, *, section: dict, distill: dict, seed: int,
-                 device: str, log=print):
-    """Run (or resume) the search into ``out``; returns the ``SearchResult``."""
+                 device: str, reconstruct=None, log=print):
+    """Run (or resume) the search into ``out``; returns the ``SearchResult``. ``reconstruct``:
+    the teacher's ``reconstruction_stats``, with which every candidate is pruned."""
     from slimlm.distill.trainer import DistillationConfig
     from slimlm.distill.training import student_precision_flags, training_arguments
     from slimlm.surgery.candidates import SearchSpace
@@ -85,7 +86,8 @@ def search_stage(teacher, scores, target: dict, blocks, out: str, *, section: di
                                 teacher_precision=distill["teacher_precision"])
     settings = dict(space=SearchSpace.coerce(section["space"]), top_n=section["top_n"], top_k=section["top_k"],
                     held_out=held_out(section["held_out"]), seed=seed, rerank_tokens=section["rerank_tokens"],
-                    batch_size=section["batch_size"], training_args=args, distillation_config=config, log=log)
+                    batch_size=section["batch_size"], training_args=args, distillation_config=config,
+                    reconstruct=reconstruct, log=log)
     try:
         return search(teacher, scores, target, blocks, out=out, **settings)
     except StaleSearch:

@@ -2,6 +2,8 @@
 
     the_plan = plan(model, {"target_params": 0.5})        # dry run, print(the_plan) for the table
     prune(model, scores, the_plan)                          # in place, one layer at a time
+    stats = reconstruction_stats(model, blocks)             # or: o_proj/down_proj refitted to what stays
+    prune(model, scores, the_plan, reconstruct=stats)
     save_pruned(model, "out/")                              # temp folder + rename; loads with stock transformers
     result = search(model, scores, {"target_params": 0.5}, blocks, out="search/")  # the best shape at a budget
 
@@ -13,7 +15,9 @@ from slimlm.surgery.apply import prune
 from slimlm.surgery.save import save_pruned
 from slimlm.surgery.budget import Budget
 from slimlm.surgery.candidates import Candidate, SearchSpace, enumerate_shapes
+from slimlm.surgery.reconstruct import ReconstructionStats, reconstruction_stats
 from slimlm.surgery.search import SearchResult, search
 
-__all__ = ["Budget", "Candidate", "PrunePlan", "SearchResult", "SearchSpace", "Target", "enumerate_shapes",
-           "get_adapter", "plan", "prune", "save_pruned", "search", "supported_model_types"]
+__all__ = ["Budget", "Candidate", "PrunePlan", "ReconstructionStats", "SearchResult", "SearchSpace", "Target",
+           "enumerate_shapes", "get_adapter", "plan", "prune", "reconstruction_stats", "save_pruned", "search",
+           "supported_model_types"]

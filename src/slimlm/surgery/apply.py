@@ -19,6 +19,7 @@ from slimlm.architectures import AttentionProjections, DecoderAdapter, MlpProjec
 from slimlm.fingerprint import model_fingerprint
 from slimlm.importance.scores import ImportanceScores
 from slimlm.surgery.planning import PrunePlan, meta_model, plan, pruned_config
+from slimlm.surgery.reconstruct import ReconstructionStats, compensate_layer
 from slimlm.surgery.selection import Selection, select_units
 from slimlm.surgery.slicing import head_rows, slice_embedding, slice_linear, slice_norm
 
@@ -118,7 +119,8 @@ def sync_with_config(model, check_only: bool = False) -> None:
                 setattr(module, key, value)
 
 
-def prune(model, scores: ImportanceScores | None, target, *, inplace: bool = True):
+def prune(model, scores: ImportanceScores | None, target, *, inplace: bool = True,
+          reconstruct: ReconstructionStats | None = None):
     """Prune ``model`` to ``target`` (a ``Target``, a dict of its fields, or a ``PrunePlan``),
     keeping the top-scoring units of each axis per ``scores``, and return it.
 
@@ -129,6 +131,10 @@ def prune(model, scores: ImportanceScores | None, target, *, inplace: bool = Tru
     models in memory). The config is rewritten and checked against the weights; the
     returned model carries ``slimlm_prune_record`` (plan, kept layers, source fingerprint),
     which ``save_pruned`` writes beside the checkpoint.
+
+    ``reconstruct``: statistics of ``model`` from ``reconstruction_stats``; each kept layer's
+    ``o_proj`` / ``down_proj`` columns are then refitted to the heads / neurons that stay
+    (``slimlm.surgery.reconstruct``), so the pruned layer's output stays closer to the original's.
     """
     adapter = get_adapter(model, "slimlm.surgery", "prunes")
     _refuse_quantized(model)
@@ -142,6 +148,8 @@ def prune(model, scores: ImportanceScores | None, target, *, inplace: bool = Tru
     after = the_plan.sizes_after
     if scores is not None:
         scores.check_model(model)
+    if reconstruct is not None:
+        reconstruct.check(model)
     selection = select_units(scores, before, after, the_plan.drop_layers, the_plan.depth_selection)
     # Validates the new config (transformers' own checks) while the model is still untouched.
     pruned_config(model.config, adapter, after, selection.kept_layers)
@@ -154,6 +162,11 @@ def prune(model, scores: ImportanceScores | None, target, *, inplace: bool = Tru
         adapter.set_layers(model, [layers[i] for i in selection.kept_layers])
     norm_scale = math.sqrt(before["hidden_size"] / after["hidden_size"])
     for layer, original_index in zip(adapter.layers(model), selection.kept_layers):
+        if reconstruct is not None:
+            compensate_layer(adapter.attention(layer).o, adapter.mlp(layer).down, original_index,
+                             None if selection.heads is None else selection.heads[original_index],
+                             None if selection.neurons is None else selection.neurons[original_index],
+                             before["head_dim"], reconstruct)
         _shrink_layer(layer, adapter, before, original_index, selection, norm_scale)
     if selection.hidden is not None:
         _shrink_ends(model, adapter, before, after, selection.hidden, norm_scale)
@@ -168,6 +181,7 @@ def prune(model, scores: ImportanceScores | None, target, *, inplace: bool = Tru
         "source": getattr(model, "name_or_path", None) or None,
         "plan": the_plan.to_dict(),
         "kept_layers": selection.kept_layers,
+        "reconstruct": reconstruct.record() if reconstruct is not None else None,
         "scores_meta": {k: v for k, v in (scores.meta if scores is not None else {}).items()
                         if isinstance(v, (str, int, float, bool))},
         "previous": previous,

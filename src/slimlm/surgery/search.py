@@ -59,7 +59,7 @@ class SearchResult:
 def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: str | os.PathLike | None = None,
            space: SearchSpace | dict | None = None, top_n: int = 20, top_k: int = 4, held_out: float | int = 0.1,
            seed: int = 0, rerank_tokens: int | None = None, batch_size: int = 8, training_args=None,
-           distillation_config=None, save_winner: bool = True, log=print) -> SearchResult:
+           distillation_config=None, save_winner: bool = True, reconstruct=None, log=print) -> SearchResult:
     """Search the student shape of ``model`` (the teacher, never modified) at ``target``
     (a ``Budget``, a dict of its fields, or a ``Target`` with ``target_params``) within
     ``space`` (a ``SearchSpace`` or a dict of its fields; default: Model Optimizer's floors).
@@ -69,7 +69,9 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
     of each short distillation (default: one pass over the training part), in batches of
     ``batch_size`` on ``training_args`` (a ``TrainingArguments``; its max_steps, seed and
     saving are set here) with ``distillation_config`` (default: forward KL, τ = 1).
-    ``top_k=0`` ranks zero-shot only. Everything is checked before any work (ValueError).
+    ``top_k=0`` ranks zero-shot only. ``reconstruct``: ``reconstruction_stats`` of ``model``;
+    every candidate is then pruned with them (``prune(..., reconstruct=)``), in the zero-shot
+    rank, the short distillations and the winner. Everything is checked before any work (ValueError).
     """
     for name, value, low in (("batch_size", batch_size, 1),):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -81,6 +83,8 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
     if scores is None:
         raise ValueError("search needs the model's importance scores (slimlm.estimate_importance)")
     scores.check_model(model)
+    if reconstruct is not None:
+        reconstruct.check(model)
     plan = search_candidates(model, target, space=space, top_n=top_n, top_k=top_k, scores=scores)
     budget, space, shapes, meeting, chosen, counter = (plan.budget, plan.space, plan.shapes, plan.meeting,
                                                        plan.chosen, plan.counter)
@@ -99,7 +103,7 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
         f"scoring the {len(chosen)} closest")
 
     inputs = _inputs(model, scores, data, budget, space, top_n, top_k, held_out, seed, rerank_tokens, batch_size,
-                     distillation_config, training_args)
+                     distillation_config, training_args, reconstruct)
     out = os.fspath(out) if out is not None else None
     finished, previous_phases = records.load_finished(out, inputs)
     if world > 1:
@@ -111,7 +115,7 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
                # Seconds per phase over every run of this search (a resumed phase adds its new work only).
                {"enumerate": enumerate_seconds, "zero_shot": previous_phases.get("zero_shot", 0.0),
                 "rerank": previous_phases.get("rerank", 0.0)},
-               batch_size, distillation_config, log, writer=rank == 0)
+               batch_size, distillation_config, log, reconstruct, writer=rank == 0)
     zero_shot_rank(run, rank, world)
     student = distillation_rerank(run, top_k, rerank_tokens, seed, training_args, save_winner)
 
@@ -123,7 +127,7 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
     if student is None and top_k:
         student = _saved_winner(run.winner_dir, winner["key"], model)
     if top_k == 0:
-        student = prune(model, scores, winner_candidate.target(), inplace=False)
+        student = prune(model, scores, winner_candidate.target(), inplace=False, reconstruct=reconstruct)
     winner_target = _winner_target(winner_candidate, scores, counter)
     if out and run.writer:
         records.write_record(out, inputs, ranked, winner, run.phases)
@@ -149,6 +153,7 @@ class _Run:
     batch_size: int
     distillation_config: object
     log: object
+    reconstruct: object = None
     writer: bool = True
     states: list | None = None
 
@@ -180,7 +185,8 @@ def zero_shot_rank(run: _Run, rank: int = 0, world: int = 1) -> None:
         if row["zero_shot_kd_loss"] is not None:
             run.log(f"[search] {row['key']}: zero-shot scored by an earlier run")
             continue
-        student = prune(run.model, run.scores, run.candidates[row["key"]].target(), inplace=False)
+        student = prune(run.model, run.scores, run.candidates[row["key"]].target(), inplace=False,
+                        reconstruct=run.reconstruct)
         row["zero_shot_kd_loss"], row["lm_loss"] = run.losses(student)
         del student
         run.log(f"[search] {row['key']} ({row['params']:,} params): zero-shot KD {row['zero_shot_kd_loss']:.4f}, "
@@ -205,7 +211,7 @@ def distillation_rerank(run: _Run, top_k: int, tokens, seed: int, training_args,
                 best, student = row, None
             continue
         distilled = short_distill(run.model, run.scores, run.candidates[row["key"]], run.train, tokens,
-                                  run.batch_size, seed, training_args, run.distillation_config)
+                                  run.batch_size, seed, training_args, run.distillation_config, run.reconstruct)
         row["distill_loss"], _ = run.losses(distilled)
         run.log(f"[search] {row['key']}: KD {row['distill_loss']:.4f} after the short distillation")
         if best is None or row["distill_loss"] < best["distill_loss"]:
@@ -314,7 +320,7 @@ def _check_candidates(model, scores, chosen: list[Candidate], counter: Parameter
 
 
 def _inputs(model, scores, data, budget, space, top_n, top_k, held_out, seed, rerank_tokens, batch_size,
-            distillation_config, training_args) -> dict:
+            distillation_config, training_args, reconstruct) -> dict:
     """What the results depend on, compared on resume."""
     digest = hashlib.sha256()
     for key in sorted(scores.scores):
@@ -329,7 +335,8 @@ def _inputs(model, scores, data, budget, space, top_n, top_k, held_out, seed, re
             "data": data_digest.hexdigest()[:16], "budget": {k: str(v) for k, v in asdict(budget).items()},
             "space": {k: str(v) for k, v in asdict(space).items()}, "top_n": top_n, "top_k": top_k,
             "held_out": held_out, "seed": seed, "rerank_tokens": rerank_tokens, "batch_size": batch_size,
-            "distillation": {k: str(v) for k, v in vars(distillation_config).items()}, "training": training}
+            "distillation": {k: str(v) for k, v in vars(distillation_config).items()}, "training": training,
+            "reconstruct": reconstruct.record() if reconstruct is not None else None}
 
 
 def _saved_winner(winner_dir, key: str, model):

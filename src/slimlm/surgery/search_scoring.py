@@ -55,14 +55,15 @@ def held_out_losses(student, blocks: TokenBlocks, states: list[torch.Tensor], te
 
 
 def short_distill(model, scores, candidate: Candidate, train: TokenBlocks, tokens: int | None, batch_size: int,
-                  seed: int, training_args, distillation_config):
+                  seed: int, training_args, distillation_config, reconstruct=None):
     """``candidate`` pruned from ``model`` and distilled from it on ``train`` for ``tokens``
     (rounded up to whole batches; default: one pass over ``train``), seeded by ``seed``, on
-    the ``DistillationTrainer``; the teacher's requires_grad flags and mode are restored."""
+    the ``DistillationTrainer`` (pruned with ``reconstruct``'s compensation when given); the
+    teacher's requires_grad flags and mode are restored."""
     from slimlm.distill.trainer import DistillationTrainer
 
     torch.manual_seed(seed)
-    student = prune(model, scores, candidate.target(), inplace=False)
+    student = prune(model, scores, candidate.target(), inplace=False, reconstruct=reconstruct)
     student.requires_grad_(True)
     student.train()
     steps = short_distill_steps(tokens, len(train), train.seq_len, batch_size)
