@@ -11,9 +11,10 @@ projection's output moves as little as possible, without moving far from the wei
 
 with ``a`` the projection's input, ``S`` the kept inputs, ``C = Σ a aᵀ`` over the calibration
 tokens and ``λ = ridge · mean(diag C_SS)``: ``ridge`` → ∞ is plain pruning, → 0 the full least
-squares. The full fit (ridge 0.01) cut SmolLM2's zero-shot perplexity the most (475 → 125 with
-MLP 1536 → 384 and 5 layers dropped) but distilled worse on general text than plain pruning;
-ridge 1 kept the distilled student ahead (BENCHMARKS.md), hence the default. Only ``C`` is
+squares. On SmolLM2 cut to MLP 1536 → 384 and 25 layers, the full fit cut the zero-shot
+perplexity the most (475 → 111) but after 82k tokens of distillation was behind plain pruning on
+general text, and ridge 1 (475 → 200 zero-shot) ahead of it on both held-out sets (BENCHMARKS.md,
+"Refitting what stays"), hence the default. Only ``C`` is
 needed (``Σ a (W a)ᵀ = C Wᵀ``), so one calibration pass serves every later selection (the
 search prunes many shapes from it). The fit is layer-local on the source model's activations:
 a dropped layer or a pruned hidden channel upstream is not compensated.
