@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,25 +47,28 @@ class ReconstructionStats:
     tokens: int
     digest: str
     ridge: float = DEFAULT_RIDGE
-    meta: dict = field(default_factory=dict)
 
     def check(self, model) -> None:
         """ValueError unless these statistics were taken on ``model`` and ``ridge`` is usable."""
-        if not (isinstance(self.ridge, (int, float)) and not isinstance(self.ridge, bool)
-                and math.isfinite(self.ridge) and self.ridge > 0):
-            raise ValueError(f"reconstruction ridge must be a finite number > 0, got {self.ridge!r}")
-        if model_fingerprint(model) != self.source_fingerprint:
+        check_ridge(self.ridge)
+        fingerprint = model_fingerprint(model)
+        if fingerprint != self.source_fingerprint:
             raise ValueError("these reconstruction statistics were computed on another model "
-                             f"(fingerprint {self.source_fingerprint}, this one {model_fingerprint(model)})")
+                             f"(fingerprint {self.source_fingerprint}, this one {fingerprint})")
 
     def record(self) -> dict:
         """What a pruned model's record says of its compensation."""
         return {"tokens": self.tokens, "ridge": self.ridge, "calibration": self.digest}
 
 
+def check_ridge(ridge) -> None:
+    if not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool) and math.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"reconstruction ridge must be a finite number > 0, got {ridge!r}")
+
+
 @torch.no_grad()
 def reconstruction_stats(model, calibration, *, batch_size: int = 8, num_samples: int | None = None,
-                         ridge: float = DEFAULT_RIDGE, progress: bool = False) -> ReconstructionStats:
+                         ridge: float = DEFAULT_RIDGE) -> ReconstructionStats:
     """One calibration pass over ``model`` (unchanged) that records, per decoder layer, the Gram
     matrix of the inputs of its attention output projection and its MLP down projection.
 
@@ -76,8 +79,8 @@ def reconstruction_stats(model, calibration, *, batch_size: int = 8, num_samples
     adapter = get_adapter(model, "slimlm.surgery", "reconstructs")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_ridge(ridge)
     stats = ReconstructionStats(model_fingerprint(model), {}, 0, "", float(ridge))
-    stats.check(model)
     device = next(model.parameters()).device
     mask_now: list[torch.Tensor] = []
 
