@@ -54,7 +54,9 @@ def run(args) -> int:
     stats = None
     if args.data is not None:
         from slimlm.data import tokenize_blocks
-        from slimlm.surgery import reconstruction_stats
+        from slimlm.surgery import plan, reconstruction_stats
+
+        plan(model, target)  # a target the model cannot meet fails before the calibration pass
 
         blocks = tokenize_blocks(arguments.texts(args), tokenizer, args.seq_len, model=model)
         stats = reconstruction_stats(model, blocks, num_samples=args.num_samples, ridge=args.ridge)
