@@ -19,6 +19,9 @@ and number of steps. Each provider runs in its own process, so its peak resident
 - ``slimlm-auto``: what ``slimlm distill`` and the demo run by default here: the float32 teacher
   with ``teacher_precision="auto"`` and the student with ``student_precision="auto"`` (both bf16
   where the CPU has native bf16, float32 elsewhere). Compared with ``slimlm`` (today's float32).
+- ``slimlm-frozen-embeddings``: ``slimlm`` with ``DistillationConfig(freeze_embeddings=True)``: the
+  student's tied embedding / LM head is not trained (no head weight gradient, no optimizer update
+  of it). Compared with ``slimlm``.
 - ``slimlm-topk``: ``slimlm`` learning from a top-k teacher cache (k = 64, written before the
   timed steps by ``cache_teacher_topk``; no live teacher while training). The cache's own
   teacher pass is not counted: it is paid once and read every epoch.
@@ -50,7 +53,7 @@ from conftest import QUICK, record_row, teacher_and_student
 from slimlm.distill.training import cpu_has_bf16
 
 PROVIDERS = ("plain", "slimlm", "plain-bf16", "slimlm-bf16", "slimlm-teacher-bf16", "slimlm-teacher-int8",
-             "slimlm-topk", "slimlm-auto")
+             "slimlm-topk", "slimlm-auto", "slimlm-frozen-embeddings")
 TEACHER_PRECISION = {"slimlm-teacher-bf16": "bf16", "slimlm-teacher-int8": "int8"}
 TOPK = 64
 MIXED_PRECISION = ("plain-bf16", "slimlm-bf16")  # the student under bf16 autocast, the teacher in bf16
@@ -99,7 +102,8 @@ def run_plain(teacher, student, bf16: bool) -> list[float]:
     return times
 
 
-def run_slimlm(teacher, student, bf16: bool, teacher_precision: str | None = None, topk: bool = False) -> list[float]:
+def run_slimlm(teacher, student, bf16: bool, teacher_precision: str | None = None, topk: bool = False,
+               freeze_embeddings: bool = False) -> list[float]:
     import tempfile
 
     import transformers
@@ -127,7 +131,7 @@ def run_slimlm(teacher, student, bf16: bool, teacher_precision: str | None = Non
             lr_scheduler_type="constant", weight_decay=0.0, dataloader_num_workers=0,
         )
         data = [{k: v[i] for k, v in b.items()} for b in batches(teacher.config.vocab_size) for i in range(BATCH)]
-        config = DistillationConfig(teacher_precision=teacher_precision)
+        config = DistillationConfig(teacher_precision=teacher_precision, freeze_embeddings=freeze_embeddings)
         if topk:
             cache = os.path.join(out, "topk")
             cache_teacher_topk(teacher, [item["input_ids"] for item in data], TOPK, cache, batch_size=BATCH)
@@ -154,7 +158,8 @@ def child(provider: str, out_path: str) -> None:
 
             bf16 = "--bf16" in student_precision_flags("auto", ["--use_cpu", "true"], log=print)
         times = run_slimlm(teacher, student, bf16, TEACHER_PRECISION.get(provider, "auto" if provider == "slimlm-auto"
-                                                                          else None), provider == "slimlm-topk")
+                                                                          else None), provider == "slimlm-topk",
+                           freeze_embeddings=provider == "slimlm-frozen-embeddings")
     steady = sorted(times[1:] if len(times) > 1 else times)
     result = {
         "tokens_per_s": BATCH * SEQ / steady[len(steady) // 2],

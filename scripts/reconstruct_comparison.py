@@ -80,6 +80,7 @@ def main() -> None:
         if name != "plain":
             stats.ridge = float(name.split("=")[1])
         student = prune(teacher, scores, args.target, inplace=False, reconstruct=None if name == "plain" else stats)
+        student.requires_grad_(True)  # the trainer of the previous variant froze the teacher, and pruning keeps flags
         row = {"zero_shot": [perplexity(student, heldout), perplexity(student, general)]}
         print(f"{name}: zero-shot in-domain {row['zero_shot'][0]:.2f}, general {row['zero_shot'][1]:.2f}", flush=True)
         if args.steps:

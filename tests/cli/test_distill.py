@@ -52,6 +52,29 @@ def test_distill_resumes_only_the_run_its_checkpoints_belong_to(workspace, capsy
     assert record["steps"] == 2 and record["learning_rate"] == 5e-3
 
 
+def test_distill_with_frozen_embeddings_trains_all_but_them(workspace, capsys, tmp_path):
+    import torch
+
+    out, student = tmp_path / "distilled", pruned_dir(workspace, capsys)
+    common = ["distill", "--teacher", workspace / "teacher", "--student", student, "--data",
+              str(workspace / "data" / "*.txt"), "--seq-len", 16, "--batch-size", 2, "--lr", "1e-2", "--max_steps", 2,
+              "--save_steps", 1, "--out", out, "--no-progress"]
+    code, _, err = run_cli(capsys, *common, "--freeze-embeddings")
+    assert code == 0, err
+    record = json.loads((out / "slimlm_distill.json").read_text())
+    assert record["distillation"]["freeze_embeddings"] is True
+    assert record["inputs"]["distillation_options"] == {"freeze_embeddings": True}
+    before = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert "model.embed_tokens.weight" not in changed and "lm_head.weight" not in changed
+    assert any(name.endswith("mlp.down_proj.weight") for name in changed)
+    # The same command without the flag is another run: its checkpoints are not resumed.
+    shutil.rmtree(out)
+    code, _, err = run_cli(capsys, *common)
+    assert "belong to another run" in one_line_error(code, err, "distill")
+
+
 def test_bad_distill_settings_write_nothing(workspace, capsys, tmp_path):
     for flag, value in (("--lr", "-1"), ("--temperature", "0"), ("--beta", "2")):
         code, _, err = run_cli(capsys, "distill", "--teacher", workspace / "teacher", "--student",

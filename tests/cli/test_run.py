@@ -262,7 +262,8 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
     recipe = write_recipe(workspace, "correct.yaml", out=str(out), synthetic=None,
                           correct_teacher={"tokens": 64}, distill__hidden_loss_weight=1.0,
                           distill__hidden_loss_schedule="minitron", distill__teacher_precision="fp32",
-                          distill__student_precision="fp32", distill__fit_to_time=True, distill__max_minutes=30)
+                          distill__student_precision="fp32", distill__fit_to_time=True, distill__max_minutes=30,
+                          distill__freeze_embeddings=True)
     code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
     assert code == 0, err
     assert "[correct_teacher] fine-tuning the teacher" in printed
@@ -271,11 +272,13 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
     assert inputs["teacher_correction"]["tokens"] == 64
     assert inputs["distillation_options"]["hidden_loss_schedule"] == "minitron"
     assert inputs["fit_to_time"] is True and inputs["student_precision"] == "fp32"
+    assert inputs["distillation_options"]["freeze_embeddings"] is True
     history = json.loads((out / "distilled" / "slimlm_distill.json").read_text())["log_history"]
     assert any("hidden_loss" in entry for entry in history)
     report = (out / "report" / "report.md").read_text()
     assert "from the teacher corrected on 64 tokens" in report and "hidden-state loss 1.0 (minitron)" in report
     assert "schedule fitted to the time" in report and "student precision fp32 (fp32)" in report
+    assert "embeddings and LM head frozen" in report
     code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
     assert code == 0, err
     assert "holds the teacher corrected on these inputs" in printed
@@ -285,6 +288,7 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
 @pytest.mark.parametrize("change, message", [
     ({"distill__hidden_loss_schedule": "sometimes"}, "distill: hidden_loss_schedule must be one of"),
     ({"distill__on_policy_fraction": 1.5}, "distill: on_policy_fraction must be in [0, 1]"),
+    ({"distill__freeze_embeddings": "yes"}, "distill.freeze_embeddings: expected true/false"),
     ({"distill__teacher_precision": "int4"}, "distill.teacher_precision: unknown value 'int4'"),
     ({"distill__student_precision": "fp16"}, "distill.student_precision: unknown value 'fp16'"),
     ({"distill__fit_to_time": True, "distill__max_minutes": None}, "distill.fit_to_time fits the schedule"),

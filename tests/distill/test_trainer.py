@@ -285,6 +285,43 @@ def test_empty_dataset_is_refused(tmp_path):
         DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path), train_dataset=[])
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_frozen_embeddings_stay_and_the_rest_trains(tmp_path, tied):
+    student, teacher = models()
+    if not tied:
+        student = tiny_model("llama", "training", vocab_size=VOCAB, seed=2, tie_word_embeddings=False).train()
+    assert (student.get_input_embeddings().weight is student.get_output_embeddings().weight) == tied
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    train, heldout = token_dataset(32, 24, seed=0), token_dataset(16, 24, seed=1)
+    kl_before = heldout_kl(student, teacher, heldout)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path, max_steps=12),
+                                  train_dataset=train, distillation_config=DistillationConfig(freeze_embeddings=True))
+    trainer.train()
+    frozen = {"model.embed_tokens.weight", "lm_head.weight"}
+    for name, parameter in student.named_parameters():
+        if name in frozen:
+            assert not parameter.requires_grad and torch.equal(parameter, before[name]), name
+        else:
+            assert parameter.requires_grad and not torch.equal(parameter, before[name]), name
+    assert heldout_kl(student, teacher, heldout) < kl_before
+
+
+def test_freeze_embeddings_must_be_a_bool():
+    with pytest.raises(ValueError, match="freeze_embeddings must be True or False"):
+        DistillationConfig(freeze_embeddings="yes").check()
+
+
+def test_a_student_with_nothing_to_train_is_refused(tmp_path):
+    student, teacher = models()
+    with pytest.raises(ValueError, match="same model object"):
+        DistillationTrainer(model=teacher, teacher_model=teacher, args=training_args(tmp_path),
+                            train_dataset=token_dataset(4, 16, 0))
+    student.requires_grad_(False)  # what a student pruned from a frozen teacher inherits
+    with pytest.raises(ValueError, match="no parameter that requires grad"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path),
+                            train_dataset=token_dataset(4, 16, 0))
+
+
 def test_distills_from_a_cached_topk_teacher_without_a_live_one(tmp_path):
     from slimlm.distill import cache_teacher_topk
 

@@ -55,6 +55,9 @@ def add_parser(subparsers) -> None:
                      help="what the student trains in: auto = bf16 mixed precision (float32 master weights) where "
                      "bf16 is native (AVX512-BF16/AMX, or a CUDA device with bf16), else float32; a --bf16/--fp16 "
                      "flag wins")
+    sub.add_argument("--freeze-embeddings", action="store_true",
+                     help="keep the student's token embedding and LM head as pruned (faster steps: no head weight "
+                     "gradient; slightly less recovery per token, see BENCHMARKS.md)")
     sub.add_argument("--out", required=True)
     arguments.add_save_dtype_option(sub)
     sub.add_argument("--overwrite", action="store_true",
@@ -124,7 +127,8 @@ def run(args) -> int:
         temperature=args.temperature, beta=args.beta, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
         seed=args.seed, training_args=training_args, overwrite=args.overwrite, resume=not args.overwrite,
         disable_tqdm=not arguments.progress(args), save_dtype=args.save_dtype,
-        teacher_precision=args.teacher_precision, student_precision=args.student_precision, extra_record={"teacher": args.teacher, "student": args.student},
+        teacher_precision=args.teacher_precision, student_precision=args.student_precision,
+        distillation_options={"freeze_embeddings": True} if args.freeze_embeddings else None, extra_record={"teacher": args.teacher, "student": args.student},
         log=print if rank_zero else (lambda line: None))
     if not rank_zero:
         return EXIT_OK

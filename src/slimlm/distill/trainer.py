@@ -82,6 +82,11 @@ class DistillationConfig:
     teacher_precision: what the live teacher's forward runs in, ``slimlm.distill.teacher``:
     None (default: the teacher as given, in its own dtype, exact), "fp32", "bf16", "int8" or
     "auto" (bf16 where the CPU has it natively); its LM head in the loss stays the caller's.
+    freeze_embeddings: keep the student's token embedding and LM head (one matrix when tied) as
+    they are: the trainer sets ``requires_grad=False`` on them, so the loss skips the head's
+    weight gradient (a third of the head's arithmetic) and the optimizer their update. Default
+    False. On SmolLM2 cut to half: 22% faster steps, 0.5–3% worse held-out perplexity per token
+    (BENCHMARKS.md).
     """
 
     kd_weight: float = 1.0
@@ -100,6 +105,7 @@ class DistillationConfig:
     topk_tail: str = "bucket"
     gemm_dtype: str = "auto"
     teacher_precision: str | None = None
+    freeze_embeddings: bool = False
 
     def check(self) -> None:
         for name in ("kd_weight", "ce_weight", "hidden_loss_weight"):
@@ -122,6 +128,8 @@ class DistillationConfig:
             raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
         if self.teacher_precision is not None:
             check_teacher_precision(self.teacher_precision)
+        if not isinstance(self.freeze_embeddings, bool):
+            raise ValueError(f"freeze_embeddings must be True or False, got {self.freeze_embeddings!r}")
         for name, value, ok, rule in (
                 ("on_policy_fraction", self.on_policy_fraction, 0.0 <= self.on_policy_fraction <= 1.0, "in [0, 1]"),
                 ("on_policy_prompt_fraction", self.on_policy_prompt_fraction,
@@ -171,6 +179,14 @@ class DistillationTrainer(transformers.Trainer):
                 kwargs["train_dataset"] = topk_examples(self.topk_cache)
         elif teacher_model is None:
             raise ValueError("DistillationTrainer needs teacher_model (or a top-k cache: DistillationConfig(topk=...))")
+        if model is not None and self.distillation_config.freeze_embeddings:
+            freeze_embeddings(model)
+        if model is not None and not any(p.requires_grad for p in model.parameters()):
+            # e.g. a student pruned from a teacher a trainer had frozen: pruning keeps the flags
+            raise ValueError("the student has no parameter that requires grad, so there is nothing to train; "
+                             "call student.requires_grad_(True) (a model pruned from a frozen one keeps its flags)")
+        if model is not None and model is teacher_model:
+            raise ValueError("the student and the teacher are the same model object; prune or copy the teacher first")
         train_dataset = kwargs.get("train_dataset")
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("train_dataset is empty: there is nothing to distill on")
@@ -431,6 +447,16 @@ def topk_examples(cache: TeacherTopKCache) -> list[dict]:
     if not examples:
         raise ValueError(f"the top-k cache {cache.path} holds no sequences")
     return examples
+
+
+def freeze_embeddings(model) -> None:
+    """``requires_grad=False`` on ``model``'s token embedding and LM head (the same matrix when
+    tied); ValueError for a model without them."""
+    modules = [model.get_input_embeddings(), model.get_output_embeddings()]
+    if any(module is None for module in modules):
+        raise ValueError(f"freeze_embeddings: {type(model).__name__} has no input or output embeddings to freeze")
+    for module in modules:
+        module.requires_grad_(False)
 
 
 def correct_teacher(teacher, train_dataset, args: transformers.TrainingArguments, **trainer_kwargs):

@@ -49,7 +49,7 @@ RECIPE_FIELDS = {
                 "ce_weight": (float, 0.0), "teacher_precision": (str, "auto"),
                 "student_precision": (str, "auto"), "hidden_loss_weight": (float, 0.0),
                 "hidden_loss_schedule": (str, "fixed"), "on_policy_fraction": (float, 0.0),
-                "eval_steps": (int, None), "eval_blocks": (int, 8),
+                "freeze_embeddings": (bool, False), "eval_steps": (int, None), "eval_blocks": (int, 8),
                 "training_args": (dict, {})},
     "eval": {"seq_len": (int, 256), "max_blocks": (int, 64), "batch_size": (int, 8), "prompts": (list, []),
              "max_new_tokens": (int, 32), "speed": (bool, False), "speed_prompt_tokens": (int, 128),
@@ -179,7 +179,7 @@ def _check_semantics(recipe: dict, where: str) -> None:
         raise InputError(f"{where}: eval.prompts must be a list of strings")
 
 
-DISTILLATION_OPTIONS = ("hidden_loss_weight", "hidden_loss_schedule", "on_policy_fraction")
+DISTILLATION_OPTIONS = ("hidden_loss_weight", "hidden_loss_schedule", "on_policy_fraction", "freeze_embeddings")
 
 
 def distillation_options(section: dict) -> dict:

@@ -508,6 +508,7 @@ class Pipeline:
                                      f"({section['hidden_loss_schedule']})" if section['hidden_loss_weight'] else "")
                                  + (f", on-policy fraction {section['on_policy_fraction']}"
                                     if section['on_policy_fraction'] else "")
+                                 + (", embeddings and LM head frozen" if section["freeze_embeddings"] else "")
                                  + (f", from the teacher corrected on {recipe['correct_teacher']['tokens']:,} tokens"
                                     if recipe['correct_teacher'] else ""),
                  "sizes on disk": self._sizes_note(),
