@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+from slimlm.distill.training import cpu_has_bf16
+
 from .helpers import one_line_error, pruned_dir, run_cli
 
 
@@ -20,6 +22,8 @@ def test_teacher_correction_runs_first_is_reused_and_is_part_of_the_run(workspac
     record = json.loads((corrected / "slimlm_stage.json").read_text())
     assert record["inputs"]["tokens"] == 64 and record["inputs"]["learning_rate"] == 1e-4  # a tenth of --lr
     assert record["steps"] == 2  # ⌈64 / (2 · 16)⌉
+    # --student-precision auto: the correction trains in bf16 mixed precision where bf16 is native
+    assert ("--bf16" in record["inputs"]["training_args"]) == cpu_has_bf16()
     assert "fine-tuning the teacher for 2 steps" in stdout
     distill_inputs = json.loads((out / "slimlm_distill.json").read_text())["inputs"]
     assert distill_inputs["teacher_correction"] == record["inputs"]

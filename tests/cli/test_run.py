@@ -270,6 +270,7 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
     assert (out / "teacher-corrected" / "config.json").is_file()
     inputs = json.loads((out / "distilled" / "slimlm_distill.json").read_text())["inputs"]
     assert inputs["teacher_correction"]["tokens"] == 64
+    assert "--bf16" not in inputs["teacher_correction"]["training_args"]  # the student's precision: fp32
     assert inputs["distillation_options"]["hidden_loss_schedule"] == "minitron"
     assert inputs["fit_to_time"] is True and inputs["student_precision"] == "fp32"
     assert inputs["distillation_options"]["freeze_embeddings"] is True

@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--ce-weight", type=float, default=0.0)
     sub.add_argument("--correct-teacher-tokens", type=positive_int,
                      help="Minitron's teacher correction: first fine-tune the teacher on this many tokens of --data "
-                     "with cross-entropy, saved to <out>.teacher-corrected (reused by a rerun of the same inputs, "
+                     "with cross-entropy, in --student-precision, saved to <out>.teacher-corrected (reused by a rerun of the same inputs, "
                      "replaced otherwise; the distillation's checkpoints record it) (default: no correction)")
     sub.add_argument("--correct-teacher-lr", type=arguments.positive_float,
                      help="learning rate of the teacher correction (default: a tenth of --lr)")
@@ -115,10 +115,17 @@ def run(args) -> int:
     rank_zero = os.environ.get("RANK", "0") == "0"
     train_texts = arguments.texts(args)
     if args.correct_teacher_tokens is not None:
+        from slimlm.distill.training import student_precision_flags
+
+        # The correction trains in the student's precision (bf16 mixed where native with auto).
+        correction_flags = student_precision_flags(args.student_precision,
+                                                   ["--use_cpu", "true"] if args.device == "cpu" else [],
+                                                   log=lambda line: None)
         teacher = correct_teacher_stage(
             teacher, teacher_tokenizer, train_texts, corrected_dir, tokens=args.correct_teacher_tokens,
             seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=args.correct_teacher_lr or args.lr / 10,
-            seed=args.seed, overwrite=True, inplace=True, disable_tqdm=not arguments.progress(args),
+            seed=args.seed, training_args=correction_flags, overwrite=True, inplace=True,
+            disable_tqdm=not arguments.progress(args),
             log=print if rank_zero else (lambda line: None))
     _, log_history = distill.distill_stage(
         teacher, student, tokenizer, train_texts, args.out, synthetic_texts=synthetic_texts,
