@@ -85,8 +85,8 @@ class DistillationConfig:
     freeze_embeddings: keep the student's token embedding and LM head (one matrix when tied) as
     they are: the trainer sets ``requires_grad=False`` on them, so the loss skips the head's
     weight gradient (a third of the head's arithmetic) and the optimizer their update. Default
-    False. On SmolLM2 cut to half: 22% faster steps, 0.5–3% worse held-out perplexity per token
-    (BENCHMARKS.md).
+    False. On SmolLM2 cut to half: 1.13–1.28× the tokens/s, but less recovery per token — in the
+    demo's 15 minutes the student came out 2–5% worse (BENCHMARKS.md).
     """
 
     kd_weight: float = 1.0
@@ -179,17 +179,17 @@ class DistillationTrainer(transformers.Trainer):
                 kwargs["train_dataset"] = topk_examples(self.topk_cache)
         elif teacher_model is None:
             raise ValueError("DistillationTrainer needs teacher_model (or a top-k cache: DistillationConfig(topk=...))")
+        if model is not None and model is teacher_model:
+            raise ValueError("the student and the teacher are the same model object; prune or copy the teacher first")
+        train_dataset = kwargs.get("train_dataset")
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty: there is nothing to distill on")
         if model is not None and self.distillation_config.freeze_embeddings:
             freeze_embeddings(model)
         if model is not None and not any(p.requires_grad for p in model.parameters()):
             # e.g. a student pruned from a teacher a trainer had frozen: pruning keeps the flags
             raise ValueError("the student has no parameter that requires grad, so there is nothing to train; "
                              "call student.requires_grad_(True) (a model pruned from a frozen one keeps its flags)")
-        if model is not None and model is teacher_model:
-            raise ValueError("the student and the teacher are the same model object; prune or copy the teacher first")
-        train_dataset = kwargs.get("train_dataset")
-        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
-            raise ValueError("train_dataset is empty: there is nothing to distill on")
         super().__init__(model=model, args=args, **kwargs)
         self.teacher = teacher_model
         if teacher_model is not None:
