@@ -1,0 +1,80 @@
+"""Distillation settings compared at the demo's own starting point, for a fixed number of tokens.
+
+A finished ``slimlm demo`` (or ``scripts/demo_variant.py``) folder holds the search's winner
+(``search/winner``: the pruned student after its re-rank tokens) and the corrected teacher
+(``teacher-corrected``). Each variant distills that winner from that teacher for ``--tokens``
+tokens with the demo's distillation (``slimlm.pipeline.distill.distill_stage``: bf16 teacher
+and student where native, lr 1e-3 cosine with 5% warmup, 4 × 256 tokens a step, the hidden-state
+loss with Minitron's weighting on the winner's layer map) changed by the variant's JSON
+overrides of ``distill_stage`` keywords (``{"batch_size": 2}``, ``{"learning_rate": 0.002}``;
+``"synthetic": PATH`` with ``"mix"``: the texts of a synthetic JSONL mixed in). Printed and
+appended to ``<out>/results.jsonl``: seconds and perplexity on 16 blocks of 256 tokens of the
+in-domain and the general held-out split (the run's data folder).
+
+    .venv/bin/python scripts/winner_variants.py --run /tmp/demo7/slimlm-demo --data /tmp/demo7/slimlm-demo.data \\
+        --out /tmp/wv --tokens 81920 --name bs2 '{"batch_size": 2}'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="a finished demo run folder")
+    parser.add_argument("--data", required=True, help="its data folder (train/heldout/general.jsonl)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tokens", type=int, default=81920)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("overrides", nargs="?", default="{}", help="distill_stage keywords as JSON")
+    args = parser.parse_args()
+
+    from slimlm.data import tokenize_blocks
+    from slimlm.distill.generate import read_jsonl
+    from slimlm.evaluate import perplexity
+    from slimlm.models import load_model, load_tokenizer
+    from slimlm.pipeline import distill
+
+    def texts(path):
+        return [record["text"] for record in read_jsonl(path)]
+
+    overrides = json.loads(args.overrides)
+    teacher_dir, start = os.path.join(args.run, "teacher-corrected"), os.path.join(args.run, "search", "winner")
+    teacher = load_model(teacher_dir, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(teacher_dir)
+    student = load_model(start, dtype=torch.float32)
+    options = {"hidden_loss_weight": 1.0, "hidden_loss_schedule": "minitron"}
+    layer_map = distill.pruned_layer_map(start, student, teacher)
+    if layer_map is not None:
+        options["layer_map"] = layer_map
+    options.update(overrides.pop("distillation_options", {}))
+    synthetic = overrides.pop("synthetic", None)
+    settings = dict(seq_len=256, max_tokens=args.tokens, batch_size=4, learning_rate=1e-3, seed=0,
+                    teacher_precision="auto", student_precision="auto", distillation_options=options,
+                    synthetic_texts=texts(synthetic) if synthetic else None, mix_fraction=overrides.pop("mix", 0.0),
+                    training_args=["--use_cpu", "true", "--warmup_steps", "0.05", "--logging_steps", "10",
+                                   "--save_steps", "1000000"])
+    settings.update(overrides)
+    started = time.perf_counter()
+    student, _ = distill.distill_stage(teacher, student, tokenizer, texts(os.path.join(args.data, "train.jsonl")),
+                                       os.path.join(args.out, args.name), overwrite=True, resume=False,
+                                       clear_stale_checkpoints=True, disable_tqdm=True, **settings)
+    result = {"name": args.name, "tokens": args.tokens, "overrides": json.loads(args.overrides),
+              "seconds": round(time.perf_counter() - started)}
+    student.eval()
+    for split in ("heldout", "general"):
+        blocks = tokenize_blocks(texts(os.path.join(args.data, f"{split}.jsonl")), tokenizer, 256, model=student)
+        blocks = blocks.select(range(min(16, len(blocks))))
+        result[split] = round(perplexity(student, blocks, batch_size=8, progress=False)["perplexity"], 2)
+    print(json.dumps(result), flush=True)
+    with open(os.path.join(args.out, "results.jsonl"), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
