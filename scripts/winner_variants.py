@@ -9,7 +9,9 @@ loss with Minitron's weighting on the winner's layer map) changed by the variant
 overrides of ``distill_stage`` keywords (``{"batch_size": 2}``, ``{"learning_rate": 0.002}``;
 ``"synthetic": PATH`` with ``"mix"``: the texts of a synthetic JSONL mixed in). Printed and
 appended to ``<out>/results.jsonl``: seconds and perplexity on 16 blocks of 256 tokens of the
-in-domain and the general held-out split (the run's data folder).
+in-domain and the general held-out split (the run's data folder). ``<out>/<name>`` is replaced
+when it is slimlm's own earlier output, never when it is, holds or sits in the demo folder, the
+data folder or the synthetic file (exit 2 before anything is loaded or written).
 
     .venv/bin/python scripts/winner_variants.py --run /tmp/demo7/slimlm-demo --data /tmp/demo7/slimlm-demo.data \\
         --out /tmp/wv --tokens 81920 --name bs2 '{"batch_size": 2}'
@@ -34,8 +36,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="?", default="{}", help="distill_stage keywords as JSON")
     args = parser.parse_args()
 
+    from slimlm import outputs
     from slimlm.data import tokenize_blocks
     from slimlm.distill.generate import read_jsonl
+    from slimlm.errors import InputError
     from slimlm.evaluate import perplexity
     from slimlm.models import load_model, load_tokenizer
     from slimlm.pipeline import distill
@@ -43,8 +47,24 @@ def main() -> None:
     def texts(path):
         return [record["text"] for record in read_jsonl(path)]
 
-    overrides = json.loads(args.overrides)
+    try:
+        overrides = json.loads(args.overrides)
+    except json.JSONDecodeError as error:
+        parser.error(f"overrides are not JSON ({error}): {args.overrides}")
+    if not isinstance(overrides, dict):
+        parser.error(f"overrides must be a JSON object, got {args.overrides}")
     teacher_dir, start = os.path.join(args.run, "teacher-corrected"), os.path.join(args.run, "search", "winner")
+    data_files = [os.path.join(args.data, f"{split}.jsonl") for split in ("train", "heldout", "general")]
+    synthetic = overrides.pop("synthetic", None)
+    missing = [path for path in (teacher_dir, start, *data_files, synthetic) if path and not os.path.exists(path)]
+    if missing:
+        parser.error(f"not found: {', '.join(missing)} (--run must be a finished demo folder, --data its data folder)")
+    try:  # the variant's folder (and so the results file beside it) neither is, holds nor sits in an input
+        outputs.check_output(os.path.join(args.out, args.name), True, {"demo folder": args.run, "data folder": args.data,
+                                                                        "synthetic file": synthetic},
+                             what="--out/--name")
+    except InputError as error:
+        parser.error(str(error))
     teacher = load_model(teacher_dir, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(teacher_dir)
     student = load_model(start, dtype=torch.float32)
@@ -53,7 +73,6 @@ def main() -> None:
     if layer_map is not None:
         options["layer_map"] = layer_map
     options.update(overrides.pop("distillation_options", {}))
-    synthetic = overrides.pop("synthetic", None)
     settings = dict(seq_len=256, max_tokens=args.tokens, batch_size=4, learning_rate=1e-3, seed=0,
                     teacher_precision="auto", student_precision="auto", distillation_options=options,
                     synthetic_texts=texts(synthetic) if synthetic else None, mix_fraction=overrides.pop("mix", 0.0),
@@ -61,9 +80,12 @@ def main() -> None:
                                    "--save_steps", "1000000"])
     settings.update(overrides)
     started = time.perf_counter()
-    student, _ = distill.distill_stage(teacher, student, tokenizer, texts(os.path.join(args.data, "train.jsonl")),
-                                       os.path.join(args.out, args.name), overwrite=True, resume=False,
-                                       clear_stale_checkpoints=True, disable_tqdm=True, **settings)
+    try:  # a setting no run can use is refused before anything is written
+        student, _ = distill.distill_stage(teacher, student, tokenizer, texts(data_files[0]),
+                                           os.path.join(args.out, args.name), overwrite=True, resume=False,
+                                           clear_stale_checkpoints=True, disable_tqdm=True, **settings)
+    except InputError as error:
+        parser.error(str(error))
     result = {"name": args.name, "tokens": args.tokens, "overrides": json.loads(args.overrides),
               "seconds": round(time.perf_counter() - started)}
     student.eval()
