@@ -83,3 +83,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _release_output_locks():
+    """A test that checks outputs through the Python API releases their locks when it ends, as
+    a command does (the ``slimlm`` command releases its own)."""
+    yield
+    from slimlm import outputs
+
+    outputs.release_locks()

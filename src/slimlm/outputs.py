@@ -1,9 +1,13 @@
 """Every output slimlm writes goes through here: where it may go, and how it is put in place.
 
-Where: an output may never be, contain or sit inside one of the command's inputs (teacher,
-student, model, data files, prompts, scores, recipe), with or without ``--overwrite``; an
-existing output is replaced only with ``overwrite`` and only when it is slimlm's own
-(``owned`` says what counts). ``check_output`` is called before any work starts.
+Where: an output path is resolved once (``resolve``: links and ``..`` as the OS follows them),
+checked at that path and written to exactly that path. It may never be, contain or sit inside
+one of the command's inputs (teacher, student, model, data files, prompts, scores, recipe),
+with or without ``--overwrite``; an existing output must be a regular file or a folder, and is
+replaced only with ``overwrite`` and only when it is slimlm's own: a folder holding the marker
+``slimlm-output.json``, or a file with ``.<name>.slimlm-output.json`` beside it recording its
+digest (``owned``). A command holds a lock on each output (``.<name>.slimlm-lock``) for its
+life, so two commands never write one output. ``check_output`` is called before any work starts.
 
 How: ``atomic_output(path)`` yields a staging sibling to write into; on success everything
 in it is fsynced and it is swapped with ``path`` so that at every instant either the old or
@@ -15,6 +19,7 @@ A failure or an interrupt deletes the staging copy and leaves ``path`` as it was
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
@@ -29,8 +34,24 @@ NEW_SUFFIX, OLD_SUFFIX = ".slimlm-new", ".slimlm-old"
 
 
 # ------------------------------------------------------------------ where
-def _real(path) -> str:
+MARKER = "slimlm-output.json"  # in a folder slimlm wrote; beside a file it wrote: .<name>.slimlm-output.json
+LOCK_SUFFIX = ".slimlm-lock"
+_COMMAND = ["python API"]
+
+
+def set_command(name: str) -> None:
+    """Name the command whose outputs are being written (recorded in their markers and locks)."""
+    _COMMAND[0] = name
+
+
+def resolve(path) -> str:
+    """The one path an output is checked at and written to: ``~`` expanded, made absolute and
+    every symbolic link resolved the way the OS resolves it (``link/..`` climbs from the link's
+    target, not from the folder holding the link)."""
     return os.path.realpath(os.path.expanduser(os.fspath(path)))
+
+
+_real = resolve
 
 
 def _inside_or_same(path: str, folder: str) -> bool:
@@ -53,12 +74,18 @@ def input_paths(spec) -> list[str]:
 
 
 def check_output(out, overwrite: bool, inputs: dict | None = None, *, what: str = "output",
-                 related=()) -> None:
-    """Refuse (InputError) an output that is, contains or sits inside an input of ``inputs``
-    ({description: path, glob or list of them}), and an existing non-empty one unless
-    ``overwrite`` and slimlm's own. ``related``: more paths this command writes (checkpoints,
-    staging), held to the same rule about inputs."""
-    out = os.fspath(out)
+                 related=(), lock: bool = True) -> str:
+    """Check an output path before any work starts and return it resolved (``resolve``): the
+    caller writes exactly that path. Refuses (InputError) an output that is, contains or sits
+    inside an input of ``inputs`` ({description: path, glob or list of them}); one that exists
+    and is neither a regular file nor a folder (a device, a FIFO, a socket); one whose folder
+    cannot be written (a file on the way, a read-only folder); and an existing non-empty one
+    unless ``overwrite`` and slimlm's own (``owned``). ``related``: more paths this command
+    writes (checkpoints, staging), held to the same rule about inputs. ``lock``: hold the
+    output's lock (``lock_output``) from now until ``release_locks``, so that a second command
+    writing the same output is refused."""
+    shown = os.fspath(out)
+    out = resolve(out)
     for target in (out, *related):
         target_real = _real(target)
         for name, specs in (inputs or {}).items():
@@ -70,39 +97,89 @@ def check_output(out, overwrite: bool, inputs: dict | None = None, *, what: str 
                     if _inside_or_same(target_real, path_real) or _inside_or_same(path_real, target_real):
                         relation = ("is" if target_real == path_real else
                                     "is inside" if _inside_or_same(target_real, path_real) else "contains")
-                        raise InputError(f"{what} {target} {relation} the {name} {path}; choose another output path")
+                        target_shown = shown if target_real == out else os.fspath(target)
+                        raise InputError(f"{what} {target_shown} {relation} the {name} {path}; choose another "
+                                         "output path")
+    if os.path.lexists(out) and not (os.path.isfile(out) or os.path.isdir(out)):
+        raise InputError(f"{what} {shown} exists and is not a regular file or a folder (a device, FIFO or socket); "
+                         "refusing to replace it")
+    _check_writable(out, shown, what)
+    if lock:
+        lock_output(out, what=what, shown=shown)
     exists = os.path.isfile(out) or os.path.isdir(out) and bool(os.listdir(out))
     if exists and not overwrite:
-        raise InputError(f"{what} {out} already exists; pass --overwrite to replace it")
+        raise InputError(f"{what} {shown} already exists; pass --overwrite to replace it")
     if exists and not owned(out):
-        raise InputError(f"{what} {out} exists and was not written by slimlm; refusing to replace it even with "
-                         "--overwrite (choose another output path or remove it yourself)")
+        raise InputError(f"{what} {shown} exists and was not written by slimlm (it has no {MARKER} marker); "
+                         "refusing to replace it even with --overwrite (choose another output path or remove it "
+                         "yourself)")
+    return out
 
 
-# Files that mark a folder as slimlm's own output.
-OWN_MARKERS = ("slimlm_distill.json", "slimlm_prune.json", "recipe.yaml", "meta.json", "slimlm_run.json",
-               "slimlm_stage.json", "search.json")
+def _check_writable(out: str, shown: str, what: str) -> None:
+    """The nearest existing folder on the way to ``out`` is a folder and takes a new entry
+    (probed by creating one: permissions alone do not tell for root or a read-only mount)."""
+    import tempfile
+
+    folder = os.path.dirname(out)
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise InputError(f"{what} {shown}: {folder} is a file, not a folder")
+    try:
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".slimlm-probe-")
+    except OSError as error:
+        raise InputError(f"{what} {shown}: cannot write in {folder} ({error.strerror or error})") from None
+    os.close(descriptor)
+    os.remove(probe)
+
+
+def marker_path(path) -> str:
+    """Where slimlm's marker of the output ``path`` is: inside a folder, beside a file."""
+    path = resolve(path)
+    if os.path.isdir(path):
+        return os.path.join(path, MARKER)
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{MARKER}")
+
+
+def _marker(kind: str, **fields) -> str:
+    from slimlm import __version__
+
+    return json.dumps({"written_by": "slimlm", "kind": kind, "command": _COMMAND[0], "version": __version__,
+                       **fields}, indent=1)
+
+
+def claim(folder) -> None:
+    """Make ``folder`` (created if missing) slimlm's own output: write its marker."""
+    folder = resolve(folder)
+    os.makedirs(folder, exist_ok=True)
+    marker = os.path.join(folder, MARKER)
+    if not os.path.isfile(marker):
+        with open(marker, "w", encoding="utf-8") as handle:
+            handle.write(_marker("folder"))
+
+
+def _read_marker(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) and value.get("written_by") == "slimlm" else None
 
 
 def owned(path) -> bool:
-    """Whether ``path`` is slimlm's own output: a folder holding one of its records, a JSONL of
-    generations, a JSON file of evaluation results (perplexity and/or speed per model), or a
-    GGUF file (``slimlm export`` replaces a GGUF file, never anything else)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return any(os.path.isfile(os.path.join(path, marker)) for marker in OWN_MARKERS)
-    if path.endswith(".gguf"):
-        return is_gguf(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            if path.endswith(".jsonl"):
-                record = json.loads(handle.readline())
-                return isinstance(record, dict) and {"prompt", "generation"} <= set(record)
-            value = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    """Whether ``path`` is slimlm's own output: a folder holding slimlm's marker (``MARKER``),
+    or a file whose marker beside it records this very file's digest (a file the user edited
+    or put in its place since is not slimlm's any more)."""
+    path = resolve(path)
+    marker = _read_marker(marker_path(path))
+    if marker is None:
         return False
-    return isinstance(value, list) and all(isinstance(item, dict) and ("perplexity" in item or "speed" in item)
-                                           for item in value)
+    if os.path.isdir(path):
+        return marker.get("kind") == "folder"
+    return marker.get("kind") == "file" and marker.get("sha256") == file_digest(path)
 
 
 def is_gguf(path) -> bool:
@@ -114,16 +191,80 @@ def is_gguf(path) -> bool:
         return False
 
 
+def lock_output(path, *, what: str = "output", shown=None) -> None:
+    """Hold an exclusive lock on the output ``path`` (a ``.<name>.slimlm-lock`` file beside it)
+    until ``release_locks``; another process holding it is an InputError naming it. Only one
+    process of a distributed run (rank 0, the one that writes) takes it."""
+    import fcntl
+
+    path = resolve(path)
+    if path in _LOCKS or os.environ.get("RANK", "0") != "0":
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    lock_file = os.path.join(folder, f".{name}{LOCK_SUFFIX}")
+    while True:
+        descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with contextlib.suppress(OSError):
+                holder = os.read(descriptor, 512).decode("utf-8", "replace").strip()
+            os.close(descriptor)
+            raise InputError(f"{what} {shown or path} is being written by another slimlm command "
+                             f"({holder or 'unknown'}); wait for it to finish or choose another output path") from None
+        # The holder before us may have deleted the file after we opened it: lock the live one.
+        try:
+            same = os.stat(lock_file).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(descriptor)
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"pid {os.getpid()}, {_COMMAND[0]}".encode())
+    _LOCKS[path] = (descriptor, lock_file)
+
+
+_LOCKS: dict[str, tuple[int, str]] = {}
+
+
+def release_locks(keep=()) -> None:
+    """Release the output locks this process holds (all but those of ``keep``) and delete
+    their lock files; at exit every one is."""
+    for path in [path for path in _LOCKS if path not in keep]:
+        descriptor, lock_file = _LOCKS.pop(path)
+        with contextlib.suppress(OSError):
+            os.remove(lock_file)
+        os.close(descriptor)
+
+
+atexit.register(release_locks)
+
+
+@contextlib.contextmanager
+def command(name: str):
+    """The scope of one command: its name goes into the markers and locks of its outputs, and
+    the locks taken within it are released when it ends, however it ends."""
+    previous, held = _COMMAND[0], set(_LOCKS)
+    set_command(name)
+    try:
+        yield
+    finally:
+        release_locks(keep=held)
+        set_command(previous)
+
+
 # ------------------------------------------------------------------ how
 def staging_path(path) -> str:
     """The sibling an output of ``path`` is written into before it is swapped in."""
-    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    folder, name = os.path.split(resolve(path))
     return os.path.join(folder, f".{name}{NEW_SUFFIX}")
 
 
 def aside_path(path) -> str:
     """Where an old output waits while its replacement is put in place."""
-    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    folder, name = os.path.split(resolve(path))
     return os.path.join(folder, f".{name}{OLD_SUFFIX}")
 
 
@@ -185,6 +326,7 @@ def prepare(path) -> str:
     staging = staging_path(path)
     remove(staging)
     os.makedirs(staging)
+    claim(staging)
     return staging
 
 
@@ -217,11 +359,13 @@ def commit(staging: str, path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path, *, folder: bool = True):
-    """Yield a staging path (an empty folder, or a file path with ``folder=False``) to write
-    the output of ``path`` into; it replaces ``path`` atomically when the block ends without
-    an exception, and is deleted otherwise."""
-    path = os.path.abspath(os.fspath(path))
+def atomic_output(path, *, folder: bool = True, mark: bool = False):
+    """Yield a staging path (a folder holding only slimlm's marker, or a file path with
+    ``folder=False``) to write the output of ``path`` into; it replaces ``path`` atomically
+    when the block ends without an exception, and is deleted otherwise. ``mark``: the file is
+    a command's output of its own (not a file inside an output folder), so its marker is
+    written beside it (``mark_file``)."""
+    path = resolve(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if folder:
         staging = prepare(path)
@@ -234,18 +378,30 @@ def atomic_output(path, *, folder: bool = True):
     except BaseException:
         remove(staging)
         raise
+    if mark and not folder:
+        mark_file(path)
 
 
-def write_text(path, text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_output(path, folder=False) as staging:
+def mark_file(path) -> None:
+    """Record beside the file ``path`` that slimlm wrote it, with its digest (``owned``)."""
+    path = resolve(path)
+    marker = marker_path(path)
+    staging = staging_path(marker)
+    with open(staging, "w", encoding="utf-8") as handle:
+        handle.write(_marker("file", sha256=file_digest(path)))
+    os.replace(staging, marker)
+
+
+def write_text(path, text: str, *, mark: bool = False) -> None:
+    """Write a text file atomically (``mark``: see ``atomic_output``)."""
+    with atomic_output(path, folder=False, mark=mark) as staging:
         with open(staging, "w", encoding="utf-8") as handle:
             handle.write(text)
 
 
-def write_json(path, value) -> None:
-    """Write JSON atomically, so a reader never sees half a record."""
-    write_text(path, json.dumps(value, indent=2, default=str))
+def write_json(path, value, *, mark: bool = False) -> None:
+    """Write JSON atomically, so a reader never sees half a record (``mark``: see ``atomic_output``)."""
+    write_text(path, json.dumps(value, indent=2, default=str), mark=mark)
 
 
 def file_digest(path) -> str:

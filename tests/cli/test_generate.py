@@ -63,4 +63,5 @@ def test_an_interrupted_generate_is_continued_and_a_stale_partial_discarded(work
     code, stdout, err = run_cli(capsys, *args, "--temperature", "0.5")
     assert code == 0 and "discarding" in stdout, err
     assert {json.loads(line)["sampling"]["temperature"] for line in out.read_text().splitlines()} == {0.5}
-    assert sorted(os.listdir(tmp_path)) == ["synthetic.jsonl", "synthetic.jsonl.done.json"]
+    assert sorted(os.listdir(tmp_path)) == [".synthetic.jsonl.slimlm-output.json", "synthetic.jsonl",
+                                            "synthetic.jsonl.done.json"]

@@ -1,6 +1,7 @@
 """``slimlm run``: the whole pipeline from a recipe, resuming stage by stage, rerunning what
 changed, and refusing a bad recipe before anything is written."""
 import json
+import os
 import shutil
 
 import pytest
@@ -108,22 +109,47 @@ def test_a_failed_overwrite_of_a_run_loses_no_finished_result(workspace, capsys,
     out = tmp_path / "replaced-run"
     first = write_recipe(workspace, "keep.yaml", out=str(out), synthetic=None, distill__max_tokens=64)
     assert run_cli(capsys, "run", first, "--no-progress")[0] == 0
-    finished = (out / "report" / "report.md").read_text()
+    finished = tree(out)
     second = write_recipe(workspace, "replace.yaml", out=str(out), synthetic=None, distill__max_tokens=128)
     real_distill = distill_step.distill_stage
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    # A failure after the finished run was set aside puts it back, whole.
     monkeypatch.setattr(distill_step, "distill_stage", interrupted)
     assert run_cli(capsys, "run", second, "--overwrite", "--no-progress")[0] == 130
     kept = tmp_path / ".replaced-run.slimlm-old"
-    assert (kept / "report" / "report.md").read_text() == finished
+    assert tree(out) == finished and not kept.exists()
+    # A run killed outright leaves the finished run aside: rerunning its recipe puts it back.
+    os.rename(out, kept)
+    shutil.copytree(kept, out)
+    (out / "recipe.yaml").write_text(yaml.safe_dump({**yaml.safe_load((kept / "recipe.yaml").read_text()), "seed": 1}))
     monkeypatch.setattr(distill_step, "distill_stage", real_distill)
-    code, stdout, err = run_cli(capsys, "run", second, "--no-progress")  # resumes the replacement
+    code, stdout, err = run_cli(capsys, "run", first, "--no-progress")
+    assert code == 0 and "putting back the finished run" in stdout, err
+    assert all("skipped" in line for line in stage_lines(stdout) if not line.startswith("[setup]"))
+    assert tree(out) == finished and not kept.exists()
+    code, stdout, err = run_cli(capsys, "run", second, "--overwrite", "--no-progress")
     assert code == 0, err
-    assert "[prune] skipped" in stdout and not kept.exists()
-    assert yaml.safe_load((out / "recipe.yaml").read_text())["distill"]["max_tokens"] == 128
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["distill"]["max_tokens"] == 128 and not kept.exists()
+
+
+def test_run_overwrite_checks_every_stage_setting_before_setting_a_run_aside(workspace, capsys, tmp_path):
+    out = tmp_path / "rr"
+    first = write_recipe(workspace, "rr.yaml", out=str(out), distill__max_tokens=64)
+    assert run_cli(capsys, "run", first, "--no-progress")[0] == 0
+    finished = tree(out)
+    for name, change, message in (
+            ("long.yaml", {"synthetic__max_new_tokens": 1000}, "exceeds the teacher's context"),
+            ("empty.yaml", {"distill__training_args": {"gradient_accumulation_steps": -3}},
+             "--gradient_accumulation_steps must be > 0"),
+            ("dir.yaml", {"distill__training_args": {"output_dir": str(workspace / "teacher")}},
+             "--output_dir cannot be passed through")):
+        recipe = write_recipe(workspace, name, out=str(out), distill__max_tokens=64, **change)
+        code, _, err = run_cli(capsys, "run", recipe, "--overwrite", "--no-progress")
+        assert message in one_line_error(code, err, "run")
+        assert tree(out) == finished and not (tmp_path / ".rr.slimlm-old").exists()
 
 
 @pytest.mark.parametrize("change, message", [

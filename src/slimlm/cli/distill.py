@@ -91,12 +91,13 @@ def run(args) -> int:
     if args.correct_teacher_tokens is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("--correct-teacher-tokens runs in one process, not under torchrun/accelerate: "
                          "distill with it in one process, or pass a corrected teacher as --teacher")
-    checkpoints = args.out.rstrip(os.sep) + ".checkpoints"
-    corrected_dir = args.out.rstrip(os.sep) + ".teacher-corrected"
-    outputs.check_output(args.out, args.overwrite,
-                         {"teacher": args.teacher, "student": args.student, "data": args.data,
-                          "synthetic data": args.synthetic},
-                         related=[checkpoints, outputs.staging_path(args.out), corrected_dir])
+    resolved = outputs.resolve(args.out)
+    checkpoints = resolved + ".checkpoints"
+    corrected_dir = resolved + ".teacher-corrected"
+    args.out = outputs.check_output(args.out, args.overwrite,
+                                    {"teacher": args.teacher, "student": args.student, "data": args.data,
+                                     "synthetic data": args.synthetic},
+                                    related=[checkpoints, outputs.staging_path(resolved), corrected_dir])
     training_args = (["--use_cpu", "true"] if args.device == "cpu" else []) + args.training_args
     training_arguments(training_args, output_dir=checkpoints)
     # Under accelerate/torchrun every process loads both models on CPU and the Trainer places

@@ -63,7 +63,8 @@ def run(args) -> int:
     if args.json is not None:
         if os.path.isdir(args.json):
             raise InputError(f"--json {args.json} is a folder; it names the JSON file to write")
-        outputs.check_output(args.json, args.overwrite, {"model": specs, "data": args.data}, what="--json file")
+        args.json = outputs.check_output(args.json, args.overwrite, {"model": specs, "data": args.data},
+                                         what="--json file")
     prompts = list(args.prompt or [])
     results = []
     tokenizer = None
@@ -111,7 +112,7 @@ def run(args) -> int:
             result["speed"] = {**report["models"][result["name"]], "ratios": report["ratios"][result["name"]],
                                "setup": report["setup"]}
     if args.json:
-        outputs.write_json(args.json, results)
+        outputs.write_json(args.json, results, mark=True)
         print(f"results written to {args.json}")
     return EXIT_OK
 

@@ -36,7 +36,7 @@ def run(args) -> int:
         raise InputError(f"--gguf {args.gguf}: the output file's name must end in .gguf")
     if os.path.isdir(args.gguf):
         raise InputError(f"--gguf {args.gguf} is a folder; it names the GGUF file to write")
-    outputs.check_output(args.gguf, args.overwrite, {"model": args.model}, what="--gguf file")
+    args.gguf = outputs.check_output(args.gguf, args.overwrite, {"model": args.model}, what="--gguf file")
     path = export_gguf(args.model, args.gguf, outtype=args.outtype, overwrite=args.overwrite)
     print(f"GGUF ({args.outtype}) written to {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
     return EXIT_OK

@@ -48,7 +48,9 @@ def run(args) -> int:
     if os.path.isdir(args.out):
         raise InputError(f"output {args.out} is a folder; --out names a JSONL file")
     inputs = {"teacher": args.teacher, "prompts file": args.prompts, "data": args.from_data}
-    outputs.check_output(args.out, args.overwrite, inputs, related=[args.out + SYNTHETIC_DONE_SUFFIX])
+    resolved = outputs.resolve(args.out)
+    args.out = outputs.check_output(args.out, args.overwrite, inputs,
+                                    related=[resolved + SYNTHETIC_DONE_SUFFIX, outputs.staging_path(resolved)])
     # Every input is read and checked before the old output is touched; it is replaced only
     # when the new one is complete.
     if args.prompts is not None:

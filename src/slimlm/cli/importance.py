@@ -39,7 +39,7 @@ def run(args) -> int:
 
     arguments.check_model_path(args.model)
     arguments.check_paths_exist(args.data, "data")
-    outputs.check_output(args.out, args.overwrite, {"model": args.model, "data": args.data})
+    args.out = outputs.check_output(args.out, args.overwrite, {"model": args.model, "data": args.data})
     model, tokenizer = arguments.load(args.model, args)
     blocks = tokenize_blocks(arguments.texts(args), tokenizer, args.seq_len, model=model)
     scores = importance.importance_stage(model, blocks, args.out, metrics=args.metrics, depth=args.depth,

@@ -48,7 +48,8 @@ def run(args) -> int:
         raise InputError(f"scores folder {args.scores} does not exist")
     if args.data is not None:
         arguments.check_paths_exist(args.data, "data")
-    outputs.check_output(args.out, args.overwrite, {"model": args.model, "scores": args.scores, "data": args.data})
+    args.out = outputs.check_output(args.out, args.overwrite,
+                                    {"model": args.model, "scores": args.scores, "data": args.data})
     model, tokenizer = arguments.load(args.model, args, device="cpu")
     scores = importance.load_scores(args.scores, model=model) if args.scores is not None else None
     stats = None

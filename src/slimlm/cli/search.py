@@ -109,9 +109,9 @@ def run(args) -> int:
     space.check()
     split = held_out(args.held_out, "--held-out")
     resume = not args.overwrite and os.path.isfile(os.path.join(args.out, "search.json"))
-    outputs.check_output(args.out, args.overwrite or resume,
-                         {"model": args.model, "scores": args.scores, "data": args.data},
-                         related=[outputs.staging_path(args.out)])
+    args.out = outputs.check_output(args.out, args.overwrite or resume,
+                                    {"model": args.model, "scores": args.scores, "data": args.data},
+                                    related=[outputs.staging_path(args.out)])
     training_args = training_arguments(args.training_args, output_dir=outputs.staging_path(args.out),
                                        batch_size=args.batch_size, seed=args.seed)
     # Zero-shot scoring runs outside the Trainer: under a launcher each process scores on its own GPU.

@@ -143,6 +143,33 @@ def _context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def check_generation(teacher, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128,
+                     temperature: float = 0.8, top_p: float = 0.95, num_return_sequences: int = 1,
+                     batch_size: int = 8, seed: int = 0, chat_template=None, min_new_tokens: int = 1) -> list[list[int]]:
+    """Check generation settings against the teacher and the prompts before anything is
+    written (ValueError naming the setting): sampling values, batch size, prompts that tokenise
+    to nothing or leave no room for ``max_new_tokens`` in the teacher's context. Returns the
+    prompts' token ids."""
+    SamplingParams(max_new_tokens, temperature, top_p, num_return_sequences, seed).check()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        raise ValueError("no prompts given")
+    if min_new_tokens < 0 or min_new_tokens > max_new_tokens:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
+    encoded = [_encode_prompt(tokenizer, prompt, chat_template) for prompt in prompts]
+    context = _context_length(teacher)
+    for index, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {index} is empty after tokenisation")
+        if context is not None and len(ids) + max_new_tokens > context:
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                f"the teacher's context of {context} tokens"
+            )
+    return encoded
+
+
 def generate_synthetic(
     teacher,
     tokenizer,
@@ -168,24 +195,9 @@ def generate_synthetic(
     Returns every record in the file (earlier runs' included).
     """
     params = SamplingParams(max_new_tokens, temperature, top_p, num_return_sequences, seed)
-    params.check()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not prompts:
-        raise ValueError("no prompts given")
-    if min_new_tokens < 0 or min_new_tokens > max_new_tokens:
-        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
-
-    encoded = [_encode_prompt(tokenizer, prompt, chat_template) for prompt in prompts]
-    context = _context_length(teacher)
-    for index, ids in enumerate(encoded):
-        if not ids:
-            raise ValueError(f"prompt {index} is empty after tokenisation")
-        if context is not None and len(ids) + max_new_tokens > context:
-            raise ValueError(
-                f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                f"the teacher's context of {context} tokens"
-            )
+    encoded = check_generation(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, num_return_sequences=num_return_sequences, batch_size=batch_size,
+                               seed=seed, chat_template=chat_template, min_new_tokens=min_new_tokens)
 
     if os.path.exists(out_path):
         _drop_torn_tail(out_path)

@@ -4,6 +4,7 @@ slimlm's defaults (with the student's precision, ``student_precision_flags``), t
 optimizer step sees, a wall-time cap and a learning-rate schedule fitted to it."""
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -97,8 +98,15 @@ def training_arguments(flags=(), *, output_dir: str, batch_size: int = 8, learni
     """``TrainingArguments`` from command-line style ``flags``, over slimlm's defaults (cosine
     schedule, 5% warmup, a log every step, a checkpoint every 50 steps, no reporting);
     on a machine without CUDA, ``--use_cpu`` (and gloo under torchrun). InputError for a flag
-    TrainingArguments does not know."""
+    TrainingArguments does not know, for one naming a path slimlm decides (``PATH_FLAGS``: the
+    checkpoints follow the output, which passes the output checks) and for values that make
+    the run empty or invalid (``check_training_arguments``), before anything is written."""
     from transformers import HfArgumentParser, TrainingArguments
+
+    for flag in flags:
+        key = str(flag).partition("=")[0]
+        if key in PATH_FLAGS:
+            raise InputError(f"{key} cannot be passed through: {PATH_FLAGS[key]}")
 
     defaults = ["--output_dir", output_dir, "--per_device_train_batch_size", str(batch_size),
                 "--learning_rate", str(learning_rate), "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
@@ -116,7 +124,37 @@ def training_arguments(flags=(), *, output_dir: str, batch_size: int = 8, learni
         raise InputError(f"unknown option(s) for distill: {' '.join(remaining)} (not a slimlm or TrainingArguments flag)")
     if args.bf16 and str(args.device) == "cpu" and not cpu_has_bf16():
         raise InputError("--bf16 on this CPU would be slower than float32: it has no AVX512-BF16 or AMX instructions")
+    check_training_arguments(args)
     return args
+
+
+# Pass-through flags that name where the Trainer writes: slimlm decides those places from the
+# output, so that they go through the same checks (never an input, never a foreign folder).
+PATH_FLAGS = {
+    "--output_dir": "the checkpoints go to <out>.checkpoints (choose --out, or the recipe's out)",
+    "--logging_dir": "the Trainer's logs go beside the checkpoints (choose --out, or the recipe's out)",
+    "--hub_model_id": "slimlm writes local folders only",
+    "--push_to_hub": "slimlm writes local folders only",
+}
+
+
+def check_training_arguments(args) -> None:
+    """InputError for ``TrainingArguments`` values that would train nothing or are invalid,
+    each naming its flag: counts below 1, a step budget of 0, no epochs, non-finite or
+    negative rates."""
+    positive = ("gradient_accumulation_steps", "per_device_train_batch_size", "logging_steps", "save_steps")
+    for name in positive:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise InputError(f"--{name} must be > 0, got {value}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise InputError(f"--max_steps must be a positive number of steps (or -1 for epochs), got {args.max_steps}")
+    if args.max_steps == -1 and not (args.num_train_epochs > 0 and math.isfinite(args.num_train_epochs)):
+        raise InputError(f"--num_train_epochs must be > 0 and finite, got {args.num_train_epochs}")
+    for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "adam_epsilon"):
+        value = getattr(args, name, None)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            raise InputError(f"--{name} must be >= 0 and finite, got {value}")
 
 
 def time_budget_callback(seconds: float):

@@ -148,7 +148,8 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     config = DistillationConfig(kd_weight=kd_weight, ce_weight=ce_weight, temperature=temperature, beta=beta,
                                 teacher_precision=teacher_precision, **options)
     config.check()
-    checkpoints = checkpoints or out.rstrip(os.sep) + ".checkpoints"
+    out = outputs.check_output(out, overwrite)
+    checkpoints = checkpoints or out + ".checkpoints"
     student_before = model_fingerprint(student)
     inputs = distill_inputs(teacher, student, train_texts, synthetic_texts=synthetic_texts, mix_fraction=mix_fraction,
                             seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
@@ -157,7 +158,6 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
                             teacher_precision=teacher_precision, student_precision=student_precision,
                             fit_to_time=fit_to_time, distillation_options=options)
     saved_dtype = resolve_save_dtype(student, save_dtype)
-    outputs.check_output(out, overwrite)
     args = training_arguments(student_precision_flags(student_precision, training_args, log=log), output_dir=checkpoints, batch_size=batch_size,
                               learning_rate=learning_rate, seed=seed)
     args.disable_tqdm = args.disable_tqdm or disable_tqdm
@@ -188,6 +188,9 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
                                   distillation_config=config, callbacks=callbacks or None)
     _prepare_checkpoints(trainer, checkpoints, decision, inputs, resume=resume, log=log)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or decision["resume"])
+    if trainer.state.global_step == 0:
+        raise RuntimeError(f"the distillation trained 0 steps ({len(dataset)} training items, max_steps "
+                           f"{args.max_steps}); {out} is left as it was")
 
     record = {"teacher_fingerprint": model_fingerprint(teacher), "student_fingerprint_before": student_before,
               "inputs": with_save_dtype(inputs, saved_dtype), "train_texts": texts_digest(train_texts), "num_train_items": len(dataset),

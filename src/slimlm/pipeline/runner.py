@@ -49,28 +49,51 @@ class Pipeline:
     # ---------------------------------------------------------------- setup
     def _check_output(self) -> bool:
         """Refuse an output folder that is, holds or sits inside an input, one of another
-        recipe (unless ``overwrite``) and one slimlm did not make (always); nothing is written.
-        Returns whether the folder must be cleared (another recipe's run, ``overwrite``)."""
-        import yaml
-
+        recipe (unless ``overwrite``) and one slimlm did not make (always); nothing is written,
+        except that a finished run of this very recipe that an interrupted ``--overwrite`` left
+        set aside is put back (``_restore_previous``). Returns whether the folder must be
+        cleared (another recipe's run, ``overwrite``)."""
         data = self.recipe["data"]
         inputs = {"teacher": self.recipe["teacher"], "training data": data["train"],
                   "held-out data": data["heldout"], "general held-out data": data["general"],
                   "recipe": self.recipe_path}
-        outputs.check_output(self.out, True, inputs, what="output folder")
+        self.out = outputs.check_output(self.out, True, inputs, what="output folder")
+        self._restore_previous(only_if_recipe=self.recipe)
         if not (os.path.isdir(self.out) and os.listdir(self.out)):
             return False
-        recipe_path = self.path(RECIPE_COPY)
-        if not os.path.isfile(recipe_path):
+        previous = self._recorded_recipe(self.out)
+        if previous is None:
             raise InputError(f"output folder {self.out} holds files that are not a slimlm run; choose another out")
-        with open(recipe_path, encoding="utf-8") as handle:
-            previous = yaml.safe_load(handle)
         if previous == self.recipe:
             return False
         if not self.overwrite:
             raise InputError(f"output folder {self.out} already holds a run of another recipe; pass --overwrite "
                              "to replace it")
         return True
+
+    @staticmethod
+    def _recorded_recipe(folder: str) -> dict | None:
+        import yaml
+
+        try:
+            with open(os.path.join(folder, RECIPE_COPY), encoding="utf-8") as handle:
+                return yaml.safe_load(handle)
+        except (OSError, yaml.YAMLError):
+            return None
+
+    def _restore_previous(self, only_if_recipe: dict | None = None) -> None:
+        """Put back the finished run an ``--overwrite`` set aside (``.<out>.slimlm-old``) in
+        place of the unfinished run that was to replace it: after a failure of that run, or
+        when the recipe run now is the earlier one's (``only_if_recipe``)."""
+        previous = outputs.aside_path(self.out)
+        if not os.path.isdir(previous):
+            return
+        if only_if_recipe is not None and self._recorded_recipe(previous) != only_if_recipe:
+            return
+        self.log(f"[setup] putting back the finished run set aside in {previous} (the unfinished run that was "
+                 f"replacing it in {self.out} is deleted)")
+        outputs.remove(self.out)
+        os.rename(previous, self.out)
 
     def _claim_output(self, clear: bool) -> None:
         """Called once every input has been checked: set another recipe's run aside
@@ -89,7 +112,7 @@ class Pipeline:
                 self.log(f"[setup] --overwrite: the run of another recipe in {self.out} moves to {previous}, "
                          "deleted once this run completes")
                 os.rename(self.out, previous)
-        os.makedirs(self.out, exist_ok=True)
+        outputs.claim(self.out)
         outputs.write_text(self.path(RECIPE_COPY), yaml.safe_dump(self.recipe, sort_keys=False))
 
     def _data(self):
@@ -125,17 +148,24 @@ class Pipeline:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
-        """Every stage in order; returns {"results", "report", "table", "out", "timings"}."""
+        """Every stage in order; returns {"results", "report", "table", "out", "timings"}. When
+        a stage fails (or is interrupted) in a run that was replacing another recipe's finished
+        run, that run is put back: the output folder holds a finished run or a run of this
+        recipe resuming, never a half-finished replacement in place of a finished run."""
         self.setup()
-        scores = self.importance()
-        searched = self.search(scores)
-        plan_text = self.prune(scores, searched)
-        synthetic_texts = self.synthetic()
-        teacher = self.correct_teacher()
-        log_history = self.distill(synthetic_texts, teacher)
-        results = self.evaluate()
-        speed = self.speed()
-        return self.report(scores, plan_text, log_history, results, speed, searched)
+        try:
+            scores = self.importance()
+            searched = self.search(scores)
+            plan_text = self.prune(scores, searched)
+            synthetic_texts = self.synthetic()
+            teacher = self.correct_teacher()
+            log_history = self.distill(synthetic_texts, teacher)
+            results = self.evaluate()
+            speed = self.speed()
+            return self.report(scores, plan_text, log_history, results, speed, searched)
+        except BaseException:
+            self._restore_previous()
+            raise
 
     def setup(self) -> None:
         """Check every input and load the teacher, its tokenizer and the data before anything is
@@ -186,7 +216,47 @@ class Pipeline:
                 self.prompts = prompts_from_texts(self.train_texts, max_prompts=recipe["synthetic"]["num_prompts"])
                 if not self.prompts:
                     raise InputError("no prompts could be cut from data.train for the synthetic stage")
+            self._check_stage_settings()
             self._claim_output(clear)
+
+    def _check_stage_settings(self) -> None:
+        """The checks the later stages make on their settings, made now, before the output
+        folder is claimed or another run set aside (InputError naming the recipe field)."""
+        from slimlm.distill.training import training_arguments
+        from slimlm.pipeline.correct import check_correction_settings
+
+        recipe = self.recipe
+        if recipe["synthetic"] is not None:
+            synthetic.check_synthetic(self.teacher, self.tokenizer, self.prompts, **self._synthetic_settings())
+        section = recipe["distill"]
+        distill.check_distill_settings(learning_rate=section["lr"], temperature=section["temperature"],
+                                       beta=section["beta"], kd_weight=section["kd_weight"],
+                                       ce_weight=section["ce_weight"], max_minutes=section["max_minutes"],
+                                       mix_fraction=recipe["synthetic"]["mix"] if recipe["synthetic"] else 0.0,
+                                       fit_to_time=section["fit_to_time"])
+        try:
+            training_arguments(self._distill_flags(section), output_dir=self.path("distilled.checkpoints"),
+                               batch_size=section["batch_size"], learning_rate=section["lr"], seed=recipe["seed"])
+        except InputError as error:
+            raise InputError(f"distill.training_args: {error}") from None
+        correction = recipe["correct_teacher"]
+        if correction is not None:
+            check_correction_settings(tokens=correction["tokens"], learning_rate=correction["lr"] or section["lr"] / 10,
+                                      seq_len=correction["seq_len"] or section["seq_len"],
+                                      batch_size=correction["batch_size"] or section["batch_size"])
+
+    def _distill_flags(self, section: dict) -> list[str]:
+        """The distill section's ``training_args`` as command-line flags (``--use_cpu`` on a CPU)."""
+        flags = ["--use_cpu", "true"] if self.device == "cpu" else []
+        for key, value in section["training_args"].items():
+            flags += [f"--{key}", str(value)]
+        return flags
+
+    def _synthetic_settings(self) -> dict:
+        section = self.recipe["synthetic"]
+        return dict(max_new_tokens=section["max_new_tokens"], temperature=section["temperature"],
+                    top_p=section["top_p"], batch_size=section["batch_size"], seed=self.recipe["seed"],
+                    chat_template=True if section["chat"] else None)
 
     def importance(self):
         """Scores of the teacher on calibration blocks of the training data (``scores/``)."""
@@ -281,9 +351,7 @@ class Pipeline:
         if section is None:
             return None
         synthetic_path = self.path("synthetic.jsonl")
-        settings = dict(max_new_tokens=section["max_new_tokens"], temperature=section["temperature"],
-                        top_p=section["top_p"], batch_size=section["batch_size"], seed=self.recipe["seed"],
-                        chat_template=True if section["chat"] else None)
+        settings = self._synthetic_settings()
         inputs = synthetic.synthetic_inputs(self.teacher, self.prompts, **settings)
         with self._timed("synthetic"):
             if self._stage("synthetic", synthetic.synthetic_state(synthetic_path, inputs), synthetic_path):
@@ -355,11 +423,7 @@ class Pipeline:
                 options["layer_map"] = layer_map
         with self._timed("distill"):
             max_minutes = self._distill_minutes(section)
-            training_args = []
-            for key, value in section["training_args"].items():
-                training_args += [f"--{key}", str(value)]
-            if self.device == "cpu":
-                training_args = ["--use_cpu", "true"] + training_args
+            training_args = self._distill_flags(section)
             mix_fraction = self.recipe["synthetic"]["mix"] if synthetic_texts is not None else 0.0
             settings = dict(synthetic_texts=synthetic_texts, mix_fraction=mix_fraction, seq_len=section["seq_len"],
                             max_tokens=max_tokens, batch_size=section["batch_size"],
@@ -558,7 +622,8 @@ def run_recipe(recipe: dict, *, overwrite: bool = False, progress: bool = True, 
     runs only with ``trust_remote_code`` (the command line's ``--trust-remote-code``, never a
     recipe field)."""
     start = time.perf_counter()
-    summary = Pipeline(recipe, overwrite=overwrite, progress=progress, log=log, command=command,
-                       recipe_path=recipe_path, trust_remote_code=trust_remote_code).run()
+    with outputs.command(command):
+        summary = Pipeline(recipe, overwrite=overwrite, progress=progress, log=log, command=command,
+                           recipe_path=recipe_path, trust_remote_code=trust_remote_code).run()
     summary["seconds"] = time.perf_counter() - start
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from slimlm import outputs
+from slimlm.errors import InputError
 from slimlm.pipeline.records import SYNTHETIC_DONE_SUFFIX, inputs_state, read_json, read_json_roundtrip, texts_digest
 
 
@@ -18,6 +19,17 @@ def synthetic_inputs(teacher, prompts, *, max_new_tokens=64, temperature=0.8, to
                          "chat_template": chat_template}}
 
 
+def check_synthetic(teacher, tokenizer, prompts, **settings) -> None:
+    """Every check the synthetic stage makes on its settings and prompts, as an InputError,
+    before anything is written (``slimlm.distill.generate.check_generation``)."""
+    from slimlm.distill.generate import check_generation
+
+    try:
+        check_generation(teacher, tokenizer, prompts, **settings)
+    except ValueError as error:
+        raise InputError(f"synthetic text: {error}") from None
+
+
 def generate_stage(teacher, tokenizer, prompts, out: str, *, max_new_tokens=64, temperature=0.8, top_p=0.95,
                    num_return_sequences=1, batch_size=8, seed=0, chat_template=None, progress=True, log=print):
     """Sample synthetic text from ``teacher`` into a staging sibling of the JSONL ``out``
@@ -28,6 +40,8 @@ def generate_stage(teacher, tokenizer, prompts, out: str, *, max_new_tokens=64, 
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     num_return_sequences=num_return_sequences, batch_size=batch_size, seed=seed,
                     chat_template=chat_template)
+    out = outputs.resolve(out)
+    check_synthetic(teacher, tokenizer, prompts, **settings)
     inputs = read_json_roundtrip(synthetic_inputs(teacher, prompts, **settings))
     staging = outputs.staging_path(out)
     staging_inputs = staging + ".inputs.json"
@@ -37,12 +51,13 @@ def generate_stage(teacher, tokenizer, prompts, out: str, *, max_new_tokens=64, 
         else:
             log(f"[synthetic] discarding {staging}: left by a run of other inputs")
             outputs.remove(staging)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     outputs.write_json(staging_inputs, {"inputs": inputs})
     dataset = generate_synthetic(teacher, tokenizer, prompts, out_path=staging, progress=progress, **settings)
     if len(dataset) == 0:
         raise RuntimeError(f"the teacher produced no usable generation for {len(prompts)} prompts")
     outputs.commit(staging, out)
+    outputs.mark_file(out)
     outputs.write_json(out + SYNTHETIC_DONE_SUFFIX, {"records": len(dataset), "inputs": inputs,
                                                      "sha256": outputs.file_digest(out)})
     outputs.remove(staging_inputs)
