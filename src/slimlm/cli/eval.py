@@ -52,8 +52,13 @@ def run(args) -> int:
     from slimlm.evaluate import comparison_rows, evaluate_model, format_table
 
     specs = [args.model] + list(args.compare or [])
+    seen = {}
     for spec in specs:
         arguments.check_model_path(spec)
+        identity = outputs.resolve(spec) if os.path.exists(spec) else spec
+        if identity in seen:
+            raise InputError(f"--compare {spec} is the same model as {seen[identity]}: each model is evaluated once")
+        seen[identity] = spec
     if args.data is None and not args.speed:
         raise InputError("--data is required (held-out text to evaluate on), unless only --speed is asked")
     if args.data is not None:

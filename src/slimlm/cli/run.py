@@ -25,11 +25,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from slimlm import outputs
     from slimlm.pipeline import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
     if args.out is not None:
-        recipe["out"] = os.path.abspath(args.out)
+        recipe["out"] = outputs.resolve(args.out)
     if args.device is not None:
         recipe["device"] = args.device
     if args.save_dtype is not None:

@@ -49,6 +49,7 @@ def load_finished(out: str | None, inputs: dict) -> tuple[dict[str, dict], dict]
 
 
 def write_record(out: str, inputs: dict, rows: list[dict], winner: dict | None, phases: dict) -> None:
+    outputs.claim(out)  # a search folder written in place is slimlm's own from its first record
     outputs.write_json(os.path.join(out, RECORD_FILE),
                        {"inputs": inputs, "candidates": rows, "winner": winner, "phase_seconds": phases})
 
