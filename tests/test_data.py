@@ -7,6 +7,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from slimlm import data
+from slimlm.errors import InputError
+from tiny import bpe_tokenizer
 
 WORDS = "the quick brown fox jumps over lazy dog a b c".split()
 
@@ -120,6 +122,50 @@ def test_texts_that_tokenise_to_nothing(tokenizer):
         data.tokenize_blocks([], tokenizer, 4)
     with pytest.raises(ValueError, match="tokenised to nothing"):
         data.tokenize_blocks(["", " "], tokenizer, 4, add_eos=False)
+
+
+@pytest.mark.parametrize("name, content, offset, line", [
+    ("cafe.txt", "caf\u00e9 au lait".encode("latin-1"), 3, 1),
+    ("docs.jsonl", b'{"text": "the dog"}\n{"text": "caf\xe9"}\n', 33, 2),
+])
+def test_a_data_file_that_is_not_utf8_is_named_with_the_byte_and_offset(tmp_path, name, content, offset, line):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError) as caught:
+        data.load_texts(path)
+    assert str(caught.value).startswith(f"data file {path} is not UTF-8 text (byte 0xe9 at offset {offset}, "
+                                        f"line {line})")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_utf8_bom_is_read_past_in_jsonl_and_text_files(tmp_path):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"text": "the dog"}\n{"text": "a fox"}\n')
+    assert data.load_texts(jsonl) == ["the dog", "a fox"]
+    text = tmp_path / "bom.txt"
+    text.write_bytes(b"\xef\xbb\xbfthe quick fox")
+    assert data.load_texts(text) == ["the quick fox"]
+
+
+@pytest.mark.parametrize("records", [["", ""], ["   ", "\n\t "], [" ", ""]])
+def test_a_jsonl_file_of_blank_documents_is_empty(tmp_path, records):
+    path = tmp_path / "blank.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in records))
+    with pytest.raises(InputError, match=f"data file {path} is empty or holds only whitespace"):
+        data.load_texts(path)
+
+
+def test_whitespace_only_documents_are_left_out_as_empty_ones_are():
+    tokenizer = bpe_tokenizer()  # byte-level: whitespace tokenises to tokens of its own
+    assert tokenizer(" \n\t ", add_special_tokens=False)["input_ids"]
+    expected = data.tokenize_blocks(["the model", "a layer"], tokenizer, seq_len=8)
+    blocks = data.tokenize_blocks(["the model", "  \n ", "", "a layer", "\t"], tokenizer, seq_len=8)
+    assert torch.equal(blocks.input_ids, expected.input_ids)
+    assert torch.equal(blocks.attention_mask, expected.attention_mask)
+    unpacked = data.tokenize_blocks(["the model", " \n "], tokenizer, seq_len=8, pack=False)
+    assert len(unpacked) == 1
+    with pytest.raises(ValueError, match="every text is empty, whitespace only or tokenised to nothing"):
+        data.tokenize_blocks(["  ", "\n\n", ""], tokenizer, seq_len=8)
 
 
 def make_blocks(n, seq_len=3):

@@ -113,19 +113,21 @@ def test_interleaving_pairs_each_heads_halves():
 
 def test_an_existing_output_needs_overwrite(tokenizer, tmp_path):
     out = export_gguf(family_model("qwen2"), tmp_path / "model.gguf", tokenizer=tokenizer)
-    with pytest.raises(ValueError, match=f"{out} already exists; pass overwrite=True"):
+    with pytest.raises(ValueError, match=f"{out} already exists; pass --overwrite \\(overwrite=True in Python\\)"):
         export_gguf(family_model("llama"), out, tokenizer=tokenizer)
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "qwen2"
     export_gguf(family_model("llama"), out, tokenizer=tokenizer, overwrite=True)
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
 
 
-def test_a_file_that_is_not_gguf_is_never_replaced(tokenizer, tmp_path):
+@pytest.mark.parametrize("content", [b"not ours", b"GGUF\x03\x00\x00\x00 another tool's model"])
+def test_a_file_slimlm_did_not_write_is_never_replaced(tokenizer, tmp_path, content):
     out = tmp_path / "notes.gguf"
-    out.write_bytes(b"not ours")
-    with pytest.raises(ValueError, match="is not a GGUF file; refusing to replace it even with overwrite=True"):
+    out.write_bytes(content)
+    with pytest.raises(ValueError, match="exists and was not written by slimlm; refusing to replace it even with "
+                                         "--overwrite / overwrite=True"):
         export_gguf(family_model("llama"), out, tokenizer=tokenizer, overwrite=True)
-    assert out.read_bytes() == b"not ours"
+    assert out.read_bytes() == content
 
 
 def test_a_failed_export_leaves_nothing_half_written(tokenizer, tmp_path, monkeypatch):
@@ -138,7 +140,8 @@ def test_a_failed_export_leaves_nothing_half_written(tokenizer, tmp_path, monkey
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
     with pytest.raises(OSError, match="disk full"):
         export_gguf(family_model("llama"), out, tokenizer=tokenizer, overwrite=True)
-    assert open(out, "rb").read() == previous and os.listdir(tmp_path) == ["model.gguf"]
+    assert open(out, "rb").read() == previous and sorted(os.listdir(tmp_path)) == [".model.gguf.slimlm-output.json",
+                                                                                   "model.gguf"]
 
 
 @pytest.mark.parametrize("model_type, overrides, message", [

@@ -28,6 +28,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from slimlm.errors import InputError
+
 TEXT_SUFFIXES_JSONL = (".jsonl", ".json")
 PARQUET_SUFFIX = ".parquet"
 
@@ -104,14 +106,14 @@ def _expand(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[st
         if glob.has_magic(source):
             matches = sorted(glob.glob(source, recursive=True))
             if not matches:
-                raise ValueError(f"no files match {source!r}")
+                raise InputError(f"no files match {source!r}")
             paths.extend(m for m in matches if os.path.isfile(m) or _is_saved_dataset(m))
         elif os.path.exists(source):
             paths.append(source)
         else:
-            raise ValueError(f"{source} does not exist")
+            raise InputError(f"{source} does not exist")
     if not paths:
-        raise ValueError(f"no input files in {sources!r}")
+        raise InputError(f"no input files in {sources!r}")
     return paths
 
 
@@ -121,45 +123,66 @@ def _is_saved_dataset(path: str) -> bool:
     )
 
 
+def _not_utf8(path: str) -> InputError:
+    """The error for a data file that is not UTF-8: where its first byte that is not lies."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        return InputError(f"data file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
+                          f"{error.start}, line {line}); re-encode it as UTF-8")
+    return InputError(f"data file {path} is not UTF-8 text")
+
+
+def _check_not_blank(path: str, texts: list[str]) -> list[str]:
+    """``texts``, unless no document of the file has text besides whitespace."""
+    if not any(text.strip() for text in texts):
+        raise InputError(f"data file {path} is empty or holds only whitespace")
+    return texts
+
+
+# Text and JSONL files are UTF-8; a leading byte-order mark (as some Windows editors write) is dropped.
 def _read_text_file(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if not text.strip():
-        raise ValueError(f"{path} is empty")
-    return [text]
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    return _check_not_blank(path, [text])
 
 
 def _read_jsonl(path: str, text_field: str) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON object per line ({error})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}:{number}: no text field {text_field!r} (has: {keys})")
-            value = record[text_field]
-            if not isinstance(value, str):
-                raise ValueError(f"{path}:{number}: field {text_field!r} is {type(value).__name__}, not a string")
-            texts.append(value)
-    if not texts:
-        raise ValueError(f"{path} is empty")
-    return texts
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{path}:{number}: not a JSON object per line ({error})") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                    raise InputError(f"{path}:{number}: no text field {text_field!r} (has: {keys})")
+                value = record[text_field]
+                if not isinstance(value, str):
+                    raise InputError(f"{path}:{number}: field {text_field!r} is {type(value).__name__}, not a string")
+                texts.append(value)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    return _check_not_blank(path, texts)
 
 
 def _column_texts(path: str, column_names: Sequence[str], column, text_field: str) -> list[str]:
     if text_field not in column_names:
-        raise ValueError(f"{path}: no text field {text_field!r} (columns: {', '.join(column_names)})")
+        raise InputError(f"{path}: no text field {text_field!r} (columns: {', '.join(column_names)})")
     texts = [value for value in column if value is not None]
-    if not texts:
-        raise ValueError(f"{path} is empty")
     if not all(isinstance(value, str) for value in texts):
-        raise ValueError(f"{path}: column {text_field!r} does not hold strings")
-    return texts
+        raise InputError(f"{path}: column {text_field!r} does not hold strings")
+    return _check_not_blank(path, texts)
 
 
 def _read_parquet(path: str, text_field: str) -> list[str]:
@@ -180,9 +203,10 @@ def _read_saved_dataset(path: str, text_field: str, split: str | None) -> list[s
     dataset = datasets.load_from_disk(path)
     if isinstance(dataset, datasets.DatasetDict):
         if split is None:
-            raise ValueError(f"{path} holds several splits ({', '.join(dataset)}); pass split=")
+            raise InputError(f"{path} holds several splits ({', '.join(dataset)}); pass split= in Python (the "
+                             "command line reads a dataset of one split: save that split alone with save_to_disk)")
         if split not in dataset:
-            raise ValueError(f"{path} has no split {split!r} (splits: {', '.join(dataset)})")
+            raise InputError(f"{path} has no split {split!r} (splits: {', '.join(dataset)})")
         dataset = dataset[split]
     column = dataset[text_field] if text_field in dataset.column_names else []
     return _column_texts(path, dataset.column_names, column, text_field)
@@ -193,8 +217,11 @@ def load_texts(
 ) -> list[str]:
     """Documents from local files, folders saved by ``datasets`` and globs, in the order given (globs sorted).
 
-    ``split`` picks one split of a saved ``DatasetDict``. Raises ValueError for a missing or
-    empty file, a record without ``text_field``, or a format whose reader is not installed.
+    ``split`` picks one split of a saved ``DatasetDict``. Text and JSONL files are read as UTF-8
+    (a leading byte-order mark is dropped). Raises ``InputError`` (a ValueError) naming the file
+    for a missing path, a file that is not UTF-8, one with no document besides empty or
+    whitespace-only ones, or a record without ``text_field``; ValueError for a format whose
+    reader is not installed.
     """
     texts: list[str] = []
     for path in _expand(sources):
@@ -202,7 +229,7 @@ def load_texts(
         if _is_saved_dataset(path):
             texts.extend(_read_saved_dataset(path, text_field, split))
         elif os.path.isdir(path):
-            raise ValueError(f"{path} is a folder but not a dataset saved with save_to_disk; pass a glob for its files")
+            raise InputError(f"{path} is a folder but not a dataset saved with save_to_disk; pass a glob for its files")
         elif lower.endswith(TEXT_SUFFIXES_JSONL):
             texts.extend(_read_jsonl(path, text_field))
         elif lower.endswith(PARQUET_SUFFIX):
@@ -233,6 +260,7 @@ def tokenize_blocks(
     ``pack=True``: documents joined with EOS and cut every ``seq_len`` tokens; only the last
     block can hold padding. ``pack=False``: one block per document, truncated to ``seq_len``
     and right-padded. Padding uses the tokenizer's pad id (else EOS, else 0) with mask 0.
+    Documents that are empty or whitespace only, or tokenise to nothing, are left out.
     ``model`` (a model or config) bounds ``seq_len`` by its ``max_position_embeddings``.
     """
     if not isinstance(seq_len, int) or seq_len < 1:
@@ -248,10 +276,11 @@ def tokenize_blocks(
     if add_eos and eos is None:
         raise ValueError("add_eos=True but the tokenizer has no eos_token_id")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    texts = [text for text in texts if text.strip()]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     documents = [ids + [eos] if add_eos else ids for ids in encoded if ids]
     if not documents:
-        raise ValueError("every text tokenised to nothing")
+        raise InputError("every text is empty, whitespace only or tokenised to nothing")
     if pack:
         stream = torch.tensor([token for ids in documents for token in ids], dtype=torch.long)
         num_blocks = -(-stream.numel() // seq_len)

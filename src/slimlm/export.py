@@ -12,13 +12,16 @@ written beside its place and renamed in, so a failed export leaves nothing half-
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 
 import numpy as np
 
 from slimlm import outputs
 from slimlm.architectures import get_adapter
+from slimlm.errors import InputError
 
 # outtype -> (the GGML type of matrices, general.file_type). Vectors (norms, biases) stay F32.
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -42,61 +45,89 @@ def export_gguf(model_dir_or_model, out_path: str | os.PathLike, *, outtype: str
     f32, q8_0 rows whose length is not a multiple of 32 are f16); returns the path.
 
     Loading it with ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` gives the
-    source's logits within ``outtype``'s rounding. Refuses (ValueError, naming the input): an
-    unknown ``outtype``; an existing ``out_path`` without ``overwrite``, or one that is not a GGUF
-    file, or one that is or sits inside the model folder; a family llama.cpp has no layout for or a config it cannot run
+    source's logits within ``outtype``'s rounding. Refuses (InputError, naming the input): an
+    unknown ``outtype``; an existing ``out_path`` without ``overwrite``, or one slimlm did not write
+    (``slimlm.outputs.owned``: a GGUF file of another tool included), or one that is or sits inside the model folder; a family llama.cpp has no layout for or a config it cannot run
     (sliding windows, scaled rope); a model folder without a tokenizer, or a tokenizer that is not
     a byte-level BPE (GPT-2 style: SmolLM2, Llama 3, Qwen) with a pre-tokenizer llama.cpp names.
+    A disk that fills up while writing is an OSError naming ``out_path`` (nothing is left half-written).
     """
     import gguf
 
     from slimlm.models import load_model, load_tokenizer
 
-    out_path = os.path.abspath(os.fspath(out_path))
+    out_path = outputs.resolve(out_path)
     if outtype not in OUTTYPES:
-        raise ValueError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+        raise InputError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         source = os.fspath(model_dir_or_model)
         if os.path.isdir(source) and outputs.overlaps(out_path, source):
-            raise ValueError(f"GGUF output {out_path} is or sits inside the model folder {source}; choose another path")
+            raise InputError(f"GGUF output {out_path} is or sits inside the model folder {source}; choose another path")
     else:
         source = getattr(model_dir_or_model, "name_or_path", None) or type(model_dir_or_model).__name__
     if os.path.isdir(out_path):
-        raise ValueError(f"GGUF output {out_path} is a folder; give a file path (e.g. {out_path}.gguf)")
+        raise InputError(f"GGUF output {out_path} is a folder; give a file path (e.g. {out_path}.gguf)")
     if os.path.exists(out_path) and not overwrite:
-        raise ValueError(f"GGUF output {out_path} already exists; pass overwrite=True to replace it")
-    if os.path.exists(out_path) and not outputs.is_gguf(out_path):
-        raise ValueError(f"GGUF output {out_path} exists and is not a GGUF file; refusing to replace it even with "
-                         "overwrite=True (choose another path or remove it yourself)")
+        raise InputError(f"GGUF output {out_path} already exists; pass --overwrite (overwrite=True in Python) to "
+                         "replace it")
+    if os.path.exists(out_path) and not outputs.owned(out_path):
+        raise InputError(f"GGUF output {out_path} exists and was not written by slimlm; refusing to replace it even "
+                         "with --overwrite / overwrite=True (choose another path or remove it yourself)")
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         if tokenizer is None and os.path.isdir(source) and not _has_tokenizer(source):
-            raise ValueError(f"model {source} has no tokenizer (tokenizer.json); a GGUF file carries its tokenizer, "
+            raise InputError(f"model {source} has no tokenizer (tokenizer.json); a GGUF file carries its tokenizer, "
                              "so save one beside the weights or pass tokenizer=")
         model = load_model(source)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
     else:
         model = model_dir_or_model
         if tokenizer is None:
-            raise ValueError(f"exporting the in-memory model {source} needs tokenizer=: a GGUF file carries its tokenizer")
+            raise InputError(f"exporting the in-memory model {source} needs tokenizer=: a GGUF file carries its tokenizer")
     config = model.config
     adapter = get_adapter(model, "slimlm.export_gguf", "exports")
     refusal = adapter.gguf_refusal(config)
     if refusal:
-        raise ValueError(f"cannot export {source} ({config.model_type}) to GGUF: {refusal}")
+        raise InputError(f"cannot export {source} ({config.model_type}) to GGUF: {refusal}")
     vocabulary = gguf_vocabulary(tokenizer, config.vocab_size, source)
 
-    with outputs.atomic_output(out_path, folder=False) as staging:
-        writer = gguf.GGUFWriter(staging, adapter.gguf_architecture)
-        _write_hyperparameters(writer, config, outtype, name=os.path.basename(source.rstrip(os.sep)) or source)
-        _write_vocabulary(writer, vocabulary)
-        for name, data, raw_type in _gguf_tensors(model, adapter, outtype):
-            writer.add_tensor(name, data, raw_dtype=raw_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    try:
+        with outputs.atomic_output(out_path, folder=False, mark=True) as staging:
+            writer = gguf.GGUFWriter(staging, adapter.gguf_architecture)
+            _write_hyperparameters(writer, config, outtype, name=os.path.basename(source.rstrip(os.sep)) or source)
+            _write_vocabulary(writer, vocabulary)
+            for name, data, raw_type in _gguf_tensors(model, adapter, outtype):
+                writer.add_tensor(name, data, raw_dtype=raw_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+    except OSError as error:
+        full = _disk_full(error, out_path)
+        if full is None:
+            raise
+        raise full from error
     return out_path
+
+
+# numpy's ``tofile`` reports a short write (a full disk, mostly) without an errno.
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
+def _disk_full(error: OSError, path: str) -> OSError | None:
+    """A one-line OSError naming ``path`` when ``error`` says the disk filled up (ENOSPC, EDQUOT
+    or a short write), else None. A runtime failure, not bad input: the same export succeeds
+    with room on the disk."""
+    short = _SHORT_WRITE.search(str(error))
+    if short:
+        full = OSError(f"writing {path}: no space left on device ({int(short[2]):,} of {int(short[1]):,} bytes "
+                       "written)")
+    elif error.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = OSError(f"writing {path}: {os.strerror(error.errno).lower()}")
+    else:
+        return None
+    full.errno = error.errno or errno.ENOSPC
+    return full
 
 
 def _has_tokenizer(folder: str) -> bool:
@@ -206,30 +237,30 @@ def gguf_vocabulary(tokenizer, vocab_size: int, source: str = "the model") -> di
     """What a GGUF file says about a byte-level BPE ``tokenizer`` for a model of ``vocab_size``
     embedding rows: tokens by id (ids no token has become ``[PAD<id>]``, type UNUSED), token types
     (added special tokens CONTROL, other added tokens USER_DEFINED), merges, the pre-tokenizer's
-    name, special token ids, whether BOS/EOS are added, the chat template. ValueError for another
+    name, special token ids, whether BOS/EOS are added, the chat template. InputError for another
     kind of tokenizer, or one with more tokens than the model has rows."""
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"the tokenizer of {source} ({type(tokenizer).__name__}) has no tokenizers backend to export")
+        raise InputError(f"the tokenizer of {source} ({type(tokenizer).__name__}) has no tokenizers backend to export")
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
     byte_level = any(step.get("type") == "ByteLevel" for step in _steps(spec.get("pre_tokenizer")))
     if model.get("type") != "BPE" or not byte_level:
-        raise ValueError(f"the tokenizer of {source} is a {model.get('type')} model"
+        raise InputError(f"the tokenizer of {source} is a {model.get('type')} model"
                          f"{'' if byte_level else ' without byte-level pre-tokenization'}; GGUF export supports "
                          "byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen)")
     pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
     if pre is None:
-        raise ValueError(f"the tokenizer of {source} splits text with a pre-tokenizer llama.cpp has no name for "
+        raise InputError(f"the tokenizer of {source} splits text with a pre-tokenizer llama.cpp has no name for "
                          f"({json.dumps(spec.get('pre_tokenizer'))[:200]}); llama.cpp would tokenize differently")
     by_id = {index: (token, gguf.TokenType.NORMAL) for token, index in model["vocab"].items()}
     for added in spec.get("added_tokens") or ():
         by_id[added["id"]] = (added["content"],
                               gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
     if by_id and max(by_id) >= vocab_size:
-        raise ValueError(f"the tokenizer of {source} has token id {max(by_id)}, beyond the model's {vocab_size} "
+        raise InputError(f"the tokenizer of {source} has token id {max(by_id)}, beyond the model's {vocab_size} "
                          "embedding rows")
     tokens, types = zip(*(by_id.get(index, (f"[PAD{index}]", gguf.TokenType.UNUSED)) for index in range(vocab_size)))
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges") or ()]

@@ -11,14 +11,16 @@ Checkpoints are written in the source's declared dtype unless asked otherwise (`
 with tokenizer files that transformers 4.x and llama.cpp's converter load too (``save_tokenizer``).
 
 ``trust_remote_code`` is False unless the caller passes True (the CLI's ``--trust-remote-code``):
-a folder whose config names custom code (``auto_map``) then loads with transformers' built-in
-class for its ``model_type`` or fails; its Python never runs, and nothing asks on stdin.
-A missing, corrupt or truncated file of the model is a ValueError naming the model.
+a model whose ``config.json`` or ``tokenizer_config.json`` names custom code (``auto_map``) then
+loads with transformers' built-in class, with a warning naming the file, or fails with an error
+naming it; its Python never runs, and nothing asks on stdin.
+A missing, corrupt or truncated file of the model is an InputError (a ValueError) naming the model.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 
 import torch
@@ -126,8 +128,17 @@ def _declared_dtype(arguments: dict) -> torch.dtype | None:
 
 
 def _resolve(spec: str | os.PathLike) -> dict:
-    """from_pretrained arguments for a spec: folder, .gguf file, or cached hub id."""
+    """from_pretrained arguments for a spec: folder, .gguf file, or cached hub id. A folder is
+    a model folder whatever its name: one named ``*.gguf`` loads as a folder when it holds
+    config.json, and is an InputError otherwise."""
     spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            if spec.rstrip(os.sep).endswith(".gguf"):
+                raise InputError(f"model {spec} is a folder, not a GGUF file (nor a Hugging Face model folder: "
+                                 "it has no config.json)")
+            raise FileNotFoundError(f"{spec} is a folder without config.json, not a Hugging Face model")
+        return {"pretrained_model_name_or_path": spec}
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"GGUF file {spec} does not exist")
@@ -136,33 +147,81 @@ def _resolve(spec: str | os.PathLike) -> dict:
                 raise ImportError(f"loading {spec} needs the {module!r} package (pip install 'slimlm[gguf]')")
         folder, name = os.path.split(os.path.abspath(spec))
         return {"pretrained_model_name_or_path": folder, "gguf_file": name}
-    if os.path.isdir(spec):
-        if not os.path.isfile(os.path.join(spec, "config.json")):
-            raise FileNotFoundError(f"{spec} is a folder without config.json, not a Hugging Face model")
-        return {"pretrained_model_name_or_path": spec}
     if os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise FileNotFoundError(f"{spec} is neither a model folder, a .gguf file nor a hub id")
     return {"pretrained_model_name_or_path": spec, "local_files_only": True}
 
 
+def _model_file(arguments: dict, name: str) -> dict:
+    """The JSON file ``name`` of the model ``from_pretrained(**arguments)`` loads (its folder, or
+    its snapshot in the local cache); {} when it has none or it is unreadable."""
+    where = arguments["pretrained_model_name_or_path"]
+    if arguments.get("gguf_file"):
+        return {}
+    try:
+        if os.path.isdir(where):
+            path = os.path.join(where, name)
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(where, name)  # None or a sentinel when not cached
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (TypeError, OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _custom_code(arguments: dict, tokenizer: bool) -> str:
+    """What the model names as Python code of its own (transformers' ``auto_map``) that loading
+    its tokenizer (``tokenizer=True``) or its model would run, by file: "config.json's auto_map
+    (AutoConfig → evil.EvilConfig, …)"; "" when nothing."""
+    found = []
+    for name in ("tokenizer_config.json", "config.json") if tokenizer else ("config.json",):
+        auto_map = _model_file(arguments, name).get("auto_map")
+        if isinstance(auto_map, (list, tuple)):  # the legacy form: a tokenizer's (slow, fast) classes
+            auto_map = {"AutoTokenizer": auto_map}
+        if not isinstance(auto_map, dict):
+            continue
+        entries = []
+        for auto_class, code in auto_map.items():
+            if (name == "tokenizer_config.json" or auto_class == "AutoTokenizer") == tokenizer:
+                codes = code if isinstance(code, (list, tuple)) else [code]
+                entries.append(f"{auto_class} → {' / '.join(str(part) for part in codes if part)}")
+        if entries:
+            found.append(f"{name}'s auto_map ({', '.join(entries)})")
+    return " and ".join(found)
+
+
 def _from_pretrained(loader, spec, *, trust_remote_code: bool = False, **kwargs):
     arguments = {**_resolve(spec), **kwargs, "trust_remote_code": bool(trust_remote_code)}
+    tokenizer = loader.__name__ == "AutoTokenizer"
     try:
-        return loader.from_pretrained(**arguments)
+        loaded = loader.from_pretrained(**arguments)
     except OSError as error:
         if arguments.get("local_files_only"):
             raise FileNotFoundError(
                 f"{spec!r} is not a local folder or .gguf file, and not in the local Hugging Face cache "
                 f"(slimlm never downloads): fetch it first, e.g. `hf download {spec}` ({error})"
             ) from None
-        raise ValueError(f"model {spec}: {_one_line(error)}") from None
+        raise InputError(f"model {spec}: {_one_line(error)}") from None
     except (ImportError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as error:  # a torn safetensors header, invalid JSON, custom code refused, ...
         if isinstance(error, ValueError) and "trust_remote_code" in str(error):
-            raise ValueError(f"model {spec} needs its own Python code (config.json auto_map); slimlm does not run "
-                             "it unless you pass --trust-remote-code") from None
-        raise ValueError(f"model {spec} cannot be loaded: {type(error).__name__}: {_one_line(error)}") from None
+            # A tokenizer may be refused for the model's custom code too (AutoConfig of an unknown model_type).
+            found = _custom_code(arguments, tokenizer) or _custom_code(arguments, not tokenizer) or "its files"
+            what = "tokenizer" if tokenizer else "weights"
+            raise InputError(f"model {spec}: loading its {what} needs the Python code named in {found}; slimlm does "
+                             "not run that code without --trust-remote-code (pass it only for a model whose code you "
+                             "have read)") from None
+        raise InputError(f"model {spec} cannot be loaded: {type(error).__name__}: {_one_line(error)}") from None
+    found = "" if trust_remote_code else _custom_code(arguments, tokenizer)
+    if found:
+        logging.getLogger(__name__).warning(
+            f"model {spec}: the Python code named in {found} does not run without --trust-remote-code; "
+            f"transformers' built-in {type(loaded).__name__} is used instead")
+    return loaded
 
 
 def _one_line(error: BaseException) -> str:

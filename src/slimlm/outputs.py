@@ -182,15 +182,6 @@ def owned(path) -> bool:
     return marker.get("kind") == "file" and marker.get("sha256") == file_digest(path)
 
 
-def is_gguf(path) -> bool:
-    """Whether the file ``path`` starts with GGUF's magic bytes."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 def lock_output(path, *, what: str = "output", shown=None) -> None:
     """Hold an exclusive lock on the output ``path`` (a ``.<name>.slimlm-lock`` file beside it)
     until ``release_locks``; another process holding it is an InputError naming it. Only one

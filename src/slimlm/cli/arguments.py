@@ -199,7 +199,12 @@ def check_paths_exist(paths, what: str) -> None:
 
 
 def check_model_path(spec: str) -> None:
-    """Fail before any import-heavy work when a model path that looks local is missing."""
+    """Fail before any import-heavy work when a model path that looks local is missing, or is a
+    folder named ``*.gguf`` without config.json (one with it loads as a model folder)."""
+    if (spec.rstrip(os.sep).endswith(".gguf") and os.path.isdir(spec)
+            and not os.path.isfile(os.path.join(spec, "config.json"))):
+        raise InputError(f"model {spec} is a folder, not a GGUF file (nor a Hugging Face model folder: "
+                         "it has no config.json)")
     if (spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or os.sep in spec.rstrip(os.sep)
             and spec.count("/") != 1) and not os.path.exists(spec):
         raise InputError(f"model {spec} does not exist")

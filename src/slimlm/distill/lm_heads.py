@@ -18,8 +18,11 @@ def check_vocabularies(student, teacher, student_tokenizer=None, teacher_tokeniz
                 "distillation needs the same tokenizer"
             )
         real = len(student_tokenizer)
-        if min(student_vocab, teacher_vocab) < real:
-            raise ValueError(f"an LM head has fewer rows than the tokenizer's {real} tokens")
+        for role, model, rows in (("student", student, student_vocab), ("teacher", teacher, teacher_vocab)):
+            if rows < real:
+                name = getattr(model, "name_or_path", None) or type(model).__name__
+                raise ValueError(f"the {role} {name}'s LM head has {rows} rows, fewer than the tokenizer's {real} "
+                                 "tokens")
     if student_vocab != teacher_vocab:
         smaller, larger = sorted((student_vocab, teacher_vocab))
         # Checkpoints pad their embedding to a multiple of 64 or 128 rows (151936 vs 152064).

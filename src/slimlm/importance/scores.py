@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from slimlm import outputs
+from slimlm.errors import InputError
 from slimlm.fingerprint import model_fingerprint
 
 AXES = ("head", "kv_group", "neuron", "hidden", "layer")
@@ -198,46 +200,51 @@ class ImportanceScores:
         return path
 
     def check_model(self, model, source: str = "these scores") -> None:
-        """Raise ValueError unless the scores were computed on ``model`` (same fingerprint)."""
+        """Raise InputError (a ValueError) unless the scores were computed on ``model`` (same fingerprint)."""
         expected = self.meta.get("fingerprint")
         actual = model_fingerprint(model)
         if expected is not None and expected != actual:
             name = self.meta.get("model_name", "another model")
-            raise ValueError(
+            raise InputError(
                 f"{source} were computed on {name} (fingerprint {expected}), not on this model "
-                f"(fingerprint {actual}); recompute them with slimlm.importance.estimate_importance"
+                f"(fingerprint {actual}); recompute them with slimlm importance "
+                "(slimlm.importance.estimate_importance in Python)"
             )
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write ``scores.safetensors`` and ``meta.json`` into ``folder`` (created; files replaced atomically)."""
-        os.makedirs(folder, exist_ok=True)
+        """Make ``folder`` a scores folder (``scores.safetensors`` + ``meta.json``), put in place
+        whole through ``slimlm.outputs.atomic_output``: an existing folder is replaced, at every
+        instant ``folder`` holds the old or the new scores, and a failure leaves it as it was."""
+        with outputs.atomic_output(folder) as staging:
+            self.write(staging)
+
+    def write(self, folder: str | os.PathLike) -> None:
+        """Write ``scores.safetensors`` and ``meta.json`` into the existing folder ``folder``, as
+        is: for a staging folder of ``slimlm.outputs.atomic_output`` (atomicity is the caller's)."""
         tensors = {key: value.detach().float().cpu().contiguous() for key, value in self.scores.items()}
-        tmp_scores = os.path.join(folder, SCORES_FILE + ".tmp")
-        tmp_meta = os.path.join(folder, META_FILE + ".tmp")
-        save_file(tensors, tmp_scores)
-        with open(tmp_meta, "w") as handle:
+        save_file(tensors, os.path.join(folder, SCORES_FILE))
+        with open(os.path.join(folder, META_FILE), "w", encoding="utf-8") as handle:
             json.dump(self.meta, handle, indent=2, sort_keys=True)
-        os.replace(tmp_scores, os.path.join(folder, SCORES_FILE))
-        os.replace(tmp_meta, os.path.join(folder, META_FILE))
 
     @classmethod
     def load(cls, folder: str | os.PathLike, model=None) -> "ImportanceScores":
-        """Read a folder written by ``save``; with ``model``, check they belong to it."""
+        """Read a folder written by ``save``; with ``model``, check they belong to it. A folder
+        that is not one, or scores of another model, is an InputError naming the folder."""
         scores_path = os.path.join(folder, SCORES_FILE)
         meta_path = os.path.join(folder, META_FILE)
         for path in (scores_path, meta_path):
             if not os.path.isfile(path):
-                raise ValueError(f"{folder} is not an importance-scores folder: {path} is missing")
+                raise InputError(f"{folder} is not an importance-scores folder: {path} is missing")
         with open(meta_path) as handle:
             try:
                 meta = json.load(handle)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{meta_path} is not valid JSON: {error}") from None
+                raise InputError(f"{meta_path} is not valid JSON: {error}") from None
         scores = cls(scores=dict(load_file(scores_path)), meta=meta)
         for key in scores.scores:
             metric, _, axis = key.partition(".")
             if axis not in AXES:
-                raise ValueError(f"{scores_path}: unexpected tensor {key!r} (expected '<metric>.<axis>', axes {AXES})")
+                raise InputError(f"{scores_path}: unexpected tensor {key!r} (expected '<metric>.<axis>', axes {AXES})")
         if model is not None:
             scores.check_model(model, source=f"the scores in {folder}")
         return scores

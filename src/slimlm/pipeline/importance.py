@@ -20,7 +20,7 @@ def importance_stage(model, calibration, out: str, *, metrics=("activation",), d
     scores = estimate_importance(model, calibration, metrics=tuple(metrics), depth=tuple(depth),
                                  batch_size=batch_size, progress=progress, loss_drop_samples=loss_drop_samples)
     with outputs.atomic_output(out) as staging:
-        scores.save(staging)
+        scores.write(staging)
         if inputs is not None:
             outputs.write_json(os.path.join(staging, STAGE_RECORD), stage_record(inputs))
     return scores

@@ -231,7 +231,8 @@ class Pipeline:
         section = recipe["distill"]
         distill.check_distill_settings(learning_rate=section["lr"], temperature=section["temperature"],
                                        beta=section["beta"], kd_weight=section["kd_weight"],
-                                       ce_weight=section["ce_weight"], max_minutes=section["max_minutes"],
+                                       ce_weight=section["ce_weight"],
+                                       max_minutes=section["max_minutes"] or section["finish_by_minutes"],
                                        mix_fraction=recipe["synthetic"]["mix"] if recipe["synthetic"] else 0.0,
                                        fit_to_time=section["fit_to_time"])
         try:

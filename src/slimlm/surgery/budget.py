@@ -107,7 +107,9 @@ def fitting(shapes: list[Candidate], budget: Budget, model_size: int) -> tuple[i
     if size[id(smallest)] > limit:
         raise ValueError(
             f"no legal shape meets the budget {shown!r} ({limit:,} {what}): the smallest the search space allows is "
-            f"{size[id(smallest)]:,} ({smallest.key}); raise max_width_prune/max_depth_prune or lower min_sizes")
+            f"{size[id(smallest)]:,} ({smallest.key}); raise --max-width-prune/--max-depth-prune "
+            "(search.space.max_width_prune/max_depth_prune in a recipe, SearchSpace in Python) or lower "
+            "search.space.min_sizes")
     largest = max(shapes, key=lambda shape: size[id(shape)])
     if size[id(largest)] <= limit:
         raise ValueError(f"the unpruned model ({size[id(largest)]:,} {what}) already meets the budget {shown!r} "
@@ -118,6 +120,7 @@ def fitting(shapes: list[Candidate], budget: Budget, model_size: int) -> tuple[i
         largest = max(under, key=lambda shape: size[id(shape)])
         raise ValueError(
             f"no legal shape is within tolerance {budget.tolerance} of the budget {shown!r} ({limit:,} {what}): the "
-            f"largest under it is {size[id(largest)]:,} ({largest.key}); raise the tolerance or lower multiple_of")
+            f"largest under it is {size[id(largest)]:,} ({largest.key}); raise --tolerance (target.tolerance in a "
+            "recipe) or lower --multiple-of (search.space.multiple_of)")
     meeting.sort(key=lambda shape: (limit - size[id(shape)], shape.key))
     return limit, meeting

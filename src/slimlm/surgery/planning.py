@@ -341,5 +341,8 @@ def _fit_budget(sizes, before, explicit, target, adapter, budget, params_of, not
     raise ValueError(
         f"target_params={target.target_params!r} asks for {budget:,} parameters: cannot reach that within the "
         f"per-axis minimums (the smallest model they allow has "
-        f"{reachable:,}: {', '.join(f'{k}={v}' for k, v in sizes.items())}); lower min_* or name sizes explicitly"
+        f"{reachable:,}: {', '.join(f'{k}={v}' for k, v in sizes.items())}); name sizes explicitly (--hidden-size, "
+        "--intermediate-size, --num-heads, --num-layers; hidden_size … num_layers in a recipe's target or Target) or "
+        "lower the minimums (min_hidden_size, min_intermediate_size, min_num_attention_heads, min_num_layers in a "
+        "recipe's target or Target; the command line has no flag for them)"
     )

@@ -12,6 +12,7 @@ import json
 import os
 
 from slimlm import models, outputs
+from slimlm.errors import InputError
 from slimlm.fingerprint import model_fingerprint
 from slimlm.surgery.apply import sync_with_config
 
@@ -58,21 +59,25 @@ def save_pruned(model, path: str | os.PathLike, *, tokenizer=None, overwrite: bo
     (weights already plain tensors) loses its GGUF quantizer first, as ``save_pretrained``
     refuses it otherwise.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = outputs.resolve(path)
     source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
     # A model folder (a GGUF file's folder is not one: its name_or_path is the folder around it).
     if source and os.path.isfile(os.path.join(source, "config.json")):
         if outputs.overlaps(path, source):
-            raise ValueError(f"refusing to save into {path}: the model was loaded from {source}, "
+            raise InputError(f"refusing to save into {path}: the model was loaded from {source}, "
                              "which it would overwrite or write into")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{path} exists and is not a folder")
+        raise InputError(f"{path} exists and is not a folder")
     sync_with_config(model, check_only=True)
     dtype = models.save_dtype(model, save_dtype)
     fingerprint = model_fingerprint(model, dtype)
     replace = os.path.isdir(path) and bool(os.listdir(path))
+    if replace and overwrite and not outputs.owned(path):
+        raise InputError(f"{path} exists and was not written by slimlm; refusing to replace it even with --overwrite "
+                         "/ overwrite=True (choose another path or remove it yourself)")
     if replace and not overwrite and not _holds_this_model(path, fingerprint):
-        raise ValueError(f"{path} already holds {_describe(path)}; pass overwrite=True to replace it")
+        raise InputError(f"{path} already holds {_describe(path)}; pass --overwrite (overwrite=True in Python) to "
+                         "replace it")
 
     models.as_plain_model(model)
     with outputs.atomic_output(path) as staging:

@@ -81,7 +81,8 @@ def search(model, scores: ImportanceScores, target, data: TokenBlocks, *, out: s
         raise ValueError(f"rerank_tokens must be a positive int, got {rerank_tokens!r}")
     started = time.perf_counter()
     if scores is None:
-        raise ValueError("search needs the model's importance scores (slimlm.estimate_importance)")
+        raise ValueError("search needs the model's importance scores (slimlm importance; "
+                         "slimlm.estimate_importance in Python)")
     scores.check_model(model)
     if reconstruct is not None:
         reconstruct.check(model)
@@ -266,7 +267,8 @@ def search_candidates(model, target, *, space=None, top_n: int = 20, top_k: int 
     chosen = meeting[:top_n]
     if top_k > len(chosen):
         raise ValueError(f"top_k={top_k} but only {len(chosen)} candidate(s) meet the budget "
-                         f"({len(meeting)} within tolerance {budget.tolerance}); lower top_k or widen the search")
+                         f"({len(meeting)} within tolerance {budget.tolerance}); lower --top-k (search.top_k in a "
+                         "recipe) or widen the search (--tolerance, --max-width-prune/--max-depth-prune)")
     if scores is not None:
         _check_candidates(model, scores, chosen, counter)
     return CandidatePlan(budget, space, shapes, meeting, chosen, counter)
