@@ -229,7 +229,8 @@ def test_a_full_disk_during_export_names_the_file(gguf_student, tmp_path, monkey
         export_gguf(gguf_student, out, overwrite=True)
     assert not isinstance(caught.value, ValueError)
     assert str(caught.value) == f"writing {out}: {detail}" and caught.value.errno == errno.ENOSPC
-    assert out.read_bytes() == previous and sorted(os.listdir(tmp_path)) == ["student.gguf"]
+    assert out.read_bytes() == previous and sorted(os.listdir(tmp_path)) == [".student.gguf.slimlm-output.json",
+                                                                               "student.gguf"]
 
 
 def test_the_command_line_reports_a_full_disk_as_a_runtime_failure(gguf_student, tmp_path, monkeypatch, capsys):

@@ -47,7 +47,7 @@ def test_report_files_and_content(tmp_path):
 
 def test_optional_parts_are_left_out(tmp_path):
     write_report(tmp_path, results=[result("only", 10, 5.0)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["perplexity.png", "report.html", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["perplexity.png", "report.html", "report.md", "slimlm-output.json"]
     assert "Greedy samples" not in (tmp_path / "report.md").read_text()
     assert sample_rows([result("only", 10, 5.0)]) == []
     with pytest.raises(ValueError, match="at least one"):

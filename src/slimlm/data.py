@@ -267,11 +267,11 @@ def tokenize_blocks(
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
     limit = max_model_length(model) if model is not None else None
     if limit is not None and seq_len > limit:
-        raise ValueError(f"seq_len {seq_len} is above the model's limit (max_position_embeddings = {limit})")
+        raise InputError(f"seq_len {seq_len} is above the model's limit (max_position_embeddings = {limit})")
     if isinstance(texts, str):
         raise ValueError("texts must be a sequence of strings, got one string; wrap it in a list")
     if len(texts) == 0:
-        raise ValueError("no texts to tokenise")
+        raise InputError("no texts to tokenise")
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError("add_eos=True but the tokenizer has no eos_token_id")
@@ -314,7 +314,7 @@ def load_blocks(
     """``load_texts`` → ``tokenize_blocks`` → (with ``num_samples``) a seeded ``sample``."""
     limit = max_model_length(model) if model is not None else None
     if limit is not None and seq_len > limit:
-        raise ValueError(f"seq_len {seq_len} is above the model's limit (max_position_embeddings = {limit})")
+        raise InputError(f"seq_len {seq_len} is above the model's limit (max_position_embeddings = {limit})")
     blocks = tokenize_blocks(
         load_texts(sources, text_field=text_field, split=split), tokenizer, seq_len, pack=pack, add_eos=add_eos
     )

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimlm.data import TokenBlocks
+from slimlm.errors import InputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -43,10 +44,10 @@ def perplexity(model, blocks: TokenBlocks, *, batch_size: int = 8, progress: boo
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     vocab = model.get_output_embeddings().weight.shape[0]
     if len(blocks) and int(blocks.input_ids.max()) >= vocab:
-        raise ValueError(f"token id {int(blocks.input_ids.max())} is outside the model's vocabulary of {vocab}")
+        raise InputError(f"token id {int(blocks.input_ids.max())} is outside the model's vocabulary of {vocab}")
     pair_mask = blocks.attention_mask[:, 1:].bool() & blocks.attention_mask[:, :-1].bool()
     if not bool(pair_mask.any()):
-        raise ValueError("no block holds two consecutive real tokens: nothing to score")
+        raise InputError("no block holds two consecutive real tokens: nothing to score")
     device = _model_device(model)
     was_training = model.training
     model.eval()
@@ -88,7 +89,7 @@ def greedy_samples(model, tokenizer, prompts, *, max_new_tokens: int = 32) -> li
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"].to(device)
             if ids.shape[1] == 0:
-                raise ValueError(f"prompt {prompt!r} is empty after tokenisation")
+                raise InputError(f"prompt {prompt!r} is empty after tokenisation")
             generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                        max_new_tokens=max_new_tokens, pad_token_id=pad)
             outputs.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))

@@ -196,7 +196,7 @@ def _gguf_tensors(model, adapter, outtype: str):
     for hf_name, parameter in model.named_parameters():
         found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None:
-            raise ValueError(f"{config.model_type} parameter {hf_name} has no llama.cpp tensor name "
+            raise InputError(f"{config.model_type} parameter {hf_name} has no llama.cpp tensor name "
                              f"in {adapter.gguf_architecture!r}")
         kind, name = found
         data = parameter.detach().float().cpu().numpy()

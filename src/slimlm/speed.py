@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from slimlm.errors import InputError
 from slimlm.evaluate import count_params, disk_bytes, human_bytes
 
 # The fixed prompt text (repeated to the prompt length) when a tokenizer is given.
@@ -113,7 +114,7 @@ def speed_report(models: dict, *, specs: dict | None = None, tokenizer=None, dev
     too_long = [name for name, model in models.items()
                 if seq_len > getattr(model.config, "max_position_embeddings", seq_len)]
     if too_long:
-        raise ValueError(f"prompt_tokens + new_tokens - 1 = {seq_len} exceeds the context of {', '.join(too_long)}")
+        raise InputError(f"prompt_tokens + new_tokens - 1 = {seq_len} exceeds the context of {', '.join(too_long)}")
     prompt = prompt_ids(models, prompt_tokens=prompt_tokens, tokenizer=tokenizer).to(device)
     for model in models.values():
         model.eval()

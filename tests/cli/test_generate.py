@@ -33,7 +33,8 @@ def test_generate_overwrite_checks_every_input_before_replacing_the_output(works
     broken.write_text('{"prompt": "the model is small ."}\n')
     assert run_cli(capsys, *args, "--prompts", broken, "--overwrite")[0] == 0
     assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["the model is small ."]
-    assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl", "synthetic.jsonl", "synthetic.jsonl.done.json"]
+    assert sorted(os.listdir(tmp_path)) == [".synthetic.jsonl.slimlm-output.json", "prompts.jsonl", "synthetic.jsonl",
+                                            "synthetic.jsonl.done.json"]
 
 
 def test_an_interrupted_generate_is_continued_and_a_stale_partial_discarded(workspace, capsys, tmp_path,

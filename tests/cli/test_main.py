@@ -82,7 +82,7 @@ def test_runtime_failure_is_exit_1(workspace, capsys, monkeypatch):
                            "--seq-len", 16, "--out", workspace / "s4")
     assert code == 1
     assert err.strip() == ("slimlm importance: error: RuntimeError: out of memory while doing things "
-                           "(SLIMLM_DEBUG=1 shows the traceback)")
+                           "(SLIMLM_DEBUG=1 or --debug shows the traceback)")
 
 
 @pytest.mark.parametrize("damage", ["corrupt weights", "truncated weights", "invalid config", "no weights"])

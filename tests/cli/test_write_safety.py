@@ -192,3 +192,36 @@ def test_scores_of_a_teacher_changed_below_its_embedding_are_refused(workspace, 
     code, _, err = run_cli(capsys, "prune", "--model", changed, "--scores", "scores", "--target-params", 0.5,
                            "--out", tmp_path / "pruned")
     assert "not on this model" in one_line_error(code, err, "prune")
+
+
+def test_every_command_that_writes_is_in_the_list():
+    """A new writing command joins WRITERS (and so every path form above); the demo runs the
+    real model, so it is held to the same checks through the run it starts."""
+    from slimlm.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    subcommands = next(action for action in parser._actions if action.dest == "command").choices
+    writing = {name for name in COMMANDS
+               if any(flag in ("--out", "--json", "--gguf") and action.nargs != 0
+                      for action in subcommands[name]._actions for flag in action.option_strings)}
+    assert writing - {"demo"} == set(WRITERS)
+
+
+def test_a_run_reruns_every_stage_of_a_teacher_changed_below_its_embedding(workspace, inputs, capsys, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(workspace / "teacher", teacher)
+    recipe = write_recipe(workspace, "changed-teacher.yaml", teacher=str(teacher), out=str(tmp_path / "run"),
+                          synthetic=None, distill__max_tokens=32, importance__num_samples=4, eval__max_blocks=2)
+    assert run_cli(capsys, "run", recipe, "--no-progress")[0] == 0
+    weights = load_file(teacher / "model.safetensors")
+    name = next(key for key in weights if key.endswith("mlp.down_proj.weight"))
+    weights[name] = weights[name] * 1.5
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    code, out, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    assert not any("skipped" in line for line in out.splitlines()
+                   if line.startswith(("[importance]", "[prune]", "[distill]")))

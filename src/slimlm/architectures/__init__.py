@@ -21,6 +21,7 @@ from slimlm.architectures.base import (
     MlpProjections,
     model_sizes,
 )
+from slimlm.errors import InputError
 
 _REGISTRY: dict[str, DecoderAdapter] = {}
 _DISABLED: dict[str, str] = {}
@@ -69,7 +70,7 @@ def get_adapter(model_or_config, user: str = "slimlm", action: str = "handles") 
             )
         return adapter
     disabled = f" (its adapter is disabled: {_DISABLED[model_type]})" if model_type in _DISABLED else ""
-    raise ValueError(
+    raise InputError(
         f"{user} does not know model_type {model_type!r}: {model_type!r} is not supported{disabled}; supported: "
         f"{', '.join(supported_model_types())}. To add one, write src/slimlm/architectures/"
         f"{model_type}.py with a DecoderAdapter subclass registered by @register({model_type!r}) and list "

@@ -3,12 +3,16 @@
 (``slimlm/cli/<command>.py``) with its parser (``add_parser``) beside its handler (``run``);
 ``arguments`` holds what they share.
 
-Exit codes: 0 success; 1 a runtime failure; 2 a usage error or bad input (a missing, corrupt
-or truncated model or scores file, a data path, an unknown value, a target larger than the
-model, an output that is, holds or sits inside an input, an existing output without
-``--overwrite`` or one slimlm did not write, checkpoints of another run). Errors print one
-line, ``slimlm <command>: error: ...``; ``SLIMLM_DEBUG=1``
-shows the traceback instead.
+Exit codes: 0 success; 2 bad input, that is an argparse usage error or a
+``slimlm.errors.InputError`` (a missing, corrupt or truncated model or scores file, a data
+path, a recipe field, an unknown value, a target larger than the model, an output that is,
+holds or sits inside an input, an existing output without ``--overwrite`` or one slimlm did not
+write, checkpoints of another run); 1 anything else, a runtime failure, a ValueError from deep
+inside included (a command turns the bad input it checks into InputError where it checks it);
+130 interrupted. Errors print one line, ``slimlm <command>: error: ...``; a runtime failure's
+names its type and ends ``(SLIMLM_DEBUG=1 or --debug shows the traceback)``. ``--debug`` (before
+the command, or after it except for distill and search, whose unknown flags go on to
+``TrainingArguments``) or ``SLIMLM_DEBUG=1`` raises the error with its traceback instead.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ __all__ = ["COMMANDS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", 
 
 # The subcommands in the order ``slimlm --help`` lists them; each is the module slimlm.cli.<name>.
 COMMANDS = ("importance", "plan", "search", "prune", "generate", "distill", "eval", "export", "run", "demo", "bench")
+DEBUG_HELP = "on an error, raise it with its traceback instead of one line (as SLIMLM_DEBUG=1 does)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=examples("slimlm demo --quick", "slimlm run examples/recipe.yaml",
                         "slimlm importance --model M --data 'docs/*.txt' --out scores/"))
     parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="command", parser_class=Parser)
     subparsers.required = True
     for name in COMMANDS:
         importlib.import_module(f"slimlm.cli.{name}").add_parser(subparsers)
+        command = subparsers.choices[name]
+        # A passthrough command (distill, search) leaves --debug to TrainingArguments' own flag.
+        if not command.get_default("passthrough"):
+            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -54,25 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     if rest and not getattr(args, "passthrough", False):
         parser.parse_args(argv)  # reports the unknown flags with argparse's usage line, exit 2
     args.training_args = rest
-    debug = os.environ.get("SLIMLM_DEBUG") == "1"
+    debug = args.debug or os.environ.get("SLIMLM_DEBUG") == "1"
     name = f"slimlm {args.command}"
     try:
         if getattr(args, "no_progress", False):
             quiet_progress()
-        return args.handler(args)
+        from slimlm import outputs
+
+        with outputs.command(name):  # names its outputs' markers; its output locks end with it
+            return args.handler(args)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
-    except (InputError, ValueError, FileNotFoundError) as error:
+    except InputError as error:
         if debug:
             raise
         print(f"{name}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as error:  # a runtime failure: one line, the traceback only with SLIMLM_DEBUG=1
+    except Exception as error:  # a runtime failure: one line, the traceback only when debugging
         if debug:
             raise
-        print(f"{name}: error: {type(error).__name__}: {_one_line(error)} (SLIMLM_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(f"{name}: error: {type(error).__name__}: {_one_line(error)} "
+              "(SLIMLM_DEBUG=1 or --debug shows the traceback)", file=sys.stderr)
         return EXIT_FAILURE
 
 

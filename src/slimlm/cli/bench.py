@@ -1,6 +1,7 @@
 """``slimlm bench``: run the kernel benchmarks (pytest-benchmark) of a slimlm checkout."""
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import sys
 from slimlm.cli import arguments
 from slimlm.cli.arguments import EXIT_FAILURE, EXIT_OK
 from slimlm.errors import InputError
+
+PYTEST_USAGE_ERROR, PYTEST_NO_TESTS = 4, 5  # pytest.ExitCode (pytest is imported by the run, not here)
 
 
 def add_parser(subparsers) -> None:
@@ -24,14 +27,37 @@ def run(args) -> int:
     folder = args.benchmarks or find_benchmarks()
     if folder is None or not os.path.isdir(folder):
         raise InputError("no benchmarks/ folder found: run from a slimlm checkout or pass --benchmarks PATH")
+    names = benchmark_names(folder)
+    if not names:
+        raise InputError(f"--benchmarks {folder} holds no benchmark (bench_*.py)")
     command = [sys.executable, "-m", "pytest", "-q", folder, "--benchmark-only", "-p", "no:cacheprovider"]
-    if args.filter:
-        command += ["-k", args.filter]
     environment = dict(os.environ)
     if args.quick:
         environment["SLIMLM_BENCH_QUICK"] = "1"
+    if args.filter:
+        command += ["-k", args.filter]
+        check_filter(command, args.filter, names, environment)
     print(" ".join(command))
     return EXIT_OK if subprocess.call(command, env=environment) == 0 else EXIT_FAILURE
+
+
+def benchmark_names(folder: str) -> list[str]:
+    """The benchmarks of ``folder``: ``kl_div`` for ``bench_kl_div.py``."""
+    return sorted(os.path.basename(path)[len("bench_"):-len(".py")]
+                  for path in glob.glob(os.path.join(glob.escape(folder), "bench_*.py")))
+
+
+def check_filter(command: list[str], expression: str, names: list[str], environment: dict) -> None:
+    """InputError when ``--filter`` is not a ``-k`` expression or selects no benchmark: found by
+    collecting ``command`` (nothing runs) before the run prints anything."""
+    collected = subprocess.run(command + ["--collect-only"], env=environment, capture_output=True, text=True)
+    wrong = "ERROR: Wrong expression passed to '-k': "
+    if collected.returncode == PYTEST_USAGE_ERROR:
+        for line in collected.stderr.splitlines():
+            if line.startswith(wrong):
+                raise InputError(f"--filter is not a pytest -k expression: {line[len(wrong):]}")
+    if collected.returncode == PYTEST_NO_TESTS:
+        raise InputError(f"--filter {expression!r} selects no benchmark (benchmarks: {', '.join(names)})")
 
 
 def find_benchmarks() -> str | None:

@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from slimlm import outputs
     from slimlm.models import smollm2_gguf_path
     from slimlm.pipeline import builtin_recipe, run_recipe, validate_recipe
     from slimlm.pipeline.corpus import collect_corpus, write_corpus
@@ -33,14 +34,17 @@ def run(args) -> int:
     name = "demo-quick" if args.quick else "demo"
     raw = builtin_recipe(name)
     corpus_settings = raw.pop("corpus")
-    out = os.path.abspath(args.out or f"slimlm-{name}")
     try:
         teacher = smollm2_gguf_path()
     except FileNotFoundError as error:
         raise InputError(f"{error}; `make build` installs it") from None
-    data_folder = os.path.join(out + ".data")
+    # Both outputs are checked (and locked) before the corpus is collected; the run folder's
+    # recipe check follows in the run itself.
+    out = outputs.check_output(args.out or f"slimlm-{name}", True, {"teacher": teacher}, what="output folder")
+    data_folder = out + ".data"
     paths = {split: os.path.join(data_folder, f"{split}.jsonl") for split in ("train", "heldout", "general")}
     if not all(os.path.isfile(path) for path in paths.values()):
+        outputs.check_output(data_folder, True, {"teacher": teacher}, what="demo data folder")
         print(f"[data] collecting text every machine has into {data_folder}")
         try:
             corpus = collect_corpus(progress=arguments.progress(args), **corpus_settings)
@@ -52,7 +56,9 @@ def run(args) -> int:
             else:
                 print(f"[data]   {source:<17} " + ", ".join(f"{split} {chars:,}" for split, chars in entry["chars"].items())
                       + " chars")
-        paths = write_corpus(corpus, data_folder)
+        with outputs.atomic_output(data_folder) as staging:
+            written = write_corpus(corpus, staging)
+        paths = {split: os.path.join(data_folder, os.path.basename(path)) for split, path in written.items()}
     raw.update(teacher=teacher, out=out, data=paths)
     if args.device is not None:
         raw["device"] = args.device

@@ -5,6 +5,7 @@ import json
 
 from slimlm.cli import arguments
 from slimlm.cli.arguments import EXIT_OK
+from slimlm.errors import InputError
 
 
 def add_parser(subparsers) -> None:
@@ -24,7 +25,10 @@ def run(args) -> int:
     arguments.check_model_path(args.model)
     target = arguments.target(args)
     model, _ = arguments.load(args.model, args, device="cpu")
-    the_plan = plan(model, target)
+    try:
+        the_plan = plan(model, target)
+    except ValueError as error:  # a target this model cannot meet (larger than it, a layer it lacks)
+        raise InputError(str(error)) from None
     print(the_plan.table())
     bytes_per = next(model.parameters()).element_size()  # the dtype it loaded in (auto: float32 on CPU)
     print(f"weights in memory: {the_plan.params_before['total'] * bytes_per / 2**20:,.0f} MiB → "

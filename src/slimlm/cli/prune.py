@@ -38,6 +38,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from slimlm import outputs
     from slimlm.pipeline import importance, prune
+    from slimlm.surgery import plan
 
     arguments.check_model_path(args.model)
     target = arguments.target(args)
@@ -52,12 +53,14 @@ def run(args) -> int:
                                     {"model": args.model, "scores": args.scores, "data": args.data})
     model, tokenizer = arguments.load(args.model, args, device="cpu")
     scores = importance.load_scores(args.scores, model=model) if args.scores is not None else None
+    try:
+        plan(model, target)  # a target the model cannot meet fails before the calibration pass
+    except ValueError as error:
+        raise InputError(str(error)) from None
     stats = None
     if args.data is not None:
         from slimlm.data import tokenize_blocks
-        from slimlm.surgery import plan, reconstruction_stats
-
-        plan(model, target)  # a target the model cannot meet fails before the calibration pass
+        from slimlm.surgery import reconstruction_stats
 
         blocks = tokenize_blocks(arguments.texts(args), tokenizer, args.seq_len, model=model)
         stats = reconstruction_stats(model, blocks, num_samples=args.num_samples, ridge=args.ridge)

@@ -93,20 +93,23 @@ def run(args) -> int:
     from slimlm.pipeline.search import held_out
     from slimlm.surgery.budget import Budget, parse_memory
     from slimlm.surgery.candidates import SearchSpace
-    from slimlm.surgery.search import search
+    from slimlm.surgery.search import search, search_candidates
 
     arguments.check_model_path(args.model)
     if not os.path.isdir(args.scores):
         raise InputError(f"scores folder {args.scores} does not exist (compute them with slimlm importance)")
     arguments.check_paths_exist(args.data, "data")
     budget = budget_fields(args)
-    if "target_memory" in budget:
-        parse_memory(budget["target_memory"])
     if args.top_k < 0:
         raise InputError(f"--top-k must be >= 0, got {args.top_k}")
     space = SearchSpace(max_width_prune=args.max_width_prune, max_depth_prune=args.max_depth_prune,
                         multiple_of=args.multiple_of, depth_selections=DEPTH_CHOICES[args.depth_selection])
-    space.check()
+    try:
+        if "target_memory" in budget:
+            parse_memory(budget["target_memory"])
+        space.check()
+    except ValueError as error:
+        raise InputError(str(error)) from None
     split = held_out(args.held_out, "--held-out")
     resume = not args.overwrite and os.path.isfile(os.path.join(args.out, "search.json"))
     args.out = outputs.check_output(args.out, args.overwrite or resume,
@@ -125,6 +128,10 @@ def run(args) -> int:
     if budget.get("target_memory") is not None and budget["dtype"] is None:
         budget["dtype"] = model.slimlm_source_dtype
     scores = importance.load_scores(args.scores, model=model)
+    try:  # a budget no shape meets, --top-k over the candidates: before the data is read
+        search_candidates(model, Budget(**budget), space=space, top_n=args.top_n, top_k=args.top_k, scores=scores)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     blocks = load_blocks(args.data, tokenizer, args.seq_len, text_field=args.text_field, model=model)
     writer = os.environ.get("RANK", "0") == "0"
     log = print if writer else (lambda line: None)

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from slimlm.errors import InputError
 from slimlm.fingerprint import model_fingerprint
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -81,7 +82,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             if number == len(lines) or all(not rest.strip() for rest in lines[number:]):
                 break  # the last write was interrupted; that record is regenerated
-            raise ValueError(f"{path}:{number} is not valid JSON") from None
+            raise InputError(f"{path}:{number} is not valid JSON") from None
     return records
 
 
@@ -96,18 +97,18 @@ def _drop_torn_tail(path: str | os.PathLike) -> None:
 def load_prompts(path: str | os.PathLike, field: str = "prompt") -> list[str]:
     """Prompts from a JSONL file (``field`` of each record) or a text file (one per non-empty line)."""
     if not os.path.isfile(path):
-        raise ValueError(f"prompts file {path} does not exist")
+        raise InputError(f"prompts file {path} does not exist")
     if str(path).endswith((".jsonl", ".json")):
         prompts = []
         for number, record in enumerate(read_jsonl(path), start=1):
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise ValueError(f"{path}: record {number} has no string field {field!r}")
+                raise InputError(f"{path}: record {number} has no string field {field!r}")
             prompts.append(record[field])
     else:
         with open(path, encoding="utf-8") as handle:
             prompts = [line.strip() for line in handle if line.strip()]
     if not prompts:
-        raise ValueError(f"prompts file {path} holds no prompts")
+        raise InputError(f"prompts file {path} holds no prompts")
     return prompts
 
 

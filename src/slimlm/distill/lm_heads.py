@@ -5,6 +5,7 @@ from __future__ import annotations
 import transformers
 
 from slimlm.architectures import LMHead, lm_head
+from slimlm.errors import InputError
 
 
 def check_vocabularies(student, teacher, student_tokenizer=None, teacher_tokenizer=None) -> int:
@@ -13,7 +14,7 @@ def check_vocabularies(student, teacher, student_tokenizer=None, teacher_tokeniz
     student_vocab, teacher_vocab = vocab_rows(student), vocab_rows(teacher)
     if student_tokenizer is not None and teacher_tokenizer is not None:
         if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-            raise ValueError(
+            raise InputError(
                 f"student and teacher tokenizers differ ({len(student_tokenizer)} vs {len(teacher_tokenizer)} tokens); "
                 "distillation needs the same tokenizer"
             )
@@ -21,13 +22,13 @@ def check_vocabularies(student, teacher, student_tokenizer=None, teacher_tokeniz
         for role, model, rows in (("student", student, student_vocab), ("teacher", teacher, teacher_vocab)):
             if rows < real:
                 name = getattr(model, "name_or_path", None) or type(model).__name__
-                raise ValueError(f"the {role} {name}'s LM head has {rows} rows, fewer than the tokenizer's {real} "
+                raise InputError(f"the {role} {name}'s LM head has {rows} rows, fewer than the tokenizer's {real} "
                                  "tokens")
     if student_vocab != teacher_vocab:
         smaller, larger = sorted((student_vocab, teacher_vocab))
         # Checkpoints pad their embedding to a multiple of 64 or 128 rows (151936 vs 152064).
         if larger - smaller >= 1024 or (student_tokenizer is None and teacher_tokenizer is None and larger - smaller > 256):
-            raise ValueError(
+            raise InputError(
                 f"student vocabulary ({student_vocab}) and teacher vocabulary ({teacher_vocab}) differ by more "
                 "than padding; distillation needs the same tokenizer"
             )

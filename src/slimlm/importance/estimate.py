@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from slimlm.architectures import get_adapter, model_sizes
+from slimlm.errors import InputError
 from slimlm.fingerprint import model_fingerprint
 from slimlm.importance.activation import AGGREGATIONS, activation_scores
 from slimlm.importance.calibration import batches, check_batch
@@ -38,12 +39,12 @@ def _check_options(metrics, depth, seq_agg, batch_agg, batch_size, num_samples) 
     depth = (depth,) if isinstance(depth, str) else tuple(depth or ())
     for name in metrics:
         if name not in WIDTH_METRICS:
-            raise ValueError(f"unknown width metric {name!r}; choose from {', '.join(WIDTH_METRICS)}")
+            raise InputError(f"unknown width metric {name!r}; choose from {', '.join(WIDTH_METRICS)}")
     for name in depth:
         if name not in DEPTH_METRICS:
-            raise ValueError(f"unknown depth metric {name!r}; choose from {', '.join(DEPTH_METRICS)}")
+            raise InputError(f"unknown depth metric {name!r}; choose from {', '.join(DEPTH_METRICS)}")
     if not metrics and not depth:
-        raise ValueError("nothing to score: metrics and depth are both empty")
+        raise InputError("nothing to score: metrics and depth are both empty")
     for label, value in (("seq_agg", seq_agg), ("batch_agg", batch_agg)):
         if value not in AGGREGATIONS:
             raise ValueError(f"{label} must be one of {', '.join(AGGREGATIONS)}, got {value!r}")
@@ -129,9 +130,9 @@ def estimate_importance(
         if distributed:
             collector.all_reduce()
         if collector.sums["tokens"].item() == 0:
-            raise ValueError("the calibration data holds no real tokens (every attention_mask entry is 0)")
+            raise InputError("the calibration data holds no real tokens (every attention_mask entry is 0)")
         if "loss_drop" in depth and collector.sums["pairs"].item() == 0:
-            raise ValueError("loss_drop needs samples with at least two real tokens")
+            raise InputError("loss_drop needs samples with at least two real tokens")
 
     sums = {name: value.cpu() for name, value in collector.sums.items()}
     scores: dict[str, torch.Tensor] = {}

@@ -32,8 +32,8 @@ def load_scores(folder: str, model=None):
 
     try:
         return ImportanceScores.load(folder, model=model)
-    except ValueError:
-        raise
+    except ValueError as error:  # not a scores folder, invalid meta.json, scores of another model
+        raise InputError(str(error)) from None
     except Exception as error:  # safetensors raises its own error type for a torn file
         raise InputError(f"scores {folder}: unreadable scores.safetensors ({type(error).__name__}: "
                          f"{' '.join(str(error).split())})") from None

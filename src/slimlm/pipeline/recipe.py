@@ -1,15 +1,70 @@
 """A recipe: the YAML file that says what ``slimlm run`` does, checked field by field
 (``RECIPE_FIELDS``: each field's type and default) before any work starts; an error names the
-file and the field. The demo's recipes (``demo.yaml``, ``demo-quick.yaml``) ship beside it."""
+file and the field. The demo's recipes (``demo.yaml``, ``demo-quick.yaml``) ship beside it.
+
+Every recipe is parsed by ``RecipeLoader`` (``read_yaml``): YAML's safe subset without aliases
+(``*name``), so that a few lines cannot expand to gigabytes, and with YAML 1.2's numbers
+(``1e-4``, ``1E3``, ``.5`` are numbers, not strings)."""
 from __future__ import annotations
 
 import copy
 import os
+import re
 from importlib import resources
 
 import yaml
 
 from slimlm.errors import InputError
+
+
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, event):
+        super().__init__(f"*{event.anchor}")
+        self.anchor = event.anchor
+        self.line = event.start_mark.line + 1
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses an alias where it meets one, while composing, before any
+    value is built (``*a`` repeated a few times per level of nesting is the "billion laughs"),
+    and that reads the floats YAML 1.2 writes: an exponent with or without a sign or a point
+    (``1e-4``, ``5E3``, ``1.5e3``) and a fraction without a leading digit (``-.5``)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasRefused(self.peek_event())
+        return super().compose_node(parent, index)
+
+
+YAML_1_2_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$")
+# Tried after YAML 1.1's int and float rules, so 1_000 and 0x10 stay ints and 1.5 a float as before.
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML_1_2_FLOAT, list("-+0123456789."))
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes the strings ``RecipeLoader`` would read as numbers ('1e5')."""
+
+
+RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", YAML_1_2_FLOAT, list("-+0123456789."))
+
+
+def read_yaml(stream, where: str):
+    """The YAML document of ``stream`` (text or an open file) read by ``RecipeLoader``; an
+    InputError naming ``where`` (e.g. ``recipe path.yaml``) when it is not valid YAML or holds an
+    alias."""
+    try:
+        return yaml.load(stream, Loader=RecipeLoader)
+    except _AliasRefused as error:
+        raise InputError(f"{where}: YAML aliases (*{error.anchor}) are not allowed (line {error.line}); "
+                         "write the value out") from None
+    except yaml.YAMLError as error:
+        raise InputError(f"{where}: not valid YAML ({' '.join(str(error).split())})") from None
+
+
+def dump_yaml(value) -> str:
+    """``value`` as YAML that ``read_yaml`` reads back equal (a run's copy of its recipe)."""
+    return yaml.dump(value, Dumper=RecipeDumper, sort_keys=False)
+
 
 _ANY = object()
 # section → field → (expected type(s), default). None as default: optional.
@@ -65,11 +120,15 @@ def _type_name(kind) -> str:
 
 
 def _check_value(where: str, value, kind):
+    """``value`` as the field's type: an int where a number goes is a float, and a whole float
+    where an integer goes (``max_tokens: 2e6``) an int; true/false is never a number."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     if isinstance(value, bool) and bool not in kinds:
         raise InputError(f"{where}: expected {_type_name(kind)}, got {value!r}")
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if int in kinds and float not in kinds and isinstance(value, float) and value.is_integer():
+        return int(value)
     if not isinstance(value, kinds):
         raise InputError(f"{where}: expected {_type_name(kind)}, got {type(value).__name__} {value!r}")
     return value
@@ -208,16 +267,13 @@ def _check_search(section: dict, where: str) -> None:
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
-    """Read and validate a recipe file (``yaml.safe_load``); relative paths in it are taken
+    """Read (``read_yaml``) and validate a recipe file; relative paths in it are taken
     relative to the recipe's folder, and ``out`` defaults to ``<name>-run`` beside it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"recipe {path} does not exist")
     with open(path, encoding="utf-8") as handle:
-        try:
-            raw = yaml.safe_load(handle)
-        except yaml.YAMLError as error:
-            raise InputError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+        raw = read_yaml(handle, f"recipe {path}")
     recipe = validate_recipe(raw, path)
     base = os.path.dirname(os.path.abspath(path))
 
@@ -239,4 +295,4 @@ def load_recipe(path: str | os.PathLike) -> dict:
 def builtin_recipe(name: str) -> dict:
     """A recipe shipped with the package (``demo``, ``demo-quick``) as a raw mapping."""
     text = resources.files("slimlm.pipeline").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+    return read_yaml(text, f"builtin recipe {name}")

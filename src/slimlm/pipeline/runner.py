@@ -73,12 +73,13 @@ class Pipeline:
 
     @staticmethod
     def _recorded_recipe(folder: str) -> dict | None:
-        import yaml
+        from slimlm.pipeline.recipe import read_yaml
 
+        path = os.path.join(folder, RECIPE_COPY)
         try:
-            with open(os.path.join(folder, RECIPE_COPY), encoding="utf-8") as handle:
-                return yaml.safe_load(handle)
-        except (OSError, yaml.YAMLError):
+            with open(path, encoding="utf-8") as handle:
+                return read_yaml(handle, path)
+        except (OSError, InputError):
             return None
 
     def _restore_previous(self, only_if_recipe: dict | None = None) -> None:
@@ -97,10 +98,10 @@ class Pipeline:
 
     def _claim_output(self, clear: bool) -> None:
         """Called once every input has been checked: set another recipe's run aside
-        (``overwrite``) and record this recipe, so that a rerun of it resumes. The run set
-        aside is deleted only when this one completes: a failed or interrupted replacement
-        loses no finished result (the new run resumes where it stopped)."""
-        import yaml
+        (``overwrite``), claim the folder (slimlm's marker) and record this recipe, so that a
+        rerun of it resumes. The run set aside is deleted only when this one completes; a failed
+        or interrupted replacement puts it back (``run``, ``_restore_previous``)."""
+        from slimlm.pipeline.recipe import dump_yaml
 
         if clear:
             previous = outputs.aside_path(self.out)
@@ -113,7 +114,7 @@ class Pipeline:
                          "deleted once this run completes")
                 os.rename(self.out, previous)
         outputs.claim(self.out)
-        outputs.write_text(self.path(RECIPE_COPY), yaml.safe_dump(self.recipe, sort_keys=False))
+        outputs.write_text(self.path(RECIPE_COPY), dump_yaml(self.recipe))
 
     def _data(self):
         from slimlm.data import load_texts

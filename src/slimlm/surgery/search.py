@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 
 from slimlm.architectures import lm_head, model_sizes
 from slimlm.data import TokenBlocks
+from slimlm.errors import InputError
 from slimlm.fingerprint import model_fingerprint
 from slimlm.importance.scores import ImportanceScores
 from slimlm.surgery import search_records as records
@@ -308,7 +309,7 @@ def _split(data, held_out, seed) -> tuple[TokenBlocks, TokenBlocks]:
     try:
         return data.split(held_out, seed)
     except ValueError as error:
-        raise ValueError(f"calibration data too small for the held-out split: {len(data)} block(s), "
+        raise InputError(f"calibration data too small for the held-out split: {len(data)} block(s), "
                          f"held_out={held_out!r} ({error}); give more data or a smaller held_out") from None
 
 

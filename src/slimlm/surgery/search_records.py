@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict
 
 from slimlm import outputs
+from slimlm.errors import InputError
 from slimlm.surgery.candidates import AXES, Candidate
 
 RECORD_FILE = "search.json"
@@ -22,7 +23,7 @@ LOSSES = ("zero_shot_kd_loss", "lm_loss", "distill_loss")
 COLUMNS = ("rank", "key", *AXES, "depth_selection", "params", "memory_bytes", *LOSSES)
 
 
-class StaleSearch(ValueError):
+class StaleSearch(InputError):
     """``out`` holds a search made from other inputs (the caller may clear it and start afresh)."""
 
 
@@ -33,13 +34,17 @@ def candidate_record(candidate: Candidate) -> dict:
 
 def load_finished(out: str | None, inputs: dict) -> tuple[dict[str, dict], dict]:
     """Rows of a previous search in ``out`` by key, and its seconds per phase (both empty
-    without one); ``StaleSearch`` (a ValueError) when that search had other inputs (model,
+    without one); ``StaleSearch`` (an InputError) when that search had other inputs (model,
     scores, data, budget, space or settings)."""
     path = os.path.join(out, RECORD_FILE) if out else None
     if not path or not os.path.isfile(path):
         return {}, {}
-    with open(path, encoding="utf-8") as handle:
-        previous = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            previous = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path} is not valid JSON ({error}); choose another out folder or remove it to start "
+                         "afresh") from None
     before = previous.get("inputs", {})
     differ = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
     if differ:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slimlm.errors import InputError
 from slimlm.importance.scores import ImportanceScores, kv_group_scores
 
 
@@ -31,16 +32,16 @@ def top_sorted(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
 
 def _scores_for(scores: ImportanceScores | None, axis: str, shape: tuple, why: str) -> torch.Tensor:
     if scores is None:
-        raise ValueError(f"{why} needs importance scores (axis {axis!r}); got scores=None")
+        raise InputError(f"{why} needs importance scores (axis {axis!r}); got scores=None")
     if not scores.has(axis):
         have = ", ".join(scores.scores) or "none"
-        raise ValueError(f"{why} needs scores for axis {axis!r}; these scores have {have}")
+        raise InputError(f"{why} needs scores for axis {axis!r}; these scores have {have}")
     values = scores.get(axis)
     if tuple(values.shape) != shape:
-        raise ValueError(f"{axis!r} scores have shape {tuple(values.shape)}, this model needs {shape}")
+        raise InputError(f"{axis!r} scores have shape {tuple(values.shape)}, this model needs {shape}")
     values = values.detach().float().cpu()
     if not torch.isfinite(values).all():
-        raise ValueError(f"{axis!r} scores contain NaN or infinite values")
+        raise InputError(f"{axis!r} scores contain NaN or infinite values")
     return values
 
 
