@@ -111,7 +111,7 @@ def run(args) -> int:
     except ValueError as error:
         raise InputError(str(error)) from None
     split = held_out(args.held_out, "--held-out")
-    resume = not args.overwrite and os.path.isfile(os.path.join(args.out, "search.json"))
+    resume = not args.overwrite and os.path.isfile(os.path.join(outputs.resolve(args.out), "search.json"))
     args.out = outputs.check_output(args.out, args.overwrite or resume,
                                     {"model": args.model, "scores": args.scores, "data": args.data},
                                     related=[outputs.staging_path(args.out)])
