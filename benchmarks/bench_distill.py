@@ -269,7 +269,7 @@ def held_out_blocks(tokenizer, vocab: int, count: int, seq_len: int, split: str,
     if tokenizer is None:
         return torch.randint(0, vocab, (count, seq_len), generator=torch.Generator().manual_seed(seed))
     from slimlm.data import tokenize_blocks
-    from slimlm.pipeline.corpus import collect_package_docs
+    from slimlm.demo.corpus import collect_package_docs
 
     chars = count * seq_len * 12
     texts = collect_package_docs(train_chars=chars, heldout_chars=chars, progress=False)[split]

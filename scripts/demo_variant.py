@@ -15,8 +15,8 @@ import yaml
 
 from slimlm.cli.run import print_summary
 from slimlm.models import smollm2_gguf_path
-from slimlm.pipeline import builtin_recipe, run_recipe, validate_recipe
-from slimlm.pipeline.corpus import collect_corpus, write_corpus
+from slimlm.demo import builtin_recipe, collect_corpus, write_corpus
+from slimlm.pipeline import run_recipe, validate_recipe
 
 
 def main(argv: list[str]) -> None:

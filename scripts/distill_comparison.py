@@ -45,7 +45,7 @@ from slimlm import estimate_importance, load_model, load_tokenizer, prune, smoll
 from slimlm.data import tokenize_blocks
 from slimlm.distill.generate import generate_synthetic, prompts_from_texts
 from slimlm.evaluate import perplexity
-from slimlm.pipeline.corpus import collect_package_docs
+from slimlm.demo.corpus import collect_package_docs
 from slimlm.losses import depth_layer_map
 from slimlm.pipeline.correct import correct_teacher_stage
 from slimlm.pipeline.distill import distill_stage

@@ -48,7 +48,7 @@ def main() -> None:
     from slimlm.distill.training import student_precision_flags
     from slimlm.importance import estimate_importance
     from slimlm.models import load_model, load_tokenizer, smollm2_gguf_path
-    from slimlm.pipeline.corpus import collect_corpus
+    from slimlm.demo.corpus import collect_corpus
     from slimlm.surgery import prune, reconstruction_stats
 
     os.makedirs(args.out, exist_ok=True)

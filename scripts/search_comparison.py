@@ -28,7 +28,8 @@ import os
 import time
 
 from slimlm.models import smollm2_gguf_path
-from slimlm.pipeline import builtin_recipe, run_recipe, validate_recipe
+from slimlm.demo import builtin_recipe
+from slimlm.pipeline import run_recipe, validate_recipe
 from slimlm.pipeline.records import read_json
 
 
@@ -71,7 +72,7 @@ def recipes(args, data: dict) -> dict[str, dict]:
 
 def corpus_paths(out: str) -> dict:
     """The demo's corpus, written once into ``out/data`` (the same files for both runs)."""
-    from slimlm.pipeline.corpus import collect_package_docs, write_corpus
+    from slimlm.demo.corpus import collect_package_docs, write_corpus
 
     settings = builtin_recipe("demo")["corpus"]
     folder = os.path.join(out, "data")

@@ -18,9 +18,9 @@ from slimlm.errors import InputError
 from slimlm.export import export_gguf
 from slimlm.importance.scores import META_FILE, SCORES_FILE, ImportanceScores
 from slimlm.models import load_model, load_tokenizer
-from slimlm.surgery import Budget, Candidate, plan, save_pruned
-from slimlm.surgery.budget import fitting
-from slimlm.surgery.search import search_candidates
+from slimlm.search import Budget, Candidate, search_candidates
+from slimlm.search.budget import fitting
+from slimlm.surgery import plan, save_pruned
 from tests.cli.helpers import one_line_error, run_cli
 from tests.tiny import bpe_tokenizer, random_scores, tiny_model, word_tokenizer
 

@@ -21,18 +21,12 @@ from slimlm.losses import (
     topk_kl_div_loss,
 )
 from slimlm.models import load_model, load_tokenizer, save_dtype, smollm2_gguf_path
-from slimlm.surgery import (
-    Budget,
-    PrunePlan,
-    ReconstructionStats,
-    SearchSpace,
-    Target,
-    plan,
-    prune,
-    reconstruction_stats,
-    save_pruned,
-    search,
-)
+from slimlm.surgery import PrunePlan, ReconstructionStats, Target, plan, prune, reconstruction_stats, save_pruned
+
+# The name ``slimlm.search`` is the search function, bound here (nothing below may bind it again);
+# ``from slimlm.search import Budget`` and ``from slimlm.search.records import ...`` still reach the
+# package, as imports look it up in sys.modules.
+from slimlm.search import Budget, SearchSpace, search
 
 __version__ = "0.1.0"
 

@@ -229,7 +229,7 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
     if speed is not None:
         plots["speed"] = plot_speed(speed, os.path.join(folder, "speed.png"))
     if search is not None:
-        from slimlm.surgery.search_records import plot as plot_search
+        from slimlm.search.records import plot as plot_search
 
         plots["search"] = plot_search(search["candidates"], search["winner"], os.path.join(folder, "search.png"))
 

@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from slimlm.surgery.search_records import WINNER_DIR
+from slimlm.search.records import WINNER_DIR
 
 from .helpers import run_cli, stage_lines, write_recipe
 

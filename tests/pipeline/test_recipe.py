@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from slimlm.pipeline import builtin_recipe, load_recipe, validate_recipe
+from slimlm.demo import builtin_recipe
+from slimlm.pipeline import load_recipe, validate_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

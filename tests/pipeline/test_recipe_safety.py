@@ -4,7 +4,8 @@ and the numbers people write (``lr: 1e-4``) are numbers."""
 import pytest
 
 from slimlm.errors import InputError
-from slimlm.pipeline import builtin_recipe, load_recipe
+from slimlm.demo import builtin_recipe
+from slimlm.pipeline import load_recipe
 
 BASE = {"teacher": "teacher", "data": "{train: data/*.txt}", "target": "{target_params: 0.5}"}
 

@@ -1,5 +1,5 @@
 """``slimlm demo``: prune SmolLM2-135M-Instruct to half, distill it back and write a report,
-on a corpus cut from text every machine has (the builtin recipes; ``slimlm.pipeline.corpus``):
+on a corpus cut from text every machine has (the builtin recipes; ``slimlm.demo``):
 train and in-domain held-out splits from the installed packages' docs, the standard library,
 READMEs, man and info pages, and a general held-out split from the Python Language Reference and
 licence texts that training never reads."""
@@ -28,8 +28,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from slimlm import outputs
     from slimlm.models import smollm2_gguf_path
-    from slimlm.pipeline import builtin_recipe, run_recipe, validate_recipe
-    from slimlm.pipeline.corpus import collect_corpus, write_corpus
+    from slimlm.demo import builtin_recipe, collect_corpus, write_corpus
+    from slimlm.pipeline import run_recipe, validate_recipe
 
     name = "demo-quick" if args.quick else "demo"
     raw = builtin_recipe(name)

@@ -91,9 +91,8 @@ def run(args) -> int:
     from slimlm.distill.training import training_arguments
     from slimlm.pipeline import importance
     from slimlm.pipeline.search import held_out
-    from slimlm.surgery.budget import Budget, parse_memory
-    from slimlm.surgery.candidates import SearchSpace
-    from slimlm.surgery.search import search, search_candidates
+    from slimlm.search import Budget, SearchSpace, search, search_candidates
+    from slimlm.search.budget import parse_memory
 
     arguments.check_model_path(args.model)
     if not os.path.isdir(args.scores):

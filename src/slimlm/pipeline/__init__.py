@@ -22,7 +22,7 @@ Stage outputs in ``out``: ``scores/``, ``pruned/``, ``synthetic.jsonl``, ``disti
 when its output exists and was made from the same inputs (fingerprints recorded beside it),
 so a rerun after an interruption resumes where it stopped.
 """
-from slimlm.pipeline.recipe import RECIPE_FIELDS, builtin_recipe, load_recipe, validate_recipe
+from slimlm.pipeline.recipe import RECIPE_FIELDS, load_recipe, validate_recipe
 from slimlm.pipeline.runner import Pipeline, run_recipe
 
-__all__ = ["RECIPE_FIELDS", "Pipeline", "builtin_recipe", "load_recipe", "run_recipe", "validate_recipe"]
+__all__ = ["RECIPE_FIELDS", "Pipeline", "load_recipe", "run_recipe", "validate_recipe"]

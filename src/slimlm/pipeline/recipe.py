@@ -1,6 +1,6 @@
 """A recipe: the YAML file that says what ``slimlm run`` does, checked field by field
 (``RECIPE_FIELDS``: each field's type and default) before any work starts; an error names the
-file and the field. The demo's recipes (``demo.yaml``, ``demo-quick.yaml``) ship beside it.
+file and the field. The demo's recipes (``demo.yaml``, ``demo-quick.yaml``) ship in ``slimlm.demo``.
 
 Every recipe is parsed by ``RecipeLoader`` (``read_yaml``): YAML's safe subset without aliases
 (``*name``), so that a few lines cannot expand to gigabytes, and with YAML 1.2's numbers
@@ -168,7 +168,8 @@ def validate_recipe(raw, where: str) -> dict:
 def _check_semantics(recipe: dict, where: str) -> None:
     from slimlm.importance.estimate import DEPTH_METRICS, WIDTH_METRICS
     from slimlm.models import DTYPES
-    from slimlm.surgery import Budget, Target
+    from slimlm.search import Budget
+    from slimlm.surgery import Target
 
     from slimlm.surgery.planning import parse_param_count
 
@@ -247,7 +248,7 @@ def distillation_options(section: dict) -> dict:
 
 
 def _check_search(section: dict, where: str) -> None:
-    from slimlm.surgery.candidates import SearchSpace
+    from slimlm.search import SearchSpace
 
     for field in ("top_n", "num_blocks", "seq_len", "batch_size", "rerank_tokens", "lr", "held_out"):
         if section[field] is not None and not section[field] > 0:
@@ -290,9 +291,3 @@ def load_recipe(path: str | os.PathLike) -> dict:
     stem = os.path.splitext(os.path.basename(path))[0]
     recipe["out"] = local(recipe["out"]) if recipe["out"] else os.path.join(base, f"{stem}-run")
     return recipe
-
-
-def builtin_recipe(name: str) -> dict:
-    """A recipe shipped with the package (``demo``, ``demo-quick``) as a raw mapping."""
-    text = resources.files("slimlm.pipeline").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-    return read_yaml(text, f"builtin recipe {name}")

@@ -174,7 +174,7 @@ class Pipeline:
         from slimlm.fingerprint import model_fingerprint
         from slimlm.models import load_model, load_tokenizer
         from slimlm.surgery import plan
-        from slimlm.surgery.search import search_candidates
+        from slimlm.search import search_candidates
 
         recipe = self.recipe
         clear = self._check_output()
@@ -407,7 +407,7 @@ class Pipeline:
         start = self.path("pruned")
         max_tokens = section["max_tokens"]
         if self.rerank_tokens:
-            from slimlm.surgery.search_records import WINNER_DIR
+            from slimlm.search.records import WINNER_DIR
 
             start = os.path.join(self.path(search_stage.SEARCH_DIR), WINNER_DIR)
             max_tokens = max_tokens - self.rerank_tokens if max_tokens is not None else None

@@ -50,7 +50,7 @@ def held_out(value: float, name: str = "search.held_out") -> float | int:
 def rerank_steps(section: dict, train_blocks: int) -> int:
     """Optimizer steps of each re-ranked candidate's short distillation (as ``short_distill``
     counts them: ``rerank_tokens`` rounded up to whole blocks and batches, default one pass)."""
-    from slimlm.surgery.search_scoring import short_distill_steps
+    from slimlm.search.scoring import short_distill_steps
 
     return short_distill_steps(section["rerank_tokens"], train_blocks, section["seq_len"], section["batch_size"])
 
@@ -68,9 +68,8 @@ def search_stage(teacher, scores, target: dict, blocks, out: str, *, section: di
     the teacher's ``reconstruction_stats``, with which every candidate is pruned."""
     from slimlm.distill.trainer import DistillationConfig
     from slimlm.distill.training import student_precision_flags, training_arguments
-    from slimlm.surgery.candidates import SearchSpace
-    from slimlm.surgery.search import search
-    from slimlm.surgery.search_records import StaleSearch
+    from slimlm.search import SearchSpace, search
+    from slimlm.search.records import StaleSearch
 
     flags = []
     for key, value in distill["training_args"].items():
@@ -99,7 +98,7 @@ def search_stage(teacher, scores, target: dict, blocks, out: str, *, section: di
 def winner_record(out: str) -> dict:
     """``search.json`` of a finished search (candidates, winner, phase_seconds)."""
     from slimlm.pipeline.records import read_json
-    from slimlm.surgery.search_records import RECORD_FILE
+    from slimlm.search.records import RECORD_FILE
 
     record = read_json(os.path.join(out, RECORD_FILE))
     if record is None or record.get("winner") is None:

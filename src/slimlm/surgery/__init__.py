@@ -5,19 +5,15 @@
     stats = reconstruction_stats(model, blocks)             # or: o_proj/down_proj refitted to what stays
     prune(model, scores, the_plan, reconstruct=stats)
     save_pruned(model, "out/")                              # temp folder + rename; loads with stock transformers
-    result = search(model, scores, {"target_params": 0.5}, blocks, out="search/")  # the best shape at a budget
 
-Architectures are described by adapters in ``slimlm.architectures``.
+Architectures are described by adapters in ``slimlm.architectures``; the best shape at a budget
+is ``slimlm.search``'s to find (it uses this package, never the other way round).
 """
 from slimlm.architectures import get_adapter, supported_model_types
 from slimlm.surgery.planning import PrunePlan, Target, plan
 from slimlm.surgery.apply import prune
 from slimlm.surgery.save import save_pruned
-from slimlm.surgery.budget import Budget
-from slimlm.surgery.candidates import Candidate, SearchSpace, enumerate_shapes
 from slimlm.surgery.reconstruct import ReconstructionStats, reconstruction_stats
-from slimlm.surgery.search import SearchResult, search
 
-__all__ = ["Budget", "Candidate", "PrunePlan", "ReconstructionStats", "SearchResult", "SearchSpace", "Target",
-           "enumerate_shapes", "get_adapter", "plan", "prune", "reconstruction_stats", "save_pruned", "search",
-           "supported_model_types"]
+__all__ = ["PrunePlan", "ReconstructionStats", "Target", "get_adapter", "plan", "prune", "reconstruction_stats",
+           "save_pruned", "supported_model_types"]

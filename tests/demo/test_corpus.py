@@ -1,4 +1,4 @@
-"""slimlm.pipeline.corpus: the demo's corpus from text every machine has (packages' docs, the standard
+"""slimlm.demo.corpus: the demo's corpus from text every machine has (packages' docs, the standard
 library, READMEs, man and info pages) and its general held-out split."""
 import gzip
 import json
@@ -16,7 +16,7 @@ def sentences(count, seed):
 
 
 def test_package_docs_corpus_is_deterministic_and_split_by_file(tmp_path, monkeypatch):
-    from slimlm.pipeline.corpus import collect_package_docs, write_corpus
+    from slimlm.demo.corpus import collect_package_docs, write_corpus
 
     package = tmp_path / "site" / "docpkg"
     package.mkdir(parents=True)
@@ -99,14 +99,14 @@ def machine(tmp_path):
 
 
 def build(roots, **settings):
-    from slimlm.pipeline.corpus import collect_corpus
+    from slimlm.demo.corpus import collect_corpus
 
     return collect_corpus(**{"train_chars": 12000, "heldout_chars": 2000, "general_chars": 3000, "roots": roots,
                              "heldout_every": 5, "min_chars": 100, "progress": False, **settings})
 
 
 def test_corpus_is_deterministic_disjoint_by_file_and_written(machine, tmp_path):
-    from slimlm.pipeline.corpus import GENERAL_SOURCES, TRAIN_SOURCES, write_corpus
+    from slimlm.demo.corpus import GENERAL_SOURCES, TRAIN_SOURCES, write_corpus
 
     first, second = build(machine), build(machine)
     assert first == second
@@ -165,7 +165,7 @@ def test_too_little_text_is_a_clear_error(machine, tmp_path):
 
 def test_the_general_set_exists_on_this_machine():
     """The sources a Python install always has are enough for every split (the demo's sizes, scaled down)."""
-    from slimlm.pipeline.corpus import collect_corpus
+    from slimlm.demo.corpus import collect_corpus
 
     corpus = collect_corpus(train_chars=50_000, heldout_chars=5_000, general_chars=20_000, progress=False,
                             general_sources={"python-reference": 1.0})
@@ -174,7 +174,7 @@ def test_the_general_set_exists_on_this_machine():
 
 
 def test_text_extractors():
-    from slimlm.pipeline.corpus import info_text, python_text, roff_text
+    from slimlm.demo.corpus import info_text, python_text, roff_text
 
     source = '#!/usr/bin/env python\n"""Module doc."""\n# Why we do this:\n# because.\nx = 1  # noqa\n\n' \
              'def f():\n    """Function doc."""\n'

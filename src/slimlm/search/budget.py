@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from slimlm.surgery.candidates import Candidate
+from slimlm.search.candidates import Candidate
 from slimlm.surgery.planning import Target, from_fields, parse_param_count
 
 _MEMORY_SUFFIX = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "kib": 2**10,

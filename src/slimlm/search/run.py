@@ -1,7 +1,7 @@
 """``search``: the student shape that distills best at a budget (Minitron's architecture search).
 
-1. Enumerate every legal uniform shape (``slimlm.surgery.candidates``), keep those meeting
-   the budget (``slimlm.surgery.budget``) and of them the ``top_n`` closest to it.
+1. Enumerate every legal uniform shape (``slimlm.search.candidates``), keep those meeting
+   the budget (``slimlm.search.budget``) and of them the ``top_n`` closest to it.
 2. Zero-shot rank: prune each in memory and score it on a held-out split of ``data``, no
    training: KD loss against the teacher's logits through the fused loss (the teacher's last
    hidden states on the split computed once, reused for every candidate) and LM loss, both
@@ -32,12 +32,12 @@ from slimlm.data import TokenBlocks
 from slimlm.errors import InputError
 from slimlm.fingerprint import model_fingerprint
 from slimlm.importance.scores import ImportanceScores
-from slimlm.surgery import search_records as records
+from slimlm.search import records
+from slimlm.search.budget import Budget, fitting, resolve_dtype
+from slimlm.search.candidates import Candidate, ParameterCounter, SearchSpace, enumerate_shapes
+from slimlm.search.scoring import held_out_losses, short_distill, teacher_states
 from slimlm.surgery.apply import prune
-from slimlm.surgery.budget import Budget, fitting, resolve_dtype
-from slimlm.surgery.candidates import Candidate, ParameterCounter, SearchSpace, enumerate_shapes
 from slimlm.surgery.planning import Target, count_parameters, meta_model, pruned_config
-from slimlm.surgery.search_scoring import held_out_losses, short_distill, teacher_states
 from slimlm.surgery.selection import kept_layers_for, select_units
 
 

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from slimlm.architectures import get_adapter, model_sizes
 from slimlm.surgery import Target, plan, prune, save_pruned
-from slimlm.surgery.budget import Budget, fitting, parse_memory
-from slimlm.surgery.candidates import ParameterCounter, SearchSpace, enumerate_shapes
+from slimlm.search.budget import Budget, fitting, parse_memory
+from slimlm.search.candidates import ParameterCounter, SearchSpace, enumerate_shapes
 from slimlm.surgery.planning import count_parameters, meta_model, pruned_config
 
 from tiny import ARCHITECTURES, random_scores, tiny_model

@@ -14,8 +14,8 @@ import torch
 from slimlm.architectures import lm_head
 from slimlm.data import TokenBlocks
 from slimlm.losses import fused_linear_kl_div_loss, last_hidden_state
+from slimlm.search.candidates import Candidate
 from slimlm.surgery.apply import prune
-from slimlm.surgery.candidates import Candidate
 
 
 def teacher_states(model, blocks: TokenBlocks, batch_size: int) -> list[torch.Tensor]:
@@ -72,7 +72,7 @@ def short_distill(model, scores, candidate: Candidate, train: TokenBlocks, token
     teacher_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     teacher_training = model.training
     with tempfile.TemporaryDirectory(prefix="slimlm-search-") as scratch:
-        args = training_arguments(training_args, scratch, steps, batch_size, seed)
+        args = short_distill_arguments(training_args, scratch, steps, batch_size, seed)
         trainer = DistillationTrainer(model=student, teacher_model=model, args=args, train_dataset=items,
                                       distillation_config=copy.copy(distillation_config))
         try:
@@ -91,22 +91,23 @@ def short_distill_steps(tokens: int | None, train_blocks: int, seq_len: int, bat
     return max(1, math.ceil(blocks / batch_size))
 
 
-def training_arguments(training_args, scratch: str, steps: int, batch_size: int, seed: int):
-    """``training_args`` (a ``TrainingArguments``, or slimlm's defaults: lr 1e-4, cosine, 5%
-    warmup in whole steps) with what makes every re-ranked candidate's run the same: ``steps``,
-    global batch size (split over ``WORLD_SIZE`` processes) and seed, no checkpoints, no reporting, in ``scratch``. (Warmup's first step has
-    learning rate 0, so a short run's warmup rounds down: 1 step must still train.)"""
-    from transformers import TrainingArguments
+def short_distill_arguments(training_args, scratch: str, steps: int, batch_size: int, seed: int):
+    """``training_args`` (a ``TrainingArguments``, or the distillation's own defaults:
+    ``slimlm.distill.training.training_arguments``) with what makes every re-ranked candidate's
+    run the same: ``steps``, global batch size (split over ``WORLD_SIZE`` processes) and seed
+    (data order too), no checkpoints, no reporting, no progress bar, in ``scratch``. Over the
+    distillation's defaults it also logs every tenth step and warms up for 5% of the steps
+    rounded down (warmup's first step has learning rate 0, so 1 step must still train)."""
+    from slimlm.distill.training import training_arguments
 
     # Under a launcher the Trainer splits each batch over the processes: ``batch_size`` stays
     # the global batch, and the run is one process's (the loss is normalised globally).
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    overrides = dict(output_dir=scratch, max_steps=steps, save_strategy="no", seed=seed, data_seed=seed,
-                     per_device_train_batch_size=batch_size // world, report_to="none", disable_tqdm=True)
     if training_args is not None:
-        return replace(training_args, **overrides)
-    if world > 1 and not torch.cuda.is_available():
-        overrides["ddp_backend"] = "gloo"
-    return TrainingArguments(learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=int(0.05 * steps),
-                             weight_decay=0.0, logging_steps=max(1, steps // 10), max_grad_norm=1.0,
-                             dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), **overrides)
+        return replace(training_args, output_dir=scratch, max_steps=steps, save_strategy="no", seed=seed,
+                       data_seed=seed, per_device_train_batch_size=batch_size // world, report_to="none",
+                       disable_tqdm=True)
+    overrides = ["--max_steps", str(steps), "--save_strategy", "no", "--data_seed", str(seed),
+                 "--warmup_steps", str(int(0.05 * steps)), "--logging_steps", str(max(1, steps // 10)),
+                 "--disable_tqdm", "true"]
+    return training_arguments(overrides, output_dir=scratch, batch_size=batch_size // world, seed=seed)

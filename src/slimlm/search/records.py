@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from slimlm import outputs
 from slimlm.errors import InputError
-from slimlm.surgery.candidates import AXES, Candidate
+from slimlm.search.candidates import AXES, Candidate
 
 RECORD_FILE = "search.json"
 CSV_FILE = "search.csv"

@@ -1,5 +1,5 @@
 """The search space of ``slimlm.search``: every uniform shape a model can be pruned to and
-saved as, each with its exact size (which of them meet a budget: ``slimlm.surgery.budget``).
+saved as, each with its exact size (which of them meet a budget: ``slimlm.search.budget``).
 
 A shape is (hidden_size, intermediate_size, query heads per KV group, KV groups, num_layers),
 each axis between its floor (``SearchSpace``: by default at most 40% width and 20% depth

@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM
 from slimlm import Budget, SearchSpace, Target, prune, search
 from slimlm.architectures import get_adapter
 from slimlm.data import TokenBlocks
-from slimlm.surgery.candidates import enumerate_shapes
+from slimlm.search import enumerate_shapes
 
 from tiny import ARCHITECTURES, assert_untouched, calibration, random_scores, snapshot, tiny_model
 
-search_module = importlib.import_module("slimlm.surgery.search")
+search_module = importlib.import_module("slimlm.search.run")
 DEAD = 32  # MLP neurons zeroed in every layer of the tiny model (intermediate 96)
 
 

@@ -21,7 +21,7 @@ from slimlm.importance import estimate_importance
 from slimlm.models import load_model, load_tokenizer, smollm2_gguf_path
 from slimlm.surgery import plan
 
-from test_smollm2 import CALIBRATION_MODULES, docstring_text, token_blocks
+from tests.surgery.test_smollm2 import CALIBRATION_MODULES, docstring_text, token_blocks
 
 RESULTS = os.path.join(".benchmarks", "smollm2_search.json")
 
