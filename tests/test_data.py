@@ -183,7 +183,7 @@ def test_sampling_is_seeded_and_distinct():
 
 def test_split_is_a_seeded_partition():
     blocks = make_blocks(10)
-    train, held = data.train_heldout_split(blocks, 0.3, seed=1)
+    train, held = blocks.split(0.3, seed=1)
     assert (len(train), len(held)) == (7, 3)
     rows = sorted(train.input_ids[:, 0].tolist() + held.input_ids[:, 0].tolist())
     assert rows == blocks.input_ids[:, 0].tolist()

@@ -319,8 +319,3 @@ def load_blocks(
         load_texts(sources, text_field=text_field, split=split), tokenizer, seq_len, pack=pack, add_eos=add_eos
     )
     return blocks.sample(num_samples, seed) if num_samples is not None else blocks
-
-
-def train_heldout_split(blocks: TokenBlocks, held_out: float | int = 0.1, seed: int = 0) -> tuple[TokenBlocks, TokenBlocks]:
-    """(train, held-out) blocks: a seeded random partition (see ``TokenBlocks.split``)."""
-    return blocks.split(held_out, seed)

@@ -56,12 +56,13 @@ def as_plain_model(model):
     return model
 
 
-# The dtype names the command line, recipes and save_dtype accept: the three a model is loaded,
-# trained and saved in, by torch's name and the short names.
+# The one dtype table: the names the command line, recipes, budgets and save_dtype accept for the
+# three dtypes a model is loaded, trained and saved in, by torch's name and the short names;
+# DTYPE_NAMES are the names the command line offers.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16}
-_CANONICAL = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = _CANONICAL = ("float32", "bfloat16", "float16")
 
 
 def _as_save_dtype(value) -> torch.dtype | None:

@@ -160,3 +160,10 @@ def test_pruned_folders_are_readable_like_any_other(workspace, capsys):
     os.umask(umask)
     for folder in (pruned_dir(workspace, capsys), scores_dir(workspace, capsys)):
         assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_the_dtype_choices_are_the_one_dtype_table():
+    from slimlm.cli import arguments
+    from slimlm.models import DTYPE_NAMES, DTYPES
+
+    assert arguments.SAVE_DTYPES == ("auto", *DTYPE_NAMES) and set(DTYPE_NAMES) <= set(DTYPES)

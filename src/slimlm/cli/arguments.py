@@ -82,12 +82,14 @@ def at_least_two(value: str) -> int:
 def add_model_options(parser, *, flag="--model", required=True,
                       help_text="model: a folder, a .gguf file or a cached hub id"):
     parser.add_argument(flag, required=required, help=help_text)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default="auto", choices=SAVE_DTYPES,
                         help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     add_trust_option(parser)
 
 
+# ("auto" and the one dtype table's names; slimlm.models is imported lazily elsewhere to keep
+# ``slimlm --help`` fast, and this tuple is checked against it in tests/cli/test_main.py.)
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

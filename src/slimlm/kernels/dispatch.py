@@ -3,7 +3,7 @@
 Backends: ``torch`` (the reference in ``reference.py``), ``cpu`` (C++ in slimlm._C),
 ``cuda`` (CUDA in slimlm._C) and ``triton``. By default CPU tensors run the C++
 kernel and CUDA tensors the CUDA kernel, then Triton, then the reference, as far as each
-is built (no GPU measurement has yet picked Triton over CUDA for any op). ``SLIMLM_BACKEND=torch|cpu|cuda|triton``
+is built (BENCHMARKS.md has the measurements behind that order). ``SLIMLM_BACKEND=torch|cpu|cuda|triton``
 forces one; a forced backend that cannot run the tensor is an error, not a silent fallback.
 The C++ CPU kernels run the instruction-set variant ``SLIMLM_CPU_ISA=scalar|avx2|avx512``
 names (default: the best this CPU has; one it lacks is a ValueError).

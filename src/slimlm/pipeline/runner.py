@@ -378,7 +378,7 @@ class Pipeline:
 
         distill_section = self.recipe["distill"]
         # The correction trains as the distillation's student does (bf16 mixed precision where
-        # native with student_precision auto: 1.6x faster on SmolLM2, the same corrected teacher).
+        # native with student_precision auto: faster, the same corrected teacher; BENCHMARKS.md).
         flags = student_precision_flags(distill_section["student_precision"],
                                         ["--use_cpu", "true"] if self.device == "cpu" else [],
                                         log=lambda line: self.log(line.replace("[distill]", "[correct_teacher]")))

@@ -9,13 +9,12 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from slimlm.models import DTYPES
 from slimlm.search.candidates import Candidate
 from slimlm.surgery.planning import Target, from_fields, parse_param_count
 
 _MEMORY_SUFFIX = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "kib": 2**10,
                   "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_memory(value) -> int:
@@ -36,9 +35,9 @@ def resolve_dtype(dtype, default: torch.dtype) -> torch.dtype:
         return default
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} (or a torch.dtype), got {dtype!r}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or a torch.dtype), got {dtype!r}")
+    return DTYPES[dtype]
 
 
 @dataclass(frozen=True)
