@@ -8,17 +8,19 @@ from slimlm.errors import InputError
 from slimlm.pipeline.records import STAGE_RECORD, inputs_state, read_json, stage_record
 
 
-def importance_stage(model, calibration, out: str, *, metrics=("activation",), depth=("block_influence",),
-                     num_samples: int | None = None, batch_size: int = 8, seed: int = 0, loss_drop_samples=None,
-                     progress: bool = True, inputs: dict | None = None):
-    """Score ``model`` on ``calibration`` (TokenBlocks; ``num_samples`` drawn with ``seed``) and
-    save to ``out`` atomically, with ``inputs`` (what the scores were made from) recorded beside."""
+def importance_stage(model, calibration, out: str, options=None, *, seed: int = 0, progress: bool = True,
+                     inputs: dict | None = None):
+    """Score ``model`` on ``calibration`` (TokenBlocks; ``options.num_samples`` of them drawn with
+    ``seed``) as ``options`` (``ImportanceOptions``; default: its defaults) says, and save to
+    ``out`` atomically, with ``inputs`` (what the scores were made from) recorded beside."""
     from slimlm.importance import estimate_importance
+    from slimlm.importance.options import ImportanceOptions
 
-    if num_samples is not None:
-        calibration = calibration.sample(num_samples, seed)
-    scores = estimate_importance(model, calibration, metrics=tuple(metrics), depth=tuple(depth),
-                                 batch_size=batch_size, progress=progress, loss_drop_samples=loss_drop_samples)
+    options = options if options is not None else ImportanceOptions()
+    calibration = calibration.sample(options.num_samples, seed)
+    scores = estimate_importance(model, calibration, metrics=tuple(options.metrics), depth=tuple(options.depth),
+                                 batch_size=options.batch_size, progress=progress,
+                                 loss_drop_samples=options.loss_drop_samples)
     with outputs.atomic_output(out) as staging:
         scores.write(staging)
         if inputs is not None:

@@ -15,6 +15,8 @@ from importlib import resources
 import yaml
 
 from slimlm.errors import InputError
+from slimlm.importance.options import ImportanceOptions
+from slimlm.options import check_type
 
 
 class _AliasRefused(yaml.YAMLError):
@@ -67,6 +69,9 @@ def dump_yaml(value) -> str:
 
 
 _ANY = object()
+# The sections that are an options dataclass (``slimlm.options``): declared there once, for the
+# command line, recipes and Python alike.
+OPTION_SECTIONS = (ImportanceOptions,)
 # section → field → (expected type(s), default). None as default: optional.
 RECIPE_FIELDS = {
     None: {"teacher": (str, _ANY), "out": (str, None), "seed": (int, 0), "dtype": (str, "auto"),
@@ -79,9 +84,6 @@ RECIPE_FIELDS = {
     "data": {"train": ((str, list), _ANY), "heldout": ((str, list), None), "general": ((str, list), None),
              "heldout_fraction": (float, 0.1),
              "text_field": (str, "text")},
-    "importance": {"num_samples": (int, 64), "seq_len": (int, 256), "batch_size": (int, 8),
-                   "metrics": (list, ["activation"]), "depth": (list, ["block_influence"]),
-                   "loss_drop_samples": (int, None)},
     # With a search section, ``target`` is the search's budget (slimlm.Budget's fields).
     "search": {"top_n": (int, 20), "top_k": (int, 4), "num_blocks": (int, 64), "seq_len": (int, 256),
                "held_out": (float, 0.25), "rerank_tokens": (int, None), "batch_size": (int, 8), "lr": (float, None),
@@ -113,27 +115,6 @@ RECIPE_FIELDS = {
 }
 
 
-def _type_name(kind) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
-                        dict: "a mapping", type(None): "null"}[k] for k in kinds)
-
-
-def _check_value(where: str, value, kind):
-    """``value`` as the field's type: an int where a number goes is a float, and a whole float
-    where an integer goes (``max_tokens: 2e6``) an int; true/false is never a number."""
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        raise InputError(f"{where}: expected {_type_name(kind)}, got {value!r}")
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if int in kinds and float not in kinds and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, kinds):
-        raise InputError(f"{where}: expected {_type_name(kind)}, got {type(value).__name__} {value!r}")
-    return value
-
-
 def _check_section(name: str, section: dict, fields: dict, where: str) -> dict:
     unknown = sorted(set(section) - set(fields))
     if unknown:
@@ -147,7 +128,7 @@ def _check_section(name: str, section: dict, fields: dict, where: str) -> dict:
                 raise InputError(f"{label} is required")
             checked[field] = copy.deepcopy(default)
             continue
-        checked[field] = _check_value(label, section[field], kind)
+        checked[field] = check_type(label, section[field], kind)
     return checked
 
 
@@ -156,7 +137,9 @@ def validate_recipe(raw, where: str) -> dict:
     if not isinstance(raw, dict):
         raise InputError(f"{where}: a recipe is a YAML mapping, got {type(raw).__name__}")
     recipe = _check_section(None, raw, RECIPE_FIELDS[None], where)
-    for section in ("data", "importance", "distill", "eval", "report"):
+    for options in OPTION_SECTIONS:
+        recipe[options.SECTION] = options.from_section(recipe[options.SECTION], where).as_record()
+    for section in ("data", "distill", "eval", "report"):
         recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
     for section in ("search", "reconstruct", "correct_teacher", "synthetic"):
         if recipe[section] is not None:
@@ -166,7 +149,6 @@ def validate_recipe(raw, where: str) -> dict:
 
 
 def _check_semantics(recipe: dict, where: str) -> None:
-    from slimlm.importance.estimate import DEPTH_METRICS, WIDTH_METRICS
     from slimlm.models import DTYPES
     from slimlm.search import Budget
     from slimlm.surgery import Target
@@ -185,8 +167,7 @@ def _check_semantics(recipe: dict, where: str) -> None:
         raise InputError(f"{where}: target: {error}") from None
     if recipe["search"] is not None:
         _check_search(recipe["search"], where)
-    positive = [("importance", "num_samples"), ("importance", "seq_len"), ("importance", "batch_size"),
-                ("distill", "seq_len"), ("distill", "batch_size"), ("distill", "lr"), ("distill", "temperature"),
+    positive = [("distill", "seq_len"), ("distill", "batch_size"), ("distill", "lr"), ("distill", "temperature"),
                 ("eval", "seq_len"), ("eval", "max_blocks"), ("eval", "batch_size"), ("eval", "max_new_tokens"),
                 ("distill", "max_tokens"), ("distill", "max_minutes"), ("distill", "finish_by_minutes"), ("distill", "eval_steps"), ("distill", "eval_blocks"), ("eval", "speed_prompt_tokens"),
                 ("eval", "speed_rounds")]
@@ -198,10 +179,6 @@ def _check_semantics(recipe: dict, where: str) -> None:
         value = recipe[section][field]
         if value is not None and not (value > 0 and value != float("inf")):
             raise InputError(f"{where}: {section}.{field} must be > 0 and finite, got {value}")
-    for field, known in (("metrics", WIDTH_METRICS), ("depth", DEPTH_METRICS)):
-        for value in recipe["importance"][field]:
-            if value not in known:
-                raise InputError(f"{where}: importance.{field}: unknown value {value!r} (known: {', '.join(known)})")
     if not 0.0 < recipe["data"]["heldout_fraction"] < 1.0:
         raise InputError(f"{where}: data.heldout_fraction must be in (0, 1), got {recipe['data']['heldout_fraction']}")
     from slimlm.distill.teacher import TEACHER_PRECISIONS

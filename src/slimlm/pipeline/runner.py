@@ -263,6 +263,7 @@ class Pipeline:
     def importance(self):
         """Scores of the teacher on calibration blocks of the training data (``scores/``)."""
         from slimlm.data import tokenize_blocks
+        from slimlm.importance.options import ImportanceOptions
 
         section = self.recipe["importance"]
         scores_dir = self.path("scores")
@@ -272,10 +273,8 @@ class Pipeline:
             if not self._stage("importance", importance.scores_state(scores_dir, self.teacher, inputs), scores_dir):
                 return importance.load_scores(scores_dir, model=self.teacher)
             calibration = tokenize_blocks(self.train_texts, self.tokenizer, section["seq_len"], model=self.teacher)
-            return importance.importance_stage(
-                self.teacher, calibration, scores_dir, metrics=section["metrics"], depth=section["depth"],
-                num_samples=section["num_samples"], batch_size=section["batch_size"], seed=self.recipe["seed"],
-                loss_drop_samples=section["loss_drop_samples"], progress=self.progress, inputs=inputs)
+            return importance.importance_stage(self.teacher, calibration, scores_dir, ImportanceOptions(**section),
+                                               seed=self.recipe["seed"], progress=self.progress, inputs=inputs)
 
     def search(self, scores) -> dict | None:
         """The student shape that distills best at the recipe's budget (``search/``: search.json,
