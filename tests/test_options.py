@@ -9,7 +9,8 @@ from slimlm.errors import InputError
 from slimlm.pipeline.recipe import OPTION_SECTIONS, validate_recipe
 
 # The command whose flags each options dataclass declares, with the flags it needs besides.
-COMMANDS = {"importance": ["importance", "--model", "m", "--data", "d", "--out", "o"]}
+COMMANDS = {"importance": ["importance", "--model", "m", "--data", "d", "--out", "o"],
+            "synthetic": ["generate", "--teacher", "t", "--out", "o.jsonl"]}
 
 
 def minimal_recipe(**sections):
@@ -24,7 +25,7 @@ def test_the_command_line_a_recipe_and_python_share_every_option_and_default(opt
         if field.metadata["cli"]:
             assert getattr(args, field.name) == defaults[field.name], field.name
     assert options.from_args(args) == options()
-    recipe = validate_recipe(minimal_recipe(), "r.yaml")
+    recipe = validate_recipe(minimal_recipe(**{options.SECTION: {}}), "r.yaml")
     assert recipe[options.SECTION] == defaults
     assert all(field.metadata["help"] for field in options.fields())
 

@@ -28,6 +28,7 @@ RULES = {
     "positive": lambda value: None if value > 0 and math.isfinite(value) else f"must be > 0 and finite, got {value}",
     "non_negative": lambda value: None if value >= 0 and math.isfinite(value) else f"must be >= 0 and finite, got {value}",
     "fraction": lambda value: None if 0 <= value <= 1 else f"must be in [0, 1], got {value}",
+    "positive_fraction": lambda value: None if 0 < value <= 1 else f"must be in (0, 1], got {value}",
     "open_fraction": lambda value: None if 0 < value < 1 else f"must be in (0, 1), got {value}",
 }
 

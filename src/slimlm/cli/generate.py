@@ -5,11 +5,11 @@ import os
 
 from slimlm.cli import arguments
 from slimlm.cli.arguments import EXIT_OK
+from slimlm.distill.options import GenerationOptions
 from slimlm.errors import InputError
 
 
 def add_parser(subparsers) -> None:
-    positive_int = arguments.positive_int
     sub = arguments.add_command(
         subparsers, "generate", "sample synthetic distillation text from the teacher (JSONL, resumable)",
         ["slimlm generate --teacher M --from-data 'docs/*.md' --num-prompts 256 --out synthetic.jsonl",
@@ -18,15 +18,9 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--prompts", help="JSONL with a 'prompt' field, or a text file with one prompt per line")
     sub.add_argument("--from-data", nargs="+", metavar="D", help="cut prompts (first sentences) from these texts")
     sub.add_argument("--text-field", default="text")
-    sub.add_argument("--num-prompts", type=positive_int, default=256)
     sub.add_argument("--out", required=True,
                      help="JSONL output (written beside it first, so an interrupted run is continued)")
-    sub.add_argument("--max-new-tokens", type=positive_int, default=128)
-    sub.add_argument("--temperature", type=float, default=0.8)
-    sub.add_argument("--top-p", type=float, default=0.95)
-    sub.add_argument("--num-return-sequences", type=positive_int, default=1)
-    sub.add_argument("--batch-size", type=positive_int, default=8)
-    sub.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    GenerationOptions.add_arguments(sub)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--overwrite", action="store_true")
     sub.set_defaults(handler=run)
@@ -38,6 +32,7 @@ def run(args) -> int:
     from slimlm.pipeline import synthetic
     from slimlm.pipeline.records import SYNTHETIC_DONE_SUFFIX
 
+    options = GenerationOptions.from_args(args)
     arguments.check_model_path(args.teacher)
     if (args.prompts is None) == (args.from_data is None):
         raise InputError("give exactly one of --prompts P.jsonl and --from-data D")
@@ -58,15 +53,13 @@ def run(args) -> int:
     else:
         from slimlm.data import load_texts
 
-        prompts = prompts_from_texts(load_texts(args.from_data, text_field=args.text_field), max_prompts=args.num_prompts)
+        prompts = prompts_from_texts(load_texts(args.from_data, text_field=args.text_field),
+                                     max_prompts=options.num_prompts)
         if not prompts:
             raise InputError(f"no prompt of at least 20 characters could be cut from {' '.join(args.from_data)}")
-    prompts = prompts[: args.num_prompts]
+    prompts = prompts[: options.num_prompts]
     teacher, tokenizer = arguments.load(args.teacher, args)
-    dataset = synthetic.generate_stage(teacher, tokenizer, prompts, args.out, max_new_tokens=args.max_new_tokens,
-                                       temperature=args.temperature, top_p=args.top_p,
-                                       num_return_sequences=args.num_return_sequences, batch_size=args.batch_size,
-                                       seed=args.seed, chat_template=True if args.chat else None,
+    dataset = synthetic.generate_stage(teacher, tokenizer, prompts, args.out, **options.sampling(args.seed),
                                        progress=arguments.progress(args))
     print(f"{len(dataset)} generations in {args.out}")
     return EXIT_OK

@@ -14,6 +14,7 @@ from importlib import resources
 
 import yaml
 
+from slimlm.distill.options import GenerationOptions
 from slimlm.errors import InputError
 from slimlm.importance.options import ImportanceOptions
 from slimlm.options import check_type
@@ -71,7 +72,7 @@ def dump_yaml(value) -> str:
 _ANY = object()
 # The sections that are an options dataclass (``slimlm.options``): declared there once, for the
 # command line, recipes and Python alike.
-OPTION_SECTIONS = (ImportanceOptions,)
+OPTION_SECTIONS = (ImportanceOptions, GenerationOptions)
 # section → field → (expected type(s), default). None as default: optional.
 RECIPE_FIELDS = {
     None: {"teacher": (str, _ANY), "out": (str, None), "seed": (int, 0), "dtype": (str, "auto"),
@@ -95,8 +96,6 @@ RECIPE_FIELDS = {
     # Minitron's teacher correction before distilling: lr default distill.lr / 10, seq_len and
     # batch_size default the distillation's.
     "correct_teacher": {"tokens": (int, _ANY), "lr": (float, None), "seq_len": (int, None), "batch_size": (int, None)},
-    "synthetic": {"num_prompts": (int, 64), "max_new_tokens": (int, 64), "temperature": (float, 0.8),
-                  "top_p": (float, 0.95), "batch_size": (int, 8), "mix": (float, 0.3), "chat": (bool, False)},
     # finish_by_minutes: distillation ends by then, counted from the start of this invocation of
     # the run (max_minutes shrinks when the stages before it took long), so that the whole run
     # keeps a time budget on a slower machine; like max_minutes, not an input of the result.
@@ -137,11 +136,12 @@ def validate_recipe(raw, where: str) -> dict:
     if not isinstance(raw, dict):
         raise InputError(f"{where}: a recipe is a YAML mapping, got {type(raw).__name__}")
     recipe = _check_section(None, raw, RECIPE_FIELDS[None], where)
-    for options in OPTION_SECTIONS:
-        recipe[options.SECTION] = options.from_section(recipe[options.SECTION], where).as_record()
+    for options in OPTION_SECTIONS:  # an optional section (synthetic: null, or absent) stays None
+        if recipe[options.SECTION] is not None:
+            recipe[options.SECTION] = options.from_section(recipe[options.SECTION], where).as_record()
     for section in ("data", "distill", "eval", "report"):
         recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
-    for section in ("search", "reconstruct", "correct_teacher", "synthetic"):
+    for section in ("search", "reconstruct", "correct_teacher"):
         if recipe[section] is not None:
             recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
     _check_semantics(recipe, where)
@@ -173,8 +173,6 @@ def _check_semantics(recipe: dict, where: str) -> None:
                 ("eval", "speed_rounds")]
     if recipe["reconstruct"] is not None:
         positive += [("reconstruct", "num_samples"), ("reconstruct", "ridge")]
-    if recipe["synthetic"] is not None:
-        positive += [("synthetic", "num_prompts"), ("synthetic", "max_new_tokens"), ("synthetic", "batch_size")]
     for section, field in positive:
         value = recipe[section][field]
         if value is not None and not (value > 0 and value != float("inf")):
@@ -203,8 +201,6 @@ def _check_semantics(recipe: dict, where: str) -> None:
         for field, value in recipe["correct_teacher"].items():
             if value is not None and not value > 0:
                 raise InputError(f"{where}: correct_teacher.{field} must be > 0, got {value}")
-    if recipe["synthetic"] is not None and not 0.0 <= recipe["synthetic"]["mix"] <= 1.0:
-        raise InputError(f"{where}: synthetic.mix must be in [0, 1], got {recipe['synthetic']['mix']}")
     if recipe["dtype"] != "auto" and recipe["dtype"] not in DTYPES:
         raise InputError(f"{where}: dtype: unknown value {recipe['dtype']!r}")
     if recipe["save_dtype"] != "auto" and recipe["save_dtype"] not in DTYPES:

@@ -255,10 +255,9 @@ class Pipeline:
         return flags
 
     def _synthetic_settings(self) -> dict:
-        section = self.recipe["synthetic"]
-        return dict(max_new_tokens=section["max_new_tokens"], temperature=section["temperature"],
-                    top_p=section["top_p"], batch_size=section["batch_size"], seed=self.recipe["seed"],
-                    chat_template=True if section["chat"] else None)
+        from slimlm.distill.options import GenerationOptions
+
+        return GenerationOptions(**self.recipe["synthetic"]).sampling(self.recipe["seed"])
 
     def importance(self):
         """Scores of the teacher on calibration blocks of the training data (``scores/``)."""
