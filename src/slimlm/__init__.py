@@ -15,6 +15,7 @@ from slimlm.losses import (
     causal_lm_kl_div_loss,
     depth_layer_map,
     fused_linear_kl_div_loss,
+    fused_linear_topk_kl_div_loss,
     hidden_state_loss,
     kl_div_loss,
     lm_head_spec,
@@ -63,6 +64,7 @@ __all__ = [
     "save_pruned",
     "search",
     "smollm2_gguf_path",
+    "fused_linear_topk_kl_div_loss",
     "topk_kl_div_loss",
 ]
 

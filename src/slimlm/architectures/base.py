@@ -58,12 +58,25 @@ class LMHead:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of ``hidden`` (..., H)."""
-        logits = nn.functional.linear(hidden, self.weight, self.bias).float()
+        return self.scale_and_cap(nn.functional.linear(hidden, self.weight, self.bias).float())
+
+    def scale_and_cap(self, z: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """softcap(z · logit_scale) of z = hidden @ weightᵀ + bias; ``in_place`` overwrites z
+        (no autograd through it: the chunked losses, which make their own gradient)."""
         if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
+            z = z.mul_(self.logit_scale) if in_place else z * self.logit_scale
         if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+            cap = self.softcap
+            z = z.div_(cap).tanh_().mul_(cap) if in_place else torch.tanh(z / cap) * cap
+        return z
+
+    def chain_(self, grad: torch.Tensor, logits: torch.Tensor) -> None:
+        """d loss / dz in place from ``grad`` = d loss / d logits, given the logits themselves:
+        d softcap(s)/ds = 1 − (logit / cap)², then the scale's constant factor."""
+        if self.softcap is not None:
+            grad.mul_(torch.square(logits.div(self.softcap)).neg_().add_(1.0))
+        if self.logit_scale != 1.0:
+            grad.mul_(self.logit_scale)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,8 @@ from safetensors.torch import save_file
 
 from slimlm import outputs
 from slimlm.architectures import lm_head
-from slimlm.kernels import fused_linear
 from slimlm.losses import last_hidden_state
-from slimlm.losses.fused_linear import linear_head
+from slimlm.losses.chunked import HeadGemms, pick_chunk_size
 
 FORMAT = "slimlm.teacher_topk/1"
 INDEX_FILE = "index.json"
@@ -63,14 +62,14 @@ def teacher_identity(model) -> dict:
 @torch.no_grad()
 def teacher_topk(model, input_ids: torch.Tensor, k: int, temperature: float = 1.0, chunk_size: int | None = None):
     """(B, T, k) fp32 top-k log softmax(logits / τ) and int64 indices, logits made in fp32 row chunks."""
-    head = linear_head(lm_head(model), None)
+    gemms = HeadGemms(lm_head(model), None)
     hidden = last_hidden_state(model, input_ids)
     rows = hidden.reshape(-1, hidden.shape[-1])
-    vocab = head.weight.shape[0]
-    step = chunk_size or fused_linear.pick_chunk_size(rows.shape[0], vocab, rows.device)
+    vocab = gemms.head.weight.shape[0]
+    step = chunk_size or pick_chunk_size(rows.shape[0], vocab, rows.device)
     values, indices = [], []
     for start in range(0, rows.shape[0], step):
-        logits = head.logits(head.operand(rows[start:start + step]))
+        logits = gemms.logits(gemms.operand(rows[start:start + step]))
         top = torch.log_softmax(logits.div_(temperature), dim=-1).topk(k, dim=-1)
         values.append(top.values)
         indices.append(top.indices)

@@ -39,7 +39,12 @@ from slimlm.distill.lm_heads import check_vocabularies, is_dtensor, vocab_rows, 
 from slimlm.distill.teacher import check_teacher_precision, prepare_teacher
 from slimlm.distill.on_policy import OnPolicySampler
 from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
-from slimlm.losses import HiddenStateDistiller, depth_layer_map, fused_linear_kl_div_loss, topk_kl_div_loss
+from slimlm.losses import (
+    HiddenStateDistiller,
+    depth_layer_map,
+    fused_linear_kl_div_loss,
+    fused_linear_topk_kl_div_loss,
+)
 from slimlm.models import portable_tokenizer_config
 
 
@@ -74,7 +79,7 @@ class DistillationConfig:
     Needs a live teacher and a model ``generate`` can run (not FSDP).
     chunk_size: rows per chunk of the fused loss (None: chosen from a memory budget).
     topk, topk_tail: a folder written by ``slimlm.distill.cache_teacher_topk``: the student then
-    learns from the cached sparse teacher (``topk_kl_div_loss`` with tail "bucket" or
+    learns from the cached sparse teacher (``fused_linear_topk_kl_div_loss`` with tail "bucket" or
     "renormalize") and no live teacher is needed; the training set is the cache's sequences.
     gemm_dtype: operands of the LM-head GEMMs inside the loss: "auto" follows the Trainer's
     mixed precision (bf16 under ``bf16=True``, fp16 under ``fp16=True``, else exact fp32),
@@ -338,11 +343,11 @@ class DistillationTrainer(transformers.Trainer):
             count = num_items_in_batch if num_items_in_batch is not None else (shifted_labels != -100).sum()
             # Cache row t is the teacher's distribution for the token at t + 1, as the student's logits at t.
             k = inputs["topk_logprobs"].shape[-1]
-            return {"loss": topk_kl_div_loss(
+            return {"loss": fused_linear_topk_kl_div_loss(
                 student_last[:, :-1].reshape(-1, student_last.shape[-1]),
+                head,
                 inputs["topk_logprobs"][:, :-1].reshape(-1, k),
                 inputs["topk_indices"][:, :-1].reshape(-1, k),
-                student_weight=head,
                 tail=config.topk_tail,
                 **self._loss_options(shifted_labels, count),
             )}

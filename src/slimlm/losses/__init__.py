@@ -1,8 +1,9 @@
-"""Distillation losses, one file per family: ``kl_div`` (dense logits), ``fused_linear``
-(hidden states and LM heads, logits never materialised), ``topk`` (a sparse teacher),
-``hidden_state`` (intermediate layers), ``causal_lm`` (Hugging Face glue); the shared
-checks live in ``validation``. An LM head is one ``LMHead`` value (weight, bias, logit scale,
-soft-cap) from ``slimlm.architectures.lm_head``.
+"""Distillation losses: one chunked base (``chunked``: the loop over row chunks of the LM head,
+logits never materialised) and one file per family: ``kl_div`` (the teacher's whole
+distribution, from logits or fused with the LM heads), ``topk`` (a sparse teacher, likewise),
+``hidden_state`` (intermediate layers), ``causal_lm`` (Hugging Face glue); the shared checks
+live in ``validation``. An LM head is one ``LMHead`` value (weight, bias, logit scale, soft-cap)
+from ``slimlm.architectures.lm_head``.
 
 Conventions (shared by every loss here):
 - P = softmax(teacher / τ), Q = softmax(student / τ), M = βP + (1−β)Q.
@@ -20,7 +21,6 @@ Conventions (shared by every loss here):
 """
 from slimlm.architectures import LMHead
 from slimlm.losses.causal_lm import causal_lm_kl_div_loss, last_hidden_state, lm_head_spec
-from slimlm.losses.fused_linear import FusedLinearKLDivLoss, fused_linear_kl_div_loss
 from slimlm.losses.hidden_state import (
     HIDDEN_LOSS_KINDS,
     HiddenStateDistiller,
@@ -28,8 +28,8 @@ from slimlm.losses.hidden_state import (
     depth_layer_map,
     hidden_state_loss,
 )
-from slimlm.losses.kl_div import kl_div_loss
-from slimlm.losses.topk import TOPK_TAILS, topk_kl_div_loss
+from slimlm.losses.kl_div import FusedLinearKLDivLoss, fused_linear_kl_div_loss, kl_div_loss
+from slimlm.losses.topk import TOPK_TAILS, fused_linear_topk_kl_div_loss, topk_kl_div_loss
 from slimlm.losses.validation import REDUCTIONS, check_labels
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "check_labels",
     "depth_layer_map",
     "fused_linear_kl_div_loss",
+    "fused_linear_topk_kl_div_loss",
     "hidden_state_loss",
     "kl_div_loss",
     "last_hidden_state",

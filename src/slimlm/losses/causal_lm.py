@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from slimlm import architectures
-from slimlm.losses.fused_linear import fused_linear_kl_div_loss
+from slimlm.losses.kl_div import fused_linear_kl_div_loss
 
 
 def lm_head_spec(model) -> dict:

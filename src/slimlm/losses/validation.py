@@ -1,5 +1,5 @@
-"""Checks and normalisation shared by every loss: each argument is checked once, here, and a
-user error is a ValueError naming the argument and the sizes before any kernel runs."""
+"""Checks shared by every loss: each argument is checked once, here, and a user error is a
+ValueError naming the argument and the sizes before any kernel runs."""
 from __future__ import annotations
 
 import math
@@ -117,36 +117,6 @@ def check_head(side: str, hidden, head: LMHead) -> None:
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise ValueError(f"{side}_bias ({bias.dtype}, {bias.device}) must match {side}_weight ({weight.dtype}, {weight.device})")
     _check_head_options(side, head.logit_scale, head.softcap)
-
-
-def valid_rows_and_norm(flat_labels, num_rows, ignore_index, reduction, num_items_in_batch, device, drop_ignored_rows):
-    """(rows to compute or None for all, host divisor, device divisor or None).
-
-    On CPU the valid count is free, so ignored rows are dropped before any matmul and the
-    reduction's divisor is folded into the kernel scales. On CUDA counting would be a host
-    sync, so by default every row runs (the kernel zeroes ignored ones) and the divisor is
-    a 0-dim tensor divided in backward; ``drop_ignored_rows=True`` pays one sync to skip them.
-    """
-    # Inside torch.compile a count read from labels is data-dependent: keep it on the device.
-    host_count = device.type == "cpu" and not torch.compiler.is_compiling()
-    drop = host_count if drop_ignored_rows is None else bool(drop_ignored_rows)
-    rows = None
-    valid = flat_labels != ignore_index if flat_labels is not None else None
-    if drop and valid is not None:
-        candidate = torch.nonzero(valid).squeeze(1)
-        if candidate.numel() != num_rows:
-            rows = candidate
-    if reduction not in ("batchmean", "mean"):
-        return rows, 1.0, None
-    if num_items_in_batch is not None:
-        count = num_items_in_batch
-    elif valid is not None:
-        count = rows.numel() if rows is not None else valid.sum()
-    else:
-        count = num_rows
-    if host_count or not isinstance(count, torch.Tensor):
-        return rows, max(float(count), 1.0), None
-    return rows, 1.0, torch.as_tensor(count, device=device, dtype=torch.float32).clamp(min=1.0)
 
 
 def check_ce_targets(flat_labels, ignore_index, vocab, ce_weight) -> None:

@@ -1,10 +1,12 @@
-"""fused_linear_kl_div_loss on every backend against eager matmul → full logits → reference loss."""
+"""The chunked LM-head base through fused_linear_kl_div_loss on every backend against eager matmul → full
+logits → reference loss."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import available_backends
-from slimlm.kernels import fused_linear, reference
+from slimlm.kernels import reference
+from slimlm.losses import chunked
 from slimlm.losses import (
     FusedLinearKLDivLoss, causal_lm_kl_div_loss, fused_linear_kl_div_loss, lm_head_spec, topk_kl_div_loss,
 )
@@ -234,14 +236,14 @@ def test_bf16_gemms_for_top_k_and_a_bad_gemm_dtype():
 def test_logits_never_exceed_a_chunk(monkeypatch):
     """Peak memory does not grow with N: no logits block larger than the chunk is ever formed."""
     shapes = []
-    original = fused_linear.LinearHead.logits
+    original = chunked.HeadGemms.logits
 
     def recording(self, hidden):
         out = original(self, hidden)
         shapes.append(tuple(out.shape))
         return out
 
-    monkeypatch.setattr(fused_linear.LinearHead, "logits", recording)
+    monkeypatch.setattr(chunked.HeadGemms, "logits", recording)
     tensors, labels = make_problem(rows=64, vocab=131, seed=8)
     tensors = {n: t.requires_grad_(n.startswith("student")) for n, t in tensors.items()}
     fused_linear_kl_div_loss(**tensors, labels=labels, chunk_size=8, backend="torch").backward()
@@ -252,11 +254,11 @@ def test_logits_never_exceed_a_chunk(monkeypatch):
 
 def test_chunk_size_from_memory_budget():
     cpu = torch.device("cpu")
-    assert fused_linear.pick_chunk_size(100000, 49152, cpu, budget_bytes=256 << 20) == 288
-    assert fused_linear.pick_chunk_size(5, 49152, cpu) == 5
-    assert fused_linear.pick_chunk_size(100000, 10**9, cpu) == 1
-    chunk = fused_linear.pick_chunk_size(10**6, 128256, cpu)
-    assert chunk % 16 == 0 and chunk * 128256 * fused_linear.BYTES_PER_CHUNK_LOGIT <= fused_linear.MEMORY_BUDGET_BYTES["cpu"]
+    assert chunked.pick_chunk_size(100000, 49152, cpu, budget_bytes=256 << 20) == 288
+    assert chunked.pick_chunk_size(5, 49152, cpu) == 5
+    assert chunked.pick_chunk_size(100000, 10**9, cpu) == 1
+    chunk = chunked.pick_chunk_size(10**6, 128256, cpu)
+    assert chunk % 16 == 0 and chunk * 128256 * chunked.BYTES_PER_CHUNK_LOGIT <= chunked.MEMORY_BUDGET_BYTES["cpu"]
 
 
 def test_num_items_in_batch_makes_accumulation_match_one_batch():
@@ -370,13 +372,13 @@ def test_bad_input_is_a_clear_value_error(kwargs, message):
 
 def test_no_grad_computes_the_loss_without_gradient_work(monkeypatch):
     needs = []
-    original = fused_linear.chunked_linear_loss
+    original = chunked.chunked_linear_loss
 
     def recording(*args, **kwargs):
         needs.append((kwargs["need_grad_hidden"], kwargs["need_grad_weight"], kwargs["need_grad_bias"]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fused_linear, "chunked_linear_loss", recording)
+    monkeypatch.setattr(chunked, "chunked_linear_loss", recording)
     tensors, labels = make_problem(rows=6, vocab=23, seed=15)
     tensors = {n: t.requires_grad_(n.startswith("student")) for n, t in tensors.items()}
     with torch.no_grad():
