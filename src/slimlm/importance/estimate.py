@@ -68,6 +68,7 @@ def estimate_importance(
     device=None,
     progress: bool = True,
     loss_drop_samples: int | None = None,
+    fingerprint: str | None = None,
 ) -> ImportanceScores:
     """Score every head, KV group, neuron, hidden channel (``metrics``) and layer (``depth``) of ``model``.
 
@@ -79,7 +80,9 @@ def estimate_importance(
     uses (the first ones; it costs about L/2 + vocab/(12·hidden) forward passes' worth of
     compute per sample, far more than the other scores). ``device``: where to run (default: the model's); the model is
     moved there for the call and back afterwards (leave it None for a model dispatched over
-    several devices, which is used where it lies). Returns scores keyed ``"<metric>.<axis>"``
+    several devices, which is used where it lies). ``fingerprint``: the model's
+    ``model_fingerprint`` when the caller already has it (a run computes its teacher's once);
+    computed here otherwise. Returns scores keyed ``"<metric>.<axis>"``
     (see the module docstring for the definitions) with ``meta`` recording the model's
     fingerprint, metrics, aggregations and counts.
     """
@@ -149,7 +152,7 @@ def estimate_importance(
     scores.update(depth_scores(sums, depth))
 
     meta = {
-        "fingerprint": model_fingerprint(model),
+        "fingerprint": fingerprint or model_fingerprint(model),
         "model_name": getattr(config, "_name_or_path", "") or config.model_type,
         "model_type": config.model_type,
         "metrics": list(metrics),

@@ -9,10 +9,11 @@ from slimlm.pipeline.records import STAGE_RECORD, inputs_state, read_json, stage
 
 
 def importance_stage(model, calibration, out: str, options=None, *, seed: int = 0, progress: bool = True,
-                     inputs: dict | None = None):
+                     inputs: dict | None = None, fingerprint: str | None = None):
     """Score ``model`` on ``calibration`` (TokenBlocks; ``options.num_samples`` of them drawn with
     ``seed``) as ``options`` (``ImportanceOptions``; default: its defaults) says, and save to
-    ``out`` atomically, with ``inputs`` (what the scores were made from) recorded beside."""
+    ``out`` atomically, with ``inputs`` (what the scores were made from) recorded beside.
+    ``fingerprint``: the model's, when the caller has it (``estimate_importance``)."""
     from slimlm.importance import estimate_importance
     from slimlm.importance.options import ImportanceOptions
 
@@ -20,7 +21,7 @@ def importance_stage(model, calibration, out: str, options=None, *, seed: int = 
     calibration = calibration.sample(options.num_samples, seed)
     scores = estimate_importance(model, calibration, metrics=tuple(options.metrics), depth=tuple(options.depth),
                                  batch_size=options.batch_size, progress=progress,
-                                 loss_drop_samples=options.loss_drop_samples)
+                                 loss_drop_samples=options.loss_drop_samples, fingerprint=fingerprint)
     with outputs.atomic_output(out) as staging:
         scores.write(staging)
         if inputs is not None:

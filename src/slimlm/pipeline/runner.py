@@ -273,7 +273,8 @@ class Pipeline:
                 return importance.load_scores(scores_dir, model=self.teacher)
             calibration = tokenize_blocks(self.train_texts, self.tokenizer, section["seq_len"], model=self.teacher)
             return importance.importance_stage(self.teacher, calibration, scores_dir, ImportanceOptions(**section),
-                                               seed=self.recipe["seed"], progress=self.progress, inputs=inputs)
+                                               seed=self.recipe["seed"], progress=self.progress, inputs=inputs,
+                                               fingerprint=self.teacher_fp)
 
     def search(self, scores) -> dict | None:
         """The student shape that distills best at the recipe's budget (``search/``: search.json,
