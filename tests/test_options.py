@@ -10,7 +10,8 @@ from slimlm.pipeline.recipe import OPTION_SECTIONS, validate_recipe
 
 # The command whose flags each options dataclass declares, with the flags it needs besides.
 COMMANDS = {"importance": ["importance", "--model", "m", "--data", "d", "--out", "o"],
-            "synthetic": ["generate", "--teacher", "t", "--out", "o.jsonl"]}
+            "synthetic": ["generate", "--teacher", "t", "--out", "o.jsonl"],
+            "distill": ["distill", "--teacher", "t", "--student", "s", "--data", "d", "--out", "o"]}
 
 
 def minimal_recipe(**sections):
@@ -31,12 +32,16 @@ def test_the_command_line_a_recipe_and_python_share_every_option_and_default(opt
 
 
 @pytest.mark.parametrize("options", OPTION_SECTIONS, ids=lambda options: options.SECTION)
-def test_a_refused_value_is_named_the_way_each_surface_spells_it(options):
+def test_a_refused_value_is_named_the_way_each_surface_spells_it(options, capsys):
     positive = next(field.name for field in options.fields() if field.metadata["check"] == "positive")
     flag = "--" + positive.replace("_", "-")
     with pytest.raises(InputError, match=f"^{positive} must be > 0"):
         options(**{positive: 0})
-    args = build_parser().parse_args([*COMMANDS[options.SECTION], flag, "0"])
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage line, exit 2
+        build_parser().parse_args([*COMMANDS[options.SECTION], flag, "0"])
+    assert exit_info.value.code == 2 and f"argument {flag}: must be > 0" in capsys.readouterr().err
+    args = build_parser().parse_args(COMMANDS[options.SECTION])
+    setattr(args, positive, 0)  # a value that did not come through the flag's parser
     with pytest.raises(InputError, match=f"^{flag} must be > 0"):
         options.from_args(args)
     with pytest.raises(InputError, match=f"^r.yaml: {options.SECTION}.{positive} must be > 0"):

@@ -105,8 +105,10 @@ class Options:
         if unknown:
             raise InputError(f"{where}: unknown field {cls.SECTION + '.' + unknown[0]!r} "
                              f"(known: {', '.join(sorted(kinds))})")
-        values = {name: check_type(f"{where}: {cls.SECTION}.{name}", value, kinds[name])
-                  for name, value in section.items() if value is not None or type(None) in kinds[name]}
+        # null is a field's default (an optional field's None), never a type to name
+        values = {name: check_type(f"{where}: {cls.SECTION}.{name}", value,
+                                   tuple(kind for kind in kinds[name] if kind is not type(None)))
+                  for name, value in section.items() if value is not None}
         try:
             return cls(**values)
         except OptionError as error:
@@ -123,7 +125,7 @@ class Options:
             kinds = cls.kinds()[field.name]
             default = getattr(cls(), field.name)
             flag = "--" + field.name.replace("_", "-")
-            help_text = field.metadata["help"]
+            help_text = field.metadata["help"].replace("%", "%%")  # argparse %-formats help
             if field.metadata.get("choices"):
                 help_text += f" (one{' or more' if list in kinds else ''} of: {', '.join(field.metadata['choices'])})"
             if bool in kinds:
@@ -135,7 +137,7 @@ class Options:
             else:
                 kind = next(k for k in kinds if k is not type(None))
                 help_text += f" (default {default})" if default is not None else ""
-            target.add_argument(flag, type=_argument_type(kind), default=default, help=help_text,
+            target.add_argument(flag, type=_argument_type(kind, field), default=default, help=help_text,
                                 metavar=field.name.upper() if kind is not str else None)
 
     @classmethod
@@ -211,15 +213,21 @@ def _csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _argument_type(kind):
+def _argument_type(kind, field: dataclasses.Field):
+    """The flag's argparse type: parses ``kind`` and applies the field's checks, so that a bad
+    value gets argparse's usage line and exit 2 like any other malformed flag."""
     if kind is _csv or kind is str:
         return kind
 
     def parse(text: str):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {_NAMES[kind]}, got {text!r}") from None
+        problem = _problem(field, value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem.lstrip(': ')} (expected {_NAMES[kind]})")
+        return value
 
     parse.__name__ = kind.__name__
     return parse

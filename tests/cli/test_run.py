@@ -313,8 +313,8 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"distill__hidden_loss_schedule": "sometimes"}, "distill: hidden_loss_schedule must be one of"),
-    ({"distill__on_policy_fraction": 1.5}, "distill: on_policy_fraction must be in [0, 1]"),
+    ({"distill__hidden_loss_schedule": "sometimes"}, "distill.hidden_loss_schedule: unknown value 'sometimes'"),
+    ({"distill__on_policy_fraction": 1.5}, "distill.on_policy_fraction must be in [0, 1]"),
     ({"distill__freeze_embeddings": "yes"}, "distill.freeze_embeddings: expected true/false"),
     ({"distill__teacher_precision": "int4"}, "distill.teacher_precision: unknown value 'int4'"),
     ({"distill__student_precision": "fp16"}, "distill.student_precision: unknown value 'fp16'"),

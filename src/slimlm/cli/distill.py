@@ -7,8 +7,7 @@ import os
 
 from slimlm.cli import arguments
 from slimlm.cli.arguments import EXIT_OK
-from slimlm.distill.teacher import TEACHER_PRECISIONS
-from slimlm.distill.training import STUDENT_PRECISIONS
+from slimlm.distill.options import DistillOptions, GenerationOptions
 from slimlm.errors import InputError
 
 
@@ -26,20 +25,9 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--student", required=True, help="pruned model folder (slimlm prune)")
     arguments.add_data_options(sub)
     sub.add_argument("--synthetic", help="JSONL from slimlm generate")
-    sub.add_argument("--mix", type=float, default=0.5, help="fraction of synthetic blocks in the training mix")
-    sub.add_argument("--seq-len", type=positive_int, default=512)
-    sub.add_argument("--batch-size", type=positive_int, default=8, help="per-device batch (blocks)")
-    sub.add_argument("--max-tokens", type=positive_int, help="training budget in tokens (sets --max_steps)")
-    sub.add_argument("--max-minutes", type=arguments.positive_float, help="stop training after this many minutes")
-    sub.add_argument("--fit-to-time", action="store_true",
-                     help="fit the learning-rate schedule to --max-minutes: after the first steps, plan the steps "
-                     "that fit at the measured speed (at most --max-tokens' worth) so warmup and decay end there "
-                     "(a resumed run keeps the plan)")
-    sub.add_argument("--lr", type=float, default=1e-4)
-    sub.add_argument("--temperature", type=float, default=1.0)
-    sub.add_argument("--beta", type=float, default=0.0, help="0 forward KL, 1 reverse KL, between: JSD(beta)")
-    sub.add_argument("--kd-weight", type=float, default=1.0)
-    sub.add_argument("--ce-weight", type=float, default=0.0)
+    sub.add_argument("--mix", type=float, default=GenerationOptions().mix,
+                     help=f"fraction of synthetic blocks in the training mix (default {GenerationOptions().mix})")
+    DistillOptions.add_arguments(sub)
     sub.add_argument("--correct-teacher-tokens", type=positive_int,
                      help="Minitron's teacher correction: first fine-tune the teacher on this many tokens of --data "
                      "with cross-entropy, in --student-precision, saved to <out>.teacher-corrected (reused by a rerun of the same inputs, "
@@ -47,17 +35,6 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--correct-teacher-lr", type=arguments.positive_float,
                      help="learning rate of the teacher correction (default: a tenth of --lr)")
     sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--teacher-precision", choices=TEACHER_PRECISIONS, default="auto",
-                     help="what the teacher's forward runs in (its LM head in the loss stays as loaded): auto = bf16 "
-                     "where the CPU has native bf16 (AVX512-BF16/AMX), else as loaded; int8 = dynamic quantization "
-                     "on CPU (fast but a much worse teacher on SmolLM2, see BENCHMARKS.md)")
-    sub.add_argument("--student-precision", choices=STUDENT_PRECISIONS, default="auto",
-                     help="what the student trains in: auto = bf16 mixed precision (float32 master weights) where "
-                     "bf16 is native (AVX512-BF16/AMX, or a CUDA device with bf16), else float32; a --bf16/--fp16 "
-                     "flag wins")
-    sub.add_argument("--freeze-embeddings", action="store_true",
-                     help="keep the student's token embedding and LM head as pruned (faster steps: no head weight "
-                     "gradient; slightly less recovery per token, see BENCHMARKS.md)")
     sub.add_argument("--out", required=True)
     arguments.add_save_dtype_option(sub)
     sub.add_argument("--overwrite", action="store_true",
@@ -76,6 +53,7 @@ def run(args) -> int:
     from slimlm.pipeline import distill
     from slimlm.pipeline.correct import correct_teacher_stage
 
+    options = DistillOptions.from_args(args)
     arguments.check_model_path(args.teacher)
     arguments.check_model_path(args.student)
     if not os.path.isdir(args.student):
@@ -83,9 +61,10 @@ def run(args) -> int:
     arguments.check_paths_exist(args.data, "data")
     if args.synthetic is not None:
         arguments.check_paths_exist([args.synthetic], "synthetic data")
-    distill.check_distill_settings(learning_rate=args.lr, temperature=args.temperature, beta=args.beta,
-                                   kd_weight=args.kd_weight, ce_weight=args.ce_weight, max_minutes=args.max_minutes,
-                                   mix_fraction=args.mix, fit_to_time=args.fit_to_time)
+    distill.check_distill_settings(learning_rate=options.lr, temperature=options.temperature, beta=options.beta,
+                                   kd_weight=options.kd_weight, ce_weight=options.ce_weight,
+                                   max_minutes=options.max_minutes, mix_fraction=args.mix,
+                                   fit_to_time=options.fit_to_time)
     if args.correct_teacher_lr is not None and args.correct_teacher_tokens is None:
         raise InputError("--correct-teacher-lr needs --correct-teacher-tokens")
     if args.correct_teacher_tokens is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -119,24 +98,30 @@ def run(args) -> int:
         from slimlm.distill.training import student_precision_flags
 
         # The correction trains in the student's precision (bf16 mixed where native with auto).
-        correction_flags = student_precision_flags(args.student_precision,
+        correction_flags = student_precision_flags(options.student_precision,
                                                    ["--use_cpu", "true"] if args.device == "cpu" else [],
                                                    log=lambda line: None)
         teacher = correct_teacher_stage(
             teacher, teacher_tokenizer, train_texts, corrected_dir, tokens=args.correct_teacher_tokens,
-            seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=args.correct_teacher_lr or args.lr / 10,
+            seq_len=options.seq_len, batch_size=options.batch_size,
+            learning_rate=args.correct_teacher_lr or options.lr / 10,
             seed=args.seed, training_args=correction_flags, overwrite=True, inplace=True,
             disable_tqdm=not arguments.progress(args),
             log=print if rank_zero else (lambda line: None))
+    distillation_options = options.distillation_options(changed_only=True)
+    if options.hidden_loss_weight > 0:
+        layer_map = distill.pruned_layer_map(args.student, student, teacher)
+        if layer_map is not None:  # each student layer against the teacher layer it was cut from
+            distillation_options["layer_map"] = layer_map
     _, log_history = distill.distill_stage(
         teacher, student, tokenizer, train_texts, args.out, synthetic_texts=synthetic_texts,
-        mix_fraction=args.mix if synthetic_texts else 0.0, seq_len=args.seq_len, max_tokens=args.max_tokens,
-        max_minutes=args.max_minutes, fit_to_time=args.fit_to_time, batch_size=args.batch_size, learning_rate=args.lr,
-        temperature=args.temperature, beta=args.beta, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
-        seed=args.seed, training_args=training_args, overwrite=args.overwrite, resume=not args.overwrite,
-        disable_tqdm=not arguments.progress(args), save_dtype=args.save_dtype,
-        teacher_precision=args.teacher_precision, student_precision=args.student_precision,
-        distillation_options={"freeze_embeddings": True} if args.freeze_embeddings else None, extra_record={"teacher": args.teacher, "student": args.student},
+        mix_fraction=args.mix if synthetic_texts else 0.0, seq_len=options.seq_len, max_tokens=options.max_tokens,
+        max_minutes=options.max_minutes, fit_to_time=options.fit_to_time, batch_size=options.batch_size,
+        learning_rate=options.lr, temperature=options.temperature, beta=options.beta, kd_weight=options.kd_weight,
+        ce_weight=options.ce_weight, seed=args.seed, training_args=training_args, overwrite=args.overwrite,
+        resume=not args.overwrite, disable_tqdm=not arguments.progress(args), save_dtype=args.save_dtype,
+        teacher_precision=options.teacher_precision, student_precision=options.student_precision,
+        distillation_options=distillation_options or None, extra_record={"teacher": args.teacher, "student": args.student},
         log=print if rank_zero else (lambda line: None))
     if not rank_zero:
         return EXIT_OK

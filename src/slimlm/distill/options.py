@@ -1,10 +1,14 @@
-"""The synthetic-text stage's options, declared once (``slimlm.options``): ``slimlm generate``'s
-flags, a recipe's ``synthetic:`` section and ``GenerationOptions`` in Python."""
+"""The distillation's and the synthetic-text stage's options, each declared once
+(``slimlm.options``): ``slimlm distill``'s and ``slimlm generate``'s flags, a recipe's
+``distill:`` and ``synthetic:`` sections, and ``DistillOptions`` / ``GenerationOptions`` in Python."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimlm.options import Options, option
+from slimlm.distill.teacher import TEACHER_PRECISIONS
+from slimlm.distill.trainer import HIDDEN_LOSS_SCHEDULES
+from slimlm.distill.training import STUDENT_PRECISIONS
+from slimlm.options import OptionError, Options, option
 
 
 @dataclass
@@ -32,3 +36,61 @@ class GenerationOptions(Options):
         return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                     num_return_sequences=self.num_return_sequences, batch_size=self.batch_size, seed=seed,
                     chat_template=True if self.chat else None)
+
+
+@dataclass
+class DistillOptions(Options):
+    """How the pruned student is distilled: blocks of ``seq_len`` tokens, ``batch_size`` per
+    device, at ``lr``; until ``max_tokens`` (or the time caps); the loss (temperature, β, KD and
+    CE weights, the hidden-state term, on-policy batches) and the precisions teacher and student
+    run in. ``training_args``: more ``TrainingArguments`` (a mapping in a recipe; on the command
+    line any flag of theirs passes through)."""
+
+    SECTION = "distill"
+
+    seq_len: int = option(512, "tokens per training block", check="positive")
+    batch_size: int = option(8, "blocks per device and step", check="positive")
+    lr: float = option(1e-4, "peak learning rate (cosine schedule, 5% warmup)", check="positive")
+    max_tokens: int | None = option(None, "training budget in tokens (sets max_steps)", check="positive")
+    max_minutes: float | None = option(None, "stop training after this many minutes", check="positive")
+    finish_by_minutes: float | None = option(
+        None, "end the distillation by this minute of the whole run, whatever the stages before it took",
+        check="positive", cli=False)
+    fit_to_time: bool = option(False, "fit the learning-rate schedule to max_minutes: after the first steps, plan "
+                                      "the steps that fit at the measured speed so warmup and decay end there (a "
+                                      "resumed run keeps the plan)")
+    temperature: float = option(1.0, "distillation temperature", check="positive")
+    beta: float = option(0.0, "0 forward KL, 1 reverse KL, between: JSD(beta)", check="fraction")
+    kd_weight: float = option(1.0, "weight of the distillation loss", check="non_negative")
+    ce_weight: float = option(0.0, "weight of the next-token cross-entropy", check="non_negative")
+    teacher_precision: str = option("auto", "what the teacher's forward runs in (auto: bf16 where the CPU has "
+                                            "native bf16, else as loaded; int8: dynamic quantization on CPU)",
+                                    choices=TEACHER_PRECISIONS)
+    student_precision: str = option("auto", "what the student trains in (auto: bf16 mixed precision where bf16 is "
+                                            "native, else float32; a --bf16/--fp16 flag wins)",
+                                    choices=STUDENT_PRECISIONS)
+    hidden_loss_weight: float = option(0.0, "weight of the hidden-state loss (each student layer against the "
+                                            "teacher layer it was cut from)", check="non_negative")
+    hidden_loss_schedule: str = option("fixed", "how the hidden loss is weighted over the steps",
+                                       choices=HIDDEN_LOSS_SCHEDULES)
+    on_policy_fraction: float = option(0.0, "share of batches continued by the student's own samples (GKD's "
+                                            "lambda)", check="fraction")
+    freeze_embeddings: bool = option(False, "keep the student's token embedding and LM head as pruned")
+    eval_steps: int | None = option(None, "held-out NLL every this many steps (a recipe's held-out sets)",
+                                    check="positive", cli=False)
+    eval_blocks: int = option(8, "held-out blocks per evaluation along the training", check="positive", cli=False)
+    training_args: dict = option({}, "more TrainingArguments, by name", cli=False)
+
+    def check(self) -> None:
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise OptionError("kd_weight", "and ce_weight are both 0: nothing to train on")
+        if self.fit_to_time and not (self.max_minutes or self.finish_by_minutes):
+            raise OptionError("fit_to_time", "fits the schedule to max_minutes: give max_minutes too")
+
+    def distillation_options(self, *, changed_only: bool = False) -> dict:
+        """The ``DistillationConfig`` fields beyond ``distill_stage``'s own parameters (with
+        ``changed_only``: those not at their defaults, as a command records them)."""
+        names = ("hidden_loss_weight", "hidden_loss_schedule", "on_policy_fraction", "freeze_embeddings")
+        defaults = DistillOptions()
+        return {name: getattr(self, name) for name in names
+                if not changed_only or getattr(self, name) != getattr(defaults, name)}

@@ -14,7 +14,7 @@ from importlib import resources
 
 import yaml
 
-from slimlm.distill.options import GenerationOptions
+from slimlm.distill.options import DistillOptions, GenerationOptions
 from slimlm.errors import InputError
 from slimlm.importance.options import ImportanceOptions
 from slimlm.options import check_type
@@ -72,7 +72,7 @@ def dump_yaml(value) -> str:
 _ANY = object()
 # The sections that are an options dataclass (``slimlm.options``): declared there once, for the
 # command line, recipes and Python alike.
-OPTION_SECTIONS = (ImportanceOptions, GenerationOptions)
+OPTION_SECTIONS = (ImportanceOptions, GenerationOptions, DistillOptions)
 # section → field → (expected type(s), default). None as default: optional.
 RECIPE_FIELDS = {
     None: {"teacher": (str, _ANY), "out": (str, None), "seed": (int, 0), "dtype": (str, "auto"),
@@ -96,17 +96,6 @@ RECIPE_FIELDS = {
     # Minitron's teacher correction before distilling: lr default distill.lr / 10, seq_len and
     # batch_size default the distillation's.
     "correct_teacher": {"tokens": (int, _ANY), "lr": (float, None), "seq_len": (int, None), "batch_size": (int, None)},
-    # finish_by_minutes: distillation ends by then, counted from the start of this invocation of
-    # the run (max_minutes shrinks when the stages before it took long), so that the whole run
-    # keeps a time budget on a slower machine; like max_minutes, not an input of the result.
-    "distill": {"seq_len": (int, 256), "max_tokens": (int, None), "max_minutes": (float, None),
-                "finish_by_minutes": (float, None), "fit_to_time": (bool, False), "lr": (float, 1e-4),
-                "batch_size": (int, 8), "temperature": (float, 1.0), "beta": (float, 0.0), "kd_weight": (float, 1.0),
-                "ce_weight": (float, 0.0), "teacher_precision": (str, "auto"),
-                "student_precision": (str, "auto"), "hidden_loss_weight": (float, 0.0),
-                "hidden_loss_schedule": (str, "fixed"), "on_policy_fraction": (float, 0.0),
-                "freeze_embeddings": (bool, False), "eval_steps": (int, None), "eval_blocks": (int, 8),
-                "training_args": (dict, {})},
     "eval": {"seq_len": (int, 256), "max_blocks": (int, 64), "batch_size": (int, 8), "prompts": (list, []),
              "max_new_tokens": (int, 32), "speed": (bool, False), "speed_prompt_tokens": (int, 128),
              "speed_new_tokens": (int, 32), "speed_rounds": (int, 3)},
@@ -139,7 +128,7 @@ def validate_recipe(raw, where: str) -> dict:
     for options in OPTION_SECTIONS:  # an optional section (synthetic: null, or absent) stays None
         if recipe[options.SECTION] is not None:
             recipe[options.SECTION] = options.from_section(recipe[options.SECTION], where).as_record()
-    for section in ("data", "distill", "eval", "report"):
+    for section in ("data", "eval", "report"):
         recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
     for section in ("search", "reconstruct", "correct_teacher"):
         if recipe[section] is not None:
@@ -167,10 +156,8 @@ def _check_semantics(recipe: dict, where: str) -> None:
         raise InputError(f"{where}: target: {error}") from None
     if recipe["search"] is not None:
         _check_search(recipe["search"], where)
-    positive = [("distill", "seq_len"), ("distill", "batch_size"), ("distill", "lr"), ("distill", "temperature"),
-                ("eval", "seq_len"), ("eval", "max_blocks"), ("eval", "batch_size"), ("eval", "max_new_tokens"),
-                ("distill", "max_tokens"), ("distill", "max_minutes"), ("distill", "finish_by_minutes"), ("distill", "eval_steps"), ("distill", "eval_blocks"), ("eval", "speed_prompt_tokens"),
-                ("eval", "speed_rounds")]
+    positive = [("eval", "seq_len"), ("eval", "max_blocks"), ("eval", "batch_size"), ("eval", "max_new_tokens"),
+                ("eval", "speed_prompt_tokens"), ("eval", "speed_rounds")]
     if recipe["reconstruct"] is not None:
         positive += [("reconstruct", "num_samples"), ("reconstruct", "ridge")]
     for section, field in positive:
@@ -179,24 +166,6 @@ def _check_semantics(recipe: dict, where: str) -> None:
             raise InputError(f"{where}: {section}.{field} must be > 0 and finite, got {value}")
     if not 0.0 < recipe["data"]["heldout_fraction"] < 1.0:
         raise InputError(f"{where}: data.heldout_fraction must be in (0, 1), got {recipe['data']['heldout_fraction']}")
-    from slimlm.distill.teacher import TEACHER_PRECISIONS
-    from slimlm.distill.training import STUDENT_PRECISIONS
-
-    for field, known in (("teacher_precision", TEACHER_PRECISIONS), ("student_precision", STUDENT_PRECISIONS)):
-        if recipe["distill"][field] not in known:
-            raise InputError(f"{where}: distill.{field}: unknown value {recipe['distill'][field]!r} "
-                             f"(known: {', '.join(known)})")
-    if recipe["distill"]["fit_to_time"] and not (recipe["distill"]["max_minutes"] or recipe["distill"]["finish_by_minutes"]):
-        raise InputError(f"{where}: distill.fit_to_time fits the schedule to distill.max_minutes (or finish_by_minutes): "
-                         "give max_minutes too")
-    if not 0.0 <= recipe["distill"]["beta"] <= 1.0:
-        raise InputError(f"{where}: distill.beta must be in [0, 1], got {recipe['distill']['beta']}")
-    from slimlm.distill.trainer import DistillationConfig
-
-    try:
-        DistillationConfig(**distillation_options(recipe["distill"])).check()
-    except (ValueError, TypeError) as error:
-        raise InputError(f"{where}: distill: {error}") from None
     if recipe["correct_teacher"] is not None:
         for field, value in recipe["correct_teacher"].items():
             if value is not None and not value > 0:
@@ -210,14 +179,6 @@ def _check_semantics(recipe: dict, where: str) -> None:
         raise InputError(f"{where}: eval.speed_new_tokens must be >= 2, got {recipe['eval']['speed_new_tokens']}")
     if not all(isinstance(p, str) for p in recipe["eval"]["prompts"]):
         raise InputError(f"{where}: eval.prompts must be a list of strings")
-
-
-DISTILLATION_OPTIONS = ("hidden_loss_weight", "hidden_loss_schedule", "on_policy_fraction", "freeze_embeddings")
-
-
-def distillation_options(section: dict) -> dict:
-    """The distill section's ``DistillationConfig`` fields beyond distill_stage's own parameters."""
-    return {name: section[name] for name in DISTILLATION_OPTIONS}
 
 
 def _check_search(section: dict, where: str) -> None:

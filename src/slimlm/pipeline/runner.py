@@ -398,7 +398,7 @@ class Pipeline:
         (``search/winner``) and trains ``max_tokens`` minus the tokens it has already seen.
         ``teacher``: the one to distill from (default: the recipe's; ``correct_teacher``'s)."""
         from slimlm.models import load_model, save_dtype
-        from slimlm.pipeline.recipe import distillation_options
+        from slimlm.distill.options import DistillOptions
 
         teacher = teacher if teacher is not None else self.teacher
         section = self.recipe["distill"]
@@ -417,7 +417,7 @@ class Pipeline:
         # the search's winner, which is kept in the dtype it trained in.
         saving = self.recipe["save_dtype"] if self.recipe["save_dtype"] != "auto" else \
             str(save_dtype(self.teacher, "auto")).removeprefix("torch.")
-        options = distillation_options(section)
+        options = DistillOptions(**section).distillation_options()
         if section["hidden_loss_weight"] > 0:
             layer_map = distill.pruned_layer_map(start, student, teacher)
             if layer_map is not None:  # each student layer against the teacher layer it was cut from
