@@ -32,16 +32,12 @@ def test_the_command_line_a_recipe_and_python_share_every_option_and_default(opt
 
 
 @pytest.mark.parametrize("options", OPTION_SECTIONS, ids=lambda options: options.SECTION)
-def test_a_refused_value_is_named_the_way_each_surface_spells_it(options, capsys):
+def test_a_refused_value_is_named_the_way_each_surface_spells_it(options):
     positive = next(field.name for field in options.fields() if field.metadata["check"] == "positive")
     flag = "--" + positive.replace("_", "-")
     with pytest.raises(InputError, match=f"^{positive} must be > 0"):
         options(**{positive: 0})
-    with pytest.raises(SystemExit) as exit_info:  # argparse's usage line, exit 2
-        build_parser().parse_args([*COMMANDS[options.SECTION], flag, "0"])
-    assert exit_info.value.code == 2 and f"argument {flag}: must be > 0" in capsys.readouterr().err
-    args = build_parser().parse_args(COMMANDS[options.SECTION])
-    setattr(args, positive, 0)  # a value that did not come through the flag's parser
+    args = build_parser().parse_args([*COMMANDS[options.SECTION], flag, "0"])
     with pytest.raises(InputError, match=f"^{flag} must be > 0"):
         options.from_args(args)
     with pytest.raises(InputError, match=f"^r.yaml: {options.SECTION}.{positive} must be > 0"):

@@ -117,7 +117,8 @@ class Options:
     @classmethod
     def add_arguments(cls, parser, *, skip=(), group: str | None = None) -> None:
         """One flag per field (``--name-with-dashes``), its default and help from the field; a
-        bool is ``--flag/--no-flag``, a list takes comma-separated values."""
+        bool is ``--flag/--no-flag``, a list takes comma-separated values, a string's choices are
+        argparse's."""
         target = parser.add_argument_group(group) if group else parser
         for field in cls.fields():
             if field.name in skip or not field.metadata.get("cli", True):
@@ -137,7 +138,8 @@ class Options:
             else:
                 kind = next(k for k in kinds if k is not type(None))
                 help_text += f" (default {default})" if default is not None else ""
-            target.add_argument(flag, type=_argument_type(kind, field), default=default, help=help_text,
+            choices = field.metadata.get("choices") if kind is str else None
+            target.add_argument(flag, type=_argument_type(kind), default=default, help=help_text, choices=choices,
                                 metavar=field.name.upper() if kind is not str else None)
 
     @classmethod
@@ -213,21 +215,17 @@ def _csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _argument_type(kind, field: dataclasses.Field):
-    """The flag's argparse type: parses ``kind`` and applies the field's checks, so that a bad
-    value gets argparse's usage line and exit 2 like any other malformed flag."""
+def _argument_type(kind):
+    """The flag's argparse type: a malformed value (``--lr abc``) is argparse's usage error; a
+    well-formed one its check refuses is ``from_args``' one-line error naming the flag."""
     if kind is _csv or kind is str:
         return kind
 
     def parse(text: str):
         try:
-            value = kind(text)
+            return kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {_NAMES[kind]}, got {text!r}") from None
-        problem = _problem(field, value)
-        if problem:
-            raise argparse.ArgumentTypeError(f"{problem.lstrip(': ')} (expected {_NAMES[kind]})")
-        return value
 
     parse.__name__ = kind.__name__
     return parse
