@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slimlm.errors import InputError
-from slimlm.pipeline.correct import correct_teacher_stage, correction_inputs, corrected_state
+from slimlm.pipeline.correct import correct_teacher_stage, correction_inputs, corrected_stale_reason
 from slimlm.pipeline.distill import distill_inputs
 from tests.tiny import WORDS, tiny_model, word_tokenizer
 
@@ -35,7 +35,7 @@ def test_correction_trains_saves_and_is_reused(tmp_path):
     assert lm_loss(corrected, tokenizer, data) < lm_loss(teacher, tokenizer, data) - 0.05
     assert all(torch.equal(v, original[k]) for k, v in teacher.state_dict().items())  # a copy was trained
     inputs = correction_inputs(teacher, data, tokens=256, seq_len=16, batch_size=2, learning_rate=3e-3)
-    assert corrected_state(str(out), inputs) is None and corrected.slimlm_teacher_correction == inputs
+    assert corrected_stale_reason(str(out), inputs) is None and corrected.slimlm_teacher_correction == inputs
     record = json.loads((out / "slimlm_stage.json").read_text())
     assert record["steps"] == 8 and record["tokens_seen"] == 256  # ⌈256 / (2 · 16)⌉
     assert not (out / "trainer").exists()

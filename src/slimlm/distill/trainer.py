@@ -45,10 +45,11 @@ from slimlm.losses import (
     fused_linear_kl_div_loss,
     fused_linear_topk_kl_div_loss,
 )
-from slimlm.models import portable_tokenizer_config
+from slimlm.models import DTYPE_NAMES, DTYPES, portable_tokenizer_config
 
 
-GEMM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto" (follow the Trainer's mixed precision) and the one dtype table's names.
+GEMM_DTYPES = {"auto": None, **{name: DTYPES[name] for name in DTYPE_NAMES}}
 HIDDEN_LOSS_SCHEDULES = ("fixed", "minitron")
 
 

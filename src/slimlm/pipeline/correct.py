@@ -14,7 +14,7 @@ import os
 
 from slimlm import outputs
 from slimlm.errors import InputError
-from slimlm.pipeline.records import STAGE_RECORD, has_weights, inputs_state, read_json, read_json_roundtrip, \
+from slimlm.pipeline.records import STAGE_RECORD, has_weights, inputs_stale_reason, read_json, read_json_roundtrip, \
     texts_digest
 
 CORRECTION_ATTRIBUTE = "slimlm_teacher_correction"
@@ -43,11 +43,11 @@ def correction_inputs(teacher, train_texts, *, tokens, seq_len=256, batch_size=8
         "training_args": list(training_args)})
 
 
-def corrected_state(out: str, inputs: dict) -> str | None:
+def corrected_stale_reason(out: str, inputs: dict) -> str | None:
     """None when ``out`` holds a teacher corrected from ``inputs`` (``correction_inputs``), else why not."""
     if not has_weights(out):
         return "missing"
-    return inputs_state(read_json(os.path.join(out, STAGE_RECORD)), inputs, f"no {STAGE_RECORD}")
+    return inputs_stale_reason(read_json(os.path.join(out, STAGE_RECORD)), inputs, f"no {STAGE_RECORD}")
 
 
 def correct_teacher_stage(teacher, tokenizer, train_texts, out: str, *, tokens: int, seq_len: int = 256,
@@ -82,7 +82,7 @@ def correct_teacher_stage(teacher, tokenizer, train_texts, out: str, *, tokens: 
         raise InputError("teacher correction takes its length from tokens; --max_steps cannot be passed to it")
     inputs = correction_inputs(teacher, train_texts, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                                learning_rate=learning_rate, seed=seed, training_args=training_args)
-    state = corrected_state(out, inputs)
+    state = corrected_stale_reason(out, inputs)
     if state is None:
         log(f"[correct] {out} holds the teacher corrected on these inputs; loading it")
         parameter = next(teacher.parameters())

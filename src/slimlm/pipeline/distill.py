@@ -9,7 +9,7 @@ import os
 from slimlm import outputs
 from slimlm.errors import InputError
 from slimlm.pipeline.checkpoints import plan_checkpoints
-from slimlm.pipeline.records import DISTILL_RECORD, RUN_RECORD, has_weights, inputs_state, read_json, \
+from slimlm.pipeline.records import DISTILL_RECORD, RUN_RECORD, has_weights, inputs_stale_reason, read_json, \
     read_json_roundtrip, texts_digest
 
 
@@ -117,7 +117,7 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     the dtype ``student``'s source checkpoint declares, ``slimlm.models.save_dtype``), whatever
     dtype it trained in; the checkpoints stay in the training dtype, so a resumed run continues
     exactly. Its record's ``inputs`` are ``distill_inputs`` plus ``save_dtype`` (the dtype's name),
-    which ``distilled_state`` compares.
+    which ``distilled_stale_reason`` compares.
 
     ``eval_texts`` ({name: texts}) with ``eval_steps``: every that many steps (and after the
     last) the student's NLL/perplexity on the first ``eval_blocks`` blocks of each is logged
@@ -275,7 +275,7 @@ def _save_student(trainer, tokenizer, out: str, record: dict, seq_len: int, dtyp
     trainer.accelerator.wait_for_everyone()
 
 
-def distilled_state(out: str, inputs: dict) -> str | None:
+def distilled_stale_reason(out: str, inputs: dict) -> str | None:
     """None when ``out`` holds a student distilled from ``inputs`` (``distill_inputs`` with the
     saved dtype, ``with_save_dtype``)."""
     if not has_weights(out):
@@ -283,5 +283,5 @@ def distilled_state(out: str, inputs: dict) -> str | None:
     record = read_json(os.path.join(out, DISTILL_RECORD))
     if record is None:
         return f"no {DISTILL_RECORD}"
-    return inputs_state(record, inputs, "")
+    return inputs_stale_reason(record, inputs, "")
 

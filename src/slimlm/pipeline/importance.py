@@ -5,7 +5,7 @@ import os
 
 from slimlm import outputs
 from slimlm.errors import InputError
-from slimlm.pipeline.records import STAGE_RECORD, inputs_state, read_json, stage_record
+from slimlm.pipeline.records import STAGE_RECORD, inputs_stale_reason, read_json, stage_record
 
 
 def importance_stage(model, calibration, out: str, options=None, *, seed: int = 0, progress: bool = True,
@@ -42,7 +42,7 @@ def load_scores(folder: str, model=None):
                          f"{' '.join(str(error).split())})") from None
 
 
-def scores_state(out: str, model, inputs: dict | None = None) -> str | None:
+def scores_stale_reason(out: str, model, inputs: dict | None = None) -> str | None:
     """None when ``out`` holds scores of ``model`` made from ``inputs``, else why not."""
     from slimlm.fingerprint import model_fingerprint
 
@@ -55,5 +55,5 @@ def scores_state(out: str, model, inputs: dict | None = None) -> str | None:
     if scores.meta.get("fingerprint") != model_fingerprint(model):
         return "computed on another model"
     if inputs is not None:
-        return inputs_state(read_json(os.path.join(out, STAGE_RECORD)), inputs, f"no {STAGE_RECORD}")
+        return inputs_stale_reason(read_json(os.path.join(out, STAGE_RECORD)), inputs, f"no {STAGE_RECORD}")
     return None

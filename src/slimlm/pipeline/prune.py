@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from slimlm.pipeline.records import has_weights, inputs_state, read_json, stage_record
+from slimlm.pipeline.records import has_weights, inputs_stale_reason, read_json, stage_record
 
 
 def prune_stage(model, scores, target, out: str, *, tokenizer=None, overwrite: bool = False,
@@ -20,7 +20,7 @@ def prune_stage(model, scores, target, out: str, *, tokenizer=None, overwrite: b
     return pruned, the_plan
 
 
-def pruned_state(out: str, source_fingerprint: str, inputs: dict | None = None) -> str | None:
+def pruned_stale_reason(out: str, source_fingerprint: str, inputs: dict | None = None) -> str | None:
     """None when ``out`` holds a model pruned from ``source_fingerprint`` with ``inputs``, else why not."""
     from slimlm.surgery.save import RECORD_FILE
 
@@ -31,4 +31,4 @@ def pruned_state(out: str, source_fingerprint: str, inputs: dict | None = None) 
         return f"no {RECORD_FILE}"
     if record.get("source_fingerprint") != source_fingerprint:
         return "pruned from another model"
-    return inputs_state(record, inputs, "") if inputs is not None else None
+    return inputs_stale_reason(record, inputs, "") if inputs is not None else None

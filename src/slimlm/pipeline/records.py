@@ -56,7 +56,7 @@ def changed_inputs(record: dict | None, inputs: dict) -> list[str]:
     return sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
 
 
-def inputs_state(record: dict | None, inputs: dict, missing: str) -> str | None:
+def inputs_stale_reason(record: dict | None, inputs: dict, missing: str) -> str | None:
     """None when ``record`` was made from ``inputs``; else ``missing`` (no record) or which changed."""
     if record is None:
         return missing

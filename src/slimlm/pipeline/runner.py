@@ -269,7 +269,7 @@ class Pipeline:
         with self._timed("importance"):
             inputs = {"teacher": self.teacher_fp, "train": texts_digest(self.train_texts), "settings": section,
                       "seed": self.recipe["seed"]}
-            if not self._stage("importance", importance.scores_state(scores_dir, self.teacher, inputs), scores_dir):
+            if not self._stage("importance", importance.scores_stale_reason(scores_dir, self.teacher, inputs), scores_dir):
                 return importance.load_scores(scores_dir, model=self.teacher)
             calibration = tokenize_blocks(self.train_texts, self.tokenizer, section["seq_len"], model=self.teacher)
             return importance.importance_stage(self.teacher, calibration, scores_dir, ImportanceOptions(**section),
@@ -313,7 +313,7 @@ class Pipeline:
             if self.recipe["reconstruct"] is not None:  # (absent otherwise: older run folders stay valid)
                 inputs["reconstruct"] = {**self.recipe["reconstruct"], "train": texts_digest(self.train_texts),
                                          "seq_len": self.recipe["importance"]["seq_len"]}
-            if self._stage("prune", prune.pruned_state(pruned_dir, self.teacher_fp, inputs), pruned_dir) \
+            if self._stage("prune", prune.pruned_stale_reason(pruned_dir, self.teacher_fp, inputs), pruned_dir) \
                     or not os.path.isfile(plan_path):
                 _, the_plan = prune.prune_stage(copy.deepcopy(self.teacher), scores, target, pruned_dir,
                                                 tokenizer=self.tokenizer, overwrite=True, inputs=inputs,
@@ -355,7 +355,7 @@ class Pipeline:
         settings = self._synthetic_settings()
         inputs = synthetic.synthetic_inputs(self.teacher, self.prompts, **settings)
         with self._timed("synthetic"):
-            if self._stage("synthetic", synthetic.synthetic_state(synthetic_path, inputs), synthetic_path):
+            if self._stage("synthetic", synthetic.synthetic_stale_reason(synthetic_path, inputs), synthetic_path):
                 dataset = synthetic.generate_stage(self.teacher, self.tokenizer, self.prompts, synthetic_path,
                                                    progress=self.progress, log=self.log, **settings)
             else:
@@ -437,7 +437,7 @@ class Pipeline:
                             training_args=training_args)
             inputs = distill.distill_inputs(teacher, student, self.train_texts, **settings)
             saved = distill.with_save_dtype(inputs, save_dtype(student, saving))
-            if not self._stage("distill", distill.distilled_state(distilled_dir, saved), distilled_dir):
+            if not self._stage("distill", distill.distilled_stale_reason(distilled_dir, saved), distilled_dir):
                 return read_json(os.path.join(distilled_dir, DISTILL_RECORD))["log_history"]
             # Checkpoints of a run of other inputs (a changed teacher, data or setting) are stale
             # in this folder the recipe owns: they are deleted, not resumed.

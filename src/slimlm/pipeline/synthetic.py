@@ -5,7 +5,7 @@ import os
 
 from slimlm import outputs
 from slimlm.errors import InputError
-from slimlm.pipeline.records import SYNTHETIC_DONE_SUFFIX, inputs_state, read_json, read_json_roundtrip, texts_digest
+from slimlm.pipeline.records import SYNTHETIC_DONE_SUFFIX, inputs_stale_reason, read_json, read_json_roundtrip, texts_digest
 
 
 def synthetic_inputs(teacher, prompts, *, max_new_tokens=64, temperature=0.8, top_p=0.95, num_return_sequences=1,
@@ -64,7 +64,7 @@ def generate_stage(teacher, tokenizer, prompts, out: str, *, max_new_tokens=64, 
     return dataset
 
 
-def synthetic_state(out: str, inputs: dict) -> str | None:
+def synthetic_stale_reason(out: str, inputs: dict) -> str | None:
     """None when ``out`` is complete, unchanged since written, and made from ``inputs``."""
     if not os.path.isfile(out):
         return "missing"
@@ -73,4 +73,4 @@ def synthetic_state(out: str, inputs: dict) -> str | None:
         return "incomplete"
     if record.get("sha256") != outputs.file_digest(out):
         return "changed since it was written"
-    return inputs_state(record, inputs, "incomplete")
+    return inputs_stale_reason(record, inputs, "incomplete")
