@@ -89,10 +89,6 @@ class Options:
         return {field.name: _kinds(hints[field.name]) for field in cls.fields()}
 
     @classmethod
-    def defaults(cls) -> dict:
-        return {field.name: getattr(cls(), field.name) for field in cls.fields()}
-
-    @classmethod
     def from_section(cls, section: dict | None, where: str):
         """The options of a recipe section (a mapping; missing fields take their defaults);
         InputError naming ``where`` and ``SECTION.field`` for an unknown field, a value of the
@@ -120,11 +116,12 @@ class Options:
         bool is ``--flag/--no-flag``, a list takes comma-separated values, a string's choices are
         argparse's."""
         target = parser.add_argument_group(group) if group else parser
+        all_kinds, defaults = cls.kinds(), cls()
         for field in cls.fields():
             if field.name in skip or not field.metadata.get("cli", True):
                 continue
-            kinds = cls.kinds()[field.name]
-            default = getattr(cls(), field.name)
+            kinds = all_kinds[field.name]
+            default = getattr(defaults, field.name)
             flag = "--" + field.name.replace("_", "-")
             help_text = field.metadata["help"].replace("%", "%%")  # argparse %-formats help
             if field.metadata.get("choices"):
@@ -156,9 +153,6 @@ class Options:
     def as_record(self) -> dict:
         """The options as JSON values (lists, not tuples), for a stage's recorded inputs."""
         return {name: copy.deepcopy(value) for name, value in dataclasses.asdict(self).items()}
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
 
 
 # ------------------------------------------------------------------ types

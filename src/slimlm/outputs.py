@@ -53,16 +53,13 @@ def resolve(path) -> str:
     return os.path.realpath(os.path.expanduser(os.fspath(path)))
 
 
-_real = resolve
-
-
 def _inside_or_same(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def overlaps(first, second) -> bool:
     """Whether two paths are the same, or one is inside the other (links resolved)."""
-    first, second = _real(first), _real(second)
+    first, second = resolve(first), resolve(second)
     return _inside_or_same(first, second) or _inside_or_same(second, first)
 
 
@@ -89,13 +86,13 @@ def check_output(out, overwrite: bool, inputs: dict | None = None, *, what: str 
     shown = os.fspath(out)
     out = resolve(out)
     for target in (out, *related):
-        target_real = _real(target)
+        target_real = resolve(target)
         for name, specs in (inputs or {}).items():
             for spec in specs if isinstance(specs, (list, tuple)) else [specs]:
                 if spec is None:
                     continue
                 for path in input_paths(spec):
-                    path_real = _real(path)
+                    path_real = resolve(path)
                     if _inside_or_same(target_real, path_real) or _inside_or_same(path_real, target_real):
                         relation = ("is" if target_real == path_real else
                                     "is inside" if _inside_or_same(target_real, path_real) else "contains")

@@ -3,6 +3,7 @@
 under ``accelerate launch`` / ``torchrun``."""
 from __future__ import annotations
 
+import argparse
 import os
 
 from slimlm.cli import arguments
@@ -61,10 +62,7 @@ def run(args) -> int:
     arguments.check_paths_exist(args.data, "data")
     if args.synthetic is not None:
         arguments.check_paths_exist([args.synthetic], "synthetic data")
-    distill.check_distill_settings(learning_rate=options.lr, temperature=options.temperature, beta=options.beta,
-                                   kd_weight=options.kd_weight, ce_weight=options.ce_weight,
-                                   max_minutes=options.max_minutes, mix_fraction=args.mix,
-                                   fit_to_time=options.fit_to_time)
+    GenerationOptions.from_args(argparse.Namespace(mix=args.mix))  # --mix in [0, 1], named as a flag
     if args.correct_teacher_lr is not None and args.correct_teacher_tokens is None:
         raise InputError("--correct-teacher-lr needs --correct-teacher-tokens")
     if args.correct_teacher_tokens is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:

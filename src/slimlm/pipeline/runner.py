@@ -229,13 +229,7 @@ class Pipeline:
         recipe = self.recipe
         if recipe["synthetic"] is not None:
             synthetic.check_synthetic(self.teacher, self.tokenizer, self.prompts, **self._synthetic_settings())
-        section = recipe["distill"]
-        distill.check_distill_settings(learning_rate=section["lr"], temperature=section["temperature"],
-                                       beta=section["beta"], kd_weight=section["kd_weight"],
-                                       ce_weight=section["ce_weight"],
-                                       max_minutes=section["max_minutes"] or section["finish_by_minutes"],
-                                       mix_fraction=recipe["synthetic"]["mix"] if recipe["synthetic"] else 0.0,
-                                       fit_to_time=section["fit_to_time"])
+        section = recipe["distill"]  # its own values were checked with the recipe (DistillOptions)
         try:
             training_arguments(self._distill_flags(section), output_dir=self.path("distilled.checkpoints"),
                                batch_size=section["batch_size"], learning_rate=section["lr"], seed=recipe["seed"])
