@@ -54,7 +54,7 @@ from slimlm.distill.training import cpu_has_bf16
 
 PROVIDERS = ("plain", "slimlm", "plain-bf16", "slimlm-bf16", "slimlm-teacher-bf16", "slimlm-teacher-int8",
              "slimlm-topk", "slimlm-auto", "slimlm-frozen-embeddings")
-TEACHER_PRECISION = {"slimlm-teacher-bf16": "bf16", "slimlm-teacher-int8": "int8"}
+TEACHER_PRECISION = {"slimlm-teacher-bf16": "bfloat16", "slimlm-teacher-int8": "int8"}
 TOPK = 64
 MIXED_PRECISION = ("plain-bf16", "slimlm-bf16")  # the student under bf16 autocast, the teacher in bf16
 # Timed steps; tokens/s is BATCH·SEQ over the median of the steps after the first (warm-up):
@@ -215,7 +215,7 @@ def test_distill_throughput(benchmark, provider, tmp_path):
             assert speed > 0.3, f"{provider} is far slower than slimlm ({speed:.2f}x)"
 
 
-def teacher_quality(precisions=("fp32", "bf16", "int8"), blocks: int = 8, seq_len: int = 256) -> dict:
+def teacher_quality(precisions=("float32", "bfloat16", "int8"), blocks: int = 8, seq_len: int = 256) -> dict:
     """Per teacher precision: KL(float32 teacher ‖ this one) per token, the perplexity and the
     top-1 agreement with float32, on ``blocks`` held-out blocks, next-token distributions from
     the float32 LM head (as the loss uses it) applied to each precision's last hidden states."""
@@ -257,10 +257,10 @@ def test_teacher_precision_quality(benchmark):
         record_row("distill_teacher", provider, shape, precision, "perplexity", values["perplexity"], "")
         record_row("distill_teacher", provider, shape, precision, "top1_agreement", values["top1_agreement"], "")
         record_row("distill_teacher", provider, shape, precision, "forward", values["forward_s"], "s")
-        print(f"\nteacher {precision}: KL from fp32 {values['kl_from_fp32']:.5f} nats/token, perplexity "
+        print(f"\nteacher {precision}: KL from float32 {values['kl_from_fp32']:.5f} nats/token, perplexity "
               f"{values['perplexity']:.3f}, top-1 agreement {values['top1_agreement']:.4f}")
-    assert results["fp32"]["kl_from_fp32"] < 1e-6
-    assert results["bf16"]["kl_from_fp32"] < 0.01, "a bf16 teacher must teach almost what the float32 one does"
+    assert results["float32"]["kl_from_fp32"] < 1e-6
+    assert results["bfloat16"]["kl_from_fp32"] < 0.01, "a bfloat16 teacher must teach almost what the float32 one does"
 
 
 def held_out_blocks(tokenizer, vocab: int, count: int, seq_len: int, split: str, seed: int = 1) -> torch.Tensor:
@@ -305,7 +305,7 @@ def test_short_distillation_per_teacher_precision(benchmark, tmp_path):
 
     def distill_each():
         results = {"before": score(student)}
-        for precision in ("fp32", "bf16", "int8"):
+        for precision in ("float32", "bfloat16", "int8"):
             torch.manual_seed(0)
             trained = copy.deepcopy(student).train()
             args = transformers.TrainingArguments(
@@ -323,9 +323,9 @@ def test_short_distillation_per_teacher_precision(benchmark, tmp_path):
     for name, (kl, perplexity) in results.items():
         record_row("distill_short", f"teacher-{name}", shape, "float32", "heldout_kl_from_fp32_teacher", kl, "nats/token")
         record_row("distill_short", f"teacher-{name}", shape, "float32", "student_perplexity", perplexity, "")
-        print(f"\n{name}: held-out KL(fp32 teacher || student) {kl:.4f}, student perplexity {perplexity:.2f}")
+        print(f"\n{name}: held-out KL(float32 teacher || student) {kl:.4f}, student perplexity {perplexity:.2f}")
     if not QUICK:  # random tiny models on random tokens have nothing to learn in 3 steps
-        assert results["fp32"][0] < results["before"][0], "distilling from the float32 teacher did not help"
+        assert results["float32"][0] < results["before"][0], "distilling from the float32 teacher did not help"
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from transformers import AutoModelForCausalLM
 from slimlm import estimate_importance, load_model, load_tokenizer, prune, smollm2_gguf_path
 from slimlm.data import tokenize_blocks
 from slimlm.distill.generate import generate_synthetic, prompts_from_texts
+from slimlm.distill.options import DistillOptions
 from slimlm.evaluate import perplexity
 from slimlm.demo.corpus import collect_package_docs
 from slimlm.losses import depth_layer_map
@@ -132,13 +133,15 @@ def main() -> None:
             student = copy.deepcopy(students[spec.get("student", "width")])
         student.train()
         begin = time.perf_counter()
+        extra = dict(spec.get("options") or {})
+        layer_map = extra.pop("layer_map", None)
+        options = DistillOptions(seq_len=args.seq_len, max_tokens=args.tokens, batch_size=args.batch_size,
+                                 lr=spec.get("lr", args.lr), kd_weight=spec.get("kd", 1.0), ce_weight=spec.get("ce", 0.0),
+                                 temperature=spec.get("temperature", 1.0), beta=spec.get("beta", 0.0), **extra)
         trained, _ = distill_stage(
             teachers[spec.get("teacher", "original")], student, tokenizer, corpus["train"],
-            os.path.join(args.out, f"variant-{index}"), synthetic_texts=spec.get("synthetic"),
-            mix_fraction=spec.get("mix", 0.0), seq_len=args.seq_len, max_tokens=args.tokens,
-            batch_size=args.batch_size, learning_rate=spec.get("lr", args.lr), kd_weight=spec.get("kd", 1.0),
-            ce_weight=spec.get("ce", 0.0), temperature=spec.get("temperature", 1.0), beta=spec.get("beta", 0.0),
-            distillation_options=spec.get("options"), resume=False, overwrite=True, disable_tqdm=True,
+            os.path.join(args.out, f"variant-{index}"), options, synthetic_texts=spec.get("synthetic"),
+            mix_fraction=spec.get("mix", 0.0), layer_map=layer_map, resume=False, overwrite=True, disable_tqdm=True,
             training_args=["--save_strategy", "no", "--lr_scheduler_type", spec.get("schedule", "cosine")],
         )
         seconds[name] = time.perf_counter() - begin

@@ -6,7 +6,7 @@ A finished ``slimlm demo`` (or ``scripts/demo_variant.py``) folder holds the sea
 tokens with the demo's distillation (``slimlm.pipeline.distill.distill_stage``: bf16 teacher
 and student where native, lr 1e-3 cosine with 5% warmup, 4 × 256 tokens a step, the hidden-state
 loss with Minitron's weighting on the winner's layer map) changed by the variant's JSON
-overrides of ``distill_stage`` keywords (``{"batch_size": 2}``, ``{"learning_rate": 0.002}``;
+overrides of ``DistillOptions`` fields (``{"batch_size": 2}``, ``{"lr": 0.002}``;
 ``"synthetic": PATH`` with ``"mix"``: the texts of a synthetic JSONL mixed in). Printed and
 appended to ``<out>/results.jsonl``: seconds and perplexity on 16 blocks of 256 tokens of the
 in-domain and the general held-out split (the run's data folder). ``<out>/<name>`` is replaced
@@ -33,12 +33,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokens", type=int, default=81920)
     parser.add_argument("--name", required=True)
-    parser.add_argument("overrides", nargs="?", default="{}", help="distill_stage keywords as JSON")
+    parser.add_argument("overrides", nargs="?", default="{}", help="DistillOptions fields (and mix, synthetic) as JSON")
     args = parser.parse_args()
 
     from slimlm import outputs
     from slimlm.data import tokenize_blocks
     from slimlm.distill.generate import read_jsonl
+    from slimlm.distill.options import DistillOptions
     from slimlm.errors import InputError
     from slimlm.evaluate import perplexity
     from slimlm.models import load_model, load_tokenizer
@@ -68,22 +69,18 @@ def main() -> None:
     teacher = load_model(teacher_dir, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(teacher_dir)
     student = load_model(start, dtype=torch.float32)
-    options = {"hidden_loss_weight": 1.0, "hidden_loss_schedule": "minitron"}
     layer_map = distill.pruned_layer_map(start, student, teacher)
-    if layer_map is not None:
-        options["layer_map"] = layer_map
-    options.update(overrides.pop("distillation_options", {}))
-    settings = dict(seq_len=256, max_tokens=args.tokens, batch_size=4, learning_rate=1e-3, seed=0,
-                    teacher_precision="auto", student_precision="auto", distillation_options=options,
-                    synthetic_texts=texts(synthetic) if synthetic else None, mix_fraction=overrides.pop("mix", 0.0),
-                    training_args=["--use_cpu", "true", "--warmup_steps", "0.05", "--logging_steps", "10",
-                                   "--save_steps", "1000000"])
-    settings.update(overrides)
+    mix = overrides.pop("mix", 0.0)
+    values = {"seq_len": 256, "max_tokens": args.tokens, "batch_size": 4, "lr": 1e-3, "hidden_loss_weight": 1.0,
+              "hidden_loss_schedule": "minitron", **overrides}
     started = time.perf_counter()
     try:  # a setting no run can use is refused before anything is written
-        student, _ = distill.distill_stage(teacher, student, tokenizer, texts(data_files[0]),
-                                           os.path.join(args.out, args.name), overwrite=True, resume=False,
-                                           clear_stale_checkpoints=True, disable_tqdm=True, **settings)
+        student, _ = distill.distill_stage(
+            teacher, student, tokenizer, texts(data_files[0]), os.path.join(args.out, args.name),
+            DistillOptions(**values), synthetic_texts=texts(synthetic) if synthetic else None, mix_fraction=mix,
+            seed=0, layer_map=layer_map, overwrite=True, resume=False, clear_stale_checkpoints=True, disable_tqdm=True,
+            training_args=["--use_cpu", "true", "--warmup_steps", "0.05", "--logging_steps", "10",
+                           "--save_steps", "1000000"])
     except InputError as error:
         parser.error(str(error))
     result = {"name": args.name, "tokens": args.tokens, "overrides": json.loads(args.overrides),

@@ -72,11 +72,29 @@ def test_folder_without_config_is_refused(tmp_path):
 def test_save_dtype_follows_the_source_unless_asked():
     config = LlamaConfig(dtype="bfloat16")
     assert save_dtype(config) == save_dtype(config, "auto") == torch.bfloat16
-    assert save_dtype(config, "float32") == save_dtype(config, "fp32") == save_dtype(config, torch.float32) == torch.float32
+    assert save_dtype(config, "float32") == save_dtype(config, "torch.float32") == save_dtype(config, torch.float32) \
+        == torch.float32
     assert save_dtype(config, "float16") == torch.float16
     assert source_dtype(LlamaConfig()) == torch.float32  # nothing declared: transformers' default
-    with pytest.raises(ValueError, match="save dtype 'int8' is not one of auto, float32, bfloat16, float16"):
+    with pytest.raises(ValueError, match=r"^save dtype: unknown value 'int8' "
+                                         r"\(known: auto, float32, bfloat16, float16\)$"):
         save_dtype(config, "int8")
+    # The short names slimlm took before are refused, naming the one to write instead.
+    for old, new in (("fp32", "float32"), ("f32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16"),
+                     ("f16", "float16")):
+        with pytest.raises(ValueError, match=rf"^save dtype: unknown value '{old}' \(known: auto, float32, bfloat16, "
+                                             rf"float16; {old} is now {new}\)$"):
+            save_dtype(config, old)
+
+
+def test_resolve_dtype_takes_the_dtype_tables_names():
+    from slimlm.errors import InputError
+    from slimlm.models import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(InputError, match=r"^dtype: unknown value 'bf16' \(known: auto, float32, bfloat16, float16; "
+                                         r"bf16 is now bfloat16\)$"):
+        resolve_dtype("bf16", "cpu")
 
 
 def test_load_model_records_the_declared_dtype_whatever_it_runs_in(tmp_path):
@@ -105,12 +123,12 @@ def test_cast_checkpoint_rewrites_every_shard_and_the_index(tmp_path):
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(tmp_path / "ckpt", max_shard_size="10KB")
     assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()
-    cast_checkpoint(tmp_path / "ckpt", "fp16")
+    cast_checkpoint(tmp_path / "ckpt", "float16")
     index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert reloaded.dtype == torch.float16
     assert index["metadata"]["total_size"] == sum(p.nbytes for p in reloaded.parameters())
     for name, parameter in model.named_parameters():
         assert torch.equal(reloaded.get_parameter(name), parameter.half()), name
-    with pytest.raises(ValueError, match="save dtype 'auto' is not one of"):
+    with pytest.raises(ValueError, match=r"save dtype: unknown value 'auto' \(known: float32, bfloat16, float16\)"):
         cast_checkpoint(tmp_path / "ckpt", "auto")

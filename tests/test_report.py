@@ -71,3 +71,16 @@ def test_a_speed_report_adds_its_section_and_plot(tmp_path):
     assert "| teacher | 1 |" in section and "| student | 2 |" in section and "decode tok/s" in section
     assert "ratio to teacher" in section and "![Inference throughput, teacher vs student](speed.png)" in markdown
     assert "<h2>Inference speed</h2>" in (tmp_path / "report.html").read_text()
+
+
+def test_the_precisions_are_said_in_the_dtype_tables_names():
+    """As asked and as resolved; a record written before the names changed ("bf16") is said by
+    the name it has now."""
+    from slimlm.report import precision_note
+
+    section = {"teacher_precision": "auto", "student_precision": "bfloat16"}
+    assert precision_note(section, {"precision_used": {"teacher": "bfloat16", "student": "float32"}}) == \
+        "teacher precision auto (bfloat16), student precision bfloat16 (float32)"
+    assert precision_note(section, {"precision_used": {"teacher": "float32", "student": "bf16"}}) == \
+        "teacher precision auto (float32), student precision bfloat16 (bfloat16)"
+    assert precision_note(section, {}) == "teacher precision auto, student precision bfloat16"

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,40 @@ from tqdm.auto import tqdm
 
 from slimlm.data import TokenBlocks
 from slimlm.errors import InputError
+from slimlm.options import OptionError, Options, option
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+@dataclass
+class EvalOptions(Options):
+    """What is evaluated, declared once (``slimlm.options``): ``slimlm eval``'s flags, a recipe's
+    ``eval:`` section and ``EvalOptions`` in Python. Perplexity on at most ``max_blocks`` blocks
+    of ``seq_len`` tokens, ``batch_size`` at a time; a greedy sample of ``max_new_tokens`` per
+    prompt; with ``speed``, inference speed (``slimlm.speed``): a ``speed_prompt_tokens`` prompt
+    continued by ``speed_new_tokens`` tokens, ``speed_rounds`` timed rounds per model."""
+
+    SECTION = "eval"
+
+    seq_len: int = option(256, "tokens per held-out block", check="positive")
+    max_blocks: int = option(64, "held-out blocks evaluated at most", check="positive")
+    batch_size: int = option(8, "blocks per forward pass", check="positive")
+    prompts: list[str] = option([], "prompts for a greedy sample each (a recipe's; slimlm eval takes --prompt, "
+                                    "repeatable)", cli=False, flag="--prompt")
+    max_new_tokens: int = option(32, "new tokens per greedy sample", check="positive")
+    speed: bool = option(False, "measure inference speed, the first model (the teacher) the reference")
+    speed_prompt_tokens: int = option(128, "prompt tokens of the speed measurement", check="positive",
+                                      flag="--prompt-tokens")
+    speed_new_tokens: int = option(32, "new tokens per speed round (at least 2: time per output token counts those after the "
+                                       "first)",
+                                   check="positive", flag="--new-tokens")
+    speed_rounds: int = option(3, "timed rounds per model (medians)", check="positive", flag="--rounds")
+
+    def check(self) -> None:
+        if not all(isinstance(prompt, str) for prompt in self.prompts):
+            raise OptionError("prompts", "must be a list of strings")
+        if self.speed_new_tokens < 2:
+            raise OptionError("speed_new_tokens", f"must be >= 2, got {self.speed_new_tokens}")
 
 
 def _model_device(model) -> torch.device:

@@ -24,6 +24,8 @@ from slimlm.architectures import get_adapter
 from slimlm.errors import InputError
 
 # outtype -> (the GGML type of matrices, general.file_type). Vectors (norms, biases) stay F32.
+# These are GGML's type names, as llama.cpp's own ``convert_hf_to_gguf.py --outtype`` takes them
+# (q8_0 is no dtype at all), not slimlm's precision vocabulary (``slimlm.models.DTYPE_NAMES``).
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # Q8_0 quantizes blocks of this many values along a row; rows of other lengths are written F16.
 _Q8_0_BLOCK = 32

@@ -56,13 +56,23 @@ def as_plain_model(model):
     return model
 
 
-# The one dtype table: the names the command line, recipes, budgets and save_dtype accept for the
-# three dtypes a model is loaded, trained and saved in, by torch's name and the short names;
-# DTYPE_NAMES are the names the command line offers.
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16}
-DTYPE_NAMES = _CANONICAL = ("float32", "bfloat16", "float16")
+# The one dtype table, and the one precision vocabulary: torch's names of the three dtypes a
+# model is loaded, trained and saved in. The command line, recipes, budgets, save_dtype and the
+# distillation's precisions (with "auto", and "int8" for the teacher) take these names; records,
+# log lines and the report say them.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+# Short names slimlm took before; refused, naming the one to write instead (``unknown_value``).
+RENAMED_DTYPES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
+
+
+def unknown_value(value, known) -> str:
+    """The problem with ``value`` outside the names ``known``, as ``slimlm.options`` says it:
+    ": unknown value 'bf16' (known: auto, float32, bfloat16, int8; bf16 is now bfloat16)" (the new
+    name of an old one only where ``known`` has it)."""
+    renamed = RENAMED_DTYPES.get(value) if isinstance(value, str) else None
+    hint = f"; {value} is now {renamed}" if renamed in known else ""
+    return f": unknown value {value!r} (known: {', '.join(known)}{hint})"
 
 
 def _as_save_dtype(value) -> torch.dtype | None:
@@ -86,26 +96,26 @@ def source_dtype(model_or_config) -> torch.dtype:
 
 
 def save_dtype(model_or_config, requested=None) -> torch.dtype:
-    """The dtype to save a checkpoint in: ``requested`` ("float32" | "bfloat16" | "float16",
-    their short names, a torch dtype) or, for None/"auto", the source's (``source_dtype``).
-    Anything else is a ValueError naming the choices."""
+    """The dtype to save a checkpoint in: ``requested`` ("float32" | "bfloat16" | "float16", a
+    torch dtype) or, for None/"auto", the source's (``source_dtype``). Anything else is a
+    ValueError naming the choices."""
     if requested is None or requested == "auto":
         return source_dtype(model_or_config)
-    return dtype_named(requested)
+    return dtype_named(requested, known=("auto", *DTYPE_NAMES))
 
 
-def dtype_named(requested) -> torch.dtype:
-    """The save dtype ``requested`` names (see ``save_dtype``); ValueError naming the choices."""
+def dtype_named(requested, known=DTYPE_NAMES) -> torch.dtype:
+    """The dtype ``requested`` names (a name of ``DTYPE_NAMES`` or a torch dtype of ``DTYPES``);
+    else a ValueError naming the choices ``known`` the caller takes."""
     dtype = _as_save_dtype(requested)
     if dtype is None:
-        short = [name for name in DTYPES if name not in _CANONICAL]
-        raise ValueError(f"save dtype {requested!r} is not one of auto, {', '.join(_CANONICAL)} (or {', '.join(short)})")
+        raise ValueError(f"save dtype{unknown_value(requested, known)}")
     return dtype
 
 
 def _gguf_weights_dtype(path: str) -> torch.dtype:
     """The dtype a GGUF file's matrices are stored in; bfloat16 for quantized or mixed ones (the
-    release dtype of the families slimlm supports, and fp32's exponent range for training on)."""
+    release dtype of the families slimlm supports, and float32's exponent range for training on)."""
     from gguf import GGMLQuantizationType, GGUFReader
 
     stored = {tensor.tensor_type for tensor in GGUFReader(path).tensors if len(tensor.shape) > 1}
@@ -262,12 +272,12 @@ def default_device() -> str:
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
-    """A name of ``DTYPES``; ``auto`` (or None) → float32 on CPU (bf16 matmuls are slow there)
+    """A name of ``DTYPES``; ``auto`` (or None) → float32 on CPU (bfloat16 matmuls are slow there)
     and bfloat16 on CUDA."""
     if name in (None, "auto"):
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if name not in DTYPES:
-        raise InputError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
+        raise InputError(f"dtype{unknown_value(name, ('auto', *DTYPE_NAMES))}")
     return DTYPES[name]
 
 # ------------------------------------------------------------------ writing checkpoints

@@ -10,7 +10,8 @@ default, its check and its help. From that one declaration come
 
 A check that fails names the option the way its surface spells it: ``--num-samples must be >
 0`` on the command line, ``recipe.yaml: importance.num_samples must be > 0`` in a recipe,
-``num_samples must be > 0`` in Python — all ``InputError``.
+``num_samples must be > 0`` in Python — all ``InputError``; so does a problem that names another
+option (``OptionError(..., mentions=...)``). A field whose default is ``REQUIRED`` must be given.
 """
 from __future__ import annotations
 
@@ -33,26 +34,47 @@ RULES = {
 }
 
 
-def option(default, help: str, *, check: str | None = None, choices=None, cli: bool = True):
-    """A field of an options dataclass: ``default`` (a list or dict is copied per instance),
-    ``help`` (the flag's help and the reference's text), ``check`` (a ``RULES`` name, applied to
-    a number or to each item of a list; None skips a None value), ``choices`` (the values a
-    string, or each item of a list, may take), ``cli=False`` for an option a command line
-    cannot sensibly take (it stays in recipes and Python)."""
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+# The default of an option that has none: leaving it out is an error ("tokens is required").
+REQUIRED = _Required()
+
+
+def option(default, help: str, *, check: str | None = None, choices=None, cli: bool = True,
+           flag: str | None = None):
+    """A field of an options dataclass: ``default`` (a list or dict is copied per instance;
+    ``REQUIRED``: none, it must be given), ``help`` (the flag's help and the reference's text),
+    ``check`` (a ``RULES`` name, applied to a number or to each item of a list; None skips a None
+    value), ``choices`` (the values a string, or each item of a list, may take), ``cli=False``
+    for an option a command line cannot sensibly take (it stays in recipes and Python), ``flag``
+    for a command line's name of it other than ``--name-with-dashes`` (a flag that predates it;
+    for a ``cli=False`` option, what the command gives it from, as its messages name it)."""
     if check is not None and check not in RULES:
         raise ValueError(f"unknown check {check!r} (known: {', '.join(RULES)})")
-    metadata = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None, "cli": cli}
+    metadata = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None, "cli": cli,
+                "flag": flag}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
 class OptionError(InputError):
-    """An option's value that its check refuses: ``name`` and what is wrong (``problem``)."""
+    """An option's value that its check refuses: ``name`` and what is wrong (``problem``), in
+    which ``{other}`` stands for each option named in ``mentions``, spelled as each surface
+    spells it (``--top-n``, ``search.top_n``, ``top_n``)."""
 
-    def __init__(self, name: str, problem: str):
-        self.name, self.problem = name, problem
-        super().__init__(said(name, problem))
+    def __init__(self, name: str, problem: str, *, mentions=()):
+        self.name, self.problem, self.mentions = name, problem, tuple(mentions)
+        super().__init__(self.said(str))
+
+    def said(self, spell) -> str:
+        """The message with each option's name as ``spell(name)`` gives it."""
+        problem = self.problem.format(**{name: spell(name) for name in self.mentions}) if self.mentions \
+            else self.problem
+        return said(spell(self.name), problem)
 
 
 def said(name: str, problem: str) -> str:
@@ -69,7 +91,7 @@ class Options:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            problem = _problem(field, value)
+            problem = "is required" if value is REQUIRED else _problem(field, value)
             if problem:
                 raise OptionError(field.name, problem)
         self.check()
@@ -81,6 +103,18 @@ class Options:
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field, ...]:
         return dataclasses.fields(cls)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Each field's default (``REQUIRED`` for one that has none), without building the options."""
+        return {field.name: field.default_factory() if field.default is dataclasses.MISSING else field.default
+                for field in cls.fields()}
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """How the command line names field ``name``: its flag, ``--name-with-dashes`` unless declared."""
+        field = next(field for field in cls.fields() if field.name == name)
+        return field.metadata.get("flag") or "--" + name.replace("_", "-")
 
     @classmethod
     def kinds(cls) -> dict[str, tuple[type, ...]]:
@@ -108,36 +142,39 @@ class Options:
         try:
             return cls(**values)
         except OptionError as error:
-            raise InputError(f"{where}: {said(f'{cls.SECTION}.{error.name}', error.problem)}") from None
+            raise InputError(f"{where}: {error.said(lambda name: f'{cls.SECTION}.{name}')}") from None
 
     @classmethod
     def add_arguments(cls, parser, *, skip=(), group: str | None = None) -> None:
-        """One flag per field (``--name-with-dashes``), its default and help from the field; a
-        bool is ``--flag/--no-flag``, a list takes comma-separated values, a string's choices are
-        argparse's."""
+        """One flag per field (``--name-with-dashes`` or the field's ``flag``), its default and
+        help from the field; a bool is ``--flag/--no-flag``, a list takes comma-separated values,
+        a string's choices are argparse's, a ``REQUIRED`` field's flag is required."""
         target = parser.add_argument_group(group) if group else parser
-        all_kinds, defaults = cls.kinds(), cls()
+        all_kinds, defaults = cls.kinds(), cls.defaults()
         for field in cls.fields():
             if field.name in skip or not field.metadata.get("cli", True):
                 continue
             kinds = all_kinds[field.name]
-            default = getattr(defaults, field.name)
-            flag = "--" + field.name.replace("_", "-")
+            default = defaults[field.name]
+            flag = cls.flag(field.name)
             help_text = field.metadata["help"].replace("%", "%%")  # argparse %-formats help
             if field.metadata.get("choices"):
                 help_text += f" (one{' or more' if list in kinds else ''} of: {', '.join(field.metadata['choices'])})"
             if bool in kinds:
-                target.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+                target.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
+                                    help=help_text)
                 continue
+            required = default is REQUIRED
             if list in kinds:
                 kind = _csv
-                help_text += f" (comma-separated; default {','.join(map(str, default)) or 'none'})"
+                help_text += "" if required else f" (comma-separated; default {','.join(map(str, default)) or 'none'})"
             else:
                 kind = next(k for k in kinds if k is not type(None))
-                help_text += f" (default {default})" if default is not None else ""
+                help_text += f" (default {default})" if default is not None and not required else ""
             choices = field.metadata.get("choices") if kind is str else None
-            target.add_argument(flag, type=_argument_type(kind), default=default, help=help_text, choices=choices,
-                                metavar=field.name.upper() if kind is not str else None)
+            target.add_argument(flag, dest=field.name, type=_argument_type(kind), help=help_text, choices=choices,
+                                metavar=flag.lstrip("-").replace("-", "_").upper() if kind is not str else None,
+                                **({"required": True} if required else {"default": default}))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides):
@@ -148,7 +185,7 @@ class Options:
         try:
             return cls(**values)
         except OptionError as error:
-            raise InputError(said(f"--{error.name.replace('_', '-')}", error.problem)) from None
+            raise InputError(error.said(cls.flag)) from None
 
     def as_record(self) -> dict:
         """The options as JSON values (lists, not tuples), for a stage's recorded inputs."""

@@ -19,6 +19,7 @@ import os
 
 from slimlm import outputs
 from slimlm.evaluate import comparison_rows, format_table
+from slimlm.models import RENAMED_DTYPES
 from slimlm.speed import speed_rows
 
 LOSS_KEYS = ("loss", "kd_loss", "ce_loss", "hidden_loss", "heldout_nll", "general_nll")
@@ -289,3 +290,64 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
     with open(html_path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(parts) + "\n")
     return {"markdown": markdown_path, "html": html_path, "plots": plots, "table": format_table(table)}
+
+
+# ------------------------------------------------------------- a run's notes
+def run_notes(recipe: dict, *, command: str, documents: dict[str, int], distill_record: dict, sizes: str,
+              device: str, timings: dict[str, float]) -> dict[str, str]:
+    """The key → line notes of a recipe's report: the command, the teacher and target, the data
+    (``documents``: counts per split), how the distillation went (``distill_record``: the
+    distilled student's ``slimlm_distill.json``), the sizes on disk, the device and the seconds
+    per stage."""
+    section = recipe["distill"]
+    record = distill_record
+    data = (f"{documents['train']} training documents, {documents['heldout']} held-out documents (never used for "
+            "calibration or training)")
+    if documents.get("general") is not None:
+        data += (f", {documents['general']} general held-out documents (another register: neither the training "
+                 "text nor its domain)")
+    speed = f" ({record['tokens_seen'] / record['train_seconds']:.0f} tokens/s)" if record.get("train_seconds") else ""
+    fitted = (f", schedule fitted to the time: {record['scheduled_steps']} steps"
+              if section["fit_to_time"] and record.get("scheduled_steps") else "")
+    parts = [f"{record['steps']} steps, {record['tokens_seen']:,} tokens (budget {section['max_tokens'] or '-'} "
+             f"tokens / {minutes_note(section, record)} min{fitted}), {record['train_seconds'] or 0:.0f} s{speed}",
+             f"lr {section['lr']}", f"seq_len {section['seq_len']}", f"temperature {section['temperature']}",
+             f"beta {section['beta']}", precision_note(section, record)]
+    if section["hidden_loss_weight"]:
+        parts.append(f"hidden-state loss {section['hidden_loss_weight']} ({section['hidden_loss_schedule']})")
+    if section["on_policy_fraction"]:
+        parts.append(f"on-policy fraction {section['on_policy_fraction']}")
+    distillation = ", ".join(parts)
+    if section["freeze_embeddings"]:
+        distillation += ", embeddings and LM head frozen"
+    if recipe["correct_teacher"]:
+        distillation += f", from the teacher corrected on {recipe['correct_teacher']['tokens']:,} tokens"
+    return {"command": command, "teacher": recipe["teacher"], "target": recipe["target"], "data": data,
+            "distillation": distillation, "sizes on disk": sizes, "device": device,
+            "stage seconds": ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items())}
+
+
+def minutes_note(section: dict, distill_record: dict) -> str:
+    """The distillation's time cap as the report states it: the recipe's max_minutes, and what
+    finish_by_minutes shortened it to in the run that made the student."""
+    used = distill_record.get("max_minutes")
+    if section["finish_by_minutes"] is None or used is None:
+        return f"{section['max_minutes'] or '-'}"
+    if section["max_minutes"] is not None and used >= section["max_minutes"]:
+        return f"{section['max_minutes']:g}"
+    return f"{used:.1f} (finish_by_minutes {section['finish_by_minutes']:g})"
+
+
+def precision_note(section: dict, distill_record: dict) -> str:
+    """'teacher precision auto (bfloat16), student precision auto (bfloat16)': as asked, and what
+    it resolved to on the machine that trained (older records lack the latter, or spell it "bf16",
+    said here by its name now)."""
+    used = {who: RENAMED_DTYPES.get(name, name) for who, name in (distill_record.get("precision_used") or {}).items()}
+    return ", ".join(f"{who} precision {section[who + '_precision']}" + (f" ({used[who]})" if used.get(who) else "")
+                     for who in ("teacher", "student"))
+
+
+def sizes_note(teacher: str, saved_dtype: str, save_dtype: str) -> str:
+    """How the report's sizes on disk are stored: the teacher's format, the students' dtype."""
+    quantized = "a .gguf teacher is stored 4-bit quantized (Q4_1); " if str(teacher).endswith(".gguf") else ""
+    return f"{quantized}students as saved: {saved_dtype} safetensors (save_dtype {save_dtype})"

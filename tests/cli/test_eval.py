@@ -68,3 +68,11 @@ def test_eval_speed_with_data_prints_both_tables(workspace, capsys):
 def test_eval_without_data_or_speed_is_bad_input(workspace, capsys):
     code, _, err = run_cli(capsys, "eval", "--model", workspace / "teacher")
     assert "--data is required" in one_line_error(code, err, "eval")
+
+
+@pytest.mark.parametrize("flags, message", [(["--new-tokens", 1], "--new-tokens must be >= 2, got 1"),
+                                            (["--rounds", 0], "--rounds must be > 0"),
+                                            (["--seq-len", 0], "--seq-len must be > 0")])
+def test_a_refused_setting_is_one_line_naming_its_flag(workspace, capsys, flags, message):
+    code, _, err = run_cli(capsys, "eval", "--model", workspace / "teacher", "--speed", *flags)
+    assert message in one_line_error(code, err, "eval")

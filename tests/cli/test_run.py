@@ -287,8 +287,8 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
     out = tmp_path / "run"
     recipe = write_recipe(workspace, "correct.yaml", out=str(out), synthetic=None,
                           correct_teacher={"tokens": 64}, distill__hidden_loss_weight=1.0,
-                          distill__hidden_loss_schedule="minitron", distill__teacher_precision="fp32",
-                          distill__student_precision="fp32", distill__fit_to_time=True, distill__max_minutes=30,
+                          distill__hidden_loss_schedule="minitron", distill__teacher_precision="float32",
+                          distill__student_precision="float32", distill__fit_to_time=True, distill__max_minutes=30,
                           distill__freeze_embeddings=True)
     code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
     assert code == 0, err
@@ -296,15 +296,15 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
     assert (out / "teacher-corrected" / "config.json").is_file()
     inputs = json.loads((out / "distilled" / "slimlm_distill.json").read_text())["inputs"]
     assert inputs["teacher_correction"]["tokens"] == 64
-    assert "--bf16" not in inputs["teacher_correction"]["training_args"]  # the student's precision: fp32
+    assert "--bf16" not in inputs["teacher_correction"]["training_args"]  # the student's precision: float32
     assert inputs["distillation_options"]["hidden_loss_schedule"] == "minitron"
-    assert inputs["fit_to_time"] is True and inputs["student_precision"] == "fp32"
+    assert inputs["fit_to_time"] is True and inputs["student_precision"] == "float32"
     assert inputs["distillation_options"]["freeze_embeddings"] is True
     history = json.loads((out / "distilled" / "slimlm_distill.json").read_text())["log_history"]
     assert any("hidden_loss" in entry for entry in history)
     report = (out / "report" / "report.md").read_text()
     assert "from the teacher corrected on 64 tokens" in report and "hidden-state loss 1.0 (minitron)" in report
-    assert "schedule fitted to the time" in report and "student precision fp32 (fp32)" in report
+    assert "schedule fitted to the time" in report and "student precision float32 (float32)" in report
     assert "embeddings and LM head frozen" in report
     code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
     assert code == 0, err
@@ -318,6 +318,8 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
     ({"distill__freeze_embeddings": "yes"}, "distill.freeze_embeddings: expected true/false"),
     ({"distill__teacher_precision": "int4"}, "distill.teacher_precision: unknown value 'int4'"),
     ({"distill__student_precision": "fp16"}, "distill.student_precision: unknown value 'fp16'"),
+    ({"distill__teacher_precision": "bf16"}, "distill.teacher_precision: unknown value 'bf16' (known: auto, float32, "
+                                             "bfloat16, int8; bf16 is now bfloat16)"),
     ({"distill__fit_to_time": True, "distill__max_minutes": None}, "distill.fit_to_time fits the schedule"),
     ({"correct_teacher": {"tokens": 0}}, "correct_teacher.tokens must be > 0"),
     ({"correct_teacher": {"lr": 0.1}}, "correct_teacher.tokens is required"),
@@ -367,11 +369,10 @@ def test_finish_by_minutes_caps_distillation_from_the_run_start(workspace, capsy
 def test_distill_minutes_follow_finish_by(max_minutes, finish_by, elapsed, expected, says):
     import time
 
-    from slimlm.pipeline.runner import Pipeline
+    from slimlm.pipeline.distill import distill_minutes
 
     lines = []
-    pipeline = Pipeline.__new__(Pipeline)
-    pipeline.log, pipeline.started = lines.append, time.monotonic() - elapsed * 60
-    minutes = pipeline._distill_minutes({"max_minutes": max_minutes, "finish_by_minutes": finish_by})
+    minutes = distill_minutes({"max_minutes": max_minutes, "finish_by_minutes": finish_by},
+                              time.monotonic() - elapsed * 60, lines.append)
     assert minutes == pytest.approx(expected, abs=0.01)
     assert (says is None) == (not lines) and (says is None or says in lines[0]), lines

@@ -98,7 +98,9 @@ BAD = {
     "both budgets": (["--target-params", 0.6, "--target-memory", "1MiB"], "exactly one of"),
     "bad memory size": (["--target-memory", "lots", "--at-batch", 1, "--at-seq", 8], "not a size like"),
     "K over the candidates": (["--target-params", 0.6, "--top-n", 50, "--top-k", 40], "only .* candidate"),
-    "K over N": (["--target-params", 0.6, "--top-n", 2, "--top-k", 3], "top_k=3 is larger than top_n=2"),
+    "K over N": (["--target-params", 0.6, "--top-n", 2, "--top-k", 3], "--top-k 3 is larger than --top-n 2"),
+    "negative K": (["--target-params", 0.6, "--top-k", -1], "--top-k must be >= 0"),
+    "a held-out part-block": (["--target-params", 0.6, "--held-out", 2.5], "--held-out: a fraction in"),
     "bad space": (["--target-params", 0.6, "--max-width-prune", 1.5], "max_width_prune must be in"),
     "unknown training flag": (["--target-params", 0.6, "--no_such_flag", 1], "unknown option"),
 }

@@ -174,7 +174,7 @@ def test_the_general_set_exists_on_this_machine():
 
 
 def test_text_extractors():
-    from slimlm.demo.corpus import info_text, python_text, roff_text
+    from slimlm.demo.text import info_text, python_text, roff_text
 
     source = '#!/usr/bin/env python\n"""Module doc."""\n# Why we do this:\n# because.\nx = 1  # noqa\n\n' \
              'def f():\n    """Function doc."""\n'

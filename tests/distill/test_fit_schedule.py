@@ -80,11 +80,14 @@ def test_a_constant_schedule_only_stops_at_the_plan(tmp_path, monkeypatch):
 
 
 def test_fit_to_time_needs_a_time_budget():
-    from slimlm.errors import InputError
-    from slimlm.pipeline.distill import check_distill_settings
+    import argparse
 
-    with pytest.raises(InputError, match="--fit-to-time fits the schedule to --max-minutes"):
-        check_distill_settings(learning_rate=1e-3, temperature=1.0, beta=0.0, kd_weight=1.0, ce_weight=0.0,
-                               fit_to_time=True)
+    from slimlm.distill.options import DistillOptions
+    from slimlm.errors import InputError
+
+    with pytest.raises(InputError, match="--fit-to-time fits the schedule to --max-minutes: give --max-minutes too"):
+        DistillOptions.from_args(argparse.Namespace(fit_to_time=True))
+    with pytest.raises(InputError, match="fit_to_time fits the schedule to max_minutes"):
+        DistillOptions(fit_to_time=True)
     with pytest.raises(ValueError, match="seconds must be > 0"):
         training.fit_schedule_callback(0)

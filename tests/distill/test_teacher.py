@@ -11,15 +11,17 @@ import transformers
 from slimlm.distill import teacher as teacher_module
 from slimlm.distill.teacher import TEACHER_PRECISIONS, prepare_teacher, resolve_teacher_precision
 from slimlm.distill.trainer import DistillationConfig, DistillationTrainer
+from slimlm.distill.options import DistillOptions
+from slimlm.errors import InputError
 from slimlm.pipeline.distill import distill_inputs
 import tiny
 from tiny import tiny_model
 
 VOCAB = 96
-# Relative L2 error of the last hidden states against float32 on the tiny model: bf16 rounds
+# Relative L2 error of the last hidden states against float32 on the tiny model: bfloat16 rounds
 # every weight and activation to 8 mantissa bits (~0.4% each), int8 the weights per channel
 # and activations per tensor (measured 0.4% and 1.1%; the bounds leave ~5x room).
-TOLERANCE = {"fp32": 0.0, "bf16": 0.02, "int8": 0.05}
+TOLERANCE = {"float32": 0.0, "bfloat16": 0.02, "int8": 0.05}
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def teacher():
 
 @pytest.fixture
 def native(monkeypatch):
-    """Pretends the CPU has native bf16 and an int8 engine, so each precision runs as asked."""
+    """Pretends the CPU has native bfloat16 and an int8 engine, so each precision runs as asked."""
     monkeypatch.setattr(teacher_module, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(teacher_module, "int8_engine_available", lambda: True)
 
@@ -48,7 +50,7 @@ def snapshot(model):
     return {name: (p.dtype, p.detach().clone()) for name, p in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
 def test_each_precision_is_close_to_float32_and_leaves_the_caller_alone(teacher, native, precision):
     input_ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(0))
     reference = last_hidden(teacher, input_ids)
@@ -57,7 +59,7 @@ def test_each_precision_is_close_to_float32_and_leaves_the_caller_alone(teacher,
     hidden = last_hidden(prepared, input_ids)
     error = ((hidden - reference).norm() / reference.norm()).item()
     assert error <= TOLERANCE[precision]
-    assert (prepared is teacher) == (precision == "fp32")
+    assert (prepared is teacher) == (precision == "float32")
     after = snapshot(teacher)
     assert after.keys() == before.keys()
     for name, (dtype, value) in before.items():
@@ -72,32 +74,32 @@ def test_each_precision_is_close_to_float32_and_leaves_the_caller_alone(teacher,
         assert prepared.model.embed_tokens.weight is teacher.model.embed_tokens.weight
     else:
         assert torch.ao.nn.quantized.dynamic.Linear not in blocks
-    if precision == "bf16":
+    if precision == "bfloat16":
         assert {p.dtype for p in prepared.parameters()} == {torch.bfloat16}
         assert prepared.lm_head.weight is prepared.model.embed_tokens.weight  # still tied
         assert prepared.model.rotary_emb.inv_freq.dtype == torch.float32
-    assert error > 0 or precision == "fp32"
+    assert error > 0 or precision == "float32"
 
 
-def test_fp32_upcasts_a_bf16_teacher_in_a_copy(teacher):
+def test_float32_upcasts_a_bfloat16_teacher_in_a_copy(teacher):
     low = tiny.cast_weights(teacher, torch.bfloat16)
-    prepared = prepare_teacher(low, "fp32", log=pytest.fail)
+    prepared = prepare_teacher(low, "float32", log=pytest.fail)
     assert prepared is not low and {p.dtype for p in prepared.parameters()} == {torch.float32}
     assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("precision", ["bf16", "auto"])
-def test_without_native_bf16_the_teacher_runs_as_given(teacher, monkeypatch, precision):
+@pytest.mark.parametrize("precision", ["bfloat16", "auto"])
+def test_without_native_bfloat16_the_teacher_runs_as_given(teacher, monkeypatch, precision):
     monkeypatch.setattr(teacher_module, "cpu_has_bf16", lambda: False)
     notices = []
     assert prepare_teacher(teacher, precision, log=notices.append) is teacher
-    # Asking for bf16 explicitly is told in one line; "auto" just keeps float32.
-    assert len(notices) == (precision == "bf16")
-    assert all("\n" not in line and "native bf16" in line for line in notices)
+    # Asking for bfloat16 explicitly is told in one line; "auto" just keeps float32.
+    assert len(notices) == (precision == "bfloat16")
+    assert all("\n" not in line and "native bfloat16" in line for line in notices)
 
 
-def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_keeps_a_reduced_teacher(teacher, native):
-    assert resolve_teacher_precision(teacher, "auto", log=pytest.fail) == "bf16"
+def test_auto_is_bfloat16_on_a_cpu_with_native_bfloat16_and_keeps_a_reduced_teacher(teacher, native):
+    assert resolve_teacher_precision(teacher, "auto", log=pytest.fail) == "bfloat16"
     low = tiny.cast_weights(teacher, torch.float16)
     assert prepare_teacher(low, "auto", log=pytest.fail) is low
 
@@ -110,9 +112,9 @@ def test_int8_without_a_quantized_engine_falls_back_with_a_notice(teacher, monke
 
 
 def test_int8_off_the_cpu_falls_back_with_a_notice(teacher, monkeypatch):
-    """A CUDA teacher (faked: its device is read as cuda) gets bf16, or as given without it."""
+    """A CUDA teacher (faked: its device is read as cuda) gets bfloat16, or as given without it."""
     monkeypatch.setattr(teacher_module, "_device", lambda model: torch.device("cuda"))
-    for supported, expected in ((True, "bf16"), (False, "as-given")):
+    for supported, expected in ((True, "bfloat16"), (False, "as-given")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
         notices = []
         assert resolve_teacher_precision(teacher, "int8", log=notices.append) == expected
@@ -123,19 +125,19 @@ def test_int8_off_the_cpu_falls_back_with_a_notice(teacher, monkeypatch):
 def test_a_device_mapped_teacher_runs_as_given(teacher, native):
     teacher.hf_device_map = {"": "cpu"}
     notices = []
-    assert prepare_teacher(teacher, "bf16", log=notices.append) is teacher
+    assert prepare_teacher(teacher, "bfloat16", log=notices.append) is teacher
     assert len(notices) == 1 and "device_map" in notices[0]
 
 
-@pytest.mark.parametrize("bad", ["int4", "FP32", None, "float32"])
+@pytest.mark.parametrize("bad", ["int4", "FP32", None, "float16", "fp32", "bf16"])
 def test_a_bad_precision_is_a_value_error_naming_the_option(teacher, bad):
-    with pytest.raises(ValueError, match="teacher_precision must be one of auto, fp32, bf16, int8"):
+    with pytest.raises(ValueError, match=r"teacher_precision: unknown value .* \(known: auto, float32, bfloat16, int8"):
         prepare_teacher(teacher, bad)
     if bad is not None:  # None is the config's default: the teacher as given
         with pytest.raises(ValueError, match="teacher_precision"):
             DistillationConfig(teacher_precision=bad).check()
-    with pytest.raises(ValueError, match="teacher_precision"):
-        distill_inputs(teacher, teacher, ["a text"], teacher_precision=bad)
+        with pytest.raises(ValueError, match="teacher_precision"):
+            DistillOptions(teacher_precision=bad)
 
 
 def test_the_trainer_keeps_the_teacher_as_given_by_default(tmp_path):
@@ -150,7 +152,8 @@ def test_the_trainer_keeps_the_teacher_as_given_by_default(tmp_path):
 
 
 def test_the_fingerprint_differs_per_precision(teacher):
-    prints = [distill_inputs(teacher, teacher, ["a text"], teacher_precision=p) for p in TEACHER_PRECISIONS]
+    prints = [distill_inputs(teacher, teacher, ["a text"], DistillOptions(teacher_precision=p))
+              for p in TEACHER_PRECISIONS]
     assert len({repr(sorted(p.items())) for p in prints}) == len(TEACHER_PRECISIONS)
     assert distill_inputs(teacher, teacher, ["a text"])["teacher_precision"] == "auto"
 
@@ -164,12 +167,32 @@ def test_the_cli_flag_is_parsed():
     assert parser.parse_args(base).teacher_precision == "auto"
     assert parser.parse_args(base + ["--teacher-precision", "int8"]).teacher_precision == "int8"
     assert parser.parse_args(base).student_precision == "auto"
-    assert parser.parse_args(base + ["--student-precision", "fp32"]).student_precision == "fp32"
-    with pytest.raises(SystemExit):
-        parser.parse_args(base + ["--teacher-precision", "int4"])
+    assert parser.parse_args(base + ["--student-precision", "float32"]).student_precision == "float32"
+    with pytest.raises(InputError, match=r"^--teacher-precision: unknown value 'int4' \(known: auto, float32, "
+                                         r"bfloat16, int8\)$"):
+        DistillOptions.from_args(parser.parse_args(base + ["--teacher-precision", "int4"]))
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_an_old_spelling_is_refused_in_one_line_naming_the_new_one():
+    """bf16, fp32 (and fp16, f32, f16) were the precisions' names before the dtype table's."""
+    with pytest.raises(ValueError) as refused:
+        DistillOptions(teacher_precision="bf16")
+    assert str(refused.value) == ("teacher_precision: unknown value 'bf16' (known: auto, float32, bfloat16, int8; "
+                                  "bf16 is now bfloat16)")
+    with pytest.raises(InputError, match=r"^recipe.yaml: distill.student_precision: unknown value 'fp32' "
+                                         r"\(known: auto, float32, bfloat16; fp32 is now float32\)$"):
+        DistillOptions.from_section({"student_precision": "fp32"}, "recipe.yaml")
+    with pytest.raises(InputError, match=r"^--student-precision: unknown value 'bf16' .*; bf16 is now bfloat16\)$"):
+        DistillOptions.from_args(argparse.Namespace(student_precision="bf16"))
+    with pytest.raises(ValueError, match=r"^teacher_precision: unknown value 'fp32' .*; fp32 is now float32\)$"):
+        DistillationConfig(teacher_precision="fp32").check()
+    # float16 is no choice of the student's: no new name to point to.
+    with pytest.raises(ValueError, match=r"^student_precision: unknown value 'fp16' "
+                                         r"\(known: auto, float32, bfloat16\)$"):
+        DistillOptions(student_precision="fp16")
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
 def test_the_trainer_distills_from_the_prepared_teacher_with_the_callers_head(tmp_path, native, precision):
     teacher = tiny_model("llama", "training", vocab_size=VOCAB, seed=1, hidden_size=48, intermediate_size=96,
                          num_hidden_layers=3)

@@ -16,8 +16,8 @@ def test_bf16_training_is_refused_only_on_a_cpu_without_native_bf16(monkeypatch,
 
 @pytest.mark.parametrize("native", [True, False])
 def test_student_precision_adds_bf16_only_where_it_is_native(monkeypatch, native):
-    """auto: bf16 mixed precision where native, silently float32 elsewhere; bf16 asked for on a
-    CPU without it falls back in one line; fp32 and a user's own --bf16/--fp16 add nothing."""
+    """auto: bfloat16 mixed precision where native, silently float32 elsewhere; bfloat16 asked for
+    on a CPU without it falls back in one line; float32 and a user's own --bf16/--fp16 add nothing."""
     import torch
 
     from slimlm.distill import training
@@ -28,13 +28,13 @@ def test_student_precision_adds_bf16_only_where_it_is_native(monkeypatch, native
     bf16 = base + ["--bf16", "true"]
     assert training.student_precision_flags("auto", base, log=pytest.fail) == (bf16 if native else base)
     notices = []
-    assert training.student_precision_flags("bf16", base, log=notices.append) == (bf16 if native else base)
-    assert len(notices) == (not native) and all("\n" not in n and "native bf16" in n for n in notices)
-    assert training.student_precision_flags("fp32", base, log=pytest.fail) == base
+    assert training.student_precision_flags("bfloat16", base, log=notices.append) == (bf16 if native else base)
+    assert len(notices) == (not native) and all("\n" not in n and "native bfloat16" in n for n in notices)
+    assert training.student_precision_flags("float32", base, log=pytest.fail) == base
     for own in (["--bf16", "false"], ["--bf16=false"], ["--fp16", "true"], ["--bf16"]):
         assert training.student_precision_flags("auto", base + own, log=pytest.fail) == base + own
-    for bad in ("bfloat16", "FP32", None, "int8"):
-        with pytest.raises(ValueError, match="student_precision must be one of auto, fp32, bf16"):
+    for bad in ("bf16", "fp32", "FP32", None, "int8", "float16"):
+        with pytest.raises(ValueError, match=r"^student_precision: unknown value .* \(known: auto, float32, bfloat16"):
             training.student_precision_flags(bad, base)
 
 

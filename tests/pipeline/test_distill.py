@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from slimlm.distill.options import DistillOptions
 from slimlm.errors import InputError
 from slimlm.pipeline import distill as stage
 from tests.tiny import WORDS, tiny_model, word_tokenizer
@@ -29,8 +30,8 @@ def models():
 def distill(models, out, *, teacher="teacher", data=0, lr=1e-3, lines=None, steps=4, **kwargs):
     log = lines if lines is not None else []
     return stage.distill_stage(
-        models[teacher], models["student"](), models["tokenizer"], texts(data), str(out), seq_len=8, batch_size=2,
-        learning_rate=lr, training_args=["--use_cpu", "true", "--max_steps", str(steps), "--save_steps", "2",
+        models[teacher], models["student"](), models["tokenizer"], texts(data), str(out),
+        DistillOptions(seq_len=8, batch_size=2, lr=lr), training_args=["--use_cpu", "true", "--max_steps", str(steps), "--save_steps", "2",
                                          "--save_total_limit", "2", "--report_to", "none"],
         disable_tqdm=True, log=log.append, **kwargs)
 

@@ -11,6 +11,7 @@ import math
 import os
 
 from slimlm.errors import InputError
+from slimlm.models import DTYPE_NAMES
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -88,9 +89,8 @@ def add_model_options(parser, *, flag="--model", required=True,
     add_trust_option(parser)
 
 
-# ("auto" and the one dtype table's names; slimlm.models is imported lazily elsewhere to keep
-# ``slimlm --help`` fast, and this tuple is checked against it in tests/cli/test_main.py.)
-SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# "auto" and the one dtype table's names (``import slimlm`` has loaded slimlm.models already).
+SAVE_DTYPES = ("auto", *DTYPE_NAMES)
 
 
 def add_save_dtype_option(parser, *, default="auto"):

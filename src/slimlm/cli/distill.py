@@ -95,7 +95,7 @@ def run(args) -> int:
     if args.correct_teacher_tokens is not None:
         from slimlm.distill.training import student_precision_flags
 
-        # The correction trains in the student's precision (bf16 mixed where native with auto).
+        # The correction trains in the student's precision (bfloat16 mixed where native with auto).
         correction_flags = student_precision_flags(options.student_precision,
                                                    ["--use_cpu", "true"] if args.device == "cpu" else [],
                                                    log=lambda line: None)
@@ -106,20 +106,13 @@ def run(args) -> int:
             seed=args.seed, training_args=correction_flags, overwrite=True, inplace=True,
             disable_tqdm=not arguments.progress(args),
             log=print if rank_zero else (lambda line: None))
-    distillation_options = options.distillation_options(changed_only=True)
-    if options.hidden_loss_weight > 0:
-        layer_map = distill.pruned_layer_map(args.student, student, teacher)
-        if layer_map is not None:  # each student layer against the teacher layer it was cut from
-            distillation_options["layer_map"] = layer_map
+    layer_map = distill.pruned_layer_map(args.student, student, teacher) if options.hidden_loss_weight > 0 else None
     _, log_history = distill.distill_stage(
-        teacher, student, tokenizer, train_texts, args.out, synthetic_texts=synthetic_texts,
-        mix_fraction=args.mix if synthetic_texts else 0.0, seq_len=options.seq_len, max_tokens=options.max_tokens,
-        max_minutes=options.max_minutes, fit_to_time=options.fit_to_time, batch_size=options.batch_size,
-        learning_rate=options.lr, temperature=options.temperature, beta=options.beta, kd_weight=options.kd_weight,
-        ce_weight=options.ce_weight, seed=args.seed, training_args=training_args, overwrite=args.overwrite,
-        resume=not args.overwrite, disable_tqdm=not arguments.progress(args), save_dtype=args.save_dtype,
-        teacher_precision=options.teacher_precision, student_precision=options.student_precision,
-        distillation_options=distillation_options or None, extra_record={"teacher": args.teacher, "student": args.student},
+        teacher, student, tokenizer, train_texts, args.out, options, synthetic_texts=synthetic_texts,
+        mix_fraction=args.mix if synthetic_texts else 0.0, seed=args.seed, training_args=training_args,
+        layer_map=layer_map, overwrite=args.overwrite, resume=not args.overwrite,
+        disable_tqdm=not arguments.progress(args), save_dtype=args.save_dtype,
+        extra_record={"teacher": args.teacher, "student": args.student},
         log=print if rank_zero else (lambda line: None))
     if not rank_zero:
         return EXIT_OK

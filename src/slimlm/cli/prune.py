@@ -6,7 +6,7 @@ import os
 from slimlm.cli import arguments
 from slimlm.cli.arguments import EXIT_OK
 from slimlm.errors import InputError
-from slimlm.surgery.reconstruct import DEFAULT_RIDGE
+from slimlm.surgery.options import ReconstructOptions
 
 
 def add_parser(subparsers) -> None:
@@ -24,11 +24,8 @@ def add_parser(subparsers) -> None:
         "reconstruction (with --data: each kept o_proj/down_proj is refitted by least squares to the heads and "
         "neurons that stay, on calibration blocks of the data; slimlm.surgery.reconstruct)")
     arguments.add_data_options(group, required=False)
-    group.add_argument("--num-samples", type=arguments.positive_int, default=32, help="calibration blocks (default 32)")
+    ReconstructOptions.add_arguments(group)
     group.add_argument("--seq-len", type=arguments.positive_int, default=256, help="tokens per block (default 256)")
-    group.add_argument("--ridge", type=arguments.positive_float, default=DEFAULT_RIDGE,
-                       help=f"pull towards the original weights, relative to the inputs' mean energy (default "
-                            f"{DEFAULT_RIDGE:g}; large: plain pruning)")
     sub.add_argument("--out", required=True)
     arguments.add_save_dtype_option(sub)
     sub.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -62,8 +59,9 @@ def run(args) -> int:
         from slimlm.data import tokenize_blocks
         from slimlm.surgery import reconstruction_stats
 
+        options = ReconstructOptions.from_args(args)
         blocks = tokenize_blocks(arguments.texts(args), tokenizer, args.seq_len, model=model)
-        stats = reconstruction_stats(model, blocks, num_samples=args.num_samples, ridge=args.ridge)
+        stats = reconstruction_stats(model, blocks, num_samples=options.num_samples, ridge=options.ridge)
         print(f"reconstruction: o_proj/down_proj input statistics of {stats.tokens:,} tokens")
     _, the_plan = prune.prune_stage(model, scores, target, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
                                     save_dtype=args.save_dtype, reconstruct=stats)

@@ -12,7 +12,7 @@ def add_parser(subparsers) -> None:
     sub = arguments.add_command(
         subparsers, "run", "the whole pipeline from one recipe YAML; finished stages are skipped, so a rerun resumes",
         ["slimlm run examples/recipe.yaml", "slimlm run recipe.yaml --out run2/ --overwrite",
-         "slimlm run recipe.yaml --save-dtype float32 --out run-fp32/"])
+         "slimlm run recipe.yaml --save-dtype float32 --out run-float32/"])
     sub.add_argument("recipe", help="recipe YAML (see examples/recipe.yaml)")
     sub.add_argument("--out", help="output folder (default: the recipe's out)")
     sub.add_argument("--device", help="overrides the recipe's device")

@@ -14,6 +14,9 @@ import os
 from slimlm.cli import arguments
 from slimlm.cli.arguments import EXIT_OK, positive_int
 from slimlm.errors import InputError
+from slimlm.models import DTYPE_NAMES
+from slimlm.search.candidates import SearchSpace
+from slimlm.search.options import SearchOptions
 
 DEPTH_CHOICES = {"least_important": ("least_important",), "contiguous_block": ("contiguous_block",),
                  "both": ("least_important", "contiguous_block")}
@@ -30,32 +33,29 @@ def add_parser(subparsers) -> None:
     arguments.add_trust_option(sub)
     sub.add_argument("--scores", required=True, help="folder written by slimlm importance for this model")
     arguments.add_data_options(sub)
-    sub.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration block (default 512)")
-    sub.add_argument("--held-out", type=arguments.positive_float, default=0.1,
-                     help="held-out share of the blocks: a fraction in (0, 1) or a block count (default 0.1)")
     budget = sub.add_argument_group("budget (one of --target-params and --target-memory)")
     budget.add_argument("--target-params", help="a fraction of the model (0.5) or a count (70M, 1.2B, 70000000)")
     budget.add_argument("--target-memory", help="weights + KV cache, e.g. 1.5GiB, 800MB (needs --at-batch, --at-seq)")
     budget.add_argument("--at-batch", type=positive_int, help="batch size the memory budget's KV cache holds")
     budget.add_argument("--at-seq", type=positive_int, help="sequence length the memory budget's KV cache holds")
-    budget.add_argument("--dtype", dest="memory_dtype", choices=["float32", "bfloat16", "float16"],
+    budget.add_argument("--dtype", dest="memory_dtype", choices=DTYPE_NAMES,
                         help="dtype the memory budget counts weights and cache in (default: the checkpoint's)")
     budget.add_argument("--tolerance", type=arguments.positive_float, default=0.1,
                         help="a shape meets the budget within this fraction below it (default 0.1)")
+    # The search space (a recipe's search.space mapping), flag by flag; SearchSpace holds the defaults.
+    defaults = SearchSpace()
     space = sub.add_argument_group("search space")
-    space.add_argument("--max-width-prune", type=float, default=0.4,
-                       help="most of each width axis pruned, in [0, 1) (default 0.4)")
-    space.add_argument("--max-depth-prune", type=float, default=0.2, help="most of the layers pruned (default 0.2)")
-    space.add_argument("--multiple-of", type=positive_int, default=64, help="width grid (default 64)")
-    space.add_argument("--depth-selection", choices=list(DEPTH_CHOICES), default="least_important",
+    space.add_argument("--max-width-prune", type=float, default=defaults.max_width_prune,
+                       help=f"most of each width axis pruned, in [0, 1) (default {defaults.max_width_prune})")
+    space.add_argument("--max-depth-prune", type=float, default=defaults.max_depth_prune,
+                       help=f"most of the layers pruned (default {defaults.max_depth_prune})")
+    space.add_argument("--multiple-of", type=positive_int, default=defaults.multiple_of,
+                       help=f"width grid (default {defaults.multiple_of})")
+    space.add_argument("--depth-selection", choices=list(DEPTH_CHOICES),
+                       default=next(name for name, choice in DEPTH_CHOICES.items()
+                                    if choice == defaults.depth_selections),
                        help="which layers a shallower shape keeps dropping (both: each shape tried both ways)")
-    ranking = sub.add_argument_group("ranking")
-    ranking.add_argument("--top-n", type=positive_int, default=20, help="candidates scored zero-shot (default 20)")
-    ranking.add_argument("--top-k", type=int, default=4,
-                         help="of those, re-ranked by a short distillation (default 4; 0: zero-shot only)")
-    ranking.add_argument("--rerank-tokens", type=positive_int,
-                         help="tokens of each short distillation (default: one pass over the training split)")
-    ranking.add_argument("--batch-size", type=positive_int, default=8, help="blocks per batch (default 8)")
+    SearchOptions.add_arguments(sub, group="calibration and ranking")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--out", required=True, help="folder for search.json, search.csv, winner_target.json, "
                                                   "search.png and winner/")
@@ -83,6 +83,13 @@ def budget_fields(args) -> dict:
             "dtype": args.memory_dtype, "tolerance": args.tolerance}
 
 
+def search_options(args) -> SearchOptions:
+    """The ``SearchOptions`` the flags give, the space flags as its ``space`` (InputError naming the flags)."""
+    space = {"max_width_prune": args.max_width_prune, "max_depth_prune": args.max_depth_prune,
+             "multiple_of": args.multiple_of, "depth_selections": list(DEPTH_CHOICES[args.depth_selection])}
+    return SearchOptions.from_args(args, space=space)
+
+
 def run(args) -> int:
     import contextlib
 
@@ -91,7 +98,7 @@ def run(args) -> int:
     from slimlm.distill.training import training_arguments
     from slimlm.pipeline import importance
     from slimlm.pipeline.search import held_out
-    from slimlm.search import Budget, SearchSpace, search, search_candidates
+    from slimlm.search import Budget, search, search_candidates
     from slimlm.search.budget import parse_memory
 
     arguments.check_model_path(args.model)
@@ -99,23 +106,20 @@ def run(args) -> int:
         raise InputError(f"scores folder {args.scores} does not exist (compute them with slimlm importance)")
     arguments.check_paths_exist(args.data, "data")
     budget = budget_fields(args)
-    if args.top_k < 0:
-        raise InputError(f"--top-k must be >= 0, got {args.top_k}")
-    space = SearchSpace(max_width_prune=args.max_width_prune, max_depth_prune=args.max_depth_prune,
-                        multiple_of=args.multiple_of, depth_selections=DEPTH_CHOICES[args.depth_selection])
+    options = search_options(args)
+    space = options.search_space()
     try:
         if "target_memory" in budget:
             parse_memory(budget["target_memory"])
-        space.check()
     except ValueError as error:
         raise InputError(str(error)) from None
-    split = held_out(args.held_out, "--held-out")
+    split = held_out(options.held_out, SearchOptions.flag("held_out"))
     resume = not args.overwrite and os.path.isfile(os.path.join(outputs.resolve(args.out), "search.json"))
     args.out = outputs.check_output(args.out, args.overwrite or resume,
                                     {"model": args.model, "scores": args.scores, "data": args.data},
                                     related=[outputs.staging_path(args.out)])
     training_args = training_arguments(args.training_args, output_dir=outputs.staging_path(args.out),
-                                       batch_size=args.batch_size, seed=args.seed)
+                                       batch_size=options.batch_size, seed=args.seed)
     # Zero-shot scoring runs outside the Trainer: under a launcher each process scores on its own GPU.
     local_rank = os.environ.get("LOCAL_RANK")
     device = args.device
@@ -128,10 +132,11 @@ def run(args) -> int:
         budget["dtype"] = model.slimlm_source_dtype
     scores = importance.load_scores(args.scores, model=model)
     try:  # a budget no shape meets, --top-k over the candidates: before the data is read
-        search_candidates(model, Budget(**budget), space=space, top_n=args.top_n, top_k=args.top_k, scores=scores)
+        search_candidates(model, Budget(**budget), space=space, top_n=options.top_n, top_k=options.top_k,
+                          scores=scores)
     except ValueError as error:
         raise InputError(str(error)) from None
-    blocks = load_blocks(args.data, tokenizer, args.seq_len, text_field=args.text_field, model=model)
+    blocks = load_blocks(args.data, tokenizer, options.seq_len, text_field=args.text_field, model=model)
     writer = os.environ.get("RANK", "0") == "0"
     log = print if writer else (lambda line: None)
     # --overwrite: search into a staging folder swapped in only when complete; otherwise in
@@ -142,9 +147,9 @@ def run(args) -> int:
     else:
         place = contextlib.nullcontext(args.out)
     with place as out:
-        result = search(model, scores, Budget(**budget), blocks, out=out, space=space, top_n=args.top_n,
-                        top_k=args.top_k, held_out=split, seed=args.seed, rerank_tokens=args.rerank_tokens,
-                        batch_size=args.batch_size, training_args=training_args, log=log)
+        result = search(model, scores, Budget(**budget), blocks, out=out, space=space, top_n=options.top_n,
+                        top_k=options.top_k, held_out=split, seed=args.seed, rerank_tokens=options.rerank_tokens,
+                        batch_size=options.batch_size, training_args=training_args, log=log)
     if writer:
         print(table(result, memory="target_memory" in budget))
         print(f"winner Target: {target_text(result.target)}")

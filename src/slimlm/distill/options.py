@@ -3,11 +3,13 @@
 ``distill:`` and ``synthetic:`` sections, and ``DistillOptions`` / ``GenerationOptions`` in Python."""
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
-from slimlm.distill.teacher import TEACHER_PRECISIONS
-from slimlm.distill.trainer import HIDDEN_LOSS_SCHEDULES
-from slimlm.distill.training import STUDENT_PRECISIONS
+from slimlm.distill.teacher import TEACHER_PRECISIONS, check_teacher_precision
+from slimlm.distill.trainer import GEMM_DTYPES, HIDDEN_LOSS_KINDS, HIDDEN_LOSS_SCHEDULES
+from slimlm.distill.training import STUDENT_PRECISIONS, check_student_precision
+from slimlm.errors import InputError
 from slimlm.options import OptionError, Options, option
 
 
@@ -63,18 +65,29 @@ class DistillOptions(Options):
     beta: float = option(0.0, "0 forward KL, 1 reverse KL, between: JSD(beta)", check="fraction")
     kd_weight: float = option(1.0, "weight of the distillation loss", check="non_negative")
     ce_weight: float = option(0.0, "weight of the next-token cross-entropy", check="non_negative")
-    teacher_precision: str = option("auto", "what the teacher's forward runs in (auto: bf16 where the CPU has "
-                                            "native bf16, else as loaded; int8: dynamic quantization on CPU)",
-                                    choices=TEACHER_PRECISIONS)
-    student_precision: str = option("auto", "what the student trains in (auto: bf16 mixed precision where bf16 is "
-                                            "native, else float32; a --bf16/--fp16 flag wins)",
-                                    choices=STUDENT_PRECISIONS)
+    # The two precisions list their choices in the help and are checked in check(), not by
+    # ``choices``: the check names the new spelling of an old one ("bf16 is now bfloat16").
+    teacher_precision: str = option("auto", "what the teacher's forward runs in (auto: bfloat16 where the CPU has "
+                                            "native bfloat16, else as loaded; int8: dynamic quantization on CPU; "
+                                            f"one of: {', '.join(TEACHER_PRECISIONS)})")
+    student_precision: str = option("auto", "what the student trains in (auto: bfloat16 mixed precision where "
+                                            "bfloat16 is native, else float32; a --bf16/--fp16 flag wins; one of: "
+                                            f"{', '.join(STUDENT_PRECISIONS)})")
     hidden_loss_weight: float = option(0.0, "weight of the hidden-state loss (each student layer against the "
                                             "teacher layer it was cut from)", check="non_negative")
     hidden_loss_schedule: str = option("fixed", "how the hidden loss is weighted over the steps",
                                        choices=HIDDEN_LOSS_SCHEDULES)
+    hidden_loss_kind: str = option("cosine", "the hidden-state distance", choices=HIDDEN_LOSS_KINDS)
     on_policy_fraction: float = option(0.0, "share of batches continued by the student's own samples (GKD's "
                                             "lambda)", check="fraction")
+    on_policy_prompt_fraction: float = option(0.5, "share of an on-policy block kept as the prompt the student "
+                                                   "continues", check="open_fraction")
+    on_policy_temperature: float = option(1.0, "the student's sampling temperature on on-policy batches",
+                                          check="positive")
+    chunk_size: int | None = option(None, "rows per chunk of the fused loss (default: from a memory budget)",
+                                    check="positive")
+    gemm_dtype: str = option("auto", "operands of the LM-head GEMMs in the loss (auto: the training's mixed "
+                                     "precision; softmax, KL and CE are float32 always)", choices=tuple(GEMM_DTYPES))
     freeze_embeddings: bool = option(False, "keep the student's token embedding and LM head as pruned")
     eval_steps: int | None = option(None, "held-out NLL every this many steps (a recipe's held-out sets)",
                                     check="positive", cli=False)
@@ -82,15 +95,39 @@ class DistillOptions(Options):
     training_args: dict = option({}, "more TrainingArguments, by name", cli=False)
 
     def check(self) -> None:
+        check_teacher_precision(self.teacher_precision)
+        check_student_precision(self.student_precision)
         if self.kd_weight == 0 and self.ce_weight == 0:
-            raise OptionError("kd_weight", "and ce_weight are both 0: nothing to train on")
+            raise OptionError("kd_weight", "and {ce_weight} are both 0: nothing to train on", mentions=("ce_weight",))
         if self.fit_to_time and not (self.max_minutes or self.finish_by_minutes):
-            raise OptionError("fit_to_time", "fits the schedule to max_minutes: give max_minutes too")
+            raise OptionError("fit_to_time", "fits the schedule to {max_minutes}: give {max_minutes} too",
+                              mentions=("max_minutes",))
+        if self.hidden_loss_schedule == "minitron" and self.hidden_loss_weight > 0 and self.kd_weight == 0:
+            raise OptionError("hidden_loss_schedule", "minitron weights the hidden loss by the logit loss: it "
+                                                      "needs {kd_weight} > 0", mentions=("kd_weight",))
 
-    def distillation_options(self, *, changed_only: bool = False) -> dict:
-        """The ``DistillationConfig`` fields beyond ``distill_stage``'s own parameters (with
-        ``changed_only``: those not at their defaults, as a command records them)."""
-        names = ("hidden_loss_weight", "hidden_loss_schedule", "on_policy_fraction", "freeze_embeddings")
+    # The DistillationConfig fields that are options here; the loss's core four are recorded
+    # under their own names, the rest only when changed (records of older runs stay valid).
+    LOSS_FIELDS: typing.ClassVar[tuple[str, ...]] = ("kd_weight", "ce_weight", "temperature", "beta")
+    EXTRA_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "hidden_loss_weight", "hidden_loss_schedule", "hidden_loss_kind", "on_policy_fraction",
+        "on_policy_prompt_fraction", "on_policy_temperature", "chunk_size", "gemm_dtype", "freeze_embeddings")
+
+    def distillation_options(self) -> dict:
+        """The ``DistillationConfig`` fields beyond the loss's core four that differ from their
+        defaults (what a run records as ``distillation_options``)."""
         defaults = DistillOptions()
-        return {name: getattr(self, name) for name in names
-                if not changed_only or getattr(self, name) != getattr(defaults, name)}
+        return {name: getattr(self, name) for name in self.EXTRA_FIELDS if getattr(self, name) != getattr(defaults, name)}
+
+    def distillation_config(self, *, layer_map: dict[int, int] | None = None, topk: str | None = None):
+        """The trainer's ``DistillationConfig`` these options give (``layer_map``: the hidden
+        loss's student → teacher layers; default the trainer's even spread)."""
+        from slimlm.distill.trainer import DistillationConfig
+
+        fields = {name: getattr(self, name) for name in self.LOSS_FIELDS + self.EXTRA_FIELDS}
+        config = DistillationConfig(**fields, teacher_precision=self.teacher_precision, layer_map=layer_map, topk=topk)
+        try:
+            config.check()
+        except ValueError as error:  # the combinations only the trainer knows (minitron without KD, …)
+            raise InputError(str(error)) from None
+        return config

@@ -21,6 +21,11 @@ rank's device, or, when larger than one device, passed in already sharded
 (``FullyShardedDataParallel`` or ``fully_shard``); its LM head is gathered once. Tested with
 two CPU processes on gloo for DDP, FSDP1 and FSDP2; accelerate's ``--fsdp`` plugin itself
 needs an accelerator.
+
+The module stays one file past 400 lines because most of it is one class: the trainer's loss,
+its teacher handling (device, precision, the whole LM head) and its checkpointing of the
+hidden-loss projections are overrides of one ``transformers.Trainer`` subclass that share its
+state (``self.teacher``, ``self.hidden_distiller``), with the config that class checks.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ from slimlm.losses import (
 from slimlm.models import DTYPE_NAMES, DTYPES, portable_tokenizer_config
 
 
+HIDDEN_LOSS_KINDS = ("cosine", "mse")
 # "auto" (follow the Trainer's mixed precision) and the one dtype table's names.
 GEMM_DTYPES = {"auto": None, **{name: DTYPES[name] for name in DTYPE_NAMES}}
 HIDDEN_LOSS_SCHEDULES = ("fixed", "minitron")
@@ -83,11 +89,11 @@ class DistillationConfig:
     learns from the cached sparse teacher (``fused_linear_topk_kl_div_loss`` with tail "bucket" or
     "renormalize") and no live teacher is needed; the training set is the cache's sequences.
     gemm_dtype: operands of the LM-head GEMMs inside the loss: "auto" follows the Trainer's
-    mixed precision (bf16 under ``bf16=True``, fp16 under ``fp16=True``, else exact fp32),
-    or "float32" / "bfloat16" / "float16". Softmax, KL and CE are fp32 in every case.
+    mixed precision (bfloat16 under ``bf16=True``, float16 under ``fp16=True``, else exact
+    float32), or "float32" / "bfloat16" / "float16". Softmax, KL and CE are float32 in every case.
     teacher_precision: what the live teacher's forward runs in, ``slimlm.distill.teacher``:
-    None (default: the teacher as given, in its own dtype, exact), "fp32", "bf16", "int8" or
-    "auto" (bf16 where the CPU has it natively); its LM head in the loss stays the caller's.
+    None (default: the teacher as given, in its own dtype, exact), "float32", "bfloat16", "int8"
+    or "auto" (bfloat16 where the CPU has it natively); its LM head in the loss stays the caller's.
     freeze_embeddings: keep the student's token embedding and LM head (one matrix when tied) as
     they are: the trainer sets ``requires_grad=False`` on them, so the loss skips the head's
     weight gradient (a third of the head's arithmetic) and the optimizer their update. Default
@@ -129,8 +135,9 @@ class DistillationConfig:
             raise ValueError(f"topk_tail must be 'bucket' or 'renormalize', got {self.topk_tail!r}")
         if self.gemm_dtype not in GEMM_DTYPES:
             raise ValueError(f"gemm_dtype must be one of {', '.join(GEMM_DTYPES)}, got {self.gemm_dtype!r}")
-        if self.hidden_loss_kind not in ("cosine", "mse"):
-            raise ValueError(f"hidden_loss_kind must be 'cosine' or 'mse', got {self.hidden_loss_kind!r}")
+        if self.hidden_loss_kind not in HIDDEN_LOSS_KINDS:
+            raise ValueError(f"hidden_loss_kind must be one of {', '.join(HIDDEN_LOSS_KINDS)}, "
+                             f"got {self.hidden_loss_kind!r}")
         if self.teacher_precision is not None:
             check_teacher_precision(self.teacher_precision)
         if not isinstance(self.freeze_embeddings, bool):

@@ -11,6 +11,8 @@ import time
 import torch
 
 from slimlm.errors import InputError
+from slimlm.models import DTYPE_NAMES, unknown_value
+from slimlm.options import OptionError
 
 
 def training_items(blocks) -> list[dict]:
@@ -39,7 +41,7 @@ def tokens_per_step(args, seq_len: int) -> int:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated.
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere it is emulated.
     ``SLIMLM_CPU_ISA=avx2`` or ``scalar`` (the C++ kernels' forced variant) answers False too: a CPU
     without AVX-512 has neither, so one machine can run the decisions of a machine without them."""
     if os.environ.get("SLIMLM_CPU_ISA", "") in ("avx2", "scalar"):
@@ -48,14 +50,23 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-STUDENT_PRECISIONS = ("auto", "fp32", "bf16")
+# The dtypes the distillation runs the teacher's forward or trains the student in, by the dtype
+# table's names; float16 has no path here (a --fp16 flag of the user's still trains the student in it).
+PRECISION_DTYPES = tuple(name for name in DTYPE_NAMES if name != "float16")
+STUDENT_PRECISIONS = ("auto", *PRECISION_DTYPES)
+
+
+def check_precision(name: str, precision, known) -> str:
+    """``precision`` if it is one of ``known``, else an ``OptionError`` (a ValueError) naming
+    option ``name`` and the choices, and the new name of an old spelling ("bf16 is now bfloat16")."""
+    if precision not in known:
+        raise OptionError(name, unknown_value(precision, known))
+    return precision
 
 
 def check_student_precision(precision) -> str:
-    """``precision`` if it is one of ``STUDENT_PRECISIONS``, else a ValueError naming the option."""
-    if precision not in STUDENT_PRECISIONS:
-        raise ValueError(f"student_precision must be one of {', '.join(STUDENT_PRECISIONS)}, got {precision!r}")
-    return precision
+    """``precision`` if it is one of ``STUDENT_PRECISIONS``, else an error naming the option."""
+    return check_precision("student_precision", precision, STUDENT_PRECISIONS)
 
 
 def _flag_value(flags, name: str):
@@ -72,24 +83,25 @@ def _flag_value(flags, name: str):
 
 def student_precision_flags(precision: str = "auto", flags=(), log=print) -> list[str]:
     """``flags`` (``TrainingArguments`` flags, command-line style) with the student's mixed
-    precision for ``precision`` added: "bf16" is ``--bf16 true`` (float32 master weights and
-    optimizer; the student's forward under bf16 autocast and the loss's LM-head GEMMs with bf16
-    operands; softmax and KL in float32) where bf16 is native — a CPU with AVX512-BF16 or AMX
-    (``cpu_has_bf16``), a CUDA device that supports it — and float32 elsewhere, said in one line
-    (emulated bf16 is slower than float32); "auto" is the same without the line; "fp32" adds
-    nothing. Flags that set ``--bf16`` or ``--fp16`` themselves are the user's choice and win."""
+    precision for ``precision`` added: "bfloat16" is ``--bf16 true`` (float32 master weights and
+    optimizer; the student's forward under bfloat16 autocast and the loss's LM-head GEMMs with
+    bfloat16 operands; softmax and KL in float32) where bfloat16 is native — a CPU with
+    AVX512-BF16 or AMX (``cpu_has_bf16``), a CUDA device that supports it — and float32
+    elsewhere, said in one line (emulated bfloat16 is slower than float32); "auto" is the same
+    without the line; "float32" adds nothing. Flags that set ``--bf16`` or ``--fp16`` themselves
+    are the user's choice and win."""
     check_student_precision(precision)
     flags = list(flags)
-    if precision == "fp32" or _flag_value(flags, "--bf16") is not None or _flag_value(flags, "--fp16") is not None:
+    if precision == "float32" or _flag_value(flags, "--bf16") is not None or _flag_value(flags, "--fp16") is not None:
         return flags
     on_cpu = not torch.cuda.is_available() or str(_flag_value(flags, "--use_cpu")).lower() in ("true", "1", "yes")
     native = cpu_has_bf16() if on_cpu else torch.cuda.is_bf16_supported()
     if native:
         return flags + ["--bf16", "true"]
-    if precision == "bf16":
-        needed = "AVX512-BF16 or AMX" if on_cpu else "a CUDA device with bf16"
-        log(f"[distill] student_precision='bf16' needs native bf16 ({needed}), absent here: "
-            "emulated bf16 is slower than float32; the student trains in float32")
+    if precision == "bfloat16":
+        needed = "AVX512-BF16 or AMX" if on_cpu else "a CUDA device with bfloat16"
+        log(f"[distill] student_precision='bfloat16' needs native bfloat16 ({needed}), absent here: "
+            "emulated bfloat16 is slower than float32; the student trains in float32")
     return flags
 
 

@@ -27,4 +27,4 @@ class ImportanceOptions(Options):
 
     def check(self) -> None:
         if not self.metrics and not self.depth:
-            raise OptionError("metrics", "and depth are both empty: nothing to score")
+            raise OptionError("metrics", "and {depth} are both empty: nothing to score", mentions=("depth",))

@@ -20,9 +20,12 @@ Stage outputs in ``out``: ``scores/``, ``pruned/``, ``synthetic.jsonl``, ``disti
 (checkpoints in ``distilled.checkpoints/``, in the training dtype), ``eval.json``,
 ``speed.json`` (with ``eval.speed``), ``report/``. A stage is skipped
 when its output exists and was made from the same inputs (fingerprints recorded beside it),
-so a rerun after an interruption resumes where it stopped.
+so a rerun after an interruption resumes where it stopped. Each stage is a ``Stage``
+(``slimlm.pipeline.stage``) in its own module; ``Pipeline.run`` runs them in order.
 """
 from slimlm.pipeline.recipe import RECIPE_FIELDS, load_recipe, validate_recipe
 from slimlm.pipeline.runner import Pipeline, run_recipe
+from slimlm.pipeline.stage import RunContext, Stage, run_stage
 
-__all__ = ["RECIPE_FIELDS", "Pipeline", "load_recipe", "run_recipe", "validate_recipe"]
+__all__ = ["RECIPE_FIELDS", "Pipeline", "RunContext", "Stage", "load_recipe", "run_recipe", "run_stage",
+           "validate_recipe"]

@@ -11,13 +11,30 @@ from __future__ import annotations
 import copy
 import math
 import os
+from dataclasses import dataclass
 
 from slimlm import outputs
 from slimlm.errors import InputError
+from slimlm.pipeline.stage import RunContext, Stage
+from slimlm.options import REQUIRED, Options, option
 from slimlm.pipeline.records import STAGE_RECORD, has_weights, inputs_stale_reason, read_json, read_json_roundtrip, \
     texts_digest
 
 CORRECTION_ATTRIBUTE = "slimlm_teacher_correction"
+
+
+@dataclass
+class CorrectionOptions(Options):
+    """A recipe's ``correct_teacher:`` section, declared once (``slimlm.options``): the teacher
+    fine-tuned on ``tokens`` tokens before distilling, at ``lr`` (default the distillation's lr /
+    10), in blocks of ``seq_len`` tokens, ``batch_size`` per step (defaults: the distillation's)."""
+
+    SECTION = "correct_teacher"
+
+    tokens: int = option(REQUIRED, "training tokens of the correction", check="positive")
+    lr: float | None = option(None, "learning rate (default: distill.lr / 10)", check="positive")
+    seq_len: int | None = option(None, "tokens per training block (default: distill.seq_len)", check="positive")
+    batch_size: int | None = option(None, "blocks per step (default: distill.batch_size)", check="positive")
 
 
 def check_correction_settings(*, tokens, learning_rate, seq_len, batch_size) -> None:
@@ -110,3 +127,39 @@ def correct_teacher_stage(teacher, tokenizer, train_texts, out: str, *, tokens: 
                             "tokens_seen": args.max_steps * tokens_per_step(args, seq_len)})
     setattr(model, CORRECTION_ATTRIBUTE, inputs)
     return model
+
+
+class CorrectTeacherStage(Stage):
+    """The teacher to distill from: Minitron's teacher correction (``teacher-corrected/``, the
+    teacher fine-tuned ``correct_teacher.tokens`` tokens with CE on the training text) when the
+    recipe has that section, else the teacher itself. Evaluation keeps the original teacher as
+    the reference. ``correct_teacher_stage`` compares its own recorded inputs: a corrected
+    teacher of these inputs is loaded, not trained again."""
+
+    name, output = "correct_teacher", "teacher-corrected"
+
+    def wanted(self, ctx: RunContext) -> bool:
+        return ctx.recipe["correct_teacher"] is not None
+
+    def absent(self, ctx: RunContext, done: dict):
+        return ctx.teacher
+
+    def stale_reason(self, ctx: RunContext, inputs: dict | None) -> str | None:
+        return "a corrected teacher of these inputs is read back" if os.path.isdir(ctx.path(self.output)) else "missing"
+
+    def run(self, ctx: RunContext, done: dict, inputs: dict | None):
+        from slimlm.distill.training import student_precision_flags
+
+        section, distill_section = ctx.recipe["correct_teacher"], ctx.recipe["distill"]
+        # The correction trains as the distillation's student does (bf16 mixed precision where
+        # native with student_precision auto: faster, the same corrected teacher; BENCHMARKS.md).
+        flags = student_precision_flags(distill_section["student_precision"],
+                                        ["--use_cpu", "true"] if ctx.device == "cpu" else [],
+                                        log=lambda line: ctx.log(line.replace("[distill]", "[correct_teacher]")))
+        return correct_teacher_stage(
+            ctx.teacher, ctx.tokenizer, ctx.train_texts, ctx.path(self.output), tokens=section["tokens"],
+            seq_len=section["seq_len"] or distill_section["seq_len"],
+            batch_size=section["batch_size"] or distill_section["batch_size"],
+            learning_rate=section["lr"] or distill_section["lr"] / 10, seed=ctx.recipe["seed"], training_args=flags,
+            overwrite=True, save_dtype=ctx.recipe["save_dtype"], disable_tqdm=not ctx.progress,
+            log=lambda line: ctx.log(line.replace("[correct]", "[correct_teacher]")))

@@ -2,44 +2,45 @@
 Trainer, checkpointing as it goes, and swap the finished student into its output folder."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
 from slimlm import outputs
 from slimlm.errors import InputError
 from slimlm.pipeline.checkpoints import plan_checkpoints
+from slimlm.pipeline.stage import RunContext, Stage
 from slimlm.pipeline.records import DISTILL_RECORD, RUN_RECORD, has_weights, inputs_stale_reason, read_json, \
     read_json_roundtrip, texts_digest
 
 
-def distill_inputs(teacher, student, train_texts, *, synthetic_texts=None, mix_fraction=0.0, seq_len=256,
-                   max_tokens=None, batch_size=8, learning_rate=1e-4, temperature=1.0, beta=0.0, kd_weight=1.0,
-                   ce_weight=0.0, seed=0, training_args=(), teacher_precision="auto", student_precision="auto",
-                   fit_to_time=False, distillation_options=None) -> dict:
+def distill_inputs(teacher, student, train_texts, options=None, *, synthetic_texts=None, mix_fraction=0.0, seed=0,
+                   training_args=(), layer_map=None) -> dict:
     """Everything a distillation run depends on: the models' fingerprints, the data's digests,
-    the training arguments and the teacher's and student's precision options (as asked: "auto"
-    resolves per machine). A checkpoint folder is resumed only by a run with the same. A teacher from
+    the options that shape the result (``DistillOptions``; not the time caps nor the evaluation
+    along the way), the training arguments and the precisions as asked ("auto" resolves per
+    machine). A checkpoint folder is resumed only by a run with the same. A teacher from
     ``slimlm.pipeline.correct.correct_teacher_stage`` adds its correction's inputs
     ("teacher_correction"): its weights' fingerprint alone may miss the fine-tuning."""
-    from slimlm.distill.teacher import check_teacher_precision
-    from slimlm.distill.training import check_student_precision
+    from slimlm.distill.options import DistillOptions
     from slimlm.fingerprint import model_fingerprint
     from slimlm.pipeline.correct import CORRECTION_ATTRIBUTE
 
+    options = options if options is not None else DistillOptions()
     mixed = bool(synthetic_texts) and mix_fraction > 0
     correction = getattr(teacher, CORRECTION_ATTRIBUTE, None)
+    extra = options.distillation_options()
+    if layer_map is not None:
+        extra["layer_map"] = layer_map
     return read_json_roundtrip({
         **({"teacher_correction": correction} if correction is not None else {}),
         "teacher": model_fingerprint(teacher), "student": model_fingerprint(student),
         "train": texts_digest(train_texts), "synthetic": texts_digest(synthetic_texts) if mixed else None,
-        "mix": mix_fraction if mixed else 0.0, "seq_len": seq_len, "max_tokens": max_tokens,
-        "batch_size": batch_size, "learning_rate": learning_rate, "temperature": temperature, "beta": beta,
-        "kd_weight": kd_weight, "ce_weight": ce_weight, "seed": seed, "training_args": list(training_args),
-        "teacher_precision": check_teacher_precision(teacher_precision),
-        "student_precision": check_student_precision(student_precision),
-        "fit_to_time": bool(fit_to_time),
-        **({"distillation_options": distillation_options} if distillation_options else {})})
+        "mix": mix_fraction if mixed else 0.0, "seq_len": options.seq_len, "max_tokens": options.max_tokens,
+        "batch_size": options.batch_size, "learning_rate": options.lr, "temperature": options.temperature,
+        "beta": options.beta, "kd_weight": options.kd_weight, "ce_weight": options.ce_weight, "seed": seed,
+        "training_args": list(training_args), "teacher_precision": options.teacher_precision,
+        "student_precision": options.student_precision, "fit_to_time": options.fit_to_time,
+        **({"distillation_options": extra} if extra else {})})
 
 
 def pruned_layer_map(student_dir: str, student, teacher) -> dict[int, int] | None:
@@ -61,43 +62,25 @@ def pruned_layer_map(student_dir: str, student, teacher) -> dict[int, int] | Non
         return None
 
 
-def check_distill_settings(*, learning_rate, temperature, beta, kd_weight, ce_weight, max_minutes=None,
-                           mix_fraction=0.0, fit_to_time=False) -> None:
-    """InputError for a setting no run can use, before anything is loaded or written."""
-    if fit_to_time and not max_minutes:
-        raise InputError("--fit-to-time fits the schedule to --max-minutes: give --max-minutes too")
-    checks = [("lr", learning_rate, learning_rate > 0, "> 0"), ("temperature", temperature, temperature > 0, "> 0"),
-              ("beta", beta, 0 <= beta <= 1, "in [0, 1]"), ("kd-weight", kd_weight, kd_weight >= 0, ">= 0"),
-              ("ce-weight", ce_weight, ce_weight >= 0, ">= 0"),
-              ("mix", mix_fraction, 0 <= mix_fraction <= 1, "in [0, 1]"),
-              ("max-minutes", max_minutes, max_minutes is None or max_minutes > 0, "> 0")]
-    for name, value, ok, rule in checks:
-        if not ok or isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"--{name} must be {rule} and finite, got {value}")
-    if kd_weight == 0 and ce_weight == 0:
-        raise InputError("--kd-weight and --ce-weight are both 0: nothing to train on")
-
-
-def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthetic_texts=None, mix_fraction=0.0,
-                  seq_len=256, max_tokens=None, batch_size=8, learning_rate=1e-4, temperature=1.0, beta=0.0,
-                  kd_weight=1.0, ce_weight=0.0, seed=0, training_args=(), resume=True, overwrite=False,
-                  clear_stale_checkpoints=False, checkpoints: str | None = None, max_minutes: float | None = None,
-                  disable_tqdm: bool = False, extra_record=None, save_dtype=None, teacher_precision="auto",
-                  student_precision="auto", fit_to_time=False, distillation_options=None, eval_texts: dict | None = None, eval_steps: int | None = None,
-                  eval_blocks: int = 8,
-                  log=print):
+def distill_stage(teacher, student, tokenizer, train_texts, out: str, options=None, *, synthetic_texts=None,
+                  mix_fraction=0.0, seed=0, training_args=(), layer_map=None, resume=True, overwrite=False,
+                  clear_stale_checkpoints=False, checkpoints: str | None = None, disable_tqdm: bool = False,
+                  extra_record=None, save_dtype=None, eval_texts: dict | None = None, log=print):
     """Distill ``teacher`` into ``student`` on blocks of ``train_texts`` (and, with
     ``mix_fraction`` > 0, packed ``synthetic_texts``), then save the student to ``out`` atomically.
 
-    ``max_tokens`` sets ``max_steps`` = ⌈max_tokens / (batch · accumulation · world · seq_len)⌉
-    unless ``training_args`` names ``--max_steps``. ``training_args``: command-line style
+    ``options`` (``slimlm.distill.options.DistillOptions``; default its defaults) says how:
+    blocks of ``seq_len`` tokens, ``batch_size`` per device, peak ``lr``, the loss and the
+    precisions. ``max_tokens`` sets ``max_steps`` = ⌈max_tokens / (batch · accumulation · world ·
+    seq_len)⌉ unless ``training_args`` names ``--max_steps``. ``training_args``: command-line style
     ``TrainingArguments`` flags (``["--warmup_steps", "0.1"]``), which win over these defaults.
-    ``max_minutes`` stops training early (a safety cap on a loaded machine; the schedule
-    still follows ``max_steps``, and a rerun may change it and still resume). With
-    ``fit_to_time`` the schedule is fitted to ``max_minutes`` instead
-    (``slimlm.distill.training.fit_schedule_callback``): after the first steps the run plans the
-    steps that fit at the measured speed (at most ``max_steps``), and its warmup and decay end
-    there; the plan is kept in the checkpoints, so a resumed run continues it.
+    ``max_minutes`` stops training early (a safety cap on a loaded machine; the schedule still
+    follows ``max_steps``, and a rerun may change it and still resume). With ``fit_to_time`` the
+    schedule is fitted to ``max_minutes`` instead (``slimlm.distill.training.fit_schedule_callback``):
+    after the first steps the run plans the steps that fit at the measured speed (at most
+    ``max_steps``), and its warmup and decay end there; the plan is kept in the checkpoints, so a
+    resumed run continues it. ``layer_map``: the hidden-state loss's student → teacher layers
+    (``pruned_layer_map``; default the trainer's even spread).
 
     Checkpoints go to ``checkpoints`` (default ``<out>.checkpoints``), which records the run's
     ``distill_inputs``. With ``resume``, the newest complete checkpoint of this same run is
@@ -105,13 +88,13 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     refused unless ``clear_stale_checkpoints``, which deletes it. ``resume=False`` starts
     over. Returns (student, log_history).
 
-    ``teacher_precision`` ("auto" | "fp32" | "bf16" | "int8", ``slimlm.distill.teacher``): what the
-    teacher's forward runs in; "auto" (default) is bf16 for a float32 teacher on a CPU with native
-    bf16 (held-out KL from the float32 teacher ~0.001 nats/token on SmolLM2), else the teacher as
-    given. The teacher's LM head in the loss stays as loaded. ``student_precision`` ("auto" |
-    "fp32" | "bf16", ``slimlm.distill.training.student_precision_flags``): "auto" (default) trains
-    the student in bf16 mixed precision (float32 master weights) where bf16 is native, else in
-    float32; a ``--bf16``/``--fp16`` flag in ``training_args`` wins.
+    ``teacher_precision``: what the teacher's forward runs in (``slimlm.distill.teacher``);
+    "auto" is bfloat16 for a float32 teacher on a CPU with native bfloat16, else the teacher as
+    given; its LM head in the loss stays as loaded. ``student_precision``
+    (``slimlm.distill.training.student_precision_flags``): "auto" trains the student in bfloat16
+    mixed precision (float32 master weights) where bfloat16 is native, else in float32; a
+    ``--bf16``/``--fp16`` flag in ``training_args`` wins. The record's ``precision_used`` says
+    what they resolved to.
 
     ``out`` holds the student in ``save_dtype`` ("float32" | "bfloat16" | "float16"; None/"auto":
     the dtype ``student``'s source checkpoint declares, ``slimlm.models.save_dtype``), whatever
@@ -122,44 +105,32 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     ``eval_texts`` ({name: texts}) with ``eval_steps``: every that many steps (and after the
     last) the student's NLL/perplexity on the first ``eval_blocks`` blocks of each is logged
     (``<name>_nll``, ``<name>_ppl``) into the log history, beside the losses.
-    ``distillation_options``: more ``DistillationConfig`` fields, e.g. the hidden-state loss
-    (``{"hidden_loss_weight": 1.0, "hidden_loss_schedule": "minitron", "layer_map": {...}}``);
-    default none. The fields this function takes as parameters are refused there.
     """
     from transformers import set_seed
 
     from slimlm.data import tokenize_blocks
-    from slimlm.distill.trainer import DistillationConfig, DistillationTrainer
+    from slimlm.distill.options import DistillOptions
+    from slimlm.distill.trainer import DistillationTrainer
     from slimlm.distill.training import fit_schedule_callback, heldout_eval_callback, student_precision_flags, \
         time_budget_callback, tokens_per_step, training_arguments, training_items, training_set
     from slimlm.fingerprint import model_fingerprint
     from slimlm.models import save_dtype as resolve_save_dtype
 
-    check_distill_settings(learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
-                           ce_weight=ce_weight, max_minutes=max_minutes, mix_fraction=mix_fraction,
-                           fit_to_time=fit_to_time)
-    options = dict(distillation_options or {})
-    own = {"kd_weight", "ce_weight", "temperature", "beta", "teacher_precision"} & set(options)
-    if own:
-        raise ValueError(f"distillation_options: {', '.join(sorted(own))} are distill_stage parameters; pass them as such")
-    unknown = set(options) - {field.name for field in dataclasses.fields(DistillationConfig)}
-    if unknown:
-        raise ValueError(f"distillation_options: {', '.join(sorted(unknown))} are not DistillationConfig fields")
-    config = DistillationConfig(kd_weight=kd_weight, ce_weight=ce_weight, temperature=temperature, beta=beta,
-                                teacher_precision=teacher_precision, **options)
-    config.check()
+    options = options if options is not None else DistillOptions()
+    if not 0 <= mix_fraction <= 1:
+        raise InputError(f"mix_fraction must be in [0, 1], got {mix_fraction}")
+    if options.fit_to_time and not options.max_minutes:
+        raise InputError("fit_to_time fits the schedule to max_minutes: give max_minutes too")
+    config = options.distillation_config(layer_map=layer_map)
+    seq_len, batch_size = options.seq_len, options.batch_size
     out = outputs.check_output(out, overwrite)
     checkpoints = checkpoints or out + ".checkpoints"
     student_before = model_fingerprint(student)
-    inputs = distill_inputs(teacher, student, train_texts, synthetic_texts=synthetic_texts, mix_fraction=mix_fraction,
-                            seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-                            learning_rate=learning_rate, temperature=temperature, beta=beta, kd_weight=kd_weight,
-                            ce_weight=ce_weight, seed=seed, training_args=training_args,
-                            teacher_precision=teacher_precision, student_precision=student_precision,
-                            fit_to_time=fit_to_time, distillation_options=options)
+    inputs = distill_inputs(teacher, student, train_texts, options, synthetic_texts=synthetic_texts,
+                            mix_fraction=mix_fraction, seed=seed, training_args=training_args, layer_map=layer_map)
     saved_dtype = resolve_save_dtype(student, save_dtype)
-    args = training_arguments(student_precision_flags(student_precision, training_args, log=log), output_dir=checkpoints, batch_size=batch_size,
-                              learning_rate=learning_rate, seed=seed)
+    args = training_arguments(student_precision_flags(options.student_precision, training_args, log=log),
+                              output_dir=checkpoints, batch_size=batch_size, learning_rate=options.lr, seed=seed)
     args.disable_tqdm = args.disable_tqdm or disable_tqdm
     # An explicit --resume_from_checkpoint is the user's choice: the folder is left as it is.
     decision = {"clear": False, "resume": None, "incomplete": []} if args.resume_from_checkpoint else \
@@ -172,18 +143,19 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
     mixed = bool(synthetic_texts) and mix_fraction > 0
     dataset = training_set(items(train_texts), items(synthetic_texts) if mixed else None, mix_fraction, seed=seed)
     explicit_steps = any(flag.split("=")[0] == "--max_steps" for flag in training_args)
-    if max_tokens is not None and not explicit_steps:
-        args.max_steps = max(1, math.ceil(max_tokens / tokens_per_step(args, seq_len)))
+    if options.max_tokens is not None and not explicit_steps:
+        args.max_steps = max(1, math.ceil(options.max_tokens / tokens_per_step(args, seq_len)))
 
+    max_minutes = options.max_minutes
     callbacks = [time_budget_callback(max_minutes * 60)] if max_minutes else []
-    if fit_to_time:  # before the evaluation callback, which evaluates at the (fitted) last step
+    if options.fit_to_time:  # before the evaluation callback, which evaluates at the (fitted) last step
         callbacks.insert(0, fit_schedule_callback(max_minutes * 60, log=log))
-    if eval_texts and eval_steps:
+    if eval_texts and options.eval_steps:
         sets = {}
         for name, texts in eval_texts.items():
             blocks = tokenize_blocks(texts, tokenizer, seq_len, model=student)
-            sets[name] = blocks.select(range(min(len(blocks), eval_blocks)))
-        callbacks.append(heldout_eval_callback(sets, eval_steps, batch_size=batch_size, log=log))
+            sets[name] = blocks.select(range(min(len(blocks), options.eval_blocks)))
+        callbacks.append(heldout_eval_callback(sets, options.eval_steps, batch_size=batch_size, log=log))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                                   distillation_config=config, callbacks=callbacks or None)
     _prepare_checkpoints(trainer, checkpoints, decision, inputs, resume=resume, log=log)
@@ -201,7 +173,9 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, *, synthet
 
 
 def precision_used(trainer) -> dict:
-    """What "auto" resolved to here: the teacher's forward dtype, the student's mixed precision."""
+    """What "auto" resolved to here, in the dtype table's names: the teacher's forward dtype
+    ("float32", "bfloat16", "float16", "int8"; None for a top-k cache) and the student's mixed
+    precision ("bfloat16", "float16" or "float32")."""
     teacher = getattr(trainer, "teacher", None)
     if teacher is None:  # a top-k cache: no live teacher
         name = None
@@ -210,7 +184,7 @@ def precision_used(trainer) -> dict:
     else:
         name = str(next(teacher.parameters()).dtype).removeprefix("torch.")
     return {"teacher": name,
-            "student": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"}
+            "student": "bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else "float32"}
 
 
 def _prepare_checkpoints(trainer, checkpoints: str, decision: dict, inputs: dict, *, resume: bool, log) -> None:
@@ -285,3 +259,97 @@ def distilled_stale_reason(out: str, inputs: dict) -> str | None:
         return f"no {DISTILL_RECORD}"
     return inputs_stale_reason(record, inputs, "")
 
+
+
+# The least distillation time ``distill.finish_by_minutes`` leaves a run whose earlier stages overran.
+MIN_DISTILL_MINUTES = 1.0
+
+
+def distill_minutes(section: dict, started: float, log=print) -> float | None:
+    """``distill.max_minutes``, shortened so that distillation ends ``distill.finish_by_minutes``
+    after the run began (``started``: its ``time.monotonic()``), but at least
+    ``MIN_DISTILL_MINUTES``: a run whose earlier stages overran still distills, and says so."""
+    import time
+
+    cap, finish_by = section["max_minutes"], section["finish_by_minutes"]
+    if finish_by is None:
+        return cap
+    elapsed = (time.monotonic() - started) / 60
+    left = finish_by - elapsed
+    minutes = max(left, MIN_DISTILL_MINUTES) if cap is None else min(cap, max(left, MIN_DISTILL_MINUTES))
+    if cap is None or minutes < cap:
+        note = f"; {left:.1f} left, at least {MIN_DISTILL_MINUTES}" if left < MIN_DISTILL_MINUTES else ""
+        log(f"[distill] {elapsed:.1f} min into the run, finish_by_minutes {finish_by:g}: distillation capped "
+            f"at {minutes:.1f} min" + (f" (max_minutes {cap:g})" if cap is not None else "") + note)
+    return minutes
+
+
+class DistillStage(Stage):
+    """The pruned student distilled from the teacher (``distilled/``) — from the corrected
+    teacher after a ``correct_teacher`` stage —, saved in the recipe's ``save_dtype`` (auto: the
+    pruned model's, i.e. the teacher's source dtype); its value is the log history. After a search
+    with re-ranking the student is the winner's short-distilled one (``search/winner``) and
+    trains ``max_tokens`` minus the tokens it has already seen."""
+
+    name, output = "distill", "distilled"
+
+    def _start(self, ctx: RunContext) -> tuple[str, int | None]:
+        """The folder the student starts from and the tokens left to train."""
+        max_tokens = ctx.recipe["distill"]["max_tokens"]
+        if not ctx.rerank_tokens:
+            return ctx.path("pruned"), max_tokens
+        from slimlm.search.records import WINNER_DIR
+
+        return (os.path.join(ctx.path("search"), WINNER_DIR),
+                max_tokens - ctx.rerank_tokens if max_tokens is not None else None)
+
+    def inputs(self, ctx: RunContext, done: dict) -> dict:
+        import dataclasses
+
+        import torch
+
+        from slimlm.distill.options import DistillOptions
+        from slimlm.models import load_model, save_dtype
+
+        start, max_tokens = self._start(ctx)
+        if ctx.rerank_tokens:
+            ctx.log(f"[distill] continuing from the search's winner ({os.path.relpath(start, ctx.out)}, "
+                    f"{ctx.rerank_tokens:,} tokens distilled)")
+        section = ctx.recipe["distill"]
+        self.teacher = done.get("correct_teacher", ctx.teacher)
+        self.student = load_model(start, dtype=torch.float32 if ctx.device == "cpu" else ctx.dtype)
+        # auto: the teacher's source dtype (the pruned model's), also for a student started from
+        # the search's winner, which is kept in the dtype it trained in.
+        self.save_dtype = section_dtype = ctx.recipe["save_dtype"]
+        if section_dtype == "auto":
+            self.save_dtype = str(save_dtype(ctx.teacher, "auto")).removeprefix("torch.")
+        self.options = dataclasses.replace(DistillOptions(**section), max_tokens=max_tokens)
+        self.layer_map = pruned_layer_map(start, self.student, self.teacher) \
+            if self.options.hidden_loss_weight > 0 else None
+        synthetic = done.get("synthetic")
+        self.data = dict(synthetic_texts=synthetic, mix_fraction=ctx.recipe["synthetic"]["mix"] if synthetic else 0.0,
+                         seed=ctx.recipe["seed"], training_args=ctx.training_flags(), layer_map=self.layer_map)
+        inputs = distill_inputs(self.teacher, self.student, ctx.train_texts, self.options, **self.data)
+        return with_save_dtype(inputs, save_dtype(self.student, self.save_dtype))
+
+    def stale_reason(self, ctx: RunContext, inputs: dict) -> str | None:
+        return distilled_stale_reason(ctx.path(self.output), inputs)
+
+    def run(self, ctx: RunContext, done: dict, inputs: dict) -> list[dict]:
+        import dataclasses
+
+        max_minutes = distill_minutes(ctx.recipe["distill"], ctx.started, ctx.log)
+        options = dataclasses.replace(self.options, max_minutes=max_minutes)
+        eval_texts = {"heldout": ctx.heldout_texts}
+        if ctx.general_texts is not None:
+            eval_texts["general"] = ctx.general_texts
+        # Checkpoints of a run of other inputs (a changed teacher, data or setting) are stale in
+        # this folder the recipe owns: they are deleted, not resumed.
+        _, log_history = distill_stage(
+            self.teacher, self.student, ctx.tokenizer, ctx.train_texts, ctx.path(self.output), options,
+            extra_record={"max_minutes": max_minutes}, overwrite=True, clear_stale_checkpoints=True,
+            disable_tqdm=not ctx.progress, save_dtype=self.save_dtype, log=ctx.log, eval_texts=eval_texts, **self.data)
+        return log_history
+
+    def load(self, ctx: RunContext, done: dict) -> list[dict]:
+        return read_json(os.path.join(ctx.path(self.output), DISTILL_RECORD))["log_history"]

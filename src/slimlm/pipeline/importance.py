@@ -5,7 +5,8 @@ import os
 
 from slimlm import outputs
 from slimlm.errors import InputError
-from slimlm.pipeline.records import STAGE_RECORD, inputs_stale_reason, read_json, stage_record
+from slimlm.pipeline.records import STAGE_RECORD, inputs_stale_reason, read_json, stage_record, texts_digest
+from slimlm.pipeline.stage import RunContext, Stage
 
 
 def importance_stage(model, calibration, out: str, options=None, *, seed: int = 0, progress: bool = True,
@@ -57,3 +58,28 @@ def scores_stale_reason(out: str, model, inputs: dict | None = None) -> str | No
     if inputs is not None:
         return inputs_stale_reason(read_json(os.path.join(out, STAGE_RECORD)), inputs, f"no {STAGE_RECORD}")
     return None
+
+
+class ImportanceStage(Stage):
+    """Scores of the teacher on calibration blocks of the training data (``scores/``)."""
+
+    name, output = "importance", "scores"
+
+    def inputs(self, ctx: RunContext, done: dict) -> dict:
+        return {"teacher": ctx.teacher_fp, "train": texts_digest(ctx.train_texts),
+                "settings": ctx.recipe["importance"], "seed": ctx.recipe["seed"]}
+
+    def stale_reason(self, ctx: RunContext, inputs: dict) -> str | None:
+        return scores_stale_reason(ctx.path(self.output), ctx.teacher, inputs)
+
+    def run(self, ctx: RunContext, done: dict, inputs: dict):
+        from slimlm.data import tokenize_blocks
+        from slimlm.importance.options import ImportanceOptions
+
+        options = ImportanceOptions(**ctx.recipe["importance"])
+        calibration = tokenize_blocks(ctx.train_texts, ctx.tokenizer, options.seq_len, model=ctx.teacher)
+        return importance_stage(ctx.teacher, calibration, ctx.path(self.output), options, seed=ctx.recipe["seed"],
+                                progress=ctx.progress, inputs=inputs, fingerprint=ctx.teacher_fp)
+
+    def load(self, ctx: RunContext, done: dict):
+        return load_scores(ctx.path(self.output), model=ctx.teacher)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from slimlm.pipeline.records import has_weights, inputs_stale_reason, read_json, stage_record
+from slimlm.pipeline.stage import RunContext, Stage
 
 
 def prune_stage(model, scores, target, out: str, *, tokenizer=None, overwrite: bool = False,
@@ -32,3 +33,51 @@ def pruned_stale_reason(out: str, source_fingerprint: str, inputs: dict | None =
     if record.get("source_fingerprint") != source_fingerprint:
         return "pruned from another model"
     return inputs_stale_reason(record, inputs, "") if inputs is not None else None
+
+
+PLAN_FILE = "plan.txt"
+
+
+class PruneStage(Stage):
+    """A copy of the teacher pruned to the target — the search's winner when there was one —
+    (``pruned/``, its plan's table in ``plan.txt``); its value is that table."""
+
+    name, output = "prune", "pruned"
+
+    def target(self, ctx: RunContext, done: dict) -> dict:
+        searched = done.get("search")
+        return searched["target"] if searched is not None else ctx.recipe["target"]
+
+    def inputs(self, ctx: RunContext, done: dict) -> dict:
+        from slimlm import outputs
+        from slimlm.importance.scores import SCORES_FILE
+        from slimlm.pipeline.records import texts_digest
+
+        inputs = {"teacher": ctx.teacher_fp, "target": self.target(ctx, done),
+                  "scores": outputs.file_digest(os.path.join(ctx.path("scores"), SCORES_FILE)),
+                  "save_dtype": ctx.recipe["save_dtype"]}
+        if ctx.recipe["reconstruct"] is not None:  # (absent otherwise: older run folders stay valid)
+            inputs["reconstruct"] = {**ctx.recipe["reconstruct"], "train": texts_digest(ctx.train_texts),
+                                     "seq_len": ctx.recipe["importance"]["seq_len"]}
+        return inputs
+
+    def stale_reason(self, ctx: RunContext, inputs: dict) -> str | None:
+        reason = pruned_stale_reason(ctx.path(self.output), ctx.teacher_fp, inputs)
+        if reason is None and not os.path.isfile(ctx.path(PLAN_FILE)):
+            return f"no {PLAN_FILE}"
+        return reason
+
+    def run(self, ctx: RunContext, done: dict, inputs: dict) -> str:
+        import copy
+
+        from slimlm import outputs
+
+        _, the_plan = prune_stage(copy.deepcopy(ctx.teacher), done["importance"], self.target(ctx, done),
+                                  ctx.path(self.output), tokenizer=ctx.tokenizer, overwrite=True, inputs=inputs,
+                                  save_dtype=ctx.recipe["save_dtype"], reconstruct=ctx.reconstruction)
+        outputs.write_text(ctx.path(PLAN_FILE), the_plan.table() + "\n")
+        return self.load(ctx, done)
+
+    def load(self, ctx: RunContext, done: dict) -> str:
+        with open(ctx.path(PLAN_FILE), encoding="utf-8") as handle:
+            return handle.read().rstrip()

@@ -1,6 +1,6 @@
-"""A recipe: the YAML file that says what ``slimlm run`` does, checked field by field
-(``RECIPE_FIELDS``: each field's type and default) before any work starts; an error names the
-file and the field. The demo's recipes (``demo.yaml``, ``demo-quick.yaml``) ship in ``slimlm.demo``.
+"""A recipe: the YAML file that says what ``slimlm run`` does, checked field by field (the
+options dataclasses of ``OPTION_SECTIONS``, and ``RECIPE_FIELDS``: each other field's type and
+default) before any work starts; an error names the file and the field. The demo's recipes (``demo.yaml``, ``demo-quick.yaml``) ship in ``slimlm.demo``.
 
 Every recipe is parsed by ``RecipeLoader`` (``read_yaml``): YAML's safe subset without aliases
 (``*name``), so that a few lines cannot expand to gigabytes, and with YAML 1.2's numbers
@@ -10,14 +10,17 @@ from __future__ import annotations
 import copy
 import os
 import re
-from importlib import resources
 
 import yaml
 
 from slimlm.distill.options import DistillOptions, GenerationOptions
 from slimlm.errors import InputError
+from slimlm.evaluate import EvalOptions
 from slimlm.importance.options import ImportanceOptions
 from slimlm.options import check_type
+from slimlm.pipeline.correct import CorrectionOptions
+from slimlm.search.options import SearchOptions
+from slimlm.surgery.options import ReconstructOptions
 
 
 class _AliasRefused(yaml.YAMLError):
@@ -71,9 +74,13 @@ def dump_yaml(value) -> str:
 
 _ANY = object()
 # The sections that are an options dataclass (``slimlm.options``): declared there once, for the
-# command line, recipes and Python alike.
-OPTION_SECTIONS = (ImportanceOptions, GenerationOptions, DistillOptions)
-# section → field → (expected type(s), default). None as default: optional.
+# command line, recipes and Python alike. With a search section, ``target`` is the search's
+# budget (slimlm.Budget's fields); reconstruct refits the pruned o_proj/down_proj on the first
+# num_samples blocks of importance.seq_len tokens of the training text, for the search's
+# candidates and the prune stage both; correct_teacher is Minitron's teacher correction.
+OPTION_SECTIONS = (ImportanceOptions, GenerationOptions, DistillOptions, SearchOptions, ReconstructOptions,
+                   CorrectionOptions, EvalOptions)
+# The other sections: section → field → (expected type(s), default). None as default: optional.
 RECIPE_FIELDS = {
     None: {"teacher": (str, _ANY), "out": (str, None), "seed": (int, 0), "dtype": (str, "auto"),
            "save_dtype": (str, "auto"),
@@ -85,20 +92,6 @@ RECIPE_FIELDS = {
     "data": {"train": ((str, list), _ANY), "heldout": ((str, list), None), "general": ((str, list), None),
              "heldout_fraction": (float, 0.1),
              "text_field": (str, "text")},
-    # With a search section, ``target`` is the search's budget (slimlm.Budget's fields).
-    "search": {"top_n": (int, 20), "top_k": (int, 4), "num_blocks": (int, 64), "seq_len": (int, 256),
-               "held_out": (float, 0.25), "rerank_tokens": (int, None), "batch_size": (int, 8), "lr": (float, None),
-               "space": (dict, {})},
-    # The pruned o_proj/down_proj refitted to the heads/neurons that stay (slimlm.surgery.reconstruct),
-    # on the first num_samples blocks of importance.seq_len tokens of the training text; the
-    # search's candidates and the prune stage both use it.
-    "reconstruct": {"num_samples": (int, 32), "ridge": (float, 1.0)},
-    # Minitron's teacher correction before distilling: lr default distill.lr / 10, seq_len and
-    # batch_size default the distillation's.
-    "correct_teacher": {"tokens": (int, _ANY), "lr": (float, None), "seq_len": (int, None), "batch_size": (int, None)},
-    "eval": {"seq_len": (int, 256), "max_blocks": (int, 64), "batch_size": (int, 8), "prompts": (list, []),
-             "max_new_tokens": (int, 32), "speed": (bool, False), "speed_prompt_tokens": (int, 128),
-             "speed_new_tokens": (int, 32), "speed_rounds": (int, 3)},
     "report": {"title": (str, "slimlm report")},
 }
 
@@ -128,11 +121,8 @@ def validate_recipe(raw, where: str) -> dict:
     for options in OPTION_SECTIONS:  # an optional section (synthetic: null, or absent) stays None
         if recipe[options.SECTION] is not None:
             recipe[options.SECTION] = options.from_section(recipe[options.SECTION], where).as_record()
-    for section in ("data", "eval", "report"):
+    for section in ("data", "report"):
         recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
-    for section in ("search", "reconstruct", "correct_teacher"):
-        if recipe[section] is not None:
-            recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
     _check_semantics(recipe, where)
     return recipe
 
@@ -154,51 +144,13 @@ def _check_semantics(recipe: dict, where: str) -> None:
             parse_param_count(budget.target_params, 1)  # finite, positive, a fraction or a whole count
     except (ValueError, TypeError) as error:
         raise InputError(f"{where}: target: {error}") from None
-    if recipe["search"] is not None:
-        _check_search(recipe["search"], where)
-    positive = [("eval", "seq_len"), ("eval", "max_blocks"), ("eval", "batch_size"), ("eval", "max_new_tokens"),
-                ("eval", "speed_prompt_tokens"), ("eval", "speed_rounds")]
-    if recipe["reconstruct"] is not None:
-        positive += [("reconstruct", "num_samples"), ("reconstruct", "ridge")]
-    for section, field in positive:
-        value = recipe[section][field]
-        if value is not None and not (value > 0 and value != float("inf")):
-            raise InputError(f"{where}: {section}.{field} must be > 0 and finite, got {value}")
     if not 0.0 < recipe["data"]["heldout_fraction"] < 1.0:
         raise InputError(f"{where}: data.heldout_fraction must be in (0, 1), got {recipe['data']['heldout_fraction']}")
-    if recipe["correct_teacher"] is not None:
-        for field, value in recipe["correct_teacher"].items():
-            if value is not None and not value > 0:
-                raise InputError(f"{where}: correct_teacher.{field} must be > 0, got {value}")
     if recipe["dtype"] != "auto" and recipe["dtype"] not in DTYPES:
         raise InputError(f"{where}: dtype: unknown value {recipe['dtype']!r}")
     if recipe["save_dtype"] != "auto" and recipe["save_dtype"] not in DTYPES:
         raise InputError(f"{where}: save_dtype: unknown value {recipe['save_dtype']!r} (known: auto, float32, "
                          "bfloat16, float16)")
-    if recipe["eval"]["speed_new_tokens"] < 2:
-        raise InputError(f"{where}: eval.speed_new_tokens must be >= 2, got {recipe['eval']['speed_new_tokens']}")
-    if not all(isinstance(p, str) for p in recipe["eval"]["prompts"]):
-        raise InputError(f"{where}: eval.prompts must be a list of strings")
-
-
-def _check_search(section: dict, where: str) -> None:
-    from slimlm.search import SearchSpace
-
-    for field in ("top_n", "num_blocks", "seq_len", "batch_size", "rerank_tokens", "lr", "held_out"):
-        if section[field] is not None and not section[field] > 0:
-            raise InputError(f"{where}: search.{field} must be > 0, got {section[field]}")
-    if section["top_k"] < 0:
-        raise InputError(f"{where}: search.top_k must be >= 0, got {section['top_k']}")
-    if section["top_k"] > section["top_n"]:
-        raise InputError(f"{where}: search.top_k {section['top_k']} is larger than search.top_n {section['top_n']}: "
-                         "only the top_n candidates are re-ranked")
-    if section["held_out"] >= 1 and not float(section["held_out"]).is_integer():
-        raise InputError(f"{where}: search.held_out: a fraction in (0, 1) or a whole block count, got "
-                         f"{section['held_out']}")
-    try:
-        SearchSpace.coerce(section["space"]).check()
-    except (ValueError, TypeError) as error:
-        raise InputError(f"{where}: search.space: {error}") from None
 
 
 def load_recipe(path: str | os.PathLike) -> dict:

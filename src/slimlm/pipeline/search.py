@@ -15,6 +15,7 @@ import torch
 
 from slimlm import outputs
 from slimlm.errors import InputError
+from slimlm.pipeline.stage import RunContext, Stage
 
 SEARCH_DIR = "search"
 
@@ -110,3 +111,32 @@ def check_token_budget(max_tokens: int | None, used: int) -> None:
     if max_tokens is not None and max_tokens - used < 1:
         raise InputError(f"distill.max_tokens {max_tokens} counts the search's re-ranking tokens ({used} for the "
                          f"winner): give more than {used}, or lower search.rerank_tokens")
+
+
+class SearchStage(Stage):
+    """The student shape that distills best at the recipe's budget (``search/``: search.json,
+    search.csv, search.png, winner_target.json, winner/), when the recipe has a search section;
+    its value is the search.json record (candidates, winner, phase_seconds, the winner's target
+    and ``rerank_tokens``). ``slimlm.search`` resumes on its own: finished candidates are read
+    back, so the stage always runs."""
+
+    name, output = "search", SEARCH_DIR
+
+    def wanted(self, ctx: RunContext) -> bool:
+        return ctx.recipe["search"] is not None
+
+    def stale_reason(self, ctx: RunContext, inputs: dict | None) -> str | None:
+        done = os.path.isfile(os.path.join(ctx.path(self.output), "search.json"))
+        return "resuming: finished candidates are read back" if done else "missing"
+
+    def run(self, ctx: RunContext, done: dict, inputs: dict | None) -> dict:
+        import dataclasses
+
+        out = ctx.path(self.output)
+        result = search_stage(ctx.teacher, done["importance"], ctx.recipe["target"], ctx.search_blocks, out,
+                              section=ctx.recipe["search"], distill=ctx.recipe["distill"], seed=ctx.recipe["seed"],
+                              device=ctx.device, reconstruct=ctx.reconstruction, log=ctx.log)
+        record = winner_record(out)
+        record["target"] = dataclasses.asdict(result.target)
+        record["rerank_tokens"] = ctx.rerank_tokens
+        return record

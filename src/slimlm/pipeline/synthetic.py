@@ -6,6 +6,7 @@ import os
 from slimlm import outputs
 from slimlm.errors import InputError
 from slimlm.pipeline.records import SYNTHETIC_DONE_SUFFIX, inputs_stale_reason, read_json, read_json_roundtrip, texts_digest
+from slimlm.pipeline.stage import RunContext, Stage
 
 
 def synthetic_inputs(teacher, prompts, *, max_new_tokens=64, temperature=0.8, top_p=0.95, num_return_sequences=1,
@@ -74,3 +75,35 @@ def synthetic_stale_reason(out: str, inputs: dict) -> str | None:
     if record.get("sha256") != outputs.file_digest(out):
         return "changed since it was written"
     return inputs_stale_reason(record, inputs, "incomplete")
+
+
+def synthetic_settings(ctx: RunContext) -> dict:
+    """The synthetic section's sampling settings (``GenerationOptions.sampling``)."""
+    from slimlm.distill.options import GenerationOptions
+
+    return GenerationOptions(**ctx.recipe["synthetic"]).sampling(ctx.recipe["seed"])
+
+
+class SyntheticStage(Stage):
+    """The teacher's generations from prompts of the training data (``synthetic.jsonl``), when
+    the recipe has a synthetic section; its value is their texts (None without the section)."""
+
+    name, output = "synthetic", "synthetic.jsonl"
+
+    def wanted(self, ctx: RunContext) -> bool:
+        return ctx.recipe["synthetic"] is not None
+
+    def inputs(self, ctx: RunContext, done: dict) -> dict:
+        return synthetic_inputs(ctx.teacher, ctx.prompts, **synthetic_settings(ctx))
+
+    def stale_reason(self, ctx: RunContext, inputs: dict) -> str | None:
+        return synthetic_stale_reason(ctx.path(self.output), inputs)
+
+    def run(self, ctx: RunContext, done: dict, inputs: dict) -> list[str]:
+        return generate_stage(ctx.teacher, ctx.tokenizer, ctx.prompts, ctx.path(self.output), progress=ctx.progress,
+                              log=ctx.log, **synthetic_settings(ctx)).texts()
+
+    def load(self, ctx: RunContext, done: dict) -> list[str]:
+        from slimlm.distill.generate import SyntheticDataset
+
+        return SyntheticDataset.load(ctx.path(self.output)).texts()

@@ -14,6 +14,7 @@ from slimlm.surgery.planning import PrunePlan, Target, plan
 from slimlm.surgery.apply import prune
 from slimlm.surgery.save import save_pruned
 from slimlm.surgery.reconstruct import ReconstructionStats, reconstruction_stats
+from slimlm.surgery.options import ReconstructOptions
 
-__all__ = ["PrunePlan", "ReconstructionStats", "Target", "get_adapter", "plan", "prune", "reconstruction_stats",
-           "save_pruned", "supported_model_types"]
+__all__ = ["PrunePlan", "ReconstructOptions", "ReconstructionStats", "Target", "get_adapter", "plan", "prune",
+           "reconstruction_stats", "save_pruned", "supported_model_types"]

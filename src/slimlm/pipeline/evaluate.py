@@ -1,0 +1,69 @@
+"""The eval stage: perplexity, speed and samples of the teacher, the pruned and the distilled
+model on the held-out blocks (``eval.json``, keyed by the models' fingerprints and the data)."""
+from __future__ import annotations
+
+from slimlm import outputs
+from slimlm.pipeline.records import DISTILL_RECORD, read_json, read_json_roundtrip, texts_digest
+from slimlm.pipeline.stage import RunContext, Stage
+
+MODELS = ("teacher", "pruned", "distilled")
+
+
+def keyed_stale_reason(path: str, key: dict, what: str) -> str | None:
+    """None when the JSON file ``path`` was made for ``key`` (its "key" field); else why not."""
+    previous = read_json(path)
+    if previous is None:
+        return "missing"
+    return None if previous.get("key") == read_json_roundtrip(key) else f"made for other {what}"
+
+
+class EvalStage(Stage):
+    """Perplexity on the held-out blocks (and on the general held-out set's, when the recipe has
+    one), decode speed and samples of each model; its value is the ``evaluate_model`` results,
+    the teacher's first."""
+
+    name, output = "eval", "eval.json"
+
+    def settings(self, ctx: RunContext) -> dict:
+        return {key: value for key, value in ctx.recipe["eval"].items() if not key.startswith("speed")}
+
+    def inputs(self, ctx: RunContext, done: dict) -> dict:
+        import os
+
+        from slimlm.fingerprint import model_fingerprint
+        from slimlm.models import load_model
+
+        self.specs = {"teacher": ctx.recipe["teacher"], "pruned": ctx.path("pruned"), "distilled": ctx.path("distilled")}
+        self.models = {"teacher": ctx.teacher}
+        for name in MODELS[1:]:
+            self.models[name] = load_model(self.specs[name], dtype=ctx.dtype, device=ctx.device)
+        return {"heldout": texts_digest(ctx.heldout_texts), "settings": self.settings(ctx),
+                "general": texts_digest(ctx.general_texts) if ctx.general_texts is not None else None,
+                "fingerprints": {name: model_fingerprint(model) for name, model in self.models.items()},
+                "distilled_record": read_json(os.path.join(self.specs["distilled"], DISTILL_RECORD)).get(
+                    "train_seconds")}
+
+    def stale_reason(self, ctx: RunContext, inputs: dict) -> str | None:
+        return keyed_stale_reason(ctx.path(self.output), inputs, "models or data")
+
+    def run(self, ctx: RunContext, done: dict, inputs: dict) -> list[dict]:
+        from slimlm.data import tokenize_blocks
+        from slimlm.evaluate import evaluate_model
+
+        section = self.settings(ctx)
+
+        def blocks(texts):
+            tokens = tokenize_blocks(texts, ctx.tokenizer, section["seq_len"], model=ctx.teacher)
+            return tokens.select(range(min(len(tokens), section["max_blocks"])))
+
+        heldout = blocks(ctx.heldout_texts)
+        general = blocks(ctx.general_texts) if ctx.general_texts is not None else None
+        results = [evaluate_model(model, heldout, tokenizer=ctx.tokenizer, prompts=section["prompts"],
+                                  max_new_tokens=section["max_new_tokens"], batch_size=section["batch_size"],
+                                  spec=self.specs[name], progress=ctx.progress, name=name, general_blocks=general)
+                   for name, model in self.models.items()]
+        outputs.write_json(ctx.path(self.output), {"key": inputs, "results": results})
+        return results
+
+    def load(self, ctx: RunContext, done: dict) -> list[dict]:
+        return read_json(ctx.path(self.output))["results"]

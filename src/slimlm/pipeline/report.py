@@ -1,0 +1,38 @@
+"""The report stage: the run's report (``report/``: report.md, report.html, the plots) from
+every earlier stage's value, written by every run (it reads only what the stages made)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from slimlm.pipeline.records import DISTILL_RECORD, read_json
+from slimlm.pipeline.stage import RunContext, Stage
+
+
+class ReportStage(Stage):
+    """``slimlm.report.write_report`` with the run's notes (``slimlm.report.run_notes``); its
+    value is {"report", "table", "results"}."""
+
+    name, output, every_run = "report", "report", True
+
+    def __init__(self, timings: dict[str, float] | None = None):
+        self.timings = timings if timings is not None else {}
+
+    def run(self, ctx: RunContext, done: dict, inputs: dict | None) -> dict:
+        from slimlm.report import run_notes, sizes_note, write_report
+
+        recipe = ctx.recipe
+        distilled = ctx.path("distilled")
+        config = read_json(os.path.join(distilled, "config.json")) or {}
+        saved = config.get("dtype") or config.get("torch_dtype") or "float32"
+        documents = {"train": len(ctx.train_texts), "heldout": len(ctx.heldout_texts),
+                     "general": len(ctx.general_texts) if ctx.general_texts is not None else None}
+        notes = run_notes(recipe, command=ctx.command, documents=documents,
+                          distill_record=read_json(os.path.join(distilled, DISTILL_RECORD)),
+                          sizes=sizes_note(recipe["teacher"], saved, recipe["save_dtype"]),
+                          device=f"{ctx.device} ({torch.get_num_threads()} threads)", timings=self.timings)
+        report = write_report(ctx.path(self.output), results=done["eval"], scores=done["importance"],
+                              log_history=done["distill"], plan_text=done["prune"], notes=notes,
+                              title=recipe["report"]["title"], speed=done["speed"], search=done["search"])
+        return {"report": report, "table": report["table"], "results": done["eval"]}

@@ -1,0 +1,134 @@
+"""The stage protocol of a recipe's run, and the one loop that runs a stage.
+
+A stage (a subclass of ``Stage``, one per module of ``slimlm.pipeline``) says what its output
+is, what it is made from (``inputs``: fingerprints, digests, settings) and why an output on disk
+is not the one those inputs make (``stale_reason``: None when it is); ``run`` makes it and
+``load`` reads it back. ``run_stage`` is the runner's whole part: it skips a stage the recipe
+does not ask for, compares the recorded inputs, logs the decision, times the stage and runs or
+loads it. A stage writes its output through ``slimlm.outputs`` (a temporary sibling swapped
+into place), so an interrupted stage leaves the previous output or none.
+
+Every stage reads the same ``RunContext``: the recipe, the loaded teacher and tokenizer, the
+data splits — made once by ``Pipeline.setup`` after every input was checked, frozen after. What
+a stage returns goes to the later stages in ``done`` (by stage name).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+import typing
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What every stage of one run reads; made by ``Pipeline.setup``, never changed after.
+    ``rerank_tokens``: the tokens the search's re-ranking distils (counted in the
+    distillation's budget); ``started``: the run's ``time.monotonic()`` at its start."""
+
+    recipe: dict
+    out: str
+    device: str
+    dtype: typing.Any
+    teacher: typing.Any
+    teacher_fp: str
+    tokenizer: typing.Any
+    train_texts: list
+    heldout_texts: list
+    general_texts: list | None
+    prompts: list | None
+    search_blocks: typing.Any
+    rerank_tokens: int
+    progress: bool
+    log: typing.Callable[[str], None]
+    command: str
+    started: float
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    @functools.cached_property
+    def reconstruction(self):
+        """The teacher's ``reconstruction_stats`` on the first ``reconstruct.num_samples`` blocks of
+        ``importance.seq_len`` tokens of the training text, computed on first use (by the search or
+        the prune stage) and kept in memory for the run (they are a few hundred MB); None when the
+        recipe has no reconstruct section."""
+        section = self.recipe["reconstruct"]
+        if section is None:
+            return None
+        from slimlm.data import tokenize_blocks
+        from slimlm.surgery.reconstruct import reconstruction_stats
+
+        started = time.perf_counter()
+        calibration = tokenize_blocks(self.train_texts, self.tokenizer, self.recipe["importance"]["seq_len"],
+                                      model=self.teacher)
+        stats = reconstruction_stats(self.teacher, calibration, batch_size=self.recipe["importance"]["batch_size"],
+                                     num_samples=section["num_samples"], ridge=section["ridge"])
+        seconds = time.perf_counter() - started  # counted in the stage that asked (search or prune)
+        self.log(f"[reconstruct] o_proj/down_proj input statistics of {stats.tokens:,} tokens in {seconds:.0f} s "
+                 f"(ridge {section['ridge']:g})")
+        return stats
+
+    def training_flags(self) -> list[str]:
+        """The distill section's ``training_args`` as command-line flags (``--use_cpu`` on a CPU)."""
+        flags = ["--use_cpu", "true"] if self.device == "cpu" else []
+        for key, value in self.recipe["distill"]["training_args"].items():
+            flags += [f"--{key}", str(value)]
+        return flags
+
+
+class Stage:
+    """One step of a run. ``name``: its log tag and timing key; ``output``: its file or folder in
+    the run's folder (what the log names). A subclass overrides ``inputs``, ``stale_reason``,
+    ``run`` and ``load``; ``wanted`` and ``absent`` when the recipe may leave it out."""
+
+    name: typing.ClassVar[str] = ""
+    output: typing.ClassVar[str] = ""
+    # A stage every run makes anew from the earlier stages' values (the report): no inputs are
+    # compared and no decision is logged.
+    every_run: typing.ClassVar[bool] = False
+
+    def wanted(self, ctx: RunContext) -> bool:
+        """Whether the recipe asks for this stage (default: always)."""
+        return True
+
+    def absent(self, ctx: RunContext, done: dict):
+        """What the later stages get when the stage is not wanted (default None)."""
+        return None
+
+    def inputs(self, ctx: RunContext, done: dict) -> dict | None:
+        """What the output is made from, as its record stores it."""
+        return None
+
+    def stale_reason(self, ctx: RunContext, inputs: dict | None) -> str | None:
+        """None when the output on disk is the one ``inputs`` make; else why not ("missing", …)."""
+        raise NotImplementedError
+
+    def run(self, ctx: RunContext, done: dict, inputs: dict | None):
+        raise NotImplementedError
+
+    def load(self, ctx: RunContext, done: dict):
+        raise NotImplementedError
+
+
+def run_stage(stage: Stage, ctx: RunContext, done: dict, timings: dict[str, float]):
+    """Run or load ``stage`` (see the module's docstring); its value, also put in ``done``."""
+    if not stage.wanted(ctx):
+        value = stage.absent(ctx, done)
+    else:
+        started = time.perf_counter()
+        inputs = stage.inputs(ctx, done)
+        reason = None if stage.every_run else stage.stale_reason(ctx, inputs)
+        output = ctx.path(stage.output)
+        if stage.every_run:
+            value = stage.run(ctx, done, inputs)
+        elif reason is None:
+            ctx.log(f"[{stage.name}] skipped: {output} is already done")
+            value = stage.load(ctx, done)
+        else:
+            ctx.log(f"[{stage.name}] running ({os.path.relpath(output, ctx.out)}: {reason})")
+            value = stage.run(ctx, done, inputs)
+        timings[stage.name] = time.perf_counter() - started
+    done[stage.name] = value
+    return value
