@@ -43,19 +43,20 @@ class _Required:
 REQUIRED = _Required()
 
 
-def option(default, help: str, *, check: str | None = None, choices=None, cli: bool = True,
+def option(default, help: str, *, check: str | None = None, choices=None, renamed=None, cli: bool = True,
            flag: str | None = None):
     """A field of an options dataclass: ``default`` (a list or dict is copied per instance;
     ``REQUIRED``: none, it must be given), ``help`` (the flag's help and the reference's text),
     ``check`` (a ``RULES`` name, applied to a number or to each item of a list; None skips a None
-    value), ``choices`` (the values a string, or each item of a list, may take), ``cli=False``
+    value), ``choices`` (the values a string, or each item of a list, may take; ``renamed``: old
+    spellings → their choice, named in the refusal of an old one: "bf16 is now bfloat16"), ``cli=False``
     for an option a command line cannot sensibly take (it stays in recipes and Python), ``flag``
     for a command line's name of it other than ``--name-with-dashes`` (a flag that predates it;
     for a ``cli=False`` option, what the command gives it from, as its messages name it)."""
     if check is not None and check not in RULES:
         raise ValueError(f"unknown check {check!r} (known: {', '.join(RULES)})")
     metadata = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None, "cli": cli,
-                "flag": flag}
+                "flag": flag, "renamed": dict(renamed or {})}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -171,7 +172,8 @@ class Options:
             else:
                 kind = next(k for k in kinds if k is not type(None))
                 help_text += f" (default {default})" if default is not None and not required else ""
-            choices = field.metadata.get("choices") if kind is str else None
+            # (an option with renamed spellings is checked by from_args, which names the new one)
+            choices = field.metadata.get("choices") if kind is str and not field.metadata.get("renamed") else None
             target.add_argument(flag, dest=field.name, type=_argument_type(kind), help=help_text, choices=choices,
                                 metavar=flag.lstrip("-").replace("-", "_").upper() if kind is not str else None,
                                 **({"required": True} if required else {"default": default}))
@@ -238,7 +240,9 @@ def _problem(field: dataclasses.Field, value) -> str | None:
             if problem:
                 return problem
         if choices is not None and item not in choices:
-            return f": unknown value {item!r} (known: {', '.join(map(str, choices))})"
+            new = field.metadata.get("renamed", {}).get(item) if isinstance(item, str) else None
+            hint = f"; {item} is now {new}" if new in choices else ""
+            return f": unknown value {item!r} (known: {', '.join(map(str, choices))}{hint})"
     return None
 
 

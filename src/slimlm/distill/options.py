@@ -6,10 +6,11 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 
-from slimlm.distill.teacher import TEACHER_PRECISIONS, check_teacher_precision
+from slimlm.distill.teacher import TEACHER_PRECISIONS
 from slimlm.distill.trainer import GEMM_DTYPES, HIDDEN_LOSS_KINDS, HIDDEN_LOSS_SCHEDULES
-from slimlm.distill.training import STUDENT_PRECISIONS, check_student_precision
+from slimlm.distill.training import STUDENT_PRECISIONS
 from slimlm.errors import InputError
+from slimlm.models import RENAMED_DTYPES
 from slimlm.options import OptionError, Options, option
 
 
@@ -65,14 +66,12 @@ class DistillOptions(Options):
     beta: float = option(0.0, "0 forward KL, 1 reverse KL, between: JSD(beta)", check="fraction")
     kd_weight: float = option(1.0, "weight of the distillation loss", check="non_negative")
     ce_weight: float = option(0.0, "weight of the next-token cross-entropy", check="non_negative")
-    # The two precisions list their choices in the help and are checked in check(), not by
-    # ``choices``: the check names the new spelling of an old one ("bf16 is now bfloat16").
     teacher_precision: str = option("auto", "what the teacher's forward runs in (auto: bfloat16 where the CPU has "
-                                            "native bfloat16, else as loaded; int8: dynamic quantization on CPU; "
-                                            f"one of: {', '.join(TEACHER_PRECISIONS)})")
+                                            "native bfloat16, else as loaded; int8: dynamic quantization on CPU)",
+                                    choices=TEACHER_PRECISIONS, renamed=RENAMED_DTYPES)
     student_precision: str = option("auto", "what the student trains in (auto: bfloat16 mixed precision where "
-                                            "bfloat16 is native, else float32; a --bf16/--fp16 flag wins; one of: "
-                                            f"{', '.join(STUDENT_PRECISIONS)})")
+                                            "bfloat16 is native, else float32; a --bf16/--fp16 flag wins)",
+                                    choices=STUDENT_PRECISIONS, renamed=RENAMED_DTYPES)
     hidden_loss_weight: float = option(0.0, "weight of the hidden-state loss (each student layer against the "
                                             "teacher layer it was cut from)", check="non_negative")
     hidden_loss_schedule: str = option("fixed", "how the hidden loss is weighted over the steps",
@@ -87,7 +86,8 @@ class DistillOptions(Options):
     chunk_size: int | None = option(None, "rows per chunk of the fused loss (default: from a memory budget)",
                                     check="positive")
     gemm_dtype: str = option("auto", "operands of the LM-head GEMMs in the loss (auto: the training's mixed "
-                                     "precision; softmax, KL and CE are float32 always)", choices=tuple(GEMM_DTYPES))
+                                     "precision; softmax, KL and CE are float32 always)", choices=tuple(GEMM_DTYPES),
+                            renamed=RENAMED_DTYPES)
     freeze_embeddings: bool = option(False, "keep the student's token embedding and LM head as pruned")
     eval_steps: int | None = option(None, "held-out NLL every this many steps (a recipe's held-out sets)",
                                     check="positive", cli=False)
@@ -95,8 +95,6 @@ class DistillOptions(Options):
     training_args: dict = option({}, "more TrainingArguments, by name", cli=False)
 
     def check(self) -> None:
-        check_teacher_precision(self.teacher_precision)
-        check_student_precision(self.student_precision)
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise OptionError("kd_weight", "and {ce_weight} are both 0: nothing to train on", mentions=("ce_weight",))
         if self.fit_to_time and not (self.max_minutes or self.finish_by_minutes):

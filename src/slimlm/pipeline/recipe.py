@@ -128,7 +128,7 @@ def validate_recipe(raw, where: str) -> dict:
 
 
 def _check_semantics(recipe: dict, where: str) -> None:
-    from slimlm.models import DTYPES
+    from slimlm.models import DTYPE_NAMES, DTYPES, unknown_value
     from slimlm.search import Budget
     from slimlm.surgery import Target
 
@@ -146,11 +146,9 @@ def _check_semantics(recipe: dict, where: str) -> None:
         raise InputError(f"{where}: target: {error}") from None
     if not 0.0 < recipe["data"]["heldout_fraction"] < 1.0:
         raise InputError(f"{where}: data.heldout_fraction must be in (0, 1), got {recipe['data']['heldout_fraction']}")
-    if recipe["dtype"] != "auto" and recipe["dtype"] not in DTYPES:
-        raise InputError(f"{where}: dtype: unknown value {recipe['dtype']!r}")
-    if recipe["save_dtype"] != "auto" and recipe["save_dtype"] not in DTYPES:
-        raise InputError(f"{where}: save_dtype: unknown value {recipe['save_dtype']!r} (known: auto, float32, "
-                         "bfloat16, float16)")
+    for field in ("dtype", "save_dtype"):
+        if recipe[field] != "auto" and recipe[field] not in DTYPES:
+            raise InputError(f"{where}: {field}{unknown_value(recipe[field], ('auto', *DTYPE_NAMES))}")
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
