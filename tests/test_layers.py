@@ -12,7 +12,7 @@ import slimlm
 # measurements (held-out perplexity, speed) sit right under the foundation: the distillation
 # measures its student along the training with them.
 ROWS = (
-    ("errors", "options", "outputs", "fingerprint", "models", "data", "_extension", "_C"),
+    ("errors", "options", "outputs", "fingerprint", "models", "data", "shards", "_extension", "_C"),
     ("evaluate", "speed"),
     ("architectures",),
     ("kernels",),

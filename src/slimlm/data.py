@@ -15,12 +15,16 @@ Three steps, each usable alone:
   ``batches(batch_size)`` (dicts of ``input_ids`` and ``attention_mask``, the form
   ``slimlm.importance.estimate_importance`` and the trainer take).
 
-``load_blocks`` chains the three. Every choice that involves randomness takes a seed and
-gives the same blocks for the same seed on any machine.
+``load_blocks`` chains the three. ``iter_texts`` is ``load_texts`` as a stream (``source_paths``
+and ``read_source`` its two halves), for readers that must not hold a corpus whole
+(``slimlm.shards`` writes memory-mapped token shards from it). Every choice that involves
+randomness takes a seed and gives the same blocks for the same seed on any machine.
 """
 from __future__ import annotations
 
+import codecs
 import glob
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -97,7 +101,9 @@ class TokenBlocks:
             yield {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index]}
 
 
-def _expand(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+def source_paths(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """The local files and saved-dataset folders ``sources`` names, in order (globs expanded and
+    sorted); InputError for a missing path, a glob without a match, or nothing at all."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     paths: list[str] = []
@@ -124,37 +130,49 @@ def _is_saved_dataset(path: str) -> bool:
 
 
 def _not_utf8(path: str) -> InputError:
-    """The error for a data file that is not UTF-8: where its first byte that is not lies."""
+    """The error for a data file that is not UTF-8: where its first byte that is not lies (the
+    file is scanned in pieces, never read whole)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0
     with open(path, "rb") as handle:
-        raw = handle.read()
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        return InputError(f"data file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
-                          f"{error.start}, line {line}); re-encode it as UTF-8")
+        for chunk in itertools.chain(iter(lambda: handle.read(_SCAN_BYTES), b""), [b""]):
+            pending = decoder.getstate()[0]
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                data = pending + chunk
+                line = lines + data.count(b"\n", len(pending), error.start) + 1
+                return InputError(f"data file {path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+                                  f"{offset - len(pending) + error.start}, line {line}); re-encode it as UTF-8")
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
     return InputError(f"data file {path} is not UTF-8 text")
 
 
-def _check_not_blank(path: str, texts: list[str]) -> list[str]:
-    """``texts``, unless no document of the file has text besides whitespace."""
-    if not any(text.strip() for text in texts):
+_SCAN_BYTES = 1 << 20
+
+
+def _not_blank(path: str, texts: Iterable[str]) -> Iterator[str]:
+    """``texts`` as they come, then an InputError if no document of the file had text besides whitespace."""
+    seen_text = False
+    for text in texts:
+        seen_text = seen_text or bool(text.strip())
+        yield text
+    if not seen_text:
         raise InputError(f"data file {path} is empty or holds only whitespace")
-    return texts
 
 
 # Text and JSONL files are UTF-8; a leading byte-order mark (as some Windows editors write) is dropped.
-def _read_text_file(path: str) -> list[str]:
+def _read_text_file(path: str) -> Iterator[str]:
     try:
         with open(path, encoding="utf-8-sig") as handle:
             text = handle.read()
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
-    return _check_not_blank(path, [text])
+    yield from _not_blank(path, [text])
 
 
-def _read_jsonl(path: str, text_field: str) -> list[str]:
-    texts = []
+def _jsonl_records(path: str, text_field: str) -> Iterator[str]:
     try:
         with open(path, encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
@@ -170,32 +188,48 @@ def _read_jsonl(path: str, text_field: str) -> list[str]:
                 value = record[text_field]
                 if not isinstance(value, str):
                     raise InputError(f"{path}:{number}: field {text_field!r} is {type(value).__name__}, not a string")
-                texts.append(value)
+                yield value
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
-    return _check_not_blank(path, texts)
 
 
-def _column_texts(path: str, column_names: Sequence[str], column, text_field: str) -> list[str]:
+def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
+    return _not_blank(path, _jsonl_records(path, text_field))
+
+
+def _column_texts(path: str, column_names: Sequence[str], batches: Iterable[Sequence], text_field: str) -> Iterator[str]:
+    """The strings of a text column read in ``batches`` (its missing values left out)."""
     if text_field not in column_names:
         raise InputError(f"{path}: no text field {text_field!r} (columns: {', '.join(column_names)})")
-    texts = [value for value in column if value is not None]
-    if not all(isinstance(value, str) for value in texts):
-        raise InputError(f"{path}: column {text_field!r} does not hold strings")
-    return _check_not_blank(path, texts)
+
+    def values():
+        for batch in batches:
+            texts = [value for value in batch if value is not None]
+            if not all(isinstance(value, str) for value in texts):
+                raise InputError(f"{path}: column {text_field!r} does not hold strings")
+            yield from texts
+
+    return _not_blank(path, values())
 
 
-def _read_parquet(path: str, text_field: str) -> list[str]:
+# Rows per batch when a Parquet file or a saved dataset is read: bounds the memory of one batch.
+_ROWS_PER_BATCH = 1024
+
+
+def _read_parquet(path: str, text_field: str) -> Iterator[str]:
     try:
         import pyarrow.parquet as parquet
     except ImportError:
         raise ValueError(f"reading {path} needs pyarrow, which is not installed (pip install pyarrow)") from None
-    table = parquet.read_table(path)
-    column = table.column(text_field).to_pylist() if text_field in table.column_names else []
-    return _column_texts(path, table.column_names, column, text_field)
+    table = parquet.ParquetFile(path)
+    names = table.schema_arrow.names
+    batches = (batch.column(0).to_pylist() for batch in table.iter_batches(batch_size=_ROWS_PER_BATCH,
+                                                                          columns=[text_field])) \
+        if text_field in names else iter(())
+    yield from _column_texts(path, names, batches, text_field)
 
 
-def _read_saved_dataset(path: str, text_field: str, split: str | None) -> list[str]:
+def _read_saved_dataset(path: str, text_field: str, split: str | None) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
@@ -208,8 +242,36 @@ def _read_saved_dataset(path: str, text_field: str, split: str | None) -> list[s
         if split not in dataset:
             raise InputError(f"{path} has no split {split!r} (splits: {', '.join(dataset)})")
         dataset = dataset[split]
-    column = dataset[text_field] if text_field in dataset.column_names else []
-    return _column_texts(path, dataset.column_names, column, text_field)
+    batches = (batch[text_field] for batch in dataset.select_columns([text_field]).iter(batch_size=_ROWS_PER_BATCH)) \
+        if text_field in dataset.column_names else iter(())
+    yield from _column_texts(path, dataset.column_names, batches, text_field)
+
+
+def read_source(path: str, text_field: str = "text", split: str | None = None) -> Iterator[str]:
+    """The documents of one local source (a path of ``source_paths``), streamed: a text file is
+    one document (read whole), a JSONL file one per line, a Parquet file or a saved dataset one
+    per row, read in batches of rows. Empty and whitespace-only documents are yielded too; the
+    InputError for a source without any other comes once it has been read. The errors of
+    ``load_texts``."""
+    lower = path.lower()
+    if _is_saved_dataset(path):
+        return _read_saved_dataset(path, text_field, split)
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder but not a dataset saved with save_to_disk; pass a glob for its files")
+    if lower.endswith(TEXT_SUFFIXES_JSONL):
+        return _read_jsonl(path, text_field)
+    if lower.endswith(PARQUET_SUFFIX):
+        return _read_parquet(path, text_field)
+    return _read_text_file(path)
+
+
+def iter_texts(
+    sources: str | os.PathLike | Iterable[str | os.PathLike], text_field: str = "text", split: str | None = None
+) -> Iterator[str]:
+    """``load_texts`` as a stream: one document at a time, so no source is held whole (but a
+    text file, which is one document)."""
+    for path in source_paths(sources):
+        yield from read_source(path, text_field, split)
 
 
 def load_texts(
@@ -223,20 +285,7 @@ def load_texts(
     whitespace-only ones, or a record without ``text_field``; ValueError for a format whose
     reader is not installed.
     """
-    texts: list[str] = []
-    for path in _expand(sources):
-        lower = path.lower()
-        if _is_saved_dataset(path):
-            texts.extend(_read_saved_dataset(path, text_field, split))
-        elif os.path.isdir(path):
-            raise InputError(f"{path} is a folder but not a dataset saved with save_to_disk; pass a glob for its files")
-        elif lower.endswith(TEXT_SUFFIXES_JSONL):
-            texts.extend(_read_jsonl(path, text_field))
-        elif lower.endswith(PARQUET_SUFFIX):
-            texts.extend(_read_parquet(path, text_field))
-        else:
-            texts.extend(_read_text_file(path))
-    return texts
+    return list(iter_texts(sources, text_field=text_field, split=split))
 
 
 def max_model_length(model_or_config) -> int | None:
@@ -244,6 +293,14 @@ def max_model_length(model_or_config) -> int | None:
     config = getattr(model_or_config, "config", model_or_config)
     value = getattr(config, "max_position_embeddings", None)
     return int(value) if value else None
+
+
+def padding_id(tokenizer) -> int:
+    """The id padding takes: the tokenizer's pad id, else its EOS, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
 
 
 def tokenize_blocks(
@@ -275,7 +332,7 @@ def tokenize_blocks(
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError("add_eos=True but the tokenizer has no eos_token_id")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    pad = padding_id(tokenizer)
     texts = [text for text in texts if text.strip()]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     documents = [ids + [eos] if add_eos else ids for ids in encoded if ids]

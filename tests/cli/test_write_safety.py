@@ -13,6 +13,8 @@ OUT = "{out}"
 TINY_DISTILL = ["--seq-len", 16, "--batch-size", 2, "--max_steps", 1, "--save_strategy", "no", "--no-progress"]
 # command → (argv with OUT where the output goes, the input a path form aims at)
 WRITERS = {
+    "tokenize": (["tokenize", "--tokenizer", "teacher", "--data", "data/*.txt", "--no-progress", "--out", OUT],
+                 "teacher"),
     "importance": (["importance", "--model", "teacher", "--data", "data/*.txt", "--num-samples", 4, "--seq-len", 16,
                     "--no-progress", "--out", OUT], "teacher"),
     "prune": (["prune", "--model", "teacher", "--drop-layers", 1, "--out", OUT], "teacher"),

@@ -29,7 +29,8 @@ from slimlm.errors import InputError
 __all__ = ["COMMANDS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "entry", "main"]
 
 # The subcommands in the order ``slimlm --help`` lists them; each is the module slimlm.cli.<name>.
-COMMANDS = ("importance", "plan", "search", "prune", "generate", "distill", "eval", "export", "run", "demo", "bench")
+COMMANDS = ("tokenize", "importance", "plan", "search", "prune", "generate", "distill", "eval", "export", "run", "demo",
+            "bench")
 DEBUG_HELP = "on an error, raise it with its traceback instead of one line (as SLIMLM_DEBUG=1 does)"
 
 
