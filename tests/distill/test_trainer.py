@@ -66,8 +66,13 @@ def test_distillation_lowers_heldout_kl(tmp_path):
 def test_ce_only_matches_hf_trainer(tmp_path):
     data = token_dataset(32, 16, seed=3)
     student, teacher = models()
-    reference = transformers.Trainer(model=tiny_model("llama", "training", vocab_size=VOCAB, seed=2).train(),
-                                     args=training_args(tmp_path, max_steps=5), train_dataset=data)
+    from slimlm.distill.training import SeededOrder
+
+    class Reference(SeededOrder, transformers.Trainer):  # the HF Trainer, visiting the data in the same order
+        pass
+
+    reference = Reference(model=tiny_model("llama", "training", vocab_size=VOCAB, seed=2).train(),
+                          args=training_args(tmp_path, max_steps=5), train_dataset=data)
     reference.train()
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=training_args(tmp_path, max_steps=5), train_dataset=data,

@@ -44,6 +44,7 @@ from slimlm.distill.lm_heads import check_vocabularies, is_dtensor, vocab_rows, 
 from slimlm.distill.teacher import check_teacher_precision, prepare_teacher
 from slimlm.distill.on_policy import OnPolicySampler
 from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
+from slimlm.distill.training import SeededOrder
 from slimlm.losses import (
     HiddenStateDistiller,
     depth_layer_map,
@@ -168,7 +169,7 @@ def _no_logits(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.long, device=input_ids.device)
 
 
-class DistillationTrainer(transformers.Trainer):
+class DistillationTrainer(SeededOrder, transformers.Trainer):
     """``transformers.Trainer`` whose loss distills ``teacher_model`` into ``model``.
 
     teacher_model: any causal LM with the student's tokenizer; it runs in eval mode under
@@ -449,16 +450,28 @@ def hidden_loss_scale(config: DistillationConfig, kd: torch.Tensor, hidden: torc
     return torch.where(hidden > 0, kd.detach() / hidden.clamp(min=torch.finfo(hidden.dtype).tiny), 0.0)
 
 
-def topk_examples(cache: TeacherTopKCache) -> list[dict]:
-    """Training examples from a top-k cache: input_ids, attention_mask, labels and the teacher's
+class TopKExamples(torch.utils.data.Dataset):
+    """Training examples of a top-k cache, read and decoded per sequence when the Trainer asks
+    (the cache stays on disk, memory-mapped): input_ids, attention_mask, labels and the teacher's
     top-k log-probs/indices per token (sequences of one length batch with the default collator)."""
-    examples = []
-    for item in cache:
+
+    def __init__(self, cache: TeacherTopKCache):
+        if cache.num_sequences == 0:
+            raise ValueError(f"the top-k cache {cache.path} holds no sequences")
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return self.cache.num_sequences
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.cache.sequence(index)
         ids = item["input_ids"]
-        examples.append({**item, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    if not examples:
-        raise ValueError(f"the top-k cache {cache.path} holds no sequences")
-    return examples
+        return {**item, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def topk_examples(cache: TeacherTopKCache) -> TopKExamples:
+    """The training examples of ``cache`` (``TopKExamples``)."""
+    return TopKExamples(cache)
 
 
 def freeze_embeddings(model) -> None:
@@ -479,8 +492,12 @@ def correct_teacher(teacher, train_dataset, args: transformers.TrainingArguments
         raise ValueError("teacher correction needs a non-empty train_dataset")
     teacher.requires_grad_(True)
     teacher.train()
-    transformers.Trainer(model=teacher, args=args, train_dataset=train_dataset, **trainer_kwargs).train()
+    CorrectionTrainer(model=teacher, args=args, train_dataset=train_dataset, **trainer_kwargs).train()
     return teacher.eval()
+
+
+class CorrectionTrainer(SeededOrder, transformers.Trainer):
+    """The teacher correction's Trainer: plain cross-entropy, the training set in a seeded order."""
 
 
 def peak_memory_bytes(device) -> int:

@@ -21,10 +21,12 @@ def training_items(blocks) -> list[dict]:
             for ids, mask in zip(blocks.input_ids, blocks.attention_mask)]
 
 
-def training_set(classic: list, synthetic: list | None, mix_fraction: float, *, seed: int = 0) -> list:
+def training_set(classic, synthetic: list | None, mix_fraction: float, *, seed: int = 0):
     """All ``classic`` items, joined by ``synthetic`` ones up to ``mix_fraction`` of the total
     (fewer when there are not enough of them; none is repeated), shuffled with ``seed``.
-    ``mix_fraction`` 1: the synthetic items alone; 0 or ``synthetic`` None: ``classic`` as it is."""
+    ``mix_fraction`` 1: the synthetic items alone; 0 or ``synthetic`` None: ``classic`` as it is.
+    ``classic`` is a list, or a map-style dataset (the blocks of token shards) mixed lazily
+    (``MixedItems``: constant memory whatever its size)."""
     from slimlm.distill.generate import mix
 
     if synthetic is None or mix_fraction <= 0:
@@ -32,7 +34,62 @@ def training_set(classic: list, synthetic: list | None, mix_fraction: float, *, 
     wanted = len(classic) * mix_fraction / (1.0 - mix_fraction) if mix_fraction < 1 else len(synthetic)
     num_synthetic = min(len(synthetic), round(wanted))
     total = len(classic) + num_synthetic if mix_fraction < 1 else num_synthetic
-    return mix(classic, synthetic, synthetic_fraction=num_synthetic / total, num_samples=total, seed=seed)
+    if isinstance(classic, list):
+        return mix(classic, synthetic, synthetic_fraction=num_synthetic / total, num_samples=total, seed=seed)
+    return MixedItems(classic if mix_fraction < 1 else [], synthetic[:num_synthetic], seed=seed)
+
+
+class MixedItems(torch.utils.data.Dataset):
+    """``classic`` and ``synthetic`` items (map-style) in one seeded order computed per index
+    (``slimlm.shards.Permutation``), so the mix of a corpus of any size takes no memory."""
+
+    def __init__(self, classic, synthetic: list, *, seed: int = 0):
+        from slimlm.shards import Permutation
+
+        self.classic, self.synthetic = classic, synthetic
+        self.order = Permutation(len(classic) + len(synthetic), seed)
+
+    def __len__(self) -> int:
+        return len(self.classic) + len(self.synthetic)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        position = int(self.order([index])[0])
+        return self.classic[position] if position < len(self.classic) else self.synthetic[position - len(self.classic)]
+
+
+def training_items_of(train, tokenizer, seq_len: int, *, model=None):
+    """The Trainer items of the training data: the blocks of ``seq_len`` tokens of token shards
+    (``slimlm.shards.TokenShards``, read lazily from disk) or of a list of texts (tokenised here,
+    in memory: a small corpus)."""
+    from slimlm.data import max_model_length, tokenize_blocks
+    from slimlm.shards import TokenShards
+
+    if not isinstance(train, TokenShards):
+        return training_items(tokenize_blocks(train, tokenizer, seq_len, model=model))
+    limit = max_model_length(model) if model is not None else None
+    if limit is not None and seq_len > limit:
+        raise InputError(f"seq_len {seq_len} is above the model's limit (max_position_embeddings = {limit})")
+    return train.blocks(seq_len)
+
+
+class SeededOrder:
+    """A ``transformers.Trainer`` mixin: a map-style training set is visited in the seeded order of
+    ``slimlm.shards.BlockSampler`` (computed on the fly: constant memory for any number of blocks,
+    where the default sampler holds a permutation of them all), the same order for a run and its
+    resume; accelerate splits its batches between the ranks."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        from transformers.trainer_utils import has_length
+
+        from slimlm.shards import BlockSampler
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if dataset is None or not has_length(dataset):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return BlockSampler(len(dataset), seed=seed)
 
 
 def tokens_per_step(args, seq_len: int) -> int:

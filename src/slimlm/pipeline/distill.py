@@ -9,18 +9,20 @@ from slimlm import outputs
 from slimlm.errors import InputError
 from slimlm.pipeline.checkpoints import plan_checkpoints
 from slimlm.pipeline.stage import RunContext, Stage
-from slimlm.pipeline.records import DISTILL_RECORD, RUN_RECORD, has_weights, inputs_stale_reason, read_json, \
-    read_json_roundtrip, texts_digest
+from slimlm.pipeline.records import DISTILL_RECORD, RUN_RECORD, data_digest, has_weights, inputs_stale_reason, \
+    read_json, read_json_roundtrip, texts_digest
 
 
-def distill_inputs(teacher, student, train_texts, options=None, *, synthetic_texts=None, mix_fraction=0.0, seed=0,
-                   training_args=(), layer_map=None) -> dict:
+def distill_inputs(teacher, student, train, options=None, *, synthetic_texts=None, mix_fraction=0.0, seed=0,
+                   training_args=(), layer_map=None, teacher_cache=None) -> dict:
     """Everything a distillation run depends on: the models' fingerprints, the data's digests,
     the options that shape the result (``DistillOptions``; not the time caps nor the evaluation
     along the way), the training arguments and the precisions as asked ("auto" resolves per
     machine). A checkpoint folder is resumed only by a run with the same. A teacher from
     ``slimlm.pipeline.correct.correct_teacher_stage`` adds its correction's inputs
-    ("teacher_correction"): its weights' fingerprint alone may miss the fine-tuning."""
+    ("teacher_correction"): its weights' fingerprint alone may miss the fine-tuning. ``train``:
+    token shards or texts (``data_digest``); ``teacher_cache``: a top-k cache folder the student
+    learns from instead of ``teacher`` (None then), recorded by its manifest's digest."""
     from slimlm.distill.options import DistillOptions
     from slimlm.fingerprint import model_fingerprint
     from slimlm.pipeline.correct import CORRECTION_ATTRIBUTE
@@ -33,8 +35,10 @@ def distill_inputs(teacher, student, train_texts, options=None, *, synthetic_tex
         extra["layer_map"] = layer_map
     return read_json_roundtrip({
         **({"teacher_correction": correction} if correction is not None else {}),
-        "teacher": model_fingerprint(teacher), "student": model_fingerprint(student),
-        "train": texts_digest(train_texts), "synthetic": texts_digest(synthetic_texts) if mixed else None,
+        "teacher": model_fingerprint(teacher) if teacher is not None else None,
+        "student": model_fingerprint(student), "train": data_digest(train),
+        **({"teacher_cache": outputs.file_digest(os.path.join(teacher_cache, "manifest.json"))}
+           if teacher_cache is not None else {}), "synthetic": texts_digest(synthetic_texts) if mixed else None,
         "mix": mix_fraction if mixed else 0.0, "seq_len": options.seq_len, "max_tokens": options.max_tokens,
         "batch_size": options.batch_size, "learning_rate": options.lr, "temperature": options.temperature,
         "beta": options.beta, "kd_weight": options.kd_weight, "ce_weight": options.ce_weight, "seed": seed,
@@ -62,12 +66,30 @@ def pruned_layer_map(student_dir: str, student, teacher) -> dict[int, int] | Non
         return None
 
 
-def distill_stage(teacher, student, tokenizer, train_texts, out: str, options=None, *, synthetic_texts=None,
-                  mix_fraction=0.0, seed=0, training_args=(), layer_map=None, resume=True, overwrite=False,
+def eval_blocks(data, tokenizer, seq_len: int, count: int, *, model=None):
+    """The first ``count`` blocks of ``seq_len`` tokens of ``data`` (token shards or texts), as
+    ``TokenBlocks``."""
+    from slimlm.data import tokenize_blocks
+    from slimlm.shards import TokenShards
+
+    if isinstance(data, TokenShards):
+        blocks = data.blocks(seq_len, pad_last=True)
+        return blocks.select(range(min(len(blocks), count)))
+    blocks = tokenize_blocks(data, tokenizer, seq_len, model=model)
+    return blocks.select(range(min(len(blocks), count)))
+
+
+def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *, synthetic_texts=None,
+                  mix_fraction=0.0, seed=0, training_args=(), layer_map=None, teacher_cache=None, resume=True,
+                  overwrite=False,
                   clear_stale_checkpoints=False, checkpoints: str | None = None, disable_tqdm: bool = False,
                   extra_record=None, save_dtype=None, eval_texts: dict | None = None, log=print):
-    """Distill ``teacher`` into ``student`` on blocks of ``train_texts`` (and, with
-    ``mix_fraction`` > 0, packed ``synthetic_texts``), then save the student to ``out`` atomically.
+    """Distill ``teacher`` into ``student`` on blocks of ``train`` (token shards,
+    ``slimlm.shards.TokenShards``, read from disk as the training goes; or a list of texts,
+    tokenised in memory) and, with ``mix_fraction`` > 0, packed ``synthetic_texts``, then save the
+    student to ``out`` atomically. With ``teacher_cache`` (a top-k cache of ``train``'s blocks,
+    ``slimlm.distill.topk_cache``) the student learns from the cached teacher: no teacher is
+    needed (``teacher`` may be None), the blocks are the cache's and synthetic text cannot mix in.
 
     ``options`` (``slimlm.distill.options.DistillOptions``; default its defaults) says how:
     blocks of ``seq_len`` tokens, ``batch_size`` per device, peak ``lr``, the loss and the
@@ -102,17 +124,16 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, options=No
     exactly. Its record's ``inputs`` are ``distill_inputs`` plus ``save_dtype`` (the dtype's name),
     which ``distilled_stale_reason`` compares.
 
-    ``eval_texts`` ({name: texts}) with ``eval_steps``: every that many steps (and after the
-    last) the student's NLL/perplexity on the first ``eval_blocks`` blocks of each is logged
+    ``eval_texts`` ({name: texts or token shards}) with ``eval_steps``: every that many steps (and
+    after the last) the student's NLL/perplexity on the first ``eval_blocks`` blocks of each is logged
     (``<name>_nll``, ``<name>_ppl``) into the log history, beside the losses.
     """
     from transformers import set_seed
 
-    from slimlm.data import tokenize_blocks
     from slimlm.distill.options import DistillOptions
     from slimlm.distill.trainer import DistillationTrainer
     from slimlm.distill.training import fit_schedule_callback, heldout_eval_callback, student_precision_flags, \
-        time_budget_callback, tokens_per_step, training_arguments, training_items, training_set
+        time_budget_callback, tokens_per_step, training_arguments, training_items_of, training_set
     from slimlm.fingerprint import model_fingerprint
     from slimlm.models import save_dtype as resolve_save_dtype
 
@@ -121,13 +142,17 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, options=No
         raise InputError(f"mix_fraction must be in [0, 1], got {mix_fraction}")
     if options.fit_to_time and not options.max_minutes:
         raise InputError("fit_to_time fits the schedule to max_minutes: give max_minutes too")
-    config = options.distillation_config(layer_map=layer_map)
+    if teacher_cache is not None and synthetic_texts and mix_fraction > 0:
+        raise InputError("synthetic text needs a live teacher: a top-k cache holds the teacher on the training "
+                         "blocks only")
+    config = options.distillation_config(layer_map=layer_map, topk=teacher_cache)
     seq_len, batch_size = options.seq_len, options.batch_size
     out = outputs.check_output(out, overwrite)
     checkpoints = checkpoints or out + ".checkpoints"
     student_before = model_fingerprint(student)
-    inputs = distill_inputs(teacher, student, train_texts, options, synthetic_texts=synthetic_texts,
-                            mix_fraction=mix_fraction, seed=seed, training_args=training_args, layer_map=layer_map)
+    inputs = distill_inputs(teacher, student, train, options, synthetic_texts=synthetic_texts,
+                            mix_fraction=mix_fraction, seed=seed, training_args=training_args, layer_map=layer_map,
+                            teacher_cache=teacher_cache)
     saved_dtype = resolve_save_dtype(student, save_dtype)
     args = training_arguments(student_precision_flags(options.student_precision, training_args, log=log),
                               output_dir=checkpoints, batch_size=batch_size, learning_rate=options.lr, seed=seed)
@@ -137,11 +162,13 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, options=No
         plan_checkpoints(checkpoints, inputs, resume=resume, clear_stale=clear_stale_checkpoints)
     set_seed(seed)
 
-    def items(texts):
-        return training_items(tokenize_blocks(texts, tokenizer, seq_len, model=student))
-
     mixed = bool(synthetic_texts) and mix_fraction > 0
-    dataset = training_set(items(train_texts), items(synthetic_texts) if mixed else None, mix_fraction, seed=seed)
+    if teacher_cache is not None:
+        dataset = None  # the cache's blocks (DistillationTrainer)
+    else:
+        synthetic = training_items_of(synthetic_texts, tokenizer, seq_len, model=student) if mixed else None
+        dataset = training_set(training_items_of(train, tokenizer, seq_len, model=student), synthetic, mix_fraction,
+                               seed=seed)
     explicit_steps = any(flag.split("=")[0] == "--max_steps" for flag in training_args)
     if options.max_tokens is not None and not explicit_steps:
         args.max_steps = max(1, math.ceil(options.max_tokens / tokens_per_step(args, seq_len)))
@@ -151,21 +178,21 @@ def distill_stage(teacher, student, tokenizer, train_texts, out: str, options=No
     if options.fit_to_time:  # before the evaluation callback, which evaluates at the (fitted) last step
         callbacks.insert(0, fit_schedule_callback(max_minutes * 60, log=log))
     if eval_texts and options.eval_steps:
-        sets = {}
-        for name, texts in eval_texts.items():
-            blocks = tokenize_blocks(texts, tokenizer, seq_len, model=student)
-            sets[name] = blocks.select(range(min(len(blocks), options.eval_blocks)))
+        sets = {name: eval_blocks(data, tokenizer, seq_len, options.eval_blocks, model=student)
+                for name, data in eval_texts.items()}
         callbacks.append(heldout_eval_callback(sets, options.eval_steps, batch_size=batch_size, log=log))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                                   distillation_config=config, callbacks=callbacks or None)
     _prepare_checkpoints(trainer, checkpoints, decision, inputs, resume=resume, log=log)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or decision["resume"])
     if trainer.state.global_step == 0:
-        raise RuntimeError(f"the distillation trained 0 steps ({len(dataset)} training items, max_steps "
+        raise RuntimeError(f"the distillation trained 0 steps ({len(trainer.train_dataset)} training items, max_steps "
                            f"{args.max_steps}); {out} is left as it was")
 
-    record = {"teacher_fingerprint": model_fingerprint(teacher), "student_fingerprint_before": student_before,
-              "inputs": with_save_dtype(inputs, saved_dtype), "train_texts": texts_digest(train_texts), "num_train_items": len(dataset),
+    record = {"teacher_fingerprint": model_fingerprint(teacher) if teacher is not None else None,
+              "student_fingerprint_before": student_before,
+              "inputs": with_save_dtype(inputs, saved_dtype), "train_data": data_digest(train),
+              "num_train_items": len(trainer.train_dataset),
               "max_steps": args.max_steps, "seq_len": seq_len, "learning_rate": args.learning_rate,
               "distillation": vars(config), "precision_used": precision_used(trainer), **(extra_record or {})}
     _save_student(trainer, tokenizer, out, record, seq_len, saved_dtype)

@@ -62,3 +62,16 @@ def inputs_stale_reason(record: dict | None, inputs: dict, missing: str) -> str 
         return missing
     changed = changed_inputs(record, inputs)
     return f"made from other inputs ({', '.join(changed)} changed)" if changed else None
+
+
+def data_digest(data) -> str:
+    """A short hash that identifies training data in records: of the token shards' files (their
+    digests, in order, and the tokenizer's identity) for ``slimlm.shards.TokenShards``, of the
+    documents for a list of texts (``texts_digest``)."""
+    from slimlm.shards import TokenShards
+
+    if not isinstance(data, TokenShards):
+        return texts_digest(data)
+    manifest = data.manifest
+    content = [manifest.get("tokenizer"), [(shard["tokens_sha256"], shard["docs_sha256"]) for shard in manifest["shards"]]]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()[:16]
