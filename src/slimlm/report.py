@@ -294,17 +294,22 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
 
 # ------------------------------------------------------------- a run's notes
 def run_notes(recipe: dict, *, command: str, documents: dict[str, int], distill_record: dict, sizes: str,
-              device: str, timings: dict[str, float]) -> dict[str, str]:
+              device: str, timings: dict[str, float], tokens: dict[str, int] | None = None) -> dict[str, str]:
     """The key → line notes of a recipe's report: the command, the teacher and target, the data
-    (``documents``: counts per split), how the distillation went (``distill_record``: the
+    (``documents`` and ``tokens``: counts per split), how the distillation went (``distill_record``: the
     distilled student's ``slimlm_distill.json``), the sizes on disk, the device and the seconds
     per stage."""
     section = recipe["distill"]
     record = distill_record
-    data = (f"{documents['train']} training documents, {documents['heldout']} held-out documents (never used for "
+    tokens = tokens or {}
+
+    def count(name: str) -> str:
+        return f"{documents[name]} " + (f"({tokens[name]:,} tokens) " if tokens.get(name) is not None else "")
+
+    data = (f"{count('train')}training documents, {count('heldout')}held-out documents (never used for "
             "calibration or training)")
     if documents.get("general") is not None:
-        data += (f", {documents['general']} general held-out documents (another register: neither the training "
+        data += (f", {count('general')}general held-out documents (another register: neither the training "
                  "text nor its domain)")
     speed = f" ({record['tokens_seen'] / record['train_seconds']:.0f} tokens/s)" if record.get("train_seconds") else ""
     fitted = (f", schedule fitted to the time: {record['scheduled_steps']} steps"

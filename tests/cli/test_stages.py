@@ -40,7 +40,7 @@ class Counter(Stage):
 
 def context(tmp_path, lines, **changes):
     fields = {field.name: None for field in dataclasses.fields(RunContext)}
-    fields.update(recipe={}, out=str(tmp_path), log=lines.append, rerank_tokens=0, progress=False, started=0.0)
+    fields.update(recipe={}, out=str(tmp_path), log=lines.append, progress=False, started=0.0)
     fields.update(changes)
     return RunContext(**fields)
 
@@ -82,7 +82,8 @@ def test_a_run_stops_after_a_named_stage_and_a_new_stage_is_one_class(workspace)
     recipe = load_recipe(write_recipe(workspace, name="stages.yaml", out="stages-run"))
     lines = []
     done = Pipeline(recipe, progress=False, log=lines.append).run(until="importance")
-    assert list(done) == ["importance"] and done["importance"].meta["fingerprint"]
+    assert list(done) == ["tokenize", "importance"] and done["importance"].meta["fingerprint"]
+    assert done["tokenize"]["train"].num_tokens > 0 and done["tokenize"]["general"] is None
     assert not (workspace / "stages-run" / "pruned").exists()
 
     added = Counter()
@@ -90,10 +91,11 @@ def test_a_run_stops_after_a_named_stage_and_a_new_stage_is_one_class(workspace)
     class WithCount(Pipeline):
         def stages(self):
             stages = super().stages()
-            return stages[:1] + (added,) + stages[1:]
+            return stages[:2] + (added,) + stages[2:]
 
     pipeline = WithCount(recipe, progress=False, log=lines.append)
     done = pipeline.run(until="prune")
-    assert list(done) == ["importance", "count", "search", "prune"] and done["count"] == "ran"
-    assert "[importance] skipped" in "\n".join(lines) and "count" in pipeline.timings
+    assert list(done) == ["tokenize", "importance", "count", "search", "prune"] and done["count"] == "ran"
+    assert "[tokenize] skipped" in "\n".join(lines) and "[importance] skipped" in "\n".join(lines)
+    assert "count" in pipeline.timings
     assert json.loads((workspace / "stages-run" / "count.json").read_text()) == {"value": 1}

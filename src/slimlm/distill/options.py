@@ -117,15 +117,50 @@ class DistillOptions(Options):
         defaults = DistillOptions()
         return {name: getattr(self, name) for name in self.EXTRA_FIELDS if getattr(self, name) != getattr(defaults, name)}
 
-    def distillation_config(self, *, layer_map: dict[int, int] | None = None, topk: str | None = None):
+    def distillation_config(self, *, layer_map: dict[int, int] | None = None, topk: str | None = None,
+                            topk_tail: str = "bucket"):
         """The trainer's ``DistillationConfig`` these options give (``layer_map``: the hidden
         loss's student → teacher layers; default the trainer's even spread)."""
         from slimlm.distill.trainer import DistillationConfig
 
         fields = {name: getattr(self, name) for name in self.LOSS_FIELDS + self.EXTRA_FIELDS}
-        config = DistillationConfig(**fields, teacher_precision=self.teacher_precision, layer_map=layer_map, topk=topk)
+        config = DistillationConfig(**fields, teacher_precision=self.teacher_precision, layer_map=layer_map, topk=topk,
+                                    topk_tail=topk_tail)
         try:
             config.check()
         except ValueError as error:  # the combinations only the trainer knows (minitron without KD, …)
             raise InputError(str(error)) from None
         return config
+
+
+@dataclass
+class TeacherCacheOptions(Options):
+    """The offline teacher: its top-k log-probabilities on the training blocks, computed once and
+    stored compressed (``slimlm.distill.topk_cache``); the distillation then learns from the cache
+    with no teacher loaded (logit distillation only: no hidden-state loss, no on-policy batches,
+    no synthetic text). ``slimlm teacher-cache``'s flags, a recipe's ``teacher_cache:`` section and
+    ``TeacherCacheOptions`` in Python."""
+
+    SECTION = "teacher_cache"
+
+    k: int = option(64, "log-probabilities kept per token (the teacher's k largest)", check="positive")
+    prob_bits: int = option(6, "bits per stored probability (the codec's; 6: 142 bytes a token at k = 64)",
+                            check="positive")
+    batch_size: int = option(8, "blocks per teacher forward pass", check="positive")
+    tail: str = option("bucket", "the teacher's mass beyond its top k: one extra bucket on both sides, or the "
+                                 "top k renormalised", choices=("bucket", "renormalize"))
+
+    def check(self) -> None:
+        if not 1 <= self.prob_bits <= 16:
+            raise OptionError("prob_bits", f"must be in [1, 16], got {self.prob_bits}")
+
+    @staticmethod
+    def check_distillation(distill: dict, synthetic: dict | None) -> None:
+        """InputError for a distillation (a recipe's ``distill`` and ``synthetic`` sections) that
+        needs the live teacher a cache replaces."""
+        needs = [name for name, value in (("distill.hidden_loss_weight", distill["hidden_loss_weight"]),
+                                          ("distill.on_policy_fraction", distill["on_policy_fraction"]),
+                                          ("synthetic.mix", (synthetic or {}).get("mix", 0.0))) if value]
+        if needs:
+            raise InputError(f"teacher_cache: the distillation learns from the cached teacher alone, but "
+                             f"{', '.join(needs)} need(s) the live teacher: set them to 0 or drop teacher_cache")

@@ -71,7 +71,7 @@ def training_items_of(train, tokenizer, seq_len: int, *, model=None):
     limit = max_model_length(model) if model is not None else None
     if limit is not None and seq_len > limit:
         raise InputError(f"seq_len {seq_len} is above the model's limit (max_position_embeddings = {limit})")
-    return train.blocks(seq_len)
+    return train.blocks(seq_len, pad_last=True)
 
 
 class SeededOrder:

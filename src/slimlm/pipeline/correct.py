@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from slimlm import outputs
 from slimlm.errors import InputError
-from slimlm.pipeline.stage import RunContext, Stage
 from slimlm.options import REQUIRED, Options, option
-from slimlm.pipeline.records import STAGE_RECORD, has_weights, inputs_stale_reason, read_json, read_json_roundtrip, \
-    texts_digest
+from slimlm.pipeline.records import STAGE_RECORD, data_digest, has_weights, inputs_stale_reason, read_json, \
+    read_json_roundtrip
+from slimlm.pipeline.stage import RunContext, Stage
 
 CORRECTION_ATTRIBUTE = "slimlm_teacher_correction"
 
@@ -48,14 +48,14 @@ def check_correction_settings(*, tokens, learning_rate, seq_len, batch_size) -> 
             raise InputError(f"teacher correction --{name} must be {rule}, got {value!r}")
 
 
-def correction_inputs(teacher, train_texts, *, tokens, seq_len=256, batch_size=8, learning_rate=1e-5, seed=0,
+def correction_inputs(teacher, train, *, tokens, seq_len=256, batch_size=8, learning_rate=1e-5, seed=0,
                       training_args=()) -> dict:
     """Everything a corrected teacher depends on: the teacher's fingerprint, the data's digest,
     the token budget and the training settings (as they read back from JSON)."""
     from slimlm.fingerprint import model_fingerprint
 
     return read_json_roundtrip({
-        "teacher": model_fingerprint(teacher), "train": texts_digest(train_texts), "tokens": tokens,
+        "teacher": model_fingerprint(teacher), "train": data_digest(train), "tokens": tokens,
         "seq_len": seq_len, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
         "training_args": list(training_args)})
 
@@ -67,13 +67,13 @@ def corrected_stale_reason(out: str, inputs: dict) -> str | None:
     return inputs_stale_reason(read_json(os.path.join(out, STAGE_RECORD)), inputs, f"no {STAGE_RECORD}")
 
 
-def correct_teacher_stage(teacher, tokenizer, train_texts, out: str, *, tokens: int, seq_len: int = 256,
+def correct_teacher_stage(teacher, tokenizer, train, out: str, *, tokens: int, seq_len: int = 256,
                           batch_size: int = 8, learning_rate: float = 1e-5, seed: int = 0, training_args=(),
                           overwrite: bool = False, inplace: bool = False, save_dtype=None,
                           disable_tqdm: bool = False, log=print):
     """The teacher fine-tuned with next-token CE (``slimlm.distill.trainer.correct_teacher``) on
     ⌈tokens / (batch · accumulation · world · seq_len)⌉ steps of ``seq_len`` blocks of
-    ``train_texts``, at ``learning_rate`` (slimlm's cosine schedule, 5% warmup), in the teacher's
+    ``train`` (token shards or texts), at ``learning_rate`` (slimlm's cosine schedule, 5% warmup), in the teacher's
     own dtype. ``training_args``: more ``TrainingArguments`` flags (``--max_steps`` is refused:
     ``tokens`` is the budget), e.g. ``--bf16 true`` for mixed precision, which ``slimlm run`` and
     ``slimlm distill`` add where the student trains in it (1.6× faster on SmolLM2 where bf16 is
@@ -89,15 +89,14 @@ def correct_teacher_stage(teacher, tokenizer, train_texts, out: str, *, tokens: 
     """
     from transformers import set_seed
 
-    from slimlm.data import tokenize_blocks
     from slimlm.distill.trainer import correct_teacher
-    from slimlm.distill.training import tokens_per_step, training_arguments, training_items
+    from slimlm.distill.training import tokens_per_step, training_arguments, training_items_of
     from slimlm.models import load_model, write_checkpoint
 
     check_correction_settings(tokens=tokens, learning_rate=learning_rate, seq_len=seq_len, batch_size=batch_size)
     if any(flag.split("=")[0] == "--max_steps" for flag in training_args):
         raise InputError("teacher correction takes its length from tokens; --max_steps cannot be passed to it")
-    inputs = correction_inputs(teacher, train_texts, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+    inputs = correction_inputs(teacher, train, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                                learning_rate=learning_rate, seed=seed, training_args=training_args)
     state = corrected_stale_reason(out, inputs)
     if state is None:
@@ -109,8 +108,7 @@ def correct_teacher_stage(teacher, tokenizer, train_texts, out: str, *, tokens: 
     outputs.check_output(out, overwrite, what="corrected teacher")
     model = teacher if inplace else copy.deepcopy(teacher)
     set_seed(seed)
-    blocks = tokenize_blocks(train_texts, tokenizer, seq_len, model=model)
-    data = training_items(blocks)
+    data = training_items_of(train, tokenizer, seq_len, model=model)
     if not data:
         raise InputError("teacher correction needs training text: the data gave no token blocks")
     with outputs.atomic_output(out) as staging:
@@ -157,7 +155,7 @@ class CorrectTeacherStage(Stage):
                                         ["--use_cpu", "true"] if ctx.device == "cpu" else [],
                                         log=lambda line: ctx.log(line.replace("[distill]", "[correct_teacher]")))
         return correct_teacher_stage(
-            ctx.teacher, ctx.tokenizer, ctx.train_texts, ctx.path(self.output), tokens=section["tokens"],
+            ctx.teacher, ctx.tokenizer, done["tokenize"]["train"], ctx.path(self.output), tokens=section["tokens"],
             seq_len=section["seq_len"] or distill_section["seq_len"],
             batch_size=section["batch_size"] or distill_section["batch_size"],
             learning_rate=section["lr"] or distill_section["lr"] / 10, seed=ctx.recipe["seed"], training_args=flags,

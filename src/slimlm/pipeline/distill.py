@@ -320,15 +320,18 @@ class DistillStage(Stage):
 
     name, output = "distill", "distilled"
 
-    def _start(self, ctx: RunContext) -> tuple[str, int | None]:
-        """The folder the student starts from and the tokens left to train."""
+    @staticmethod
+    def _start(ctx: RunContext, done: dict) -> tuple[str, int | None, int]:
+        """The folder the student starts from, the tokens left to train and those the search's
+        re-ranking already trained it on."""
         max_tokens = ctx.recipe["distill"]["max_tokens"]
-        if not ctx.rerank_tokens:
-            return ctx.path("pruned"), max_tokens
+        rerank = (done.get("search") or {}).get("rerank_tokens") or 0
+        if not rerank:
+            return ctx.path("pruned"), max_tokens, 0
         from slimlm.search.records import WINNER_DIR
 
-        return (os.path.join(ctx.path("search"), WINNER_DIR),
-                max_tokens - ctx.rerank_tokens if max_tokens is not None else None)
+        return (os.path.join(ctx.path("search"), WINNER_DIR), max_tokens - rerank if max_tokens is not None else None,
+                rerank)
 
     def inputs(self, ctx: RunContext, done: dict) -> dict:
         import dataclasses
@@ -338,10 +341,10 @@ class DistillStage(Stage):
         from slimlm.distill.options import DistillOptions
         from slimlm.models import load_model, save_dtype
 
-        start, max_tokens = self._start(ctx)
-        if ctx.rerank_tokens:
+        start, max_tokens, rerank = self._start(ctx, done)
+        if rerank:
             ctx.log(f"[distill] continuing from the search's winner ({os.path.relpath(start, ctx.out)}, "
-                    f"{ctx.rerank_tokens:,} tokens distilled)")
+                    f"{rerank:,} tokens distilled)")
         section = ctx.recipe["distill"]
         self.teacher = done.get("correct_teacher", ctx.teacher)
         self.student = load_model(start, dtype=torch.float32 if ctx.device == "cpu" else ctx.dtype)
@@ -354,9 +357,16 @@ class DistillStage(Stage):
         self.layer_map = pruned_layer_map(start, self.student, self.teacher) \
             if self.options.hidden_loss_weight > 0 else None
         synthetic = done.get("synthetic")
+        cache = done.get("teacher_cache")
+        if cache is not None:  # the cached teacher replaces the live one
+            self.teacher = None
         self.data = dict(synthetic_texts=synthetic, mix_fraction=ctx.recipe["synthetic"]["mix"] if synthetic else 0.0,
-                         seed=ctx.recipe["seed"], training_args=ctx.training_flags(), layer_map=self.layer_map)
-        inputs = distill_inputs(self.teacher, self.student, ctx.train_texts, self.options, **self.data)
+                         seed=ctx.recipe["seed"], training_args=ctx.training_flags(), layer_map=self.layer_map,
+                         teacher_cache=cache)
+        self.train = done["tokenize"]["train"]
+        self.eval_sets = {name: done["tokenize"][name] for name in ("heldout", "general")
+                          if done["tokenize"][name] is not None}
+        inputs = distill_inputs(self.teacher, self.student, self.train, self.options, **self.data)
         return with_save_dtype(inputs, save_dtype(self.student, self.save_dtype))
 
     def stale_reason(self, ctx: RunContext, inputs: dict) -> str | None:
@@ -367,15 +377,13 @@ class DistillStage(Stage):
 
         max_minutes = distill_minutes(ctx.recipe["distill"], ctx.started, ctx.log)
         options = dataclasses.replace(self.options, max_minutes=max_minutes)
-        eval_texts = {"heldout": ctx.heldout_texts}
-        if ctx.general_texts is not None:
-            eval_texts["general"] = ctx.general_texts
         # Checkpoints of a run of other inputs (a changed teacher, data or setting) are stale in
         # this folder the recipe owns: they are deleted, not resumed.
         _, log_history = distill_stage(
-            self.teacher, self.student, ctx.tokenizer, ctx.train_texts, ctx.path(self.output), options,
+            self.teacher, self.student, ctx.tokenizer, self.train, ctx.path(self.output), options,
             extra_record={"max_minutes": max_minutes}, overwrite=True, clear_stale_checkpoints=True,
-            disable_tqdm=not ctx.progress, save_dtype=self.save_dtype, log=ctx.log, eval_texts=eval_texts, **self.data)
+            disable_tqdm=not ctx.progress, save_dtype=self.save_dtype, log=ctx.log, eval_texts=self.eval_sets,
+            **self.data)
         return log_history
 
     def load(self, ctx: RunContext, done: dict) -> list[dict]:

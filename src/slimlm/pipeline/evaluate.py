@@ -3,7 +3,7 @@ model on the held-out blocks (``eval.json``, keyed by the models' fingerprints a
 from __future__ import annotations
 
 from slimlm import outputs
-from slimlm.pipeline.records import DISTILL_RECORD, read_json, read_json_roundtrip, texts_digest
+from slimlm.pipeline.records import DISTILL_RECORD, data_digest, read_json, read_json_roundtrip
 from slimlm.pipeline.stage import RunContext, Stage
 
 MODELS = ("teacher", "pruned", "distilled")
@@ -37,8 +37,9 @@ class EvalStage(Stage):
         self.models = {"teacher": ctx.teacher}
         for name in MODELS[1:]:
             self.models[name] = load_model(self.specs[name], dtype=ctx.dtype, device=ctx.device)
-        return {"heldout": texts_digest(ctx.heldout_texts), "settings": self.settings(ctx),
-                "general": texts_digest(ctx.general_texts) if ctx.general_texts is not None else None,
+        self.sets = done["tokenize"]
+        return {"heldout": data_digest(self.sets["heldout"]), "settings": self.settings(ctx),
+                "general": data_digest(self.sets["general"]) if self.sets["general"] is not None else None,
                 "fingerprints": {name: model_fingerprint(model) for name, model in self.models.items()},
                 "distilled_record": read_json(os.path.join(self.specs["distilled"], DISTILL_RECORD)).get(
                     "train_seconds")}
@@ -47,17 +48,16 @@ class EvalStage(Stage):
         return keyed_stale_reason(ctx.path(self.output), inputs, "models or data")
 
     def run(self, ctx: RunContext, done: dict, inputs: dict) -> list[dict]:
-        from slimlm.data import tokenize_blocks
         from slimlm.evaluate import evaluate_model
+        from slimlm.pipeline.distill import eval_blocks
 
         section = self.settings(ctx)
 
-        def blocks(texts):
-            tokens = tokenize_blocks(texts, ctx.tokenizer, section["seq_len"], model=ctx.teacher)
-            return tokens.select(range(min(len(tokens), section["max_blocks"])))
+        def blocks(shards):  # the first max_blocks blocks: only those are read
+            return eval_blocks(shards, ctx.tokenizer, section["seq_len"], section["max_blocks"], model=ctx.teacher)
 
-        heldout = blocks(ctx.heldout_texts)
-        general = blocks(ctx.general_texts) if ctx.general_texts is not None else None
+        heldout = blocks(self.sets["heldout"])
+        general = blocks(self.sets["general"]) if self.sets["general"] is not None else None
         results = [evaluate_model(model, heldout, tokenizer=ctx.tokenizer, prompts=section["prompts"],
                                   max_new_tokens=section["max_new_tokens"], batch_size=section["batch_size"],
                                   spec=self.specs[name], progress=ctx.progress, name=name, general_blocks=general)

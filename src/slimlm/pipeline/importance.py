@@ -5,7 +5,7 @@ import os
 
 from slimlm import outputs
 from slimlm.errors import InputError
-from slimlm.pipeline.records import STAGE_RECORD, inputs_stale_reason, read_json, stage_record, texts_digest
+from slimlm.pipeline.records import STAGE_RECORD, data_digest, inputs_stale_reason, read_json, stage_record
 from slimlm.pipeline.stage import RunContext, Stage
 
 
@@ -66,18 +66,24 @@ class ImportanceStage(Stage):
     name, output = "importance", "scores"
 
     def inputs(self, ctx: RunContext, done: dict) -> dict:
-        return {"teacher": ctx.teacher_fp, "train": texts_digest(ctx.train_texts),
+        return {"teacher": ctx.teacher_fp, "train": data_digest(done["tokenize"]["train"]),
                 "settings": ctx.recipe["importance"], "seed": ctx.recipe["seed"]}
 
     def stale_reason(self, ctx: RunContext, inputs: dict) -> str | None:
         return scores_stale_reason(ctx.path(self.output), ctx.teacher, inputs)
 
     def run(self, ctx: RunContext, done: dict, inputs: dict):
-        from slimlm.data import tokenize_blocks
+        from slimlm.data import max_model_length
         from slimlm.importance.options import ImportanceOptions
 
         options = ImportanceOptions(**ctx.recipe["importance"])
-        calibration = tokenize_blocks(ctx.train_texts, ctx.tokenizer, options.seq_len, model=ctx.teacher)
+        limit = max_model_length(ctx.teacher)
+        if limit is not None and options.seq_len > limit:
+            raise InputError(f"importance.seq_len {options.seq_len} is above the teacher's limit "
+                             f"(max_position_embeddings = {limit})")
+        # The calibration blocks drawn from the shards by a seeded index: nothing else is read.
+        calibration = done["tokenize"]["train"].sample_blocks(options.num_samples, options.seq_len, ctx.recipe["seed"],
+                                                             pad_last=True)
         return importance_stage(ctx.teacher, calibration, ctx.path(self.output), options, seed=ctx.recipe["seed"],
                                 progress=ctx.progress, inputs=inputs, fingerprint=ctx.teacher_fp)
 

@@ -51,13 +51,13 @@ class PruneStage(Stage):
     def inputs(self, ctx: RunContext, done: dict) -> dict:
         from slimlm import outputs
         from slimlm.importance.scores import SCORES_FILE
-        from slimlm.pipeline.records import texts_digest
+        from slimlm.pipeline.records import data_digest
 
         inputs = {"teacher": ctx.teacher_fp, "target": self.target(ctx, done),
                   "scores": outputs.file_digest(os.path.join(ctx.path("scores"), SCORES_FILE)),
                   "save_dtype": ctx.recipe["save_dtype"]}
         if ctx.recipe["reconstruct"] is not None:  # (absent otherwise: older run folders stay valid)
-            inputs["reconstruct"] = {**ctx.recipe["reconstruct"], "train": texts_digest(ctx.train_texts),
+            inputs["reconstruct"] = {**ctx.recipe["reconstruct"], "train": data_digest(done["tokenize"]["train"]),
                                      "seq_len": ctx.recipe["importance"]["seq_len"]}
         return inputs
 
@@ -74,7 +74,8 @@ class PruneStage(Stage):
 
         _, the_plan = prune_stage(copy.deepcopy(ctx.teacher), done["importance"], self.target(ctx, done),
                                   ctx.path(self.output), tokenizer=ctx.tokenizer, overwrite=True, inputs=inputs,
-                                  save_dtype=ctx.recipe["save_dtype"], reconstruct=ctx.reconstruction)
+                                  save_dtype=ctx.recipe["save_dtype"],
+                                  reconstruct=ctx.reconstruction(done["tokenize"]["train"]))
         outputs.write_text(ctx.path(PLAN_FILE), the_plan.table() + "\n")
         return self.load(ctx, done)
 

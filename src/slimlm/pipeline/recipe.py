@@ -13,10 +13,11 @@ import re
 
 import yaml
 
-from slimlm.distill.options import DistillOptions, GenerationOptions
+from slimlm.distill.options import DistillOptions, GenerationOptions, TeacherCacheOptions
 from slimlm.errors import InputError
 from slimlm.evaluate import EvalOptions
 from slimlm.importance.options import ImportanceOptions
+from slimlm.shards import TokenizeOptions
 from slimlm.options import check_type
 from slimlm.pipeline.correct import CorrectionOptions
 from slimlm.search.options import SearchOptions
@@ -78,13 +79,17 @@ _ANY = object()
 # budget (slimlm.Budget's fields); reconstruct refits the pruned o_proj/down_proj on the first
 # num_samples blocks of importance.seq_len tokens of the training text, for the search's
 # candidates and the prune stage both; correct_teacher is Minitron's teacher correction.
-OPTION_SECTIONS = (ImportanceOptions, GenerationOptions, DistillOptions, SearchOptions, ReconstructOptions,
-                   CorrectionOptions, EvalOptions)
+OPTION_SECTIONS = (TokenizeOptions, ImportanceOptions, GenerationOptions, DistillOptions, SearchOptions,
+                   ReconstructOptions, CorrectionOptions, EvalOptions, TeacherCacheOptions)
+# TokenizeOptions' fields a recipe sets elsewhere: the data section's text field and held-out
+# split (by document, with the recipe's seed), which the tokenize stage passes on.
+TOKENIZE_FROM_DATA = ("text_field", "documents", "heldout_fraction", "seed")
 # The other sections: section → field → (expected type(s), default). None as default: optional.
 RECIPE_FIELDS = {
     None: {"teacher": (str, _ANY), "out": (str, None), "seed": (int, 0), "dtype": (str, "auto"),
            "save_dtype": (str, "auto"),
-           "device": (str, None), "data": (dict, _ANY), "importance": (dict, {}), "target": (dict, _ANY),
+           "device": (str, None), "data": (dict, _ANY), "tokenize": (dict, {}), "importance": (dict, {}),
+           "target": (dict, _ANY), "teacher_cache": ((dict, type(None)), None),
            "search": ((dict, type(None)), None),
            "reconstruct": ((dict, type(None)), None), "correct_teacher": ((dict, type(None)), None), "synthetic": ((dict, type(None)), None), "distill": (dict, {}), "eval": (dict, {}), "report": (dict, {})},
     # general: a held-out set of another register than the training text (the demo's: Python's
@@ -118,6 +123,11 @@ def validate_recipe(raw, where: str) -> dict:
     if not isinstance(raw, dict):
         raise InputError(f"{where}: a recipe is a YAML mapping, got {type(raw).__name__}")
     recipe = _check_section(None, raw, RECIPE_FIELDS[None], where)
+    given = raw.get("tokenize") if isinstance(raw.get("tokenize"), dict) else {}
+    for name in TOKENIZE_FROM_DATA:
+        if name in given:
+            raise InputError(f"{where}: tokenize.{name} is set by the data section (data.text_field, "
+                             "data.heldout_fraction) and seed")
     for options in OPTION_SECTIONS:  # an optional section (synthetic: null, or absent) stays None
         if recipe[options.SECTION] is not None:
             recipe[options.SECTION] = options.from_section(recipe[options.SECTION], where).as_record()

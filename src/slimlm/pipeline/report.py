@@ -26,9 +26,10 @@ class ReportStage(Stage):
         distilled = ctx.path("distilled")
         config = read_json(os.path.join(distilled, "config.json")) or {}
         saved = config.get("dtype") or config.get("torch_dtype") or "float32"
-        documents = {"train": len(ctx.train_texts), "heldout": len(ctx.heldout_texts),
-                     "general": len(ctx.general_texts) if ctx.general_texts is not None else None}
-        notes = run_notes(recipe, command=ctx.command, documents=documents,
+        sets = done["tokenize"]
+        documents = {name: shards.num_documents if shards is not None else None for name, shards in sets.items()}
+        tokens = {name: shards.num_tokens if shards is not None else None for name, shards in sets.items()}
+        notes = run_notes(recipe, command=ctx.command, documents=documents, tokens=tokens,
                           distill_record=read_json(os.path.join(distilled, DISTILL_RECORD)),
                           sizes=sizes_note(recipe["teacher"], saved, recipe["save_dtype"]),
                           device=f"{ctx.device} ({torch.get_num_threads()} threads)", timings=self.timings)

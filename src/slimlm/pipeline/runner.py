@@ -12,7 +12,6 @@ import torch
 from slimlm import outputs
 from slimlm.errors import InputError
 from slimlm.models import default_device, resolve_dtype
-from slimlm.pipeline import search as search_stage
 from slimlm.pipeline import synthetic
 from slimlm.pipeline.correct import CorrectTeacherStage
 from slimlm.pipeline.distill import DistillStage
@@ -24,6 +23,8 @@ from slimlm.pipeline.search import SearchStage
 from slimlm.pipeline.speed import SpeedStage
 from slimlm.pipeline.stage import RunContext, Stage, run_stage
 from slimlm.pipeline.synthetic import SyntheticStage
+from slimlm.pipeline.teacher_cache import TeacherCacheStage
+from slimlm.pipeline.tokenize import TokenizeStage
 
 RECIPE_COPY = "recipe.yaml"
 
@@ -31,7 +32,8 @@ RECIPE_COPY = "recipe.yaml"
 class Pipeline:
     """A validated recipe's run in its ``out`` folder: ``run`` sets it up (``setup``: every input
     checked, the teacher and data loaded, the folder claimed) and runs ``stages`` in order
-    (importance, search, prune, synthetic, correct_teacher, distill, eval, speed, report); each
+    (tokenize, importance, search, prune, synthetic, correct_teacher, teacher_cache, distill, eval,
+    speed, report); each
     logs whether its output is already there and made from the same inputs, and skips or runs."""
 
     def __init__(self, recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,
@@ -122,26 +124,11 @@ class Pipeline:
         outputs.claim(self.out)
         outputs.write_text(self.path(RECIPE_COPY), dump_yaml(self.recipe))
 
-    def _data(self):
-        from slimlm.data import load_texts
-
-        data = self.recipe["data"]
-        train = load_texts(data["train"], text_field=data["text_field"])
-        if data["heldout"] is not None:
-            heldout = load_texts(data["heldout"], text_field=data["text_field"])
-        else:
-            if len(train) < 2:
-                raise InputError("data.train holds one document: give data.heldout or more documents to split")
-            # Split whole documents so no held-out text is ever seen in calibration or training.
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.recipe["seed"])).tolist()
-            count = min(len(train) - 1, max(1, round(data["heldout_fraction"] * len(train))))
-            heldout = [train[i] for i in sorted(order[:count])]
-            train = [train[i] for i in sorted(order[count:])]
-        return train, heldout
     def setup(self) -> RunContext:
-        """Check every input and load the teacher, its tokenizer and the data before anything is
-        written (even recipe.yaml), so a failed run leaves no claim on its output folder; returns
-        the run's context, which the stages only read."""
+        """Check every input (the data's paths exist: the tokenize stage reads them) and load the
+        teacher and its tokenizer before anything is written (even recipe.yaml), so a failed run
+        leaves no claim on its output folder; returns the run's context, which the stages only read."""
+        from slimlm.data import source_paths
         from slimlm.fingerprint import model_fingerprint
         from slimlm.models import load_model, load_tokenizer
         from slimlm.search import search_candidates
@@ -168,30 +155,16 @@ class Pipeline:
                                   top_k=section["top_k"])
         except (ValueError, TypeError, OverflowError) as error:
             raise InputError(f"{'search' if recipe['search'] else 'target'}: {error}") from None
-        train_texts, heldout_texts = self._data()
-        general_texts = None
-        if recipe["data"]["general"] is not None:
-            from slimlm.data import load_texts
-
-            general_texts = load_texts(recipe["data"]["general"], text_field=recipe["data"]["text_field"])
-        rerank_tokens, blocks = 0, None
-        if recipe["search"] is not None:
-            blocks, train_blocks = search_stage.search_blocks(train_texts, tokenizer, recipe["search"], recipe["seed"],
-                                                              teacher)
-            rerank_tokens = search_stage.rerank_tokens(recipe["search"], train_blocks)
-            search_stage.check_token_budget(recipe["distill"]["max_tokens"], rerank_tokens)
-        prompts = None
-        if recipe["synthetic"] is not None:
-            from slimlm.distill.generate import prompts_from_texts
-
-            prompts = prompts_from_texts(train_texts, max_prompts=recipe["synthetic"]["num_prompts"])
-            if not prompts:
-                raise InputError("no prompts could be cut from data.train for the synthetic stage")
+        for name in ("train", "heldout", "general"):  # every data path exists (read by the tokenize stage)
+            if recipe["data"][name] is not None and not any(str(spec).startswith(("hub:", "hf://"))
+                                                            for spec in _listed(recipe["data"][name])):
+                try:
+                    source_paths(recipe["data"][name])
+                except InputError as error:
+                    raise InputError(f"data.{name}: {error}") from None
         context = RunContext(recipe=recipe, out=self.out, device=self.device, dtype=self.dtype, teacher=teacher,
-                             teacher_fp=model_fingerprint(teacher), tokenizer=tokenizer, train_texts=train_texts,
-                             heldout_texts=heldout_texts, general_texts=general_texts, prompts=prompts,
-                             search_blocks=blocks, rerank_tokens=rerank_tokens, progress=self.progress, log=self.log,
-                             command=self.command, started=self.started)
+                             teacher_fp=model_fingerprint(teacher), tokenizer=tokenizer, progress=self.progress,
+                             log=self.log, command=self.command, started=self.started)
         self._check_stage_settings(context)
         self._claim_output(clear)
         self.timings["setup"] = time.perf_counter() - started
@@ -205,14 +178,24 @@ class Pipeline:
         from slimlm.pipeline.correct import check_correction_settings
 
         recipe = ctx.recipe
-        if recipe["synthetic"] is not None:
-            synthetic.check_synthetic(ctx.teacher, ctx.tokenizer, ctx.prompts, **synthetic.synthetic_settings(ctx))
+        if recipe["synthetic"] is not None:  # the settings now; the prompts cut from the data, in the stage
+            synthetic.check_synthetic(ctx.teacher, ctx.tokenizer, ["A prompt."], **synthetic.synthetic_settings(ctx))
         section = recipe["distill"]  # its own values were checked with the recipe (DistillOptions)
         try:
             training_arguments(ctx.training_flags(), output_dir=ctx.path("distilled.checkpoints"),
                                batch_size=section["batch_size"], learning_rate=section["lr"], seed=recipe["seed"])
         except InputError as error:
             raise InputError(f"distill.training_args: {error}") from None
+        search = recipe["search"]
+        if search is not None and search["rerank_tokens"] and search["top_k"]:
+            # (without rerank_tokens the re-ranking is one pass over the search's blocks: the stage checks)
+            from slimlm.pipeline.search import check_token_budget, rerank_tokens
+
+            check_token_budget(section["max_tokens"], rerank_tokens(search, train_blocks=0))
+        if recipe["teacher_cache"] is not None:
+            from slimlm.distill.options import TeacherCacheOptions
+
+            TeacherCacheOptions(**recipe["teacher_cache"]).check_distillation(section, recipe["synthetic"])
         correction = recipe["correct_teacher"]
         if correction is not None:
             check_correction_settings(tokens=correction["tokens"], learning_rate=correction["lr"] or section["lr"] / 10,
@@ -223,8 +206,9 @@ class Pipeline:
     # ------------------------------------------------------------------ run
     def stages(self) -> tuple[Stage, ...]:
         """The stages in the order they run (``slimlm.pipeline.stage``)."""
-        return (ImportanceStage(), SearchStage(), PruneStage(), SyntheticStage(), CorrectTeacherStage(),
-                DistillStage(), EvalStage(), SpeedStage(), ReportStage(self.timings))
+        return (TokenizeStage(), ImportanceStage(), SearchStage(), PruneStage(), SyntheticStage(),
+                CorrectTeacherStage(), TeacherCacheStage(), DistillStage(), EvalStage(), SpeedStage(),
+                ReportStage(self.timings))
 
     def run(self, until: str | None = None) -> dict:
         """``setup``, then every stage in order (up to the stage named ``until``, whose value and
@@ -248,6 +232,10 @@ class Pipeline:
             self.log(f"[report] this run is complete: deleting the run it replaced ({previous})")
             outputs.remove(previous)
         return {**done["report"], "out": self.out, "timings": self.timings}
+
+
+def _listed(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def run_recipe(recipe: dict, *, overwrite: bool = False, progress: bool = True, log=print,

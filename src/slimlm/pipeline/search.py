@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from slimlm import outputs
 from slimlm.errors import InputError
 from slimlm.pipeline.stage import RunContext, Stage
@@ -20,22 +18,24 @@ from slimlm.pipeline.stage import RunContext, Stage
 SEARCH_DIR = "search"
 
 
-def search_blocks(train_texts, tokenizer, section: dict, seed: int, model):
-    """``section["num_blocks"]`` blocks of ``seq_len`` tokens of the training text, picked with
-    ``seed`` across the whole corpus (not its first files); InputError when the held-out split
-    cannot be cut from them."""
-    from slimlm.data import tokenize_blocks
+def search_blocks(train, section: dict, seed: int, model):
+    """``section["num_blocks"]`` blocks of ``seq_len`` tokens of the training shards, drawn with
+    ``seed`` across the whole corpus (only those blocks are read), and how many of them train
+    (the rest are the search's held-out split); InputError when that split cannot be cut."""
+    from slimlm.data import max_model_length
 
-    blocks = tokenize_blocks(train_texts, tokenizer, section["seq_len"], model=model)
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed)).tolist()
-    blocks = blocks.select(sorted(order[:section["num_blocks"]]))
+    limit = max_model_length(model)
+    if limit is not None and section["seq_len"] > limit:
+        raise InputError(f"search.seq_len {section['seq_len']} is above the model's limit "
+                         f"(max_position_embeddings = {limit})")
+    blocks = train.sample_blocks(section["num_blocks"], section["seq_len"], seed, pad_last=True)
     try:
-        train, _ = blocks.split(held_out(section["held_out"]), seed)
+        train_part, _ = blocks.split(held_out(section["held_out"]), seed)
     except ValueError as error:
         raise InputError(f"search: {len(blocks)} calibration block(s) of {section['seq_len']} tokens are too few for "
                          f"held_out={section['held_out']} ({error}); give more data, num_blocks or a smaller "
                          "held_out") from None
-    return blocks, len(train)
+    return blocks, len(train_part)
 
 
 def held_out(value: float, name: str = "search.held_out") -> float | int:
@@ -132,11 +132,15 @@ class SearchStage(Stage):
     def run(self, ctx: RunContext, done: dict, inputs: dict | None) -> dict:
         import dataclasses
 
+        section, train = ctx.recipe["search"], done["tokenize"]["train"]
+        blocks, train_blocks = search_blocks(train, section, ctx.recipe["seed"], ctx.teacher)
+        tokens = rerank_tokens(section, train_blocks)
+        check_token_budget(ctx.recipe["distill"]["max_tokens"], tokens)
         out = ctx.path(self.output)
-        result = search_stage(ctx.teacher, done["importance"], ctx.recipe["target"], ctx.search_blocks, out,
-                              section=ctx.recipe["search"], distill=ctx.recipe["distill"], seed=ctx.recipe["seed"],
-                              device=ctx.device, reconstruct=ctx.reconstruction, log=ctx.log)
+        result = search_stage(ctx.teacher, done["importance"], ctx.recipe["target"], blocks, out,
+                              section=section, distill=ctx.recipe["distill"], seed=ctx.recipe["seed"],
+                              device=ctx.device, reconstruct=ctx.reconstruction(train), log=ctx.log)
         record = winner_record(out)
         record["target"] = dataclasses.asdict(result.target)
-        record["rerank_tokens"] = ctx.rerank_tokens
+        record["rerank_tokens"] = tokens
         return record

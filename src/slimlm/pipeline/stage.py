@@ -8,14 +8,14 @@ does not ask for, compares the recorded inputs, logs the decision, times the sta
 loads it. A stage writes its output through ``slimlm.outputs`` (a temporary sibling swapped
 into place), so an interrupted stage leaves the previous output or none.
 
-Every stage reads the same ``RunContext``: the recipe, the loaded teacher and tokenizer, the
-data splits — made once by ``Pipeline.setup`` after every input was checked, frozen after. What
-a stage returns goes to the later stages in ``done`` (by stage name).
+Every stage reads the same ``RunContext``: the recipe, the loaded teacher and its tokenizer —
+made once by ``Pipeline.setup`` after every input was checked, frozen after. What a stage returns
+goes to the later stages in ``done`` (by stage name): the first, ``tokenize``, gives the token
+shards of the data that every later stage reads from disk.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 import typing
@@ -24,8 +24,7 @@ import typing
 @dataclasses.dataclass(frozen=True)
 class RunContext:
     """What every stage of one run reads; made by ``Pipeline.setup``, never changed after.
-    ``rerank_tokens``: the tokens the search's re-ranking distils (counted in the
-    distillation's budget); ``started``: the run's ``time.monotonic()`` at its start."""
+    ``started``: the run's ``time.monotonic()`` at its start."""
 
     recipe: dict
     out: str
@@ -34,12 +33,6 @@ class RunContext:
     teacher: typing.Any
     teacher_fp: str
     tokenizer: typing.Any
-    train_texts: list
-    heldout_texts: list
-    general_texts: list | None
-    prompts: list | None
-    search_blocks: typing.Any
-    rerank_tokens: int
     progress: bool
     log: typing.Callable[[str], None]
     command: str
@@ -48,27 +41,28 @@ class RunContext:
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
 
-    @functools.cached_property
-    def reconstruction(self):
+    def reconstruction(self, train):
         """The teacher's ``reconstruction_stats`` on the first ``reconstruct.num_samples`` blocks of
-        ``importance.seq_len`` tokens of the training text, computed on first use (by the search or
-        the prune stage) and kept in memory for the run (they are a few hundred MB); None when the
-        recipe has no reconstruct section."""
+        ``importance.seq_len`` tokens of the training shards ``train``, computed on first use (by
+        the search or the prune stage) and kept in memory for the run (a few hundred MB); None when
+        the recipe has no reconstruct section."""
         section = self.recipe["reconstruct"]
         if section is None:
             return None
-        from slimlm.data import tokenize_blocks
-        from slimlm.surgery.reconstruct import reconstruction_stats
+        memo = self.__dict__.setdefault("_reconstruction", {})  # (the context's own cache; fields stay frozen)
+        if "stats" not in memo:
+            from slimlm.surgery.reconstruct import reconstruction_stats
 
-        started = time.perf_counter()
-        calibration = tokenize_blocks(self.train_texts, self.tokenizer, self.recipe["importance"]["seq_len"],
-                                      model=self.teacher)
-        stats = reconstruction_stats(self.teacher, calibration, batch_size=self.recipe["importance"]["batch_size"],
-                                     num_samples=section["num_samples"], ridge=section["ridge"])
-        seconds = time.perf_counter() - started  # counted in the stage that asked (search or prune)
-        self.log(f"[reconstruct] o_proj/down_proj input statistics of {stats.tokens:,} tokens in {seconds:.0f} s "
-                 f"(ridge {section['ridge']:g})")
-        return stats
+            started = time.perf_counter()
+            blocks = train.blocks(self.recipe["importance"]["seq_len"], pad_last=True)
+            calibration = blocks.select(range(min(len(blocks), section["num_samples"])))
+            stats = reconstruction_stats(self.teacher, calibration, batch_size=self.recipe["importance"]["batch_size"],
+                                         num_samples=section["num_samples"], ridge=section["ridge"])
+            seconds = time.perf_counter() - started  # counted in the stage that asked (search or prune)
+            self.log(f"[reconstruct] o_proj/down_proj input statistics of {stats.tokens:,} tokens in {seconds:.0f} s "
+                     f"(ridge {section['ridge']:g})")
+            memo["stats"] = stats
+        return memo["stats"]
 
     def training_flags(self) -> list[str]:
         """The distill section's ``training_args`` as command-line flags (``--use_cpu`` on a CPU)."""

@@ -84,6 +84,24 @@ def synthetic_settings(ctx: RunContext) -> dict:
     return GenerationOptions(**ctx.recipe["synthetic"]).sampling(ctx.recipe["seed"])
 
 
+def shard_prompts(shards, tokenizer, max_prompts: int) -> list[str]:
+    """Prompts cut from the training shards' documents, in order (``prompts_from_texts``), read
+    one document at a time until there are ``max_prompts``; InputError when none can be cut."""
+    from slimlm.distill.generate import prompts_from_texts
+
+    eos = tokenizer.eos_token_id
+
+    def documents():
+        for index in range(shards.num_documents):
+            ids = shards.document(index).tolist()
+            yield tokenizer.decode([token for token in ids if token != eos], skip_special_tokens=True)
+
+    prompts = prompts_from_texts(documents(), max_prompts=max_prompts)
+    if not prompts:
+        raise InputError("no prompts could be cut from data.train for the synthetic stage")
+    return prompts
+
+
 class SyntheticStage(Stage):
     """The teacher's generations from prompts of the training data (``synthetic.jsonl``), when
     the recipe has a synthetic section; its value is their texts (None without the section)."""
@@ -94,13 +112,15 @@ class SyntheticStage(Stage):
         return ctx.recipe["synthetic"] is not None
 
     def inputs(self, ctx: RunContext, done: dict) -> dict:
-        return synthetic_inputs(ctx.teacher, ctx.prompts, **synthetic_settings(ctx))
+        self.prompts = shard_prompts(done["tokenize"]["train"], ctx.tokenizer, ctx.recipe["synthetic"]["num_prompts"])
+        check_synthetic(ctx.teacher, ctx.tokenizer, self.prompts, **synthetic_settings(ctx))
+        return synthetic_inputs(ctx.teacher, self.prompts, **synthetic_settings(ctx))
 
     def stale_reason(self, ctx: RunContext, inputs: dict) -> str | None:
         return synthetic_stale_reason(ctx.path(self.output), inputs)
 
     def run(self, ctx: RunContext, done: dict, inputs: dict) -> list[str]:
-        return generate_stage(ctx.teacher, ctx.tokenizer, ctx.prompts, ctx.path(self.output), progress=ctx.progress,
+        return generate_stage(ctx.teacher, ctx.tokenizer, self.prompts, ctx.path(self.output), progress=ctx.progress,
                               log=ctx.log, **synthetic_settings(ctx)).texts()
 
     def load(self, ctx: RunContext, done: dict) -> list[str]:

@@ -14,11 +14,12 @@ import numpy as np
 
 from slimlm.data import read_source
 from slimlm.errors import InputError
-from slimlm.shards.options import TokenizeOptions
+from slimlm.shards.options import TokenizeOptions, held_out
 
 
 def _documents(sources: list[dict], options: TokenizeOptions, start=(0, 0)) -> Iterator[tuple[tuple[int, int], str]]:
-    """((source index, document index), text) from ``start`` on; every document counts, blank ones too."""
+    """((source index, document index), text) from ``start`` on; every document counts, blank ones too
+    (a document on the other side of the split ``options.documents`` asks for comes as blank text)."""
     for index, source in enumerate(sources):
         if index < start[0]:
             continue
@@ -27,6 +28,9 @@ def _documents(sources: list[dict], options: TokenizeOptions, start=(0, 0)) -> I
             read_source(source["path"], options.text_field, options.split)
         for number, text in enumerate(texts):
             if number >= skip:
+                if options.documents != "all" and \
+                        held_out(options.seed, index, number, options.heldout_fraction) != (options.documents == "heldout"):
+                    text = ""
                 yield (index, number), text
 
 

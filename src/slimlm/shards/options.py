@@ -3,6 +3,7 @@ settings a manifest records (``STREAM_SETTINGS``, ``LAYOUT_SETTINGS``), the form
 version, the token dtype a vocabulary needs and the shard files' names."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,8 @@ FORMAT, VERSION = "slimlm-token-shards", 1
 MANIFEST = "manifest.json"
 _OFFSET = np.dtype("<i8")  # document offsets
 # Settings that change the token stream, and those that also change the files' layout.
-STREAM_SETTINGS = ("text_field", "split", "add_bos", "add_eos", "max_tokens")
+STREAM_SETTINGS = ("text_field", "split", "add_bos", "add_eos", "max_tokens", "documents", "heldout_fraction", "seed")
+DOCUMENT_SETS = ("all", "train", "heldout")
 LAYOUT_SETTINGS = STREAM_SETTINGS + ("shard_tokens",)
 
 
@@ -36,6 +38,19 @@ class TokenizeOptions(Options):
     add_eos: bool = option(True, "end every document with the tokenizer's EOS token")
     max_tokens: int | None = option(None, "stop at the first document boundary past this many tokens (default: "
                                           "every document)", check="positive")
+    documents: str = option("all", "which documents: all, or the train or heldout side of a seeded split by "
+                                   "document (each document on one side only, whatever the shard layout)",
+                            choices=DOCUMENT_SETS)
+    heldout_fraction: float = option(0.1, "share of the documents on the heldout side of the split",
+                                     check="open_fraction")
+    seed: int = option(0, "seed of the split by document")
+
+
+def held_out(seed: int, source: int, number: int, fraction: float) -> bool:
+    """Whether document ``number`` of source ``source`` is on the held-out side of the split of
+    ``seed`` (a hash of the three, so each document's side is fixed and needs no memory)."""
+    key = hashlib.sha256(f"{seed}:{source}:{number}".encode()).digest()
+    return int.from_bytes(key[:8], "little") < fraction * 2.0 ** 64
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
