@@ -23,6 +23,8 @@ WRITERS = {
                 "--out", OUT], "scores"),
     "generate": (["generate", "--teacher", "teacher", "--from-data", "heldout.txt", "--num-prompts", 2,
                   "--max-new-tokens", 2, "--no-progress", "--out", OUT], "heldout.txt"),
+    "teacher-cache": (["teacher-cache", "--teacher", "teacher", "--data", "shards", "--seq-len", 16, "--k", 4,
+                       "--num-blocks", 2, "--no-progress", "--out", OUT], "shards"),
     "distill": (["distill", "--teacher", "teacher", "--student", "pruned", "--data", "heldout.txt", *TINY_DISTILL,
                  "--out", OUT], "pruned"),
     "eval": (["eval", "--model", "teacher", "--data", "heldout.txt", "--seq-len", 16, "--max-blocks", 2,
@@ -48,6 +50,12 @@ def inputs(workspace, capsys, monkeypatch):
         tokenizer = bpe_tokenizer()
         save_pruned(tiny_model("llama", vocab_size=len(tokenizer)), workspace / "bpe-student", tokenizer=tokenizer,
                     save_dtype="float32")
+    if not (workspace / "shards" / "manifest.json").is_file():  # the teacher cache's input
+        from slimlm.models import load_tokenizer
+        from slimlm.shards import write_shards
+
+        write_shards(str(workspace / "data" / "*.txt"), load_tokenizer(workspace / "teacher"), workspace / "shards",
+                     log=lambda line: None)
     monkeypatch.chdir(workspace)
     recipe = write_recipe(workspace, "write-safety.yaml", synthetic=None, distill__max_tokens=32,
                           importance__num_samples=4, eval__max_blocks=2)

@@ -28,9 +28,10 @@ from slimlm.errors import InputError
 
 __all__ = ["COMMANDS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "entry", "main"]
 
-# The subcommands in the order ``slimlm --help`` lists them; each is the module slimlm.cli.<name>.
-COMMANDS = ("tokenize", "importance", "plan", "search", "prune", "generate", "distill", "eval", "export", "run", "demo",
-            "bench")
+# The subcommands in the order ``slimlm --help`` lists them; each is the module slimlm.cli.<name>
+# (a dash in the command's name an underscore in the module's).
+COMMANDS = ("tokenize", "importance", "plan", "search", "prune", "generate", "teacher-cache", "distill", "eval",
+            "export", "run", "demo", "bench")
 DEBUG_HELP = "on an error, raise it with its traceback instead of one line (as SLIMLM_DEBUG=1 does)"
 
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="command", parser_class=Parser)
     subparsers.required = True
     for name in COMMANDS:
-        importlib.import_module(f"slimlm.cli.{name}").add_parser(subparsers)
+        importlib.import_module(f"slimlm.cli.{name.replace('-', '_')}").add_parser(subparsers)
         command = subparsers.choices[name]
         # A passthrough command (distill, search) leaves --debug to TrainingArguments' own flag.
         if not command.get_default("passthrough"):

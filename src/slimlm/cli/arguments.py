@@ -186,6 +186,24 @@ def load(spec: str, args, *, device=None):
     return model, tokenizer
 
 
+def token_shards(data):
+    """The ``slimlm.shards.TokenShards`` ``data`` (a flag's value: a path, or a one-path list) names
+    when it is a folder of token shards (``slimlm tokenize``), else None (text sources)."""
+    from slimlm.shards import MANIFEST, TokenShards
+
+    paths = data if isinstance(data, (list, tuple)) else [data]
+    if len(paths) != 1 or not os.path.isfile(os.path.join(str(paths[0]), MANIFEST)):
+        return None
+    return TokenShards(str(paths[0]))
+
+
+def training_data(args):
+    """``--data``: its token shards when it names a shard folder (read from disk as needed), else
+    the texts of its sources (in memory: for a small corpus; tokenise a large one first)."""
+    shards = token_shards(args.data)
+    return shards if shards is not None else texts(args)
+
+
 def texts(args) -> list[str]:
     from slimlm.data import load_texts
 

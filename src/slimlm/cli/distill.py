@@ -21,8 +21,14 @@ def add_parser(subparsers) -> None:
          "slimlm distill --teacher M --student student/ --data train.jsonl --synthetic synthetic.jsonl "
          "--mix 0.5 --lr 1e-4 --gradient_accumulation_steps 4 --bf16 true --save-dtype bfloat16 --out distilled/",
          "accelerate launch -m slimlm distill --teacher M --student student/ --data train.jsonl --out distilled/",
-         "torchrun --nproc-per-node 8 -m slimlm distill … (same flags)"])
-    arguments.add_model_options(sub, flag="--teacher")
+         "torchrun --nproc-per-node 8 -m slimlm distill … (same flags)",
+         "slimlm distill --student student/ --data shards/ --teacher-cache cache/ --out distilled/  "
+         "(no teacher: slimlm teacher-cache)"])
+    arguments.add_model_options(sub, flag="--teacher", required=False,
+                                help_text="teacher model: a folder, a .gguf file or a cached hub id (not with "
+                                          "--teacher-cache)")
+    sub.add_argument("--teacher-cache", help="learn from the teacher's cached top-k (slimlm teacher-cache, made on "
+                                             "the --data shards) instead of a live teacher")
     sub.add_argument("--student", required=True, help="pruned model folder (slimlm prune)")
     arguments.add_data_options(sub)
     sub.add_argument("--synthetic", help="JSONL from slimlm generate")
@@ -55,7 +61,12 @@ def run(args) -> int:
     from slimlm.pipeline.correct import correct_teacher_stage
 
     options = DistillOptions.from_args(args)
-    arguments.check_model_path(args.teacher)
+    if (args.teacher is None) == (args.teacher_cache is None):
+        raise InputError("give --teacher or --teacher-cache (one of them)")
+    if args.teacher_cache is not None:
+        _check_cache_settings(args, options)
+    else:
+        arguments.check_model_path(args.teacher)
     arguments.check_model_path(args.student)
     if not os.path.isdir(args.student):
         raise InputError(f"student {args.student} is not a model folder (make one with slimlm prune)")
@@ -73,7 +84,7 @@ def run(args) -> int:
     corrected_dir = resolved + ".teacher-corrected"
     args.out = outputs.check_output(args.out, args.overwrite,
                                     {"teacher": args.teacher, "student": args.student, "data": args.data,
-                                     "synthetic data": args.synthetic},
+                                     "synthetic data": args.synthetic, "teacher cache": args.teacher_cache},
                                     related=[checkpoints, outputs.staging_path(resolved), corrected_dir])
     training_args = (["--use_cpu", "true"] if args.device == "cpu" else []) + args.training_args
     training_arguments(training_args, output_dir=checkpoints)
@@ -82,16 +93,21 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu")
     trust = args.trust_remote_code
     try:
-        teacher = load_model(args.teacher, dtype=dtype, trust_remote_code=trust)
         student = load_model(args.student, dtype=torch.float32, trust_remote_code=trust)
         tokenizer = load_tokenizer(args.student, trust_remote_code=trust)
-        teacher_tokenizer = load_tokenizer(args.teacher, trust_remote_code=trust)
+        teacher = None
+        if args.teacher is not None:
+            teacher = load_model(args.teacher, dtype=dtype, trust_remote_code=trust)
+            teacher_tokenizer = load_tokenizer(args.teacher, trust_remote_code=trust)
     except FileNotFoundError as error:
         raise InputError(str(error)) from None
-    check_vocabularies(student, teacher, tokenizer, teacher_tokenizer)
+    if teacher is not None:
+        check_vocabularies(student, teacher, tokenizer, teacher_tokenizer)
     synthetic_texts = SyntheticDataset.load(args.synthetic).texts() if args.synthetic else None
     rank_zero = os.environ.get("RANK", "0") == "0"
-    train_texts = arguments.texts(args)
+    train = arguments.training_data(args)
+    if args.teacher_cache is not None:
+        _check_cache(args.teacher_cache, train, student, tokenizer, options)
     if args.correct_teacher_tokens is not None:
         from slimlm.distill.training import student_precision_flags
 
@@ -100,7 +116,7 @@ def run(args) -> int:
                                                    ["--use_cpu", "true"] if args.device == "cpu" else [],
                                                    log=lambda line: None)
         teacher = correct_teacher_stage(
-            teacher, teacher_tokenizer, train_texts, corrected_dir, tokens=args.correct_teacher_tokens,
+            teacher, teacher_tokenizer, train, corrected_dir, tokens=args.correct_teacher_tokens,
             seq_len=options.seq_len, batch_size=options.batch_size,
             learning_rate=args.correct_teacher_lr or options.lr / 10,
             seed=args.seed, training_args=correction_flags, overwrite=True, inplace=True,
@@ -108,9 +124,9 @@ def run(args) -> int:
             log=print if rank_zero else (lambda line: None))
     layer_map = distill.pruned_layer_map(args.student, student, teacher) if options.hidden_loss_weight > 0 else None
     _, log_history = distill.distill_stage(
-        teacher, student, tokenizer, train_texts, args.out, options, synthetic_texts=synthetic_texts,
+        teacher, student, tokenizer, train, args.out, options, synthetic_texts=synthetic_texts,
         mix_fraction=args.mix if synthetic_texts else 0.0, seed=args.seed, training_args=training_args,
-        layer_map=layer_map, overwrite=args.overwrite, resume=not args.overwrite,
+        layer_map=layer_map, teacher_cache=args.teacher_cache, overwrite=args.overwrite, resume=not args.overwrite,
         disable_tqdm=not arguments.progress(args), save_dtype=args.save_dtype,
         extra_record={"teacher": args.teacher, "student": args.student},
         log=print if rank_zero else (lambda line: None))
@@ -121,3 +137,38 @@ def run(args) -> int:
         print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f} over {len(losses)} logged steps")
     print(f"distilled model written to {args.out}")
     return EXIT_OK
+
+
+def _check_cache_settings(args, options) -> None:
+    """What a distillation from a teacher cache cannot have: a live teacher's settings."""
+    arguments.check_paths_exist([args.teacher_cache], "teacher cache")
+    needs = [flag for flag, given in (("--correct-teacher-tokens", args.correct_teacher_tokens),
+                                      ("--synthetic", args.synthetic),
+                                      ("--hidden-loss-weight", options.hidden_loss_weight),
+                                      ("--on-policy-fraction", options.on_policy_fraction)) if given]
+    if needs:
+        raise InputError(f"--teacher-cache replaces the live teacher, which {', '.join(needs)} need(s)")
+
+
+def _check_cache(path: str, train, student, tokenizer, options) -> None:
+    """The cache was made on these shards' blocks of --seq-len tokens, with this tokenizer, at
+    this temperature and for this vocabulary (InputError naming what differs)."""
+    from slimlm.distill.topk_cache import load_teacher_topk, tokenizer_identity
+    from slimlm.distill.lm_heads import vocab_rows
+    from slimlm.pipeline.records import STAGE_RECORD, data_digest, read_json
+    from slimlm.shards import TokenShards
+
+    if not isinstance(train, TokenShards):
+        raise InputError("--teacher-cache: --data must be the token shards the cache was made on (slimlm tokenize)")
+    cache = load_teacher_topk(path)
+    try:
+        # the vocabulary, not where the tokenizer was read from (the student's folder has a copy)
+        vocabulary = {key: value for key, value in tokenizer_identity(tokenizer).items() if key != "tokenizer"}
+        cache.check_compatible(vocab_size=vocab_rows(student), temperature=options.temperature,
+                               tokenizer=vocabulary, shards=data_digest(train))
+    except ValueError as error:
+        raise InputError(f"--teacher-cache {path}: {error}") from None
+    made = (read_json(os.path.join(path, STAGE_RECORD)) or {}).get("inputs", {})
+    if made.get("seq_len") not in (None, options.seq_len):
+        raise InputError(f"--teacher-cache {path} holds blocks of {made['seq_len']} tokens; --seq-len is "
+                         f"{options.seq_len}")

@@ -85,6 +85,8 @@ class DistillOptions(Options):
                                           check="positive")
     chunk_size: int | None = option(None, "rows per chunk of the fused loss (default: from a memory budget)",
                                     check="positive")
+    topk_tail: str = option("bucket", "with a teacher cache, the teacher's mass beyond its top k: one extra bucket on "
+                                      "both sides, or the top k renormalised", choices=("bucket", "renormalize"))
     gemm_dtype: str = option("auto", "operands of the LM-head GEMMs in the loss (auto: the training's mixed "
                                      "precision; softmax, KL and CE are float32 always)", choices=tuple(GEMM_DTYPES),
                             renamed=RENAMED_DTYPES)
@@ -109,7 +111,8 @@ class DistillOptions(Options):
     LOSS_FIELDS: typing.ClassVar[tuple[str, ...]] = ("kd_weight", "ce_weight", "temperature", "beta")
     EXTRA_FIELDS: typing.ClassVar[tuple[str, ...]] = (
         "hidden_loss_weight", "hidden_loss_schedule", "hidden_loss_kind", "on_policy_fraction",
-        "on_policy_prompt_fraction", "on_policy_temperature", "chunk_size", "gemm_dtype", "freeze_embeddings")
+        "on_policy_prompt_fraction", "on_policy_temperature", "chunk_size", "topk_tail", "gemm_dtype",
+        "freeze_embeddings")
 
     def distillation_options(self) -> dict:
         """The ``DistillationConfig`` fields beyond the loss's core four that differ from their
@@ -117,15 +120,13 @@ class DistillOptions(Options):
         defaults = DistillOptions()
         return {name: getattr(self, name) for name in self.EXTRA_FIELDS if getattr(self, name) != getattr(defaults, name)}
 
-    def distillation_config(self, *, layer_map: dict[int, int] | None = None, topk: str | None = None,
-                            topk_tail: str = "bucket"):
+    def distillation_config(self, *, layer_map: dict[int, int] | None = None, topk: str | None = None):
         """The trainer's ``DistillationConfig`` these options give (``layer_map``: the hidden
         loss's student → teacher layers; default the trainer's even spread)."""
         from slimlm.distill.trainer import DistillationConfig
 
         fields = {name: getattr(self, name) for name in self.LOSS_FIELDS + self.EXTRA_FIELDS}
-        config = DistillationConfig(**fields, teacher_precision=self.teacher_precision, layer_map=layer_map, topk=topk,
-                                    topk_tail=topk_tail)
+        config = DistillationConfig(**fields, teacher_precision=self.teacher_precision, layer_map=layer_map, topk=topk)
         try:
             config.check()
         except ValueError as error:  # the combinations only the trainer knows (minitron without KD, …)
@@ -147,8 +148,6 @@ class TeacherCacheOptions(Options):
     prob_bits: int = option(6, "bits per stored probability (the codec's; 6: 142 bytes a token at k = 64)",
                             check="positive")
     batch_size: int = option(8, "blocks per teacher forward pass", check="positive")
-    tail: str = option("bucket", "the teacher's mass beyond its top k: one extra bucket on both sides, or the "
-                                 "top k renormalised", choices=("bucket", "renormalize"))
 
     def check(self) -> None:
         if not 1 <= self.prob_bits <= 16:

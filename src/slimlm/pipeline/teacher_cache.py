@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from slimlm import outputs
 from slimlm.errors import InputError
 from slimlm.pipeline.records import STAGE_RECORD, data_digest, inputs_stale_reason, read_json
@@ -54,7 +56,7 @@ def teacher_cache_stage(teacher, tokenizer, shards, out: str, options=None, *, s
     inputs is kept; an unfinished one of the same inputs is continued; another is deleted (the
     caller has checked that ``out`` may be replaced: ``outputs.check_output``)."""
     from slimlm.distill.options import TeacherCacheOptions
-    from slimlm.distill.topk_cache import cache_teacher_topk, tokenizer_identity
+    from slimlm.distill.topk_cache import cache_teacher_topk
 
     options = options if options is not None else TeacherCacheOptions()
     blocks, order, count = cache_blocks(shards, seq_len, num_blocks, seed)
@@ -75,12 +77,12 @@ def teacher_cache_stage(teacher, tokenizer, shards, out: str, options=None, *, s
         step = 1 << 14
         for start in range(0, count, step):
             for index in order(range(start, min(count, start + step))).tolist():
-                yield blocks.ids(index)
+                yield np.array(blocks.ids(index))  # (a copy: the shards are mapped read-only)
 
     try:
         cache_teacher_topk(teacher, sequences(), options.k, out, temperature=temperature,
                            batch_size=options.batch_size, prob_bits=options.prob_bits,
-                           tokenizer=tokenizer_identity(tokenizer), shards=inputs["shards"])
+                           tokenizer=tokenizer, shards=inputs["shards"])
     except ValueError as error:  # k above the vocabulary, a bad codec setting
         raise InputError(f"teacher cache: {error}") from None
     outputs.claim(out)
