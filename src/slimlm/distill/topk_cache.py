@@ -1,6 +1,8 @@
 """Offline sparse teacher: a causal LM's top-k log-probabilities per token, on disk, in fixed-size
 records (``slimlm.distill.topk_codec``: 142 bytes/token at k = 64, V = 49152, against 512 for fp32
-log-probs + int32 ids).
+log-probs + int32 ids). ``cache_teacher_topk`` computes them with an in-process model;
+``TopKCacheWriter`` writes rows computed elsewhere (a served teacher: ``slimlm.distill.served``)
+into the same format, with the same manifest, resume and refusals — the former is built on it.
 
 A cache folder holds ``manifest.json`` and, per part of consecutive sequences, three raw arrays:
 
@@ -17,7 +19,10 @@ token shard i.
 
 Row t of a sequence is the teacher's distribution over the token at t + 1 (the logits at
 position t, as Hugging Face computes them), so a loss pairs row t with the student's logits at
-t and ignores the last row. Only JSON and raw arrays are read back, never pickles.
+t. The last row is a real distribution too (over the token after the sequence): a loss over
+one sequence ignores it (its label is -100), a block read across a sequence end (``blocks``)
+pairs it with the next sequence's first token. Only JSON and raw arrays are read back, never
+pickles.
 
 Writing is resumable per part: a part is written under a staging name, renamed once complete,
 then listed in the manifest (``"complete": false`` until the last one); a rerun with the same
@@ -53,7 +58,7 @@ RUN_FIELDS = ("format", "k", "vocab_size", "temperature", "codec", "record_bytes
               "tokenizer", "shards", "shard_tokens")
 
 
-def _sequences(dataset: Iterable) -> Iterator[torch.Tensor]:
+def token_sequences(dataset: Iterable) -> Iterator[torch.Tensor]:
     """Token-id sequences from items that are 1-D tensors, lists of ints or dicts with ``input_ids``."""
     for position, item in enumerate(dataset):
         ids = item["input_ids"] if isinstance(item, dict) else item
@@ -142,15 +147,14 @@ def _read_json(file: str) -> dict:
     return value
 
 
-def _check_run_arguments(k, vocab, temperature, batch_size, shard_tokens) -> None:
+def _check_run_arguments(k, vocab, temperature, shard_tokens) -> None:
     if not isinstance(k, int) or not 1 <= k <= vocab:
         raise ValueError(f"k must be an int in [1, {vocab}] (the teacher's vocabulary), got {k!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     sizes = [shard_tokens] if isinstance(shard_tokens, int) else list(shard_tokens)
-    if batch_size < 1 or not sizes or any(not isinstance(size, int) or size < 1 for size in sizes):
-        raise ValueError(f"batch_size must be >= 1 and shard_tokens an int >= 1 or a non-empty list of them, "
-                         f"got {batch_size} and {shard_tokens!r}")
+    if not sizes or any(not isinstance(size, int) or size < 1 for size in sizes):
+        raise ValueError(f"shard_tokens must be an int >= 1 or a non-empty list of them, got {shard_tokens!r}")
 
 
 class _PartWriter:
@@ -225,18 +229,26 @@ class _PartWriter:
             outputs.remove(outputs.staging_path(os.path.join(self.folder, name)))
 
 
+def refuse_finished_cache(path: str | os.PathLike) -> None:
+    """ValueError when ``path`` already holds a finished cache, which no writer overwrites (a
+    caller with an expensive teacher to start asks before starting it)."""
+    folder = os.fspath(path)
+    if os.path.exists(os.path.join(folder, FORMAT_1_INDEX)):
+        raise ValueError(f"{os.path.join(folder, FORMAT_1_INDEX)} exists: {folder} already holds a teacher cache")
+    manifest_path = os.path.join(folder, MANIFEST)
+    if os.path.exists(manifest_path) and _read_json(manifest_path).get("complete"):
+        raise ValueError(f"{manifest_path} exists: {folder} already holds a teacher cache")
+
+
 def _resume(folder: str, manifest: dict) -> dict:
     """The unfinished manifest in ``folder`` to continue, when its run matches ``manifest``'s;
     ``manifest`` itself when there is none. ValueError for a finished cache, InputError for an
     unfinished one of another run or with a damaged part."""
-    if os.path.exists(os.path.join(folder, FORMAT_1_INDEX)):
-        raise ValueError(f"{os.path.join(folder, FORMAT_1_INDEX)} exists: {folder} already holds a teacher cache")
+    refuse_finished_cache(folder)
     manifest_path = os.path.join(folder, MANIFEST)
     if not os.path.exists(manifest_path):
         return manifest
     found = _read_json(manifest_path)
-    if found.get("complete"):
-        raise ValueError(f"{manifest_path} exists: {folder} already holds a teacher cache")
     for field in RUN_FIELDS:
         if found.get(field) != manifest[field]:
             raise InputError(f"{manifest_path}: an unfinished cache of another run ({field!r} is {found.get(field)!r}, "
@@ -254,6 +266,126 @@ def _kept_sequences(folder: str, manifest: dict) -> Iterator[np.ndarray]:
         offsets = np.fromfile(os.path.join(folder, entry["offsets"]), dtype="<i8")
         for start, stop in zip(offsets[:-1], offsets[1:]):
             yield tokens[start:stop]
+
+
+class TopKCacheWriter:
+    """Writes a cache from top-k rows computed elsewhere, one sequence at a time, in the format,
+    manifest and layout ``cache_teacher_topk`` writes (which is built on it)::
+
+        with TopKCacheWriter(path, k=64, vocab_size=V, teacher=identity) as writer:
+            for ids in sequences:
+                if writer.needs(ids):                  # False: a resumed cache already holds it
+                    writer.add(ids, logprobs, indices)
+            files = writer.finish()
+
+    ``add(ids, logprobs, indices)``: the sequence's token ids (T,) and, per position t, the top-k
+    log-probs (T, k) of the teacher's distribution over the token at t + 1 (row T − 1: over the
+    token after the sequence) and their distinct vocabulary ids (T, k), in any order. ``teacher``
+    is the identity recorded under the manifest's ``teacher`` (``teacher_identity`` for a model;
+    a served teacher's is ``slimlm.distill.served``'s); ``tokenizer``, ``shards``, ``shard_tokens``,
+    ``temperature``, ``prob_bits`` and ``power`` as in ``cache_teacher_topk``.
+
+    Resume: an unfinished cache of the same run in ``path`` is continued. ``needs(ids)`` is asked
+    about every sequence of the dataset in order: False for the ones its listed parts hold (which
+    must be the same sequences), True for the ones to compute; ``add`` then takes those, in the
+    same order (computed in batches meanwhile, if the caller likes). ``add`` alone, without
+    ``needs``, asks it itself and skips a held sequence. A finished cache in ``path`` is refused.
+    Leaving the ``with`` block without ``finish`` (an error) deletes the unfinished part's staging
+    files and keeps the listed parts.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, k: int, vocab_size: int, teacher: dict, temperature: float = 1.0,
+                 shard_tokens: int | Sequence[int] = 1 << 20, prob_bits: int = 6, power: float = 0.3,
+                 tokenizer=None, shards: str | None = None):
+        _check_run_arguments(k, vocab_size, temperature, shard_tokens)
+        if not isinstance(teacher, dict) or not teacher:
+            raise ValueError(f"teacher must be a non-empty dict identifying the teacher, got {teacher!r}")
+        self.codec = TopKCodec(k, vocab_size, prob_bits, power)
+        self.folder = os.fspath(path)
+        run = {
+            "format": FORMAT, "k": k, "vocab_size": vocab_size, "temperature": float(temperature),
+            "codec": self.codec.params(), "record_bytes": self.codec.record_bytes,
+            "token_dtype": "uint16" if vocab_size <= 1 << 16 else "uint32", "teacher": teacher,
+            "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None, "shards": shards,
+            "shard_tokens": shard_tokens if isinstance(shard_tokens, int) else list(shard_tokens),
+            "complete": False, "files": [],
+        }
+        os.makedirs(self.folder, exist_ok=True)
+        self.manifest = _resume(self.folder, run)
+        self._parts = _PartWriter(self.folder, self.manifest, self.codec)
+        self._token_limit = int(np.iinfo(self._parts.token_dtype).max) + 1
+        self._kept = _kept_sequences(self.folder, self.manifest)
+        self._position = 0
+        self._pending: list[torch.Tensor] = []
+        self._finished = False
+
+    @property
+    def k(self) -> int:
+        return self.codec.k
+
+    def needs(self, ids) -> bool:
+        """Whether the next sequence of the dataset, ``ids``, must be computed and ``add``-ed:
+        False when the unfinished cache being continued holds it already. InputError when that
+        cache holds another sequence there; ValueError for ids outside the token dtype's range."""
+        ids = torch.as_tensor(ids).long().reshape(-1)
+        position = self._position
+        self._position += 1
+        stored = next(self._kept, None)
+        if stored is not None:
+            if not np.array_equal(stored, ids.numpy()):
+                raise InputError(f"dataset item {position} differs from the sequence the unfinished cache in "
+                                 f"{self.folder} holds there: continue it with the same dataset, or write to "
+                                 "another folder")
+            return False
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self._token_limit:
+            found = f"[{int(ids.min())}, {int(ids.max())}]" if ids.numel() else "no ids"
+            raise ValueError(f"dataset item {position}: token ids must lie in [0, {self._token_limit}), got {found}")
+        self._pending.append(ids)
+        return True
+
+    def add(self, ids, logprobs: torch.Tensor, indices: torch.Tensor) -> None:
+        """Appends one sequence: ``ids`` (T,), top-k ``logprobs`` (T, k) and their ``indices`` (T, k)."""
+        ids = torch.as_tensor(ids).long().reshape(-1)
+        if not self._pending and not self.needs(ids):
+            return
+        expected = self._pending.pop(0)
+        if not torch.equal(expected, ids):
+            raise ValueError(f"add() got a sequence of {ids.numel()} tokens where needs() asked for the one of "
+                             f"{expected.numel()} tokens before it: add the needed sequences in order")
+        logprobs, indices = torch.as_tensor(logprobs), torch.as_tensor(indices)
+        if logprobs.shape != (ids.numel(), self.k) or indices.shape != logprobs.shape:
+            raise ValueError(f"a sequence of {ids.numel()} tokens needs logprobs and indices of shape "
+                             f"({ids.numel()}, {self.k}), got {tuple(logprobs.shape)} and {tuple(indices.shape)}")
+        self._parts.add(ids, logprobs.float().cpu(), indices.cpu())
+
+    def finish(self) -> list[str]:
+        """Closes the last part and marks the cache complete; returns the records files' paths."""
+        if self._pending:
+            raise ValueError(f"needs() asked for {len(self._pending)} sequence(s) that were never add()-ed")
+        if next(self._kept, None) is not None:
+            raise InputError(f"the dataset ends before the sequences the unfinished cache in {self.folder} "
+                             "already holds")
+        self._parts.close_part()
+        files, sizes = self.manifest["files"], self.manifest["shard_tokens"]
+        if not files:
+            raise ValueError("dataset yielded no sequences; nothing was cached")
+        if not isinstance(sizes, int) and len(files) != len(sizes):
+            raise ValueError(f"the dataset fills {len(files)} of the {len(sizes)} token shards of shard_tokens")
+        # The manifest marked complete is what makes the folder a cache: written last, atomically.
+        self._parts.write_manifest(complete=True)
+        self._finished = True
+        return [os.path.join(self.folder, entry["records"]) for entry in files]
+
+    def discard(self) -> None:
+        """Deletes the unfinished part's staging files (the listed parts stay)."""
+        self._parts.discard()
+
+    def __enter__(self) -> "TopKCacheWriter":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if not self._finished:
+            self.discard()
 
 
 def cache_teacher_topk(
@@ -282,69 +414,38 @@ def cache_teacher_topk(
     cache of another tokenizer or shard set. Returns the records files' paths. An unfinished
     cache of the same run in ``path`` is continued; a finished one is refused. k in [1, V]; τ > 0.
     """
-    vocab = lm_head(model).weight.shape[0]
-    _check_run_arguments(k, vocab, temperature, batch_size, shard_tokens)
-    codec = TopKCodec(k, vocab, prob_bits, power)
-    folder = os.fspath(path)
-    run = {
-        "format": FORMAT, "k": k, "vocab_size": vocab, "temperature": float(temperature), "codec": codec.params(),
-        "record_bytes": codec.record_bytes, "token_dtype": "uint16" if vocab <= 1 << 16 else "uint32",
-        "teacher": teacher_identity(model), "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
-        "shards": shards, "shard_tokens": shard_tokens if isinstance(shard_tokens, int) else list(shard_tokens),
-        "complete": False, "files": [],
-    }
-    os.makedirs(folder, exist_ok=True)
-    manifest = _resume(folder, run)
-    writer = _PartWriter(folder, manifest, codec)
-    token_limit = int(np.iinfo(writer.token_dtype).max) + 1
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     device = next(model.parameters()).device
+    with TopKCacheWriter(path, k=k, vocab_size=lm_head(model).weight.shape[0], teacher=teacher_identity(model),
+                         temperature=temperature, shard_tokens=shard_tokens, prob_bits=prob_bits, power=power,
+                         tokenizer=tokenizer, shards=shards) as writer:
 
-    def run_batch(batch: list[torch.Tensor]):
-        logprobs, indices = teacher_topk(model, torch.stack(batch).to(device), k, temperature, chunk_size)
-        for ids, lp, ix in zip(batch, logprobs.cpu(), indices.cpu()):
-            writer.add(ids, lp, ix)
+        def run_batch(batch: list[torch.Tensor]):
+            logprobs, indices = teacher_topk(model, torch.stack(batch).to(device), k, temperature, chunk_size)
+            for ids, lp, ix in zip(batch, logprobs.cpu(), indices.cpu()):
+                writer.add(ids, lp, ix)
 
-    was_training = model.training
-    model.eval()
-    try:
-        kept = _kept_sequences(folder, manifest)
-        batch: list[torch.Tensor] = []
-        for position, ids in enumerate(_sequences(dataset)):
-            stored = next(kept, None)
-            if stored is not None:
-                if not np.array_equal(stored, ids.numpy()):
-                    raise InputError(f"dataset item {position} differs from the sequence the unfinished cache in "
-                                     f"{folder} holds there: continue it with the same dataset, or write to another folder")
-                continue
-            if int(ids.min()) < 0 or int(ids.max()) >= token_limit:
-                raise ValueError(f"dataset item {position}: token ids must lie in [0, {token_limit}), got "
-                                 f"[{int(ids.min())}, {int(ids.max())}]")
-            if batch and (len(batch) == batch_size or ids.numel() != batch[0].numel()):
+        was_training = model.training
+        model.eval()
+        try:
+            batch: list[torch.Tensor] = []
+            for ids in token_sequences(dataset):
+                if not writer.needs(ids):
+                    continue
+                if batch and (len(batch) == batch_size or ids.numel() != batch[0].numel()):
+                    run_batch(batch)
+                    batch = []
+                batch.append(ids)
+            if batch:
                 run_batch(batch)
-                batch = []
-            batch.append(ids)
-        if batch:
-            run_batch(batch)
-        if next(kept, None) is not None:
-            raise InputError(f"the dataset ends before the sequences the unfinished cache in {folder} already holds")
-        writer.close_part()
-    except BaseException:
-        writer.discard()
-        raise
-    finally:
-        model.train(was_training)
-    if not manifest["files"]:
-        raise ValueError("dataset yielded no sequences; nothing was cached")
-    if not isinstance(manifest["shard_tokens"], int) and len(manifest["files"]) != len(manifest["shard_tokens"]):
-        raise ValueError(f"the dataset fills {len(manifest['files'])} of the {len(manifest['shard_tokens'])} token "
-                         "shards of shard_tokens")
-    # The manifest marked complete is what makes the folder a cache: written last, atomically.
-    writer.write_manifest(complete=True)
-    return [os.path.join(folder, entry["records"]) for entry in manifest["files"]]
+        finally:
+            model.train(was_training)
+        return writer.finish()
 
 
 class TeacherTopKCache:
-    """Reads a cache written by ``cache_teacher_topk``: records memory-mapped, decoded on demand.
+    """Reads a cache written by ``cache_teacher_topk`` or ``TopKCacheWriter``: records memory-mapped, decoded on demand.
 
     - iterating yields, per sequence, ``{"input_ids": (T,) int64, "topk_logprobs": (T, k) fp32,
       "topk_indices": (T, k) int64}``, the form the trainer and ``topk_kl_div_loss`` take;
@@ -372,8 +473,8 @@ class TeacherTopKCache:
             if field not in manifest:
                 raise InputError(f"{manifest_path}: missing field {field!r}")
         if not manifest.get("complete"):
-            raise InputError(f"{self.path} is an unfinished teacher cache: rerun cache_teacher_topk with the same "
-                             "arguments to finish it")
+            raise InputError(f"{self.path} is an unfinished teacher cache: rerun its writer (cache_teacher_topk, "
+                             "served_teacher_topk) with the same arguments to finish it")
         try:
             self.codec = TopKCodec.from_params(manifest["codec"])
         except (ValueError, TypeError) as error:
