@@ -96,3 +96,35 @@ def test_a_recipe_with_a_teacher_cache_distills_from_it(workspace, capsys, tmp_p
     code, _, err = run_cli(capsys, "run", bad, "--no-progress")
     assert "synthetic.mix need(s) the live teacher" in one_line_error(code, err, "run")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_served_teacher_makes_the_same_cache(workspace, shards, capsys, tmp_path):
+    """``--server``: the cache from an OpenAI-compatible server's prompt_logprobs (a fake vLLM
+    server answering from the same teacher) holds the in-process cache's top-k ids."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from slimlm.models import load_model
+    from tests.distill.test_served import FakeServer, FakeVLLM
+
+    FakeServer.engine, FakeServer.bodies, FakeServer.failures = FakeVLLM(load_model(workspace / "teacher")), [], []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        common = ["teacher-cache", "--teacher", workspace / "teacher", "--data", shards, "--seq-len", 16, "--k", 4,
+                  "--num-blocks", 3, "--no-progress"]
+        code, _, err = run_cli(capsys, *common, "--server", f"http://127.0.0.1:{httpd.server_address[1]}",
+                               "--server-model", "tiny-teacher", "--out", tmp_path / "served")
+        assert code == 0, err
+        assert run_cli(capsys, *common, "--out", tmp_path / "local")[0] == 0
+        code, _, err = run_cli(capsys, *common, "--server", "http://127.0.0.1:9", "--temperature", 2,
+                               "--out", tmp_path / "hot")
+        assert "a served teacher's log-probs are at temperature 1" in one_line_error(code, err, "teacher-cache")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    served, local = load_teacher_topk(tmp_path / "served"), load_teacher_topk(tmp_path / "local")
+    for index in range(3):
+        a, b = served.sequence(index), local.sequence(index)
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["topk_indices"].sort(-1).values, b["topk_indices"].sort(-1).values)

@@ -17,7 +17,14 @@ def add_parser(subparsers) -> None:
         "(compressed; resumable) for a distillation with no teacher loaded",
         ["slimlm teacher-cache --teacher M --data shards/ --seq-len 512 --k 64 --out cache/",
          "slimlm distill --student pruned/ --teacher-cache cache/ --data shards/ --out distilled/"])
-    arguments.add_model_options(sub, flag="--teacher")
+    arguments.add_model_options(sub, flag="--teacher", help_text="teacher model: a folder, a .gguf file or a cached "
+                                "hub id (its tokenizer is the cache's; with --server or --vllm, the model served)")
+    served = sub.add_argument_group("a served teacher (logit distillation; temperature 1)")
+    served.add_argument("--server", metavar="URL", help="an OpenAI-compatible server (vllm serve) running the teacher: "
+                                                        "its prompt_logprobs make the cache (e.g. http://host:8000)")
+    served.add_argument("--server-model", help="the model's name on --server (default: --teacher)")
+    served.add_argument("--vllm", action="store_true", help="run --teacher with vLLM in this process (tensor "
+                                                           "parallel over this machine's GPUs; needs vllm installed)")
     sub.add_argument("--data", required=True, help="token shards (slimlm tokenize) the cache's blocks are cut from")
     defaults = DistillOptions()
     sub.add_argument("--seq-len", type=arguments.positive_int, default=defaults.seq_len,
@@ -45,10 +52,15 @@ def run(args) -> int:
         raise InputError(f"--data {args.data}: not token shards; make them with slimlm tokenize")
     args.out = outputs.check_output(args.out, args.overwrite, {"teacher": args.teacher, "data": args.data},
                                     what="teacher cache")
-    dtype = resolve_dtype(args.dtype, args.device)
+    if args.server and args.vllm:
+        raise InputError("give --server or --vllm, not both")
     try:
-        teacher = load_model(args.teacher, dtype=dtype, device=args.device, trust_remote_code=args.trust_remote_code)
         tokenizer = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+        if args.server or args.vllm:
+            teacher = _served(args, tokenizer)
+        else:
+            teacher = load_model(args.teacher, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
+                                 trust_remote_code=args.trust_remote_code)
     except FileNotFoundError as error:
         raise InputError(f"teacher: {error}") from None
     shards.check(tokenizer=tokenizer)
@@ -57,3 +69,19 @@ def run(args) -> int:
     size = sum(entry.stat().st_size for entry in os.scandir(args.out) if entry.is_file())
     print(f"teacher cache written to {args.out} ({size / 2**20:.1f} MiB)")
     return EXIT_OK
+
+
+def _served(args, tokenizer):
+    """The ``ServedTeacher`` of ``--server`` or ``--vllm``."""
+    from slimlm.distill.served import OpenAIServerEngine, VLLMEngine
+    from slimlm.pipeline.teacher_cache import ServedTeacher
+    from slimlm.shards import vocab_bound
+
+    if args.temperature != 1:
+        raise InputError(f"--temperature {args.temperature}: a served teacher's log-probs are at temperature 1")
+    if args.server:
+        name = args.server_model or str(args.teacher)
+        engine = OpenAIServerEngine(args.server, name, vocab_size=vocab_bound(tokenizer))
+        return ServedTeacher(engine, f"{args.server} {name}")
+    return ServedTeacher(VLLMEngine(str(args.teacher), trust_remote_code=args.trust_remote_code),
+                         f"vllm {os.path.abspath(args.teacher)}")

@@ -20,14 +20,24 @@ from slimlm.pipeline.stage import RunContext, Stage
 
 
 def cache_inputs(teacher, shards, options, *, seq_len: int, num_blocks: int, temperature: float, seed: int) -> dict:
-    """What a teacher cache is made from: the teacher's weights, the shards, the blocks and the codec."""
+    """What a teacher cache is made from: the teacher's weights (a served teacher: its name as
+    served, ``ServedTeacher``), the shards, the blocks and the codec."""
     from slimlm.fingerprint import model_fingerprint
     from slimlm.pipeline.correct import CORRECTION_ATTRIBUTE
 
     correction = getattr(teacher, CORRECTION_ATTRIBUTE, None)
-    return {"teacher": model_fingerprint(teacher), **({"teacher_correction": correction} if correction else {}),
+    identity = teacher.identity if isinstance(teacher, ServedTeacher) else model_fingerprint(teacher)
+    return {"teacher": identity, **({"teacher_correction": correction} if correction else {}),
             "shards": data_digest(shards), "seq_len": seq_len, "num_blocks": num_blocks, "seed": seed,
             "temperature": temperature, "k": options.k, "prob_bits": options.prob_bits}
+
+
+class ServedTeacher:
+    """A teacher served elsewhere (``slimlm.distill.served``: vLLM in this process, or an
+    OpenAI-compatible server), for ``teacher_cache_stage``; ``identity`` names it in records."""
+
+    def __init__(self, engine, identity: str):
+        self.engine, self.identity = engine, identity
 
 
 def cache_stale_reason(out: str, inputs: dict) -> str | None:
@@ -51,7 +61,7 @@ def cache_blocks(shards, seq_len: int, num_blocks: int | None, seed: int):
 
 def teacher_cache_stage(teacher, tokenizer, shards, out: str, options=None, *, seq_len: int, num_blocks=None,
                         temperature: float = 1.0, seed: int = 0, log=print) -> str:
-    """Cache ``teacher``'s top k on ``num_blocks`` blocks of ``seq_len`` tokens of ``shards`` into
+    """Cache ``teacher``'s (a model, or a ``ServedTeacher``) top k on ``num_blocks`` blocks of ``seq_len`` tokens of ``shards`` into
     ``out`` as ``options`` (``TeacherCacheOptions``) say; returns ``out``. A finished cache of these
     inputs is kept; an unfinished one of the same inputs is continued; another is deleted (the
     caller has checked that ``out`` may be replaced: ``outputs.check_output``)."""
@@ -80,9 +90,16 @@ def teacher_cache_stage(teacher, tokenizer, shards, out: str, options=None, *, s
                 yield np.array(blocks.ids(index))  # (a copy: the shards are mapped read-only)
 
     try:
-        cache_teacher_topk(teacher, sequences(), options.k, out, temperature=temperature,
-                           batch_size=options.batch_size, prob_bits=options.prob_bits,
-                           tokenizer=tokenizer, shards=inputs["shards"])
+        if isinstance(teacher, ServedTeacher):
+            from slimlm.distill.served import served_teacher_topk
+
+            served_teacher_topk(sequences(), options.k, out, engine=teacher.engine, temperature=temperature,
+                                batch_size=options.batch_size, prob_bits=options.prob_bits, tokenizer=tokenizer,
+                                shards=inputs["shards"])
+        else:
+            cache_teacher_topk(teacher, sequences(), options.k, out, temperature=temperature,
+                               batch_size=options.batch_size, prob_bits=options.prob_bits,
+                               tokenizer=tokenizer, shards=inputs["shards"])
     except ValueError as error:  # k above the vocabulary, a bad codec setting
         raise InputError(f"teacher cache: {error}") from None
     outputs.claim(out)
