@@ -6,7 +6,7 @@ import pytest
 
 from slimlm.cli import build_parser
 from slimlm.errors import InputError
-from slimlm.pipeline.recipe import OPTION_SECTIONS, validate_recipe
+from slimlm.pipeline.recipe import OPTION_SECTIONS, TOKENIZE_FROM_DATA, validate_recipe
 
 # The command whose flags each options dataclass declares, with the flags it needs besides
 # (correct_teacher: none; slimlm distill's --correct-teacher-* flags are its own).
@@ -15,7 +15,12 @@ COMMANDS = {"importance": ["importance", "--model", "m", "--data", "d", "--out",
             "distill": ["distill", "--teacher", "t", "--student", "s", "--data", "d", "--out", "o"],
             "search": ["search", "--model", "m", "--scores", "s", "--data", "d", "--out", "o"],
             "reconstruct": ["prune", "--model", "m", "--out", "o"],
-            "eval": ["eval", "--model", "m"]}
+            "eval": ["eval", "--model", "m"],
+            "tokenize": ["tokenize", "--tokenizer", "m", "--data", "d", "--out", "o"],
+            "teacher_cache": ["teacher-cache", "--teacher", "t", "--data", "d", "--out", "o"]}
+# Fields of a section that a recipe sets in another section (the tokenize stage's text field and
+# held-out split come from data and seed): refused in the section, absent from its record.
+ELSEWHERE = {"tokenize": TOKENIZE_FROM_DATA}
 # Values of the fields that have no default.
 GIVEN = {"correct_teacher": {"tokens": 64}}
 
@@ -31,7 +36,11 @@ def test_the_command_line_a_recipe_and_python_share_every_option_and_default(opt
     assert {name: value for name, value in options.defaults().items() if name not in given} == \
         {name: value for name, value in defaults.items() if name not in given}
     recipe = validate_recipe(minimal_recipe(**{options.SECTION: given}), "r.yaml")
-    assert recipe[options.SECTION] == defaults
+    elsewhere = ELSEWHERE.get(options.SECTION, ())
+    assert recipe[options.SECTION] == {name: value for name, value in defaults.items() if name not in elsewhere}
+    for name in elsewhere:
+        with pytest.raises(InputError, match=f"tokenize.{name} is set by the data section"):
+            validate_recipe(minimal_recipe(**{options.SECTION: {name: defaults[name]}}), "r.yaml")
     assert all(field.metadata["help"] for field in options.fields())
     if options.SECTION not in COMMANDS:
         return

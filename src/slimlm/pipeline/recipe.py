@@ -131,6 +131,8 @@ def validate_recipe(raw, where: str) -> dict:
     for options in OPTION_SECTIONS:  # an optional section (synthetic: null, or absent) stays None
         if recipe[options.SECTION] is not None:
             recipe[options.SECTION] = options.from_section(recipe[options.SECTION], where).as_record()
+    for name in TOKENIZE_FROM_DATA:  # (the tokenize stage takes them from data and seed)
+        del recipe["tokenize"][name]
     for section in ("data", "report"):
         recipe[section] = _check_section(section, recipe[section], RECIPE_FIELDS[section], where)
     _check_semantics(recipe, where)
