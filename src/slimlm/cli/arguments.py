@@ -107,7 +107,9 @@ def add_trust_option(parser):
 
 def add_data_options(parser, *, required=True):
     parser.add_argument("--data", nargs="+", required=required, metavar="D",
-                        help="text files, JSONL/Parquet files, saved datasets or globs (slimlm.data.load_texts)")
+                        help="text files, JSONL/Parquet files, saved datasets or globs (slimlm.data.load_texts), or "
+                             "one token-shard folder written by slimlm tokenize with the model's tokenizer (only the "
+                             "blocks used are read)")
     parser.add_argument("--text-field", default="text", help="field of JSONL/Parquet records holding the text")
 
 
@@ -202,6 +204,29 @@ def training_data(args):
     the texts of its sources (in memory: for a small corpus; tokenise a large one first)."""
     shards = token_shards(args.data)
     return shards if shards is not None else texts(args)
+
+
+def data_blocks(args, tokenizer, seq_len: int, *, model):
+    """``--data`` cut into blocks of ``seq_len`` tokens as ``tokenize_blocks(pack=True)`` cuts its
+    texts (the last block padded). Token shards give a lazy ``slimlm.shards.ShardBlocks`` that
+    reads only the blocks ``select``-ed, once checked to be ``tokenizer``'s (InputError if not);
+    texts give their ``TokenBlocks``. Both have ``len`` and ``select(indices) -> TokenBlocks``.
+    InputError when ``seq_len`` is above ``model``'s limit."""
+    from slimlm.data import max_model_length, tokenize_blocks
+
+    shards = token_shards(args.data)
+    if shards is None:
+        return tokenize_blocks(texts(args), tokenizer, seq_len, model=model)
+    limit = max_model_length(model)
+    if limit is not None and seq_len > limit:
+        raise InputError(f"seq_len {seq_len} is above the model's limit (max_position_embeddings = {limit})")
+    shards.check(tokenizer=tokenizer)
+    return shards.blocks(seq_len, pad_last=True)
+
+
+def first_blocks(blocks, count: int):
+    """The first ``count`` of ``blocks`` (all, if fewer), as ``TokenBlocks``."""
+    return blocks.select(range(min(len(blocks), count)))
 
 
 def texts(args) -> list[str]:

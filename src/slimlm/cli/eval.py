@@ -52,7 +52,6 @@ def eval_options(args) -> EvalOptions:
 
 def run(args) -> int:
     from slimlm import outputs
-    from slimlm.data import tokenize_blocks
     from slimlm.evaluate import comparison_rows, evaluate_model, format_table
 
     options = eval_options(args)
@@ -85,8 +84,8 @@ def run(args) -> int:
         if tokenizer is None:
             tokenizer = model_tokenizer
             if args.data is not None:
-                blocks = tokenize_blocks(arguments.texts(args), tokenizer, options.seq_len, model=model)
-                blocks = blocks.select(range(min(len(blocks), options.max_blocks)))
+                blocks = arguments.first_blocks(arguments.data_blocks(args, tokenizer, options.seq_len, model=model),
+                                                options.max_blocks)
         elif model_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise InputError(f"{spec} has another tokenizer than {specs[0]}; its figures would not be comparable")
         if blocks is not None:

@@ -16,7 +16,9 @@ def add_parser(subparsers) -> None:
          "slimlm generate --teacher M --prompts prompts.jsonl --chat --temperature 0.7 --out synthetic.jsonl"])
     arguments.add_model_options(sub, flag="--teacher")
     sub.add_argument("--prompts", help="JSONL with a 'prompt' field, or a text file with one prompt per line")
-    sub.add_argument("--from-data", nargs="+", metavar="D", help="cut prompts (first sentences) from these texts")
+    sub.add_argument("--from-data", nargs="+", metavar="D",
+                     help="cut prompts (first sentences) from these texts, or from the documents of one token-shard "
+                          "folder (slimlm tokenize)")
     sub.add_argument("--text-field", default="text")
     sub.add_argument("--out", required=True,
                      help="JSONL output (written beside it first, so an interrupted run is continued)")
@@ -47,18 +49,26 @@ def run(args) -> int:
     args.out = outputs.check_output(args.out, args.overwrite, inputs,
                                     related=[resolved + SYNTHETIC_DONE_SUFFIX, outputs.staging_path(resolved)])
     # Every input is read and checked before the old output is touched; it is replaced only
-    # when the new one is complete.
+    # when the new one is complete. Token shards are decoded by the teacher's tokenizer, once loaded.
+    shards = arguments.token_shards(args.from_data) if args.from_data is not None else None
+    no_prompt = f"no prompt of at least 20 characters could be cut from {' '.join(args.from_data or [])}"
     if args.prompts is not None:
         prompts = load_prompts(args.prompts)
-    else:
+    elif shards is None:
         from slimlm.data import load_texts
 
         prompts = prompts_from_texts(load_texts(args.from_data, text_field=args.text_field),
                                      max_prompts=options.num_prompts)
         if not prompts:
-            raise InputError(f"no prompt of at least 20 characters could be cut from {' '.join(args.from_data)}")
-    prompts = prompts[: options.num_prompts]
+            raise InputError(no_prompt)
     teacher, tokenizer = arguments.load(args.teacher, args)
+    if shards is not None:
+        shards.check(tokenizer=tokenizer)
+        try:
+            prompts = synthetic.shard_prompts(shards, tokenizer, options.num_prompts)
+        except InputError:
+            raise InputError(no_prompt) from None
+    prompts = prompts[: options.num_prompts]
     dataset = synthetic.generate_stage(teacher, tokenizer, prompts, args.out, **options.sampling(args.seed),
                                        progress=arguments.progress(args))
     print(f"{len(dataset)} generations in {args.out}")

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from slimlm import outputs
-    from slimlm.data import tokenize_blocks
+    from slimlm.data import TokenBlocks
     from slimlm.pipeline import importance
 
     options = ImportanceOptions.from_args(args)
@@ -34,7 +34,9 @@ def run(args) -> int:
     arguments.check_paths_exist(args.data, "data")
     args.out = outputs.check_output(args.out, args.overwrite, {"model": args.model, "data": args.data})
     model, tokenizer = arguments.load(args.model, args)
-    blocks = tokenize_blocks(arguments.texts(args), tokenizer, options.seq_len, model=model)
+    blocks = arguments.data_blocks(args, tokenizer, options.seq_len, model=model)
+    if not isinstance(blocks, TokenBlocks):  # token shards: only the calibration blocks drawn are read
+        blocks = blocks.shards.sample_blocks(options.num_samples, options.seq_len, args.seed, pad_last=True)
     scores = importance.importance_stage(model, blocks, args.out, options, seed=args.seed,
                                          progress=arguments.progress(args))
     scores.summary()

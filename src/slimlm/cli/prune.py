@@ -56,11 +56,11 @@ def run(args) -> int:
         raise InputError(str(error)) from None
     stats = None
     if args.data is not None:
-        from slimlm.data import tokenize_blocks
         from slimlm.surgery import reconstruction_stats
 
         options = ReconstructOptions.from_args(args)
-        blocks = tokenize_blocks(arguments.texts(args), tokenizer, args.seq_len, model=model)
+        blocks = arguments.first_blocks(arguments.data_blocks(args, tokenizer, args.seq_len, model=model),
+                                        options.num_samples)
         stats = reconstruction_stats(model, blocks, num_samples=options.num_samples, ridge=options.ridge)
         print(f"reconstruction: o_proj/down_proj input statistics of {stats.tokens:,} tokens")
     _, the_plan = prune.prune_stage(model, scores, target, args.out, tokenizer=tokenizer, overwrite=args.overwrite,

@@ -94,7 +94,6 @@ def run(args) -> int:
     import contextlib
 
     from slimlm import outputs
-    from slimlm.data import load_blocks
     from slimlm.distill.training import training_arguments
     from slimlm.pipeline import importance
     from slimlm.pipeline.search import held_out
@@ -136,7 +135,8 @@ def run(args) -> int:
                           scores=scores)
     except ValueError as error:
         raise InputError(str(error)) from None
-    blocks = load_blocks(args.data, tokenizer, options.seq_len, text_field=args.text_field, model=model)
+    data = arguments.data_blocks(args, tokenizer, options.seq_len, model=model)
+    blocks = data.select(range(len(data)))  # every block of --data: token shards are read in full
     writer = os.environ.get("RANK", "0") == "0"
     log = print if writer else (lambda line: None)
     # --overwrite: search into a staging folder swapped in only when complete; otherwise in
