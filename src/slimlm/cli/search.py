@@ -135,8 +135,11 @@ def run(args) -> int:
                           scores=scores)
     except ValueError as error:
         raise InputError(str(error)) from None
+    from slimlm.shards import Permutation
+
     data = arguments.data_blocks(args, tokenizer, options.seq_len, model=model)
-    blocks = data.select(range(len(data)))  # every block of --data: token shards are read in full
+    count = min(options.num_blocks, len(data))  # drawn as a recipe draws them: only those are read
+    blocks = data.select(Permutation(len(data), args.seed)(range(count)) if count else [])
     writer = os.environ.get("RANK", "0") == "0"
     log = print if writer else (lambda line: None)
     # --overwrite: search into a staging folder swapped in only when complete; otherwise in

@@ -78,7 +78,16 @@ class SeededOrder:
     """A ``transformers.Trainer`` mixin: a map-style training set is visited in the seeded order of
     ``slimlm.shards.BlockSampler`` (computed on the fly: constant memory for any number of blocks,
     where the default sampler holds a permutation of them all), the same order for a run and its
-    resume; accelerate splits its batches between the ranks."""
+    resume; accelerate splits its batches between the ranks.
+
+    A resumed run starts the sampler at the epoch it resumes in (``resumed_epoch_callback``): on
+    several processes the Trainer's ``set_epoch`` does not reach the sampler in that epoch, and
+    a sampler left at epoch 0 would serve epoch 0's order again."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resumed_epoch = resumed_epoch_callback()
+        self.add_callback(self.resumed_epoch)
 
     def _get_train_sampler(self, train_dataset=None):
         from transformers.trainer_utils import has_length
@@ -89,7 +98,32 @@ class SeededOrder:
         if dataset is None or not has_length(dataset):
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return BlockSampler(len(dataset), seed=seed)
+        self.resumed_epoch.sampler = BlockSampler(len(dataset), seed=seed)
+        return self.resumed_epoch.sampler
+
+
+def resumed_epoch_callback():
+    """A TrainerCallback that sets its ``sampler`` (a ``BlockSampler``, or None) to the epoch the
+    training begins in, ``int(state.epoch)`` (the Trainer's epoch + batches done / batches per
+    epoch): 0 for a new run, the checkpoint's for a resumed one.
+    The Trainer calls ``set_epoch`` on its data loader before each epoch, but in the epoch a run
+    resumes in on several processes that call stops short: accelerate's ``skip_first_batches``
+    wraps the sharded batch sampler (``BatchSamplerShard``) in a ``SkipBatchSampler``, which
+    puts the sampler one level deeper than accelerate's ``DataLoaderShard.set_epoch`` and the
+    Trainer's own fallback look. Later epochs' ``set_epoch`` reaches it (and agrees with its own
+    count: a sampler moves to the next epoch when it has served one)."""
+    from transformers import TrainerCallback
+
+    class ResumedEpochCallback(TrainerCallback):
+        def __init__(self):
+            self.sampler = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.sampler is not None:
+                self.sampler.set_epoch(int(state.epoch or 0))
+            return control
+
+    return ResumedEpochCallback()
 
 
 def tokens_per_step(args, seq_len: int) -> int:

@@ -20,8 +20,8 @@ class SearchOptions(Options):
 
     top_n: int = option(20, "candidates closest to the budget, scored zero-shot (KD and LM loss)", check="positive")
     top_k: int = option(4, "of those, re-ranked by a short distillation (0: zero-shot only)", check="non_negative")
-    num_blocks: int = option(64, "calibration blocks of seq_len tokens drawn from the training text (a recipe's; "
-                                 "slimlm search uses every block of --data)", check="positive", cli=False)
+    num_blocks: int = option(64, "calibration blocks of seq_len tokens drawn from the training data by a seeded "
+                                 "order (only those are read)", check="positive")
     seq_len: int = option(256, "tokens per calibration block", check="positive")
     held_out: float = option(0.25, "held-out share of the blocks, scored: a fraction in (0, 1) or a block count",
                              check="positive")
