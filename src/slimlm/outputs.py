@@ -159,13 +159,19 @@ def claim(folder) -> None:
             handle.write(_marker("folder"))
 
 
-def _read_marker(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
+    """A JSON object from ``path``; None when it is missing, unreadable or not an object."""
     try:
         with open(path, encoding="utf-8") as handle:
             value = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return value if isinstance(value, dict) and value.get("written_by") == "slimlm" else None
+    return value if isinstance(value, dict) else None
+
+
+def _read_marker(path: str) -> dict | None:
+    value = read_json(path)
+    return value if value is not None and value.get("written_by") == "slimlm" else None
 
 
 def owned(path) -> bool:

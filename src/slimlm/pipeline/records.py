@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 
+from slimlm.outputs import read_json  # noqa: F401  (re-exported: the stages read their records with it)
+
 DISTILL_RECORD = "slimlm_distill.json"
 STAGE_RECORD = "slimlm_stage.json"
 RUN_RECORD = "slimlm_run.json"
@@ -23,16 +25,6 @@ def texts_digest(texts) -> str:
     for text in texts:
         digest.update(hashlib.sha256(text.encode("utf-8")).digest())
     return digest.hexdigest()[:16]
-
-
-def read_json(path: str) -> dict | None:
-    """A JSON object from ``path``; None when it is missing, unreadable or not an object."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def read_json_roundtrip(value):

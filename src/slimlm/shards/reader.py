@@ -3,13 +3,13 @@ against a tokenizer, sources and options), ``shards_stale_reason`` and ``ShardBl
 stream cut into training blocks)."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 
 from slimlm import outputs
+from slimlm.outputs import read_json
 from slimlm.data import TokenBlocks
 from slimlm.errors import InputError
 from slimlm.shards.identity import (
@@ -23,15 +23,6 @@ from slimlm.shards.options import _OFFSET, FORMAT, MANIFEST, STREAM_SETTINGS, VE
 from slimlm.shards.order import BlockSampler, BlockStream, Permutation
 
 
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 class TokenShards:
     """A shard folder written by ``write_shards``, memory-mapped. Opening it checks the manifest
     and every file's size against it (InputError naming the file: nothing is read past a
@@ -42,7 +33,7 @@ class TokenShards:
         manifest_path = os.path.join(self.path, MANIFEST)
         if not os.path.isfile(manifest_path):
             raise InputError(f"token shards {path}: no {MANIFEST} (not a folder written by slimlm tokenize)")
-        manifest = _read_json(manifest_path)
+        manifest = read_json(manifest_path)
         if manifest is None:
             raise InputError(f"token shards {path}: {MANIFEST} is not valid JSON")
         if (manifest.get("format"), manifest.get("version")) != (FORMAT, VERSION):

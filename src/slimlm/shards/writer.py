@@ -15,7 +15,8 @@ from slimlm.errors import InputError
 from slimlm.shards.encode import _batches, _documents, _encoded, _Encoder
 from slimlm.shards.identity import _identity, _identity_difference, _specs, local_sources
 from slimlm.shards.options import _OFFSET, MANIFEST, TokenizeOptions, shard_names
-from slimlm.shards.reader import TokenShards, _read_json, shards_stale_reason
+from slimlm.outputs import read_json
+from slimlm.shards.reader import TokenShards, shards_stale_reason
 
 
 class _ShardFile:
@@ -123,7 +124,7 @@ class _ShardSet:
 def _kept_shards(staging: str, identity: dict, log) -> dict | None:
     """The staging manifest of an interrupted run of the same inputs, trimmed to the shards whose
     files still match it, the files of any other removed; None when there is none to continue."""
-    manifest = _read_json(os.path.join(staging, MANIFEST))
+    manifest = read_json(os.path.join(staging, MANIFEST))
     if manifest is None or _identity_difference(manifest, identity) is not None:
         return None
     kept = []
@@ -158,7 +159,7 @@ def write_shards(sources, tokenizer, out, *, options: TokenizeOptions | None = N
     out = outputs.resolve(out)
     staging = outputs.staging_path(out)
     out = outputs.check_output(out, overwrite, {"data": local_sources(sources)}, related=[staging])
-    previous = _read_json(os.path.join(out, MANIFEST)) or {}
+    previous = read_json(os.path.join(out, MANIFEST)) or {}
     identity = _identity(tokenizer, sources, options, known=previous.get("sources", ()))
     if previous.get("complete") and _identity_difference(previous, identity) is None and \
             shards_stale_reason(out) is None:
