@@ -24,7 +24,7 @@ import torch
 
 from conftest import QUICK, median_seconds, peak_bytes_above_current, record_row, release_freed_memory
 from slimlm.data import tokenize_blocks
-from slimlm.distill.training import training_items
+from slimlm.distill.items import training_items
 from slimlm.shards import TokenShards, write_shards
 
 DOCUMENTS, SEQ_LEN, SAMPLES, ROUNDS = (400, 256, 64, 3) if QUICK else (6000, 2048, 1024, 3)

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slimlm.distill.options import DistillOptions  # noqa: E402
 from slimlm.distill.trainer import DistillationTrainer  # noqa: E402
-from slimlm.distill.training import MixedItems  # noqa: E402
+from slimlm.distill.items import MixedItems  # noqa: E402
 from slimlm.pipeline.distill import distill_stage  # noqa: E402
 from slimlm.shards import ShardBlocks, TokenShards  # noqa: E402
 from tiny import exit_distributed, tiny_model, word_tokenizer  # noqa: E402

@@ -60,7 +60,7 @@ def two_ranks(shards, tmp_path_factory):
     worker = os.path.join(os.path.dirname(__file__), "shard_worker.py")
     runs = ["even:8:2:0:0", "uneven:7:1:0:0", "mixed:8:1:0.25:0", "killed:8:2:0:8"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-                    worker, str(shards.path), str(out), *runs], check=True, env=launcher_env(), timeout=300)
+                    worker, str(shards.path), str(out), *runs], check=True, env=launcher_env(), timeout=600)
     records = {run.split(":")[0]: [json.loads((out / f"{run.split(':')[0]}-rank{rank}.json").read_text())
                                    for rank in range(WORLD)] for run in runs}
     assert all(record["world_size"] == WORLD for ranks in records.values() for record in ranks)

@@ -66,7 +66,7 @@ def test_distillation_lowers_heldout_kl(tmp_path):
 def test_ce_only_matches_hf_trainer(tmp_path):
     data = token_dataset(32, 16, seed=3)
     student, teacher = models()
-    from slimlm.distill.training import SeededOrder
+    from slimlm.distill.items import SeededOrder
 
     class Reference(SeededOrder, transformers.Trainer):  # the HF Trainer, visiting the data in the same order
         pass

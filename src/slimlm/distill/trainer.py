@@ -40,11 +40,11 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from slimlm.architectures import LMHead, lm_head
+from slimlm.distill.items import SeededOrder
 from slimlm.distill.lm_heads import check_vocabularies, is_dtensor, vocab_rows, whole_lm_head
 from slimlm.distill.teacher import check_teacher_precision, prepare_teacher
 from slimlm.distill.on_policy import OnPolicySampler
 from slimlm.distill.topk_cache import TeacherTopKCache, load_teacher_topk
-from slimlm.distill.training import SeededOrder
 from slimlm.losses import (
     HiddenStateDistiller,
     depth_layer_map,

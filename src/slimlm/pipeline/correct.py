@@ -90,7 +90,8 @@ def correct_teacher_stage(teacher, tokenizer, train, out: str, *, tokens: int, s
     from transformers import set_seed
 
     from slimlm.distill.trainer import correct_teacher
-    from slimlm.distill.training import tokens_per_step, training_arguments, training_items_of
+    from slimlm.distill.items import training_items_of
+    from slimlm.distill.training import tokens_per_step, training_arguments
     from slimlm.models import load_model, write_checkpoint
 
     check_correction_settings(tokens=tokens, learning_rate=learning_rate, seq_len=seq_len, batch_size=batch_size)

@@ -132,8 +132,9 @@ def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *,
 
     from slimlm.distill.options import DistillOptions
     from slimlm.distill.trainer import DistillationTrainer
+    from slimlm.distill.items import training_items_of, training_set
     from slimlm.distill.training import fit_schedule_callback, heldout_eval_callback, student_precision_flags, \
-        time_budget_callback, tokens_per_step, training_arguments, training_items_of, training_set
+        time_budget_callback, tokens_per_step, training_arguments
     from slimlm.fingerprint import model_fingerprint
     from slimlm.models import save_dtype as resolve_save_dtype
 

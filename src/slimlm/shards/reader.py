@@ -207,7 +207,7 @@ class ShardBlocks(torch.utils.data.Dataset):
     """Blocks of ``seq_len`` tokens of the shards' stream: block i is tokens [i·seq_len,
     (i+1)·seq_len); the tail shorter than a block is dropped, or with ``pad_last`` padded (pad
     id, attention mask 0, labels -100). An item is ``{"input_ids", "attention_mask", "labels"}``
-    LongTensors of shape (seq_len,), as ``slimlm.distill.training.training_items`` makes them."""
+    LongTensors of shape (seq_len,), as ``slimlm.distill.items.training_items`` makes them."""
 
     def __init__(self, shards: TokenShards, seq_len: int, *, pad_last: bool = False):
         if not isinstance(seq_len, int) or seq_len < 1:
