@@ -51,6 +51,7 @@ def run(args) -> int:
     if shards is None:
         raise InputError(f"--data {args.data}: not token shards; make them with slimlm tokenize")
     args.out = outputs.check_output(args.out, args.overwrite, {"teacher": args.teacher, "data": args.data},
+                                    related=[outputs.resolve(args.out) + ".inputs.json"],
                                     what="teacher cache")
     if args.server and args.vllm:
         raise InputError("give --server or --vllm, not both")

@@ -15,7 +15,7 @@ import numpy as np
 
 from slimlm import outputs
 from slimlm.errors import InputError
-from slimlm.pipeline.records import STAGE_RECORD, data_digest, inputs_stale_reason, read_json
+from slimlm.pipeline.records import STAGE_RECORD, data_digest, inputs_stale_reason, read_json, read_json_roundtrip
 from slimlm.pipeline.stage import RunContext, Stage
 
 
@@ -76,10 +76,14 @@ def teacher_cache_stage(teacher, tokenizer, shards, out: str, options=None, *, s
     if reason is None:
         log(f"[teacher-cache] {out} holds the teacher's top {options.k} on these blocks")
         return out
+    # An unfinished cache is continued only when it was begun from these very inputs (recorded
+    # beside it when it began: the cache's own manifest cannot tell two teachers' weights apart).
+    pending = out + ".inputs.json"
     unfinished_here = reason == "unfinished" and (read_json(os.path.join(out, "manifest.json")) or {}).get(
-        "complete") is False
+        "complete") is False and read_json(pending) == {"inputs": read_json_roundtrip(inputs)}
     if not unfinished_here and os.path.lexists(out):
         outputs.remove(out)
+    outputs.write_json(pending, {"inputs": inputs})
     log(f"[teacher-cache] the teacher's top {options.k} on {count:,} blocks of {seq_len} tokens "
         f"({count * seq_len:,} tokens) into {out}")
 
@@ -104,6 +108,7 @@ def teacher_cache_stage(teacher, tokenizer, shards, out: str, options=None, *, s
         raise InputError(f"teacher cache: {error}") from None
     outputs.claim(out)
     outputs.write_json(os.path.join(out, STAGE_RECORD), {"inputs": inputs})
+    outputs.remove(pending)
     return out
 
 
