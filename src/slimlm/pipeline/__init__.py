@@ -1,4 +1,4 @@
-"""One-file recipes: the whole pipeline (importance → prune → synthetic data → distill → eval →
+"""One-file recipes: the whole pipeline (tokenize → importance → prune → synthetic data → distill → eval →
 speed → report) from a YAML file, resumable stage by stage.
 
 A recipe (``examples/recipe.yaml`` is a commented one; ``demo.yaml`` / ``demo-quick.yaml``
@@ -16,7 +16,9 @@ here are the demo's)::
            speed: false}           # true: teacher vs student inference speed (speed.json, a report section)
 
 Every field is checked before any work starts; an error names the file and the field.
-Stage outputs in ``out``: ``scores/``, ``pruned/``, ``synthetic.jsonl``, ``distilled/``
+Stage outputs in ``out``: ``tokens/`` (the data's token shards, read by every later stage),
+``scores/``, ``pruned/``, ``synthetic.jsonl``, ``teacher-cache/`` (with a ``teacher_cache``
+section), ``distilled/``
 (checkpoints in ``distilled.checkpoints/``, in the training dtype), ``eval.json``,
 ``speed.json`` (with ``eval.speed``), ``report/``. A stage is skipped
 when its output exists and was made from the same inputs (fingerprints recorded beside it),
