@@ -22,6 +22,7 @@ from slimlm.losses import (
     topk_kl_div_loss,
 )
 from slimlm.models import load_model, load_tokenizer, save_dtype, smollm2_gguf_path
+from slimlm.shards import TokenShards, write_shards
 from slimlm.surgery import PrunePlan, ReconstructionStats, Target, plan, prune, reconstruction_stats, save_pruned
 
 # The name ``slimlm.search`` is the search function, bound here (nothing below may bind it again);
@@ -44,6 +45,7 @@ __all__ = [
     "ReconstructionStats",
     "SearchSpace",
     "Target",
+    "TokenShards",
     "__version__",
     "backends",
     "build_info",
@@ -66,6 +68,7 @@ __all__ = [
     "smollm2_gguf_path",
     "fused_linear_topk_kl_div_loss",
     "topk_kl_div_loss",
+    "write_shards",
 ]
 
 _extension.warn_if_missing()
