@@ -410,3 +410,24 @@ def test_ranks_read_disjoint_blocks_and_together_every_block_once(num_blocks, wo
                 for r in range(world_size)]
         assert {len(indices) for indices in even} == {num_blocks // world_size}
         assert len({index for indices in even for index in indices}) == num_blocks // world_size * world_size
+
+
+def test_the_split_by_document_puts_each_document_on_one_side(tmp_path, tokenizer, corpus):
+    """``documents: train|heldout`` with one seed and fraction: the two sides are disjoint, together
+    every document of ``all``, the held-out share near the fraction; another seed, another split."""
+    texts, sources = corpus
+
+    def side(name, documents, seed=0):
+        return write_shards(sources, tokenizer, tmp_path / name, documents=documents, heldout_fraction=0.25,
+                            seed=seed, log=quiet)
+
+    whole, train, heldout = side("all", "all"), side("train", "train"), side("heldout", "heldout")
+
+    def docs(shards):
+        return [tuple(shards.document(i).tolist()) for i in range(shards.num_documents)]
+
+    assert sorted(docs(train) + docs(heldout)) == sorted(docs(whole))
+    assert not set(docs(train)) & set(docs(heldout))
+    assert 0.1 < heldout.num_documents / whole.num_documents < 0.4
+    assert docs(side("heldout-1", "heldout", seed=1)) != docs(heldout)
+    assert heldout.stale_reason(tokenizer, sources, TokenizeOptions(documents="heldout", heldout_fraction=0.5))
