@@ -99,3 +99,23 @@ def test_a_run_stops_after_a_named_stage_and_a_new_stage_is_one_class(workspace)
     assert "[tokenize] skipped" in "\n".join(lines) and "[importance] skipped" in "\n".join(lines)
     assert "count" in pipeline.timings
     assert json.loads((workspace / "stages-run" / "count.json").read_text()) == {"value": 1}
+
+
+def test_a_stage_that_compares_its_output_must_say_how_and_read_it_back():
+    with pytest.raises(TypeError, match="stage Half compares and reads back its output, so it defines load"):
+        class Half(Stage):  # noqa: F841
+            def stale_reason(self, ctx, inputs):
+                return None
+
+            def run(self, ctx, done, inputs):
+                return None
+
+    class EveryRun(Stage):  # a report-like stage needs neither
+        every_run = True
+
+        def run(self, ctx, done, inputs):
+            return "made"
+
+    assert EveryRun().run(None, {}, None) == "made"
+    with pytest.raises(TypeError):
+        Stage()

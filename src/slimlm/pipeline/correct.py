@@ -136,6 +136,7 @@ class CorrectTeacherStage(Stage):
     teacher of these inputs is loaded, not trained again."""
 
     name, output = "correct_teacher", "teacher-corrected"
+    resumes_itself = True
 
     def wanted(self, ctx: RunContext) -> bool:
         return ctx.recipe["correct_teacher"] is not None

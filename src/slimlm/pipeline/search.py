@@ -121,6 +121,7 @@ class SearchStage(Stage):
     back, so the stage always runs."""
 
     name, output = "search", SEARCH_DIR
+    resumes_itself = True
 
     def wanted(self, ctx: RunContext) -> bool:
         return ctx.recipe["search"] is not None

@@ -15,6 +15,7 @@ shards of the data that every later stage reads from disk.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 import time
@@ -72,16 +73,32 @@ class RunContext:
         return flags
 
 
-class Stage:
+class Stage(abc.ABC):
     """One step of a run. ``name``: its log tag and timing key; ``output``: its file or folder in
-    the run's folder (what the log names). A subclass overrides ``inputs``, ``stale_reason``,
-    ``run`` and ``load``; ``wanted`` and ``absent`` when the recipe may leave it out."""
+    the run's folder (what the log names). A subclass defines ``run`` and — unless it is made by
+    every run (``every_run``) — ``stale_reason`` (None when the output on disk is the one
+    ``inputs`` make, else why not: "missing", …) and — unless its ``run`` resumes itself
+    (``resumes_itself``) — ``load`` (the output read back); a class
+    without them is refused when it is defined. It overrides ``inputs``, and ``wanted`` and
+    ``absent`` when the recipe may leave it out."""
 
     name: typing.ClassVar[str] = ""
     output: typing.ClassVar[str] = ""
     # A stage every run makes anew from the earlier stages' values (the report): no inputs are
     # compared and no decision is logged.
     every_run: typing.ClassVar[bool] = False
+    # A stage whose ``run`` reads back what is already done itself (the search's finished
+    # candidates, a corrected teacher of the same inputs): it always runs, so it has no ``load``;
+    # its ``stale_reason`` says what the run will do.
+    resumes_itself: typing.ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        needed = () if cls.every_run else ("stale_reason",) if cls.resumes_itself else ("stale_reason", "load")
+        missing = [name for name in needed if not hasattr(cls, name)]
+        if missing:
+            raise TypeError(f"stage {cls.__name__} compares and reads back its output, so it defines "
+                            f"{' and '.join(missing)} (or sets every_run)")
 
     def wanted(self, ctx: RunContext) -> bool:
         """Whether the recipe asks for this stage (default: always)."""
@@ -95,15 +112,9 @@ class Stage:
         """What the output is made from, as its record stores it."""
         return None
 
-    def stale_reason(self, ctx: RunContext, inputs: dict | None) -> str | None:
-        """None when the output on disk is the one ``inputs`` make; else why not ("missing", …)."""
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def run(self, ctx: RunContext, done: dict, inputs: dict | None):
-        raise NotImplementedError
-
-    def load(self, ctx: RunContext, done: dict):
-        raise NotImplementedError
+        """Make the output from ``inputs``; its value for the later stages."""
 
 
 def run_stage(stage: Stage, ctx: RunContext, done: dict, timings: dict[str, float]):
