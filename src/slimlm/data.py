@@ -303,6 +303,14 @@ def padding_id(tokenizer) -> int:
     return 0
 
 
+def check_seq_len(seq_len: int, model, name: str = "seq_len") -> None:
+    """InputError when ``seq_len`` (the option ``name``) is above ``model``'s
+    ``max_position_embeddings`` (a model or config; None: no limit)."""
+    limit = max_model_length(model) if model is not None else None
+    if limit is not None and seq_len > limit:
+        raise InputError(f"{name} {seq_len} is above the model's limit (max_position_embeddings = {limit})")
+
+
 def tokenize_blocks(
     texts: Sequence[str],
     tokenizer,
@@ -322,9 +330,7 @@ def tokenize_blocks(
     """
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-    limit = max_model_length(model) if model is not None else None
-    if limit is not None and seq_len > limit:
-        raise InputError(f"seq_len {seq_len} is above the model's limit (max_position_embeddings = {limit})")
+    check_seq_len(seq_len, model)
     if isinstance(texts, str):
         raise ValueError("texts must be a sequence of strings, got one string; wrap it in a list")
     if len(texts) == 0:
@@ -369,9 +375,7 @@ def load_blocks(
     model=None,
 ) -> TokenBlocks:
     """``load_texts`` → ``tokenize_blocks`` → (with ``num_samples``) a seeded ``sample``."""
-    limit = max_model_length(model) if model is not None else None
-    if limit is not None and seq_len > limit:
-        raise InputError(f"seq_len {seq_len} is above the model's limit (max_position_embeddings = {limit})")
+    check_seq_len(seq_len, model)
     blocks = tokenize_blocks(
         load_texts(sources, text_field=text_field, split=split), tokenizer, seq_len, pack=pack, add_eos=add_eos
     )

@@ -212,16 +212,12 @@ def data_blocks(args, tokenizer, seq_len: int, *, model):
     reads only the blocks ``select``-ed, once checked to be ``tokenizer``'s (InputError if not);
     texts give their ``TokenBlocks``. Both have ``len`` and ``select(indices) -> TokenBlocks``.
     InputError when ``seq_len`` is above ``model``'s limit."""
-    from slimlm.data import max_model_length, tokenize_blocks
+    from slimlm.shards import token_blocks
 
     shards = token_shards(args.data)
-    if shards is None:
-        return tokenize_blocks(texts(args), tokenizer, seq_len, model=model)
-    limit = max_model_length(model)
-    if limit is not None and seq_len > limit:
-        raise InputError(f"seq_len {seq_len} is above the model's limit (max_position_embeddings = {limit})")
-    shards.check(tokenizer=tokenizer)
-    return shards.blocks(seq_len, pad_last=True)
+    if shards is not None:
+        shards.check(tokenizer=tokenizer)
+    return token_blocks(shards if shards is not None else texts(args), tokenizer, seq_len, model=model)
 
 
 def first_blocks(blocks, count: int):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from slimlm.errors import InputError
-
 
 def training_items(blocks) -> list[dict]:
     """Trainer items from TokenBlocks: labels = input_ids with -100 on padding."""
@@ -57,15 +55,11 @@ def training_items_of(train, tokenizer, seq_len: int, *, model=None):
     """The Trainer items of the training data: the blocks of ``seq_len`` tokens of token shards
     (``slimlm.shards.TokenShards``, read lazily from disk) or of a list of texts (tokenised here,
     in memory: a small corpus)."""
-    from slimlm.data import max_model_length, tokenize_blocks
-    from slimlm.shards import TokenShards
+    from slimlm.data import TokenBlocks
+    from slimlm.shards import token_blocks
 
-    if not isinstance(train, TokenShards):
-        return training_items(tokenize_blocks(train, tokenizer, seq_len, model=model))
-    limit = max_model_length(model) if model is not None else None
-    if limit is not None and seq_len > limit:
-        raise InputError(f"seq_len {seq_len} is above the model's limit (max_position_embeddings = {limit})")
-    return train.blocks(seq_len, pad_last=True)
+    blocks = token_blocks(train, tokenizer, seq_len, model=model)
+    return training_items(blocks) if isinstance(blocks, TokenBlocks) else blocks
 
 
 class SeededOrder:

@@ -69,13 +69,9 @@ def pruned_layer_map(student_dir: str, student, teacher) -> dict[int, int] | Non
 def eval_blocks(data, tokenizer, seq_len: int, count: int, *, model=None):
     """The first ``count`` blocks of ``seq_len`` tokens of ``data`` (token shards or texts), as
     ``TokenBlocks``."""
-    from slimlm.data import tokenize_blocks
-    from slimlm.shards import TokenShards
+    from slimlm.shards import token_blocks
 
-    if isinstance(data, TokenShards):
-        blocks = data.blocks(seq_len, pad_last=True)
-        return blocks.select(range(min(len(blocks), count)))
-    blocks = tokenize_blocks(data, tokenizer, seq_len, model=model)
+    blocks = token_blocks(data, tokenizer, seq_len, model=model)
     return blocks.select(range(min(len(blocks), count)))
 
 

@@ -73,14 +73,11 @@ class ImportanceStage(Stage):
         return scores_stale_reason(ctx.path(self.output), ctx.teacher, inputs)
 
     def run(self, ctx: RunContext, done: dict, inputs: dict):
-        from slimlm.data import max_model_length
+        from slimlm.data import check_seq_len
         from slimlm.importance.options import ImportanceOptions
 
         options = ImportanceOptions(**ctx.recipe["importance"])
-        limit = max_model_length(ctx.teacher)
-        if limit is not None and options.seq_len > limit:
-            raise InputError(f"importance.seq_len {options.seq_len} is above the teacher's limit "
-                             f"(max_position_embeddings = {limit})")
+        check_seq_len(options.seq_len, ctx.teacher, "importance.seq_len")
         # The calibration blocks drawn from the shards by a seeded index: nothing else is read.
         calibration = done["tokenize"]["train"].sample_blocks(options.num_samples, options.seq_len, ctx.recipe["seed"],
                                                              pad_last=True)

@@ -22,12 +22,9 @@ def search_blocks(train, section: dict, seed: int, model):
     """``section["num_blocks"]`` blocks of ``seq_len`` tokens of the training shards, drawn with
     ``seed`` across the whole corpus (only those blocks are read), and how many of them train
     (the rest are the search's held-out split); InputError when that split cannot be cut."""
-    from slimlm.data import max_model_length
+    from slimlm.data import check_seq_len
 
-    limit = max_model_length(model)
-    if limit is not None and section["seq_len"] > limit:
-        raise InputError(f"search.seq_len {section['seq_len']} is above the model's limit "
-                         f"(max_position_embeddings = {limit})")
+    check_seq_len(section["seq_len"], model, "search.seq_len")
     blocks = train.sample_blocks(section["num_blocks"], section["seq_len"], seed, pad_last=True)
     try:
         train_part, _ = blocks.split(held_out(section["held_out"]), seed)

@@ -55,7 +55,7 @@ from slimlm.shards.options import (
     vocab_bound,
 )
 from slimlm.shards.order import BlockSampler, BlockStream, Permutation
-from slimlm.shards.reader import ShardBlocks, TokenShards, shards_stale_reason
+from slimlm.shards.reader import ShardBlocks, TokenShards, shards_stale_reason, token_blocks
 from slimlm.shards.writer import write_shards
 
 # Not public: the tests patch these classes as slimlm.shards._Encoder and slimlm.shards._ShardSet.
@@ -78,6 +78,7 @@ __all__ = [
     "local_sources",
     "shard_names",
     "shards_stale_reason",
+    "token_blocks",
     "source_records",
     "token_dtype",
     "tokenizer_identity",

@@ -191,6 +191,19 @@ class TokenShards:
                                                 world_size=world_size, drop_last=drop_last))
 
 
+def token_blocks(data, tokenizer, seq_len: int, *, model=None):
+    """``data`` cut into blocks of ``seq_len`` tokens, the last one padded: token shards as a lazy
+    ``ShardBlocks`` that reads only the blocks used, a list of texts as their ``TokenBlocks``
+    (tokenised with ``tokenizer``, in memory). Both have ``len`` and ``select``. InputError when
+    ``seq_len`` is above ``model``'s limit."""
+    from slimlm.data import check_seq_len, tokenize_blocks
+
+    if not isinstance(data, TokenShards):
+        return tokenize_blocks(data, tokenizer, seq_len, model=model)
+    check_seq_len(seq_len, model)
+    return data.blocks(seq_len, pad_last=True)
+
+
 def shards_stale_reason(path, tokenizer=None, sources=None, options: TokenizeOptions | None = None) -> str | None:
     """None when ``path`` holds complete, intact shards of ``sources`` by ``tokenizer`` with
     ``options`` (each checked when given); else why not ("missing", "incomplete", a damaged file…)."""
