@@ -66,7 +66,8 @@ class SeededOrder:
     """A ``transformers.Trainer`` mixin: a map-style training set is visited in the seeded order of
     ``slimlm.shards.BlockSampler`` (computed on the fly: constant memory for any number of blocks,
     where the default sampler holds a permutation of them all), the same order for a run and its
-    resume; accelerate splits its batches between the ranks.
+    resume; accelerate splits its batches between the ranks. A dataset that draws its own order
+    (``ordered`` True: ``slimlm.distill.mixture.SourceMixture``) is read in index order.
 
     A resumed run starts the sampler at the epoch it resumes in (``resumed_epoch_callback``): on
     several processes the Trainer's ``set_epoch`` does not reach the sampler in that epoch, and
@@ -85,6 +86,8 @@ class SeededOrder:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if dataset is None or not has_length(dataset):
             return super()._get_train_sampler(train_dataset)
+        if getattr(dataset, "ordered", False) is True:
+            return torch.utils.data.SequentialSampler(dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         self.resumed_epoch.sampler = BlockSampler(len(dataset), seed=seed)
         return self.resumed_epoch.sampler
