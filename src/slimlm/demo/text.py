@@ -1,6 +1,7 @@
 """Plain text out of the formats the demo's corpus reads: Python sources (their docstrings and
-comments), roff man pages (man and mdoc macros, escapes and fonts dropped) and info manuals (node
-headers and menus dropped). Each function takes a file's text and returns prose."""
+comments), roff man pages (man and mdoc macros, escapes and fonts dropped), info manuals (node
+headers and menus dropped) and Project Gutenberg plain-text books (header, licence and front
+matter dropped, paragraphs unwrapped). Each function takes a file's text and returns prose."""
 from __future__ import annotations
 
 import ast
@@ -111,3 +112,61 @@ def info_text(source: str) -> str:
         node = re.sub(r"\x00\x08\[[^\]]*\x00\x08\]", "", node.partition("\n")[2])
         kept.append("\n".join(line for line in node.splitlines() if not _INFO_MENU.match(line)).strip())
     return "\n\n".join(piece for piece in kept if piece)
+
+
+_GUTENBERG_MARKER = r"^\*\*\* ?{} OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b,? ?(.*?) ?\*\*\*[ \t]*$"
+_GUTENBERG_START = re.compile(_GUTENBERG_MARKER.format("START"), re.M | re.I)
+_GUTENBERG_END = re.compile(_GUTENBERG_MARKER.format("END"), re.M | re.I)
+_GUTENBERG_TITLE = re.compile(r"^Title: *(\S.*?)\s*$", re.M)
+_GUTENBERG_CLOSING = re.compile(r"(End of )?(the |this )?Project Gutenberg", re.I)
+# Italic marks first: they nest inside bold ones (=The _Gaspee_ Affair.=).
+_BOOK_MARKUP = [re.compile(rf"{mark}(?=\S)([^{mark}]*?\S){mark}") for mark in "_=#"]
+# A paragraph of running prose ends a sentence or a clause (quotes and brackets may follow); title
+# pages, contents, credits and captions do not.
+_PROSE_END = re.compile(r"[.!?:;,-][\"'\u201d\u2019)\]]*$")
+
+
+def gutenberg_books(source: str) -> list[tuple[str, str]]:
+    """(title, text) of each Project Gutenberg book in ``source`` (one book's file, or several
+    concatenated): the text between the book's ``*** START OF ...`` and ``*** END OF ...`` lines,
+    titled by the ``Title:`` line of its header (or, without one, the START line's name). Headers,
+    licences and whatever lies outside the markers are left out."""
+    books, position = [], 0
+    for start in _GUTENBERG_START.finditer(source):
+        if start.start() < position:
+            continue
+        end = _GUTENBERG_END.search(source, start.end())
+        if end is None:
+            break
+        titles = _GUTENBERG_TITLE.findall(source, position, start.start())
+        books.append(((titles[-1] if titles else start.group(1)).strip(), source[start.end():end.start()]))
+        position = end.end()
+    return books
+
+
+def book_paragraphs(text: str) -> list[str]:
+    """The running prose of a plain-text book, one string per paragraph (blocks between blank
+    lines), its line breaks unwrapped and the ``_italic_``, ``=bold=`` and ``#bold#`` marks
+    dropped. Left out: headings and numerals (no lowercase letter), indented or boxed blocks (title
+    pages, tables, contents), footnotes (``*...``), bracketed notes (``[Illustration: ...]``, over
+    one paragraph or several), Project Gutenberg's own lines, blocks that end with no punctuation
+    (credits, captions, imprints) and blocks more than a tenth digits (index entries, reading
+    lists, dates)."""
+    kept, in_note = [], False
+    for block in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n")):
+        lines = [line for line in block.split("\n") if line.strip()]
+        if not lines:
+            continue
+        paragraph = " ".join(line.strip() for line in lines)
+        if in_note or paragraph.startswith("["):
+            in_note = not paragraph.endswith("]")
+            continue
+        if any(line[0] in " \t|+*" or "\t" in line for line in lines):
+            continue
+        for markup in _BOOK_MARKUP:
+            paragraph = markup.sub(r"\1", paragraph)
+        if (re.search(r"[a-z]", paragraph) and _PROSE_END.search(paragraph)
+                and sum(character.isdigit() for character in paragraph) <= len(paragraph) / 10
+                and not _GUTENBERG_CLOSING.match(paragraph)):
+            kept.append(paragraph)
+    return kept
