@@ -17,7 +17,8 @@ COMMANDS = {"importance": ["importance", "--model", "m", "--data", "d", "--out",
             "reconstruct": ["prune", "--model", "m", "--out", "o"],
             "eval": ["eval", "--model", "m"],
             "tokenize": ["tokenize", "--tokenizer", "m", "--data", "d", "--out", "o"],
-            "teacher_cache": ["teacher-cache", "--teacher", "t", "--data", "d", "--out", "o"]}
+            "teacher_cache": ["teacher-cache", "--teacher", "t", "--data", "d", "--out", "o"],
+            "schedule": ["gradual", "--teacher", "t", "--data", "d", "--target-params", "0.5", "--out", "o"]}
 # Fields of a section that a recipe sets in another section (the tokenize stage's text field and
 # held-out split come from data and seed): refused in the section, absent from its record.
 ELSEWHERE = {"tokenize": TOKENIZE_FROM_DATA}

@@ -164,20 +164,23 @@ def count_params(model) -> int:
 
 def evaluate_model(model, blocks: TokenBlocks, *, tokenizer=None, prompts=(), max_new_tokens: int = 32,
                    batch_size: int = 8, spec: str | os.PathLike | None = None, progress: bool = True,
-                   name: str = "model", general_blocks: TokenBlocks | None = None) -> dict:
+                   name: str = "model", general_blocks=None) -> dict:
     """Everything the report's table holds for one model: params, size on disk (when ``spec``
     is a path), held-out perplexity and tokens/s, and greedy samples for ``prompts``; with
-    ``general_blocks`` (a held-out set of another register than the training text) also
-    ``general_perplexity`` and ``general_nll`` on them."""
+    ``general_blocks`` (held-out sets of other registers than the training text: {split name:
+    TokenBlocks}, or one TokenBlocks named "general") also ``<split>_perplexity`` and
+    ``<split>_nll`` on each (``held_out_splits`` lists them)."""
     result = {"name": name, "params": count_params(model)}
     if spec is not None and os.path.exists(os.fspath(spec)):
         result["disk_bytes"] = disk_bytes(spec)
         result["format"] = weight_format(spec, model)
     result.update(perplexity(model, blocks, batch_size=batch_size, progress=progress, desc=f"eval {name}"))
-    if general_blocks is not None:
-        general = perplexity(model, general_blocks, batch_size=batch_size, progress=progress,
-                             desc=f"eval {name} (general)")
-        result["general_perplexity"], result["general_nll"] = general["perplexity"], general["nll"]
+    if general_blocks is not None and not isinstance(general_blocks, dict):
+        general_blocks = {"general": general_blocks}
+    for split, split_blocks in (general_blocks or {}).items():
+        measured = perplexity(model, split_blocks, batch_size=batch_size, progress=progress,
+                              desc=f"eval {name} ({split})")
+        result[f"{split}_perplexity"], result[f"{split}_nll"] = measured["perplexity"], measured["nll"]
     if prompts:
         if tokenizer is None:
             raise ValueError("greedy samples need the tokenizer")
@@ -195,13 +198,22 @@ def human_bytes(count: int | None) -> str:
     return f"{count:.1f} GiB"
 
 
+def held_out_splits(results: list[dict]) -> list[str]:
+    """The names of the held-out sets besides the in-domain one that every result was measured
+    on (``<split>_perplexity``), in the first result's order."""
+    if not results:
+        return []
+    names = [key[: -len("_perplexity")] for key in results[0] if key.endswith("_perplexity")]
+    return [name for name in names if all(f"{name}_perplexity" in result for result in results)]
+
+
 def comparison_rows(results: list[dict]) -> list[list[str]]:
     """Header + one row per result: model, params, size on disk, perplexity (and its ratio to
-    the first's), the general held-out set's perplexity and ratio when measured, tokens/s; the
-    first result is the reference for the relative columns."""
-    general = bool(results) and all("general_perplexity" in result for result in results)
+    the first's), each other held-out set's perplexity and ratio when measured (``held_out_splits``),
+    tokens/s; the first result is the reference for the relative columns."""
+    splits = held_out_splits(results)
     rows = [["model", "params", "params vs first", "size on disk", "held-out ppl", "ppl vs first"]
-            + (["general ppl", "general vs first"] if general else []) + ["tokens/s"]]
+            + [cell for split in splits for cell in (f"{split} ppl", f"{split} vs first")] + ["tokens/s"]]
     first = results[0] if results else {"params": 1}
     for result in results:
         size = human_bytes(result.get("disk_bytes"))
@@ -209,9 +221,9 @@ def comparison_rows(results: list[dict]) -> list[list[str]]:
             size += f" ({result['format']})"
         row = [result["name"], f"{result['params'] / 1e6:.1f}M", f"{result['params'] / first['params']:.1%}", size,
                f"{result['perplexity']:.2f}", f"{result['perplexity'] / first['perplexity']:.2f}×"]
-        if general:
-            row += [f"{result['general_perplexity']:.2f}",
-                    f"{result['general_perplexity'] / first['general_perplexity']:.2f}×"]
+        for split in splits:
+            row += [f"{result[f'{split}_perplexity']:.2f}",
+                    f"{result[f'{split}_perplexity'] / first[f'{split}_perplexity']:.2f}×"]
         rows.append(row + [f"{result['tokens_per_s']:.0f}"])
     return rows
 

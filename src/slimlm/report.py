@@ -18,12 +18,19 @@ import html
 import os
 
 from slimlm import outputs
-from slimlm.evaluate import comparison_rows, format_table
+from slimlm.evaluate import comparison_rows, format_table, held_out_splits
 from slimlm.models import RENAMED_DTYPES
 from slimlm.speed import speed_rows
 
-LOSS_KEYS = ("loss", "kd_loss", "ce_loss", "hidden_loss", "heldout_nll", "general_nll")
-LOSS_LABELS = {"heldout_nll": "held-out NLL (in-domain)", "general_nll": "held-out NLL (general)"}
+LOSS_KEYS = ("loss", "kd_loss", "ce_loss", "hidden_loss")
+
+
+def loss_label(key: str) -> str | None:
+    """The legend of a held-out NLL logged along the training (``<split>_nll``); None for a loss."""
+    if not key.endswith("_nll"):
+        return None
+    split = key[: -len("_nll")]
+    return "held-out NLL (in-domain)" if split == "heldout" else f"held-out NLL ({split})"
 
 
 def _pyplot():
@@ -43,8 +50,8 @@ def loss_curves(log_history: list[dict]) -> dict[str, tuple[list[int], list[floa
     for entry in log_history:
         if "step" not in entry:
             continue
-        for key in LOSS_KEYS:
-            if key in entry:
+        for key in entry:
+            if key in LOSS_KEYS or loss_label(key) is not None:
                 steps, values = curves.setdefault(key, ([], []))
                 steps.append(int(entry["step"]))
                 values.append(float(entry[key]))
@@ -59,12 +66,12 @@ def plot_loss(log_history: list[dict], path: str) -> str | None:
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(7, 4))
     for key, (steps, values) in curves.items():
-        held_out = key in LOSS_LABELS
+        held_out = loss_label(key) is not None
         ax.plot(steps, values, marker="s" if held_out else ("o" if len(steps) < 30 else None),
-                markersize=5 if held_out else 3, linestyle="--" if held_out else "-", label=LOSS_LABELS.get(key, key))
+                markersize=5 if held_out else 3, linestyle="--" if held_out else "-", label=loss_label(key) or key)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per token)")
-    ax.set_title("distillation loss" + (", held-out NLL along it" if any(k in LOSS_LABELS for k in curves) else ""))
+    ax.set_title("distillation loss" + (", held-out NLL along it" if any(loss_label(k) for k in curves) else ""))
     ax.grid(alpha=0.3)
     ax.legend()
     figure.tight_layout()
@@ -73,14 +80,49 @@ def plot_loss(log_history: list[dict], path: str) -> str | None:
     return path
 
 
+def mix_curves(log_history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """{source: (steps, sampling weight)} of a dynamic mix (``mix/<source>`` in the log history)."""
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key.startswith("mix/") and "step" in entry:
+                steps, values = curves.setdefault(key[len("mix/"):], ([], []))
+                steps.append(int(entry["step"]))
+                values.append(float(value))
+    return curves
+
+
+def plot_mix(log_history: list[dict], path: str) -> str | None:
+    """The dynamic mix's sampling weight of each source against the step into ``path``; None
+    (nothing written) when the history has none."""
+    curves = mix_curves(log_history)
+    if not curves:
+        return None
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(7, 4))
+    for source, (steps, values) in curves.items():
+        ax.step(steps, values, where="post", marker="o", markersize=3, label=source)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("sampling weight")
+    ax.set_ylim(0, 1)
+    ax.set_title("dynamic data mix: each source's weight")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_perplexity(results: list[dict], path: str) -> str:
     """Bar chart of held-out perplexity per model/stage (log scale), values printed on the bars;
-    beside it the general held-out set's when every result has one."""
+    beside it each other held-out set's that every result has (``held_out_splits``)."""
     plt = _pyplot()
     names = [result["name"] for result in results]
     sets = [("held-out", "perplexity")]
-    if all("general_perplexity" in result for result in results):
-        sets = [("in-domain held-out", "perplexity"), ("general held-out", "general_perplexity")]
+    if held_out_splits(results):
+        sets = [("in-domain held-out", "perplexity")] + [(f"{split} held-out", f"{split}_perplexity")
+                                                          for split in held_out_splits(results)]
     width = 0.8 / len(sets)
     figure, ax = plt.subplots(figsize=(1.6 * len(names) * len(sets) + 3, 4))
     for number, (label, field) in enumerate(sets):
@@ -164,7 +206,8 @@ def sample_rows(results: list[dict]) -> list[list[str]]:
 
 def write_report(folder: str | os.PathLike, *, results: list[dict], scores=None, log_history=None,
                  plan_text: str | None = None, notes: dict | None = None, title: str = "slimlm report",
-                 speed: dict | None = None, search: dict | None = None) -> dict:
+                 speed: dict | None = None, search: dict | None = None,
+                 sections: dict[str, list[str]] | None = None) -> dict:
     """Write ``report.md``, ``report.html`` and the plots into ``folder``, which is replaced
 as a whole, atomically (``slimlm.outputs``).
 
@@ -173,14 +216,17 @@ as a whole, atomically (``slimlm.outputs``).
     (command, data, budget). ``speed``: a ``slimlm.speed.speed_report`` (teacher first) for the
     speed section and plot. ``search``: a search's ``search.json`` record (candidates, winner,
     phase_seconds; optional ``rerank_tokens``: the winner's, counted in the distillation) for
-    the architecture-search section and plot. Returns {"markdown", "html", "plots": {name: path}}.
+    the architecture-search section and plot. ``sections``: more {title: markdown lines} (a
+    gradual schedule's steps, teacher-written text), after the models' table. Returns
+    {"markdown", "html", "plots": {name: path}}.
     """
     if not results:
         raise ValueError("write_report needs at least one evaluated model in results")
     final = os.path.abspath(os.fspath(folder))
     with outputs.atomic_output(final) as staging:
         report = _write_report(staging, results=results, scores=scores, log_history=log_history,
-                               plan_text=plan_text, notes=notes, title=title, speed=speed, search=search)
+                               plan_text=plan_text, notes=notes, title=title, speed=speed, search=search,
+                               sections=sections)
 
     def moved(path):
         return os.path.join(final, os.path.basename(path))
@@ -219,12 +265,15 @@ def search_note(search: dict) -> str:
 
 
 def _write_report(folder: str, *, results, scores, log_history, plan_text, notes, title, speed,
-                  search=None) -> dict:
+                  search=None, sections=None) -> dict:
     plots = {"perplexity": plot_perplexity(results, os.path.join(folder, "perplexity.png"))}
     if log_history:
         loss = plot_loss(log_history, os.path.join(folder, "loss.png"))
         if loss:
             plots["loss"] = loss
+        mix = plot_mix(log_history, os.path.join(folder, "mix.png"))
+        if mix:
+            plots["mix"] = mix
     if scores is not None:
         plots["importance"] = scores.plot(os.path.join(folder, "importance.png"))
     if speed is not None:
@@ -238,7 +287,8 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
     samples = sample_rows(results)
     captions = {"perplexity": "Held-out perplexity per stage", "loss": "Distillation loss",
                 "importance": "Importance scores of the teacher", "speed": "Inference throughput, teacher vs student",
-                "search": "Architecture search: parameters vs held-out KD loss"}
+                "search": "Architecture search: parameters vs held-out KD loss",
+                "mix": "Dynamic data mix: sampling weight per source"}
     speed_table = speed_rows(speed) if speed is not None else None
     search_table = search_rows(search) if search is not None else None
 
@@ -247,9 +297,11 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
         md.append(f"- **{key}**: {value}")
     md += ["", "## Models", "", _markdown_table(table), ""]
     md.append("Perplexity: exp of the mean next-token NLL over the held-out blocks (padding masked)"
-              + ("; general: the same on a held-out set of another register than the training text"
-                 if any("general_perplexity" in result for result in results) else "")
+              + (f"; {', '.join(held_out_splits(results))}: the same on held-out sets of other registers than "
+                 "the training text" if held_out_splits(results) else "")
               + ". tokens/s: forward (prefill) throughput of that pass on this machine.")
+    for heading, lines in (sections or {}).items():
+        md += ["", f"## {heading}", "", *lines]
     if speed_table:
         md += ["", "## Inference speed", "", _markdown_table(speed_table), "", speed_note(speed)]
     if search_table:
@@ -273,6 +325,8 @@ def _write_report(folder: str, *, results, scores, log_history, plan_text, notes
              f"<h1>{html.escape(title)}</h1><ul>"]
     parts += [f"<li><b>{html.escape(str(key))}</b>: {html.escape(str(value))}</li>" for key, value in (notes or {}).items()]
     parts += ["</ul><h2>Models</h2>", _html_table(table)]
+    for heading, lines in (sections or {}).items():
+        parts += [f"<h2>{html.escape(heading)}</h2>", f"<pre>{html.escape(chr(10).join(lines))}</pre>"]
     if speed_table:
         parts += ["<h2>Inference speed</h2>", _html_table(speed_table), f"<p>{html.escape(speed_note(speed))}</p>"]
     if search_table:
@@ -308,8 +362,8 @@ def run_notes(recipe: dict, *, command: str, documents: dict[str, int], distill_
 
     data = (f"{count('train')}training documents, {count('heldout')}held-out documents (never used for "
             "calibration or training)")
-    if documents.get("general") is not None:
-        data += (f", {count('general')}general held-out documents (another register: neither the training "
+    for split in (name for name in documents if name not in ("train", "heldout")):
+        data += (f", {count(split)}{split} held-out documents (another register: neither the training "
                  "text nor its domain)")
     speed = f" ({record['tokens_seen'] / record['train_seconds']:.0f} tokens/s)" if record.get("train_seconds") else ""
     fitted = (f", schedule fitted to the time: {record['scheduled_steps']} steps"

@@ -47,7 +47,7 @@ def write_recipe(workspace, name="recipe.yaml", **changes):
         "data": {"train": "data/*.txt", "heldout": "heldout.txt"},
         "importance": {"num_samples": 8, "seq_len": 16, "depth": ["block_influence"]},
         "target": {"target_params": 0.5},
-        "synthetic": {"num_prompts": 3, "max_new_tokens": 4, "mix": 0.3},
+        "synthetic": {"num_prompts": 3, "max_new_tokens": 4, "mix": 0.3, "filters": False},
         "distill": {"seq_len": 16, "batch_size": 4, "max_tokens": 256, "lr": 1e-3,
                     "training_args": {"save_steps": 2}},
         "eval": {"seq_len": 16, "max_blocks": 4, "prompts": ["the model"], "max_new_tokens": 3},

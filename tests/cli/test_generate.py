@@ -8,20 +8,20 @@ from .helpers import one_line_error, run_cli
 
 def test_generate_from_data(workspace, capsys):
     out = workspace / "synthetic.jsonl"
-    code, stdout, err = run_cli(capsys, "generate", "--teacher", workspace / "teacher", "--from-data",
+    code, stdout, err = run_cli(capsys, "generate", "--no-filters", "--teacher", workspace / "teacher", "--from-data",
                                 workspace / "heldout.txt", "--num-prompts", 3, "--max-new-tokens", 4, "--out", out,
                                 "--no-progress")
     assert code == 0, err
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert 1 <= len(records) <= 3 and all(r["text"].startswith(r["prompt"]) for r in records)
-    code, _, err = run_cli(capsys, "generate", "--teacher", workspace / "teacher", "--from-data",
+    code, _, err = run_cli(capsys, "generate", "--no-filters", "--teacher", workspace / "teacher", "--from-data",
                            workspace / "heldout.txt", "--out", out)
     assert code == 2 and "--overwrite" in err
 
 
 def test_generate_overwrite_checks_every_input_before_replacing_the_output(workspace, capsys, tmp_path):
     out = tmp_path / "synthetic.jsonl"
-    args = ["generate", "--teacher", workspace / "teacher", "--max-new-tokens", 3, "--num-prompts", 2, "--out", out,
+    args = ["generate", "--no-filters", "--teacher", workspace / "teacher", "--max-new-tokens", 3, "--num-prompts", 2, "--out", out,
             "--no-progress"]
     assert run_cli(capsys, *args, "--from-data", workspace / "heldout.txt")[0] == 0
     finished, marker = out.read_bytes(), (tmp_path / "synthetic.jsonl.done.json").read_bytes()
@@ -34,13 +34,13 @@ def test_generate_overwrite_checks_every_input_before_replacing_the_output(works
     assert run_cli(capsys, *args, "--prompts", broken, "--overwrite")[0] == 0
     assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["the model is small ."]
     assert sorted(os.listdir(tmp_path)) == [".synthetic.jsonl.slimlm-output.json", "prompts.jsonl", "synthetic.jsonl",
-                                            "synthetic.jsonl.done.json"]
+                                            "synthetic.jsonl.done.json", "synthetic.jsonl.topk"]
 
 
 def test_an_interrupted_generate_is_continued_and_a_stale_partial_discarded(workspace, capsys, tmp_path,
                                                                             monkeypatch):
     out = tmp_path / "synthetic.jsonl"
-    args = ["generate", "--teacher", workspace / "teacher", "--from-data", workspace / "heldout.txt",
+    args = ["generate", "--no-filters", "--teacher", workspace / "teacher", "--from-data", workspace / "heldout.txt",
             "--max-new-tokens", 3, "--num-prompts", 3, "--out", out, "--no-progress"]
     from slimlm.distill import generate
 
@@ -65,4 +65,4 @@ def test_an_interrupted_generate_is_continued_and_a_stale_partial_discarded(work
     assert code == 0 and "discarding" in stdout, err
     assert {json.loads(line)["sampling"]["temperature"] for line in out.read_text().splitlines()} == {0.5}
     assert sorted(os.listdir(tmp_path)) == [".synthetic.jsonl.slimlm-output.json", "synthetic.jsonl",
-                                            "synthetic.jsonl.done.json"]
+                                            "synthetic.jsonl.done.json", "synthetic.jsonl.topk"]

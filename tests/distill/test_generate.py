@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from slimlm.distill.generate import (
     SyntheticDataset,
@@ -11,6 +12,8 @@ from slimlm.distill.generate import (
     prompts_from_texts,
     read_jsonl,
 )
+from slimlm.distill.prompts import joined_text
+from slimlm.distill.topk_cache import load_teacher_topk, teacher_topk
 from tiny import tiny_model, word_tokenizer
 
 PROMPTS = ["the teacher is", "a small model", "we prune the layer", "they distill data"]
@@ -21,34 +24,55 @@ def teacher():
     return tiny_model("llama", "training", vocab_size=len(word_tokenizer()))
 
 
-def test_records_have_provenance_and_respect_lengths(teacher, tmp_path):
+ENGINES = pytest.mark.parametrize("engine", ["slimlm", "generate"])
+
+
+@ENGINES
+def test_records_have_provenance_and_respect_lengths(teacher, tmp_path, engine):
     out = tmp_path / "synthetic.jsonl"
+    tokenizer = word_tokenizer()
     data = generate_synthetic(
-        teacher, word_tokenizer(), PROMPTS, out_path=out, max_new_tokens=6, num_return_sequences=2,
-        batch_size=3, seed=7, progress=False,
+        teacher, tokenizer, PROMPTS, out_path=out, max_new_tokens=6, num_return_sequences=2,
+        batch_size=3, seed=7, progress=False, engine=engine, filters=False,
     )
     records = read_jsonl(out)
     assert len(data) == len(records) > 0
     for record in records:
-        assert record["prompt"] in PROMPTS
-        assert record["text"] == record["prompt"] + record["generation"]
+        assert record["prompt"] in PROMPTS and record["source"] == "data"
+        # prompt and answer joined as the teacher saw them: the tokens it read and wrote
+        assert record["text"] == joined_text(tokenizer, record["ids"][: len(record["ids"]) - record["num_new_tokens"]
+                                                                      - (record["finish"] == "eos")],
+                                             record["ids"][len(record["ids"]) - record["num_new_tokens"]
+                                                           - (record["finish"] == "eos"):])
+        assert record["text"].startswith(record["prompt"])
         assert 1 <= record["num_new_tokens"] <= 6
         assert record["sampling"]["seed"] == 7 and record["sampling"]["num_return_sequences"] == 2
         assert len(record["teacher"]["fingerprint"]) == 16
     generations = [" ".join(r["generation"].split()) for r in records]
     assert len(generations) == len(set(generations)), "duplicates must be written once"
+    assert data.counts["kept"] == len(records) and data.counts["kept"] + data.counts["duplicate"] + \
+        data.counts["short"] + data.counts["empty"] == 2 * len(PROMPTS)
 
 
-def test_same_seed_same_output(teacher, tmp_path):
-    kwargs = dict(max_new_tokens=5, batch_size=2, seed=3, progress=False)
+@ENGINES
+def test_same_seed_same_output(teacher, tmp_path, engine):
+    kwargs = dict(max_new_tokens=5, batch_size=2, seed=3, progress=False, engine=engine)
     first = generate_synthetic(teacher, word_tokenizer(), PROMPTS, out_path=tmp_path / "a.jsonl", **kwargs)
     second = generate_synthetic(teacher, word_tokenizer(), PROMPTS, out_path=tmp_path / "b.jsonl", **kwargs)
     assert first.texts() == second.texts()
 
 
+def test_slimlm_samples_do_not_depend_on_the_batching(teacher, tmp_path):
+    kwargs = dict(max_new_tokens=6, seed=3, progress=False, filters=False, dedupe=False, min_new_tokens=0)
+    one = generate_synthetic(teacher, word_tokenizer(), PROMPTS, out_path=tmp_path / "a.jsonl", batch_size=1, **kwargs)
+    four = generate_synthetic(teacher, word_tokenizer(), PROMPTS, out_path=tmp_path / "b.jsonl", batch_size=4, **kwargs)
+    assert sorted(r["ids"] for r in one.records) == sorted(r["ids"] for r in four.records)
+
+
 def test_resume_skips_prompts_already_written(teacher, tmp_path):
     out = tmp_path / "synthetic.jsonl"
-    kwargs = dict(max_new_tokens=5, batch_size=2, seed=1, min_new_tokens=0, dedupe=False, progress=False)
+    kwargs = dict(max_new_tokens=5, batch_size=2, seed=1, min_new_tokens=0, dedupe=False, progress=False,
+                  filters=False)
     generate_synthetic(teacher, word_tokenizer(), PROMPTS[:2], out_path=out, **kwargs)
     written = read_jsonl(out)
     with open(out, "a") as handle:
@@ -62,9 +86,59 @@ def test_resume_skips_prompts_already_written(teacher, tmp_path):
 def test_length_filter_drops_short_generations(teacher, tmp_path):
     data = generate_synthetic(
         teacher, word_tokenizer(), PROMPTS, out_path=tmp_path / "s.jsonl", max_new_tokens=4, min_new_tokens=4,
-        progress=False,
+        progress=False, filters=False,
     )
     assert all(r["num_new_tokens"] == 4 for r in data.records)
+
+
+def test_sources_free_sampling_and_filters(teacher, tmp_path):
+    prompts = [("general", "a small model"), ("bos", ""), ("bos", ""), ("data", "the teacher is")]
+    data = generate_synthetic(teacher, word_tokenizer(), prompts, out_path=tmp_path / "s.jsonl", max_new_tokens=8,
+                              min_new_tokens=1, progress=False, dedupe=False)
+    counts = data.counts
+    assert sum(counts.values()) == len(prompts) and counts["kept"] == len(data)
+    # a sample cut by the length limit is trimmed to a sentence end, or dropped as cut
+    for record in data.records:
+        assert record["finish"] == "eos" or record["generation"].rstrip().endswith((".", "!", "?"))
+    # free samples start from the BOS (or EOS) token alone, and both draws of "" are made
+    free = generate_synthetic(teacher, word_tokenizer(), [("bos", "")] * 3, out_path=tmp_path / "f.jsonl",
+                              max_new_tokens=4, min_new_tokens=0, progress=False, dedupe=False, filters=False)
+    assert len(free) == 3 and all(r["ids"][0] in (word_tokenizer().bos_token_id, word_tokenizer().eos_token_id)
+                                  for r in free.records)
+
+
+@ENGINES
+def test_kept_topk_equals_a_live_teacher_forward(teacher, tmp_path, engine):
+    prompts = [("data", p) for p in PROMPTS] + [("general", "the layer is")]
+    data = generate_synthetic(teacher, word_tokenizer(), prompts, out_path=tmp_path / "s.jsonl", max_new_tokens=6,
+                              min_new_tokens=0, progress=False, filters=False, dedupe=False, engine=engine,
+                              keep_topk=4, cache_dir=tmp_path / "cache")
+    assert set(data.caches) == {"data", "general"}
+    for source, path in data.caches.items():
+        cache = load_teacher_topk(path)
+        records = [r for r in data.records if r["source"] == source]
+        assert cache.num_sequences == len(records)
+        for number, record in enumerate(records):
+            stored = cache.sequence(number)
+            assert stored["input_ids"].tolist() == record["ids"]
+            with torch.no_grad():
+                live = torch.log_softmax(teacher(stored["input_ids"][None]).logits[0].float(), dim=-1)
+            rows = len(record["ids"]) - (record["finish"] == "eos")  # the row after a closing EOS is never a target
+            # every cached id with the live teacher's log-prob of it, to the codec's 6-bit precision,
+            # and they are the live top k (up to near-ties of a random tiny model)
+            cached = stored["topk_logprobs"][:rows]
+            assert (cached - live[:rows].gather(1, stored["topk_indices"][:rows])).abs().max() < 0.05
+            assert (live[:rows].topk(4).values[:, -1] - cached[:, -1]).abs().max() < 0.05
+
+
+def test_an_interrupted_cache_continues(teacher, tmp_path):
+    out, cache = tmp_path / "s.jsonl", tmp_path / "cache"
+    kwargs = dict(max_new_tokens=5, min_new_tokens=0, progress=False, filters=False, dedupe=False, keep_topk=3,
+                  cache_dir=cache)
+    generate_synthetic(teacher, word_tokenizer(), PROMPTS[:2], out_path=out, **kwargs)
+    (cache / "data" / "manifest.json").unlink()  # as if killed before the cache was finished
+    data = generate_synthetic(teacher, word_tokenizer(), PROMPTS, out_path=out, **kwargs)
+    assert load_teacher_topk(data.caches["data"]).num_sequences == len(data) == len(PROMPTS)
 
 
 def test_prompt_longer_than_context_is_an_error(teacher, tmp_path):

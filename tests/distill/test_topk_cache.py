@@ -278,3 +278,24 @@ def test_interrupted_run_leaves_no_partial_part(tmp_path, teacher):
     assert os.listdir(path) == []
     write(teacher, path)
     assert len(load_teacher_topk(path)) == 5
+
+
+def test_packed_blocks_cut_the_stream_and_mask_sequence_starts(cache_dir):
+    from slimlm.distill.topk_cache import PackedTopKBlocks
+
+    cache = load_teacher_topk(cache_dir)
+    blocks = PackedTopKBlocks(cache_dir, 8)
+    stream = torch.cat(sequences())
+    assert len(blocks) == stream.numel() // 8  # the last partial block is dropped
+    starts = set(torch.tensor([0] + LENGTHS).cumsum(0)[:-1].tolist())
+    for index in range(len(blocks)):
+        item = blocks[index]
+        span = range(index * 8, (index + 1) * 8)
+        assert torch.equal(item["input_ids"], stream[span.start:span.stop])
+        logprobs, ids = cache.read(span.start, span.stop)
+        assert torch.equal(item["topk_logprobs"], logprobs) and torch.equal(item["topk_indices"], ids)
+        # A token that begins a sequence is never a target: the row before it belongs to another sequence.
+        masked = {span.start + t for t in range(8) if item["labels"][t] == -100}
+        assert masked == starts & set(span)
+    with pytest.raises(ValueError, match="fewer than one block"):
+        PackedTopKBlocks(cache_dir, stream.numel() + 1)

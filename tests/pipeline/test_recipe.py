@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from slimlm.errors import InputError
+
 from slimlm.demo import builtin_recipe
 from slimlm.pipeline import load_recipe, validate_recipe
 
@@ -20,9 +22,22 @@ def test_the_example_recipe_validates_and_searches():
 @pytest.mark.parametrize("name", ["demo", "demo-quick"])
 def test_the_demo_recipes_validate_and_search(name):
     raw = builtin_recipe(name)
-    assert set(raw.pop("corpus")) == {"train_chars", "heldout_chars", "general_chars"}
+    assert set(raw.pop("corpus")) == {"train_chars", "heldout_chars", "general_chars", "english_chars"}
     raw.update(teacher="teacher", out="out", data={"train": "train.jsonl", "heldout": "heldout.jsonl",
-                                                    "general": "general.jsonl"})
+                                                    "general": {"general": "general.jsonl",
+                                                                "english": "english.jsonl"}})
     recipe = validate_recipe(raw, name)
     assert recipe["search"] is not None and recipe["target"] == {"target_params": 0.5}
-    assert recipe["data"]["general"] == "general.jsonl"
+    assert recipe["data"]["general"] == {"general": "general.jsonl", "english": "english.jsonl"}
+    assert recipe["synthetic"]["keep_topk"] > 0 and "general" in recipe["synthetic"]["sources"]
+
+
+def test_general_sets_of_a_recipe(tmp_path):
+    raw = builtin_recipe("demo-quick")
+    raw.pop("corpus")
+    raw.update(teacher="teacher", out="out", data={"train": "train.jsonl", "general": "one.jsonl"})
+    assert validate_recipe(raw, "r")["data"]["general"] == {"general": "one.jsonl"}  # one set, named general
+    for bad in ({"Train set": "x.jsonl"}, {"heldout": "x.jsonl"}, {"english": 3}):
+        raw["data"]["general"] = bad
+        with pytest.raises(InputError, match="data.general"):
+            validate_recipe(raw, "r")

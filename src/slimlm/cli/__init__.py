@@ -30,8 +30,8 @@ __all__ = ["COMMANDS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", 
 
 # The subcommands in the order ``slimlm --help`` lists them; each is the module slimlm.cli.<name>
 # (a dash in the command's name an underscore in the module's).
-COMMANDS = ("tokenize", "importance", "plan", "search", "prune", "generate", "teacher-cache", "distill", "eval",
-            "export", "run", "demo", "bench")
+COMMANDS = ("tokenize", "importance", "plan", "search", "prune", "generate", "teacher-cache", "distill", "gradual",
+            "eval", "export", "run", "demo", "bench")
 DEBUG_HELP = "on an error, raise it with its traceback instead of one line (as SLIMLM_DEBUG=1 does)"
 
 

@@ -13,6 +13,10 @@ from slimlm.cli.run import print_summary
 from slimlm.errors import InputError
 
 
+# The corpus's splits (slimlm.demo.corpus): training, in-domain held-out, and the general held-out sets.
+CORPUS_SPLITS = ("train", "heldout", "general", "english")
+
+
 def add_parser(subparsers) -> None:
     sub = arguments.add_command(
         subparsers, "demo", "prune SmolLM2-135M-Instruct to half, distill it back, and write a report",
@@ -42,8 +46,9 @@ def run(args) -> int:
     # recipe check follows in the run itself.
     out = outputs.check_output(args.out or f"slimlm-{name}", True, {"teacher": teacher}, what="output folder")
     data_folder = out + ".data"
-    paths = {split: os.path.join(data_folder, f"{split}.jsonl") for split in ("train", "heldout", "general")}
-    if not all(os.path.isfile(path) for path in paths.values()):
+    paths = {split: os.path.join(data_folder, f"{split}.jsonl") for split in CORPUS_SPLITS}
+    # english.jsonl is written only where its books are installed (the demo extra): not required.
+    if not all(os.path.isfile(paths[split]) for split in CORPUS_SPLITS if split != "english"):
         outputs.check_output(data_folder, True, {"teacher": teacher}, what="demo data folder")
         print(f"[data] collecting text every machine has into {data_folder}")
         try:
@@ -59,7 +64,10 @@ def run(args) -> int:
         with outputs.atomic_output(data_folder) as staging:
             written = write_corpus(corpus, staging)
         paths = {split: os.path.join(data_folder, os.path.basename(path)) for split, path in written.items()}
-    raw.update(teacher=teacher, out=out, data=paths)
+    # The held-out sets of other registers than the training text, each evaluated and reported on its own.
+    general = {split: path for split, path in paths.items()
+               if split not in ("train", "heldout") and os.path.isfile(path)}
+    raw.update(teacher=teacher, out=out, data={"train": paths["train"], "heldout": paths["heldout"], "general": general})
     if args.device is not None:
         raw["device"] = args.device
     recipe = validate_recipe(raw, f"builtin recipe {name}")

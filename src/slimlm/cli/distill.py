@@ -31,7 +31,8 @@ def add_parser(subparsers) -> None:
                                              "the --data shards) instead of a live teacher")
     sub.add_argument("--student", required=True, help="pruned model folder (slimlm prune)")
     arguments.add_data_options(sub)
-    sub.add_argument("--synthetic", help="JSONL from slimlm generate")
+    sub.add_argument("--synthetic", help="JSONL from slimlm generate (with the teacher's top-k of it in "
+                                         "<file>.topk/ when generate kept them: then no teacher pass on it)")
     sub.add_argument("--mix", type=float, default=GenerationOptions().mix,
                      help=f"fraction of synthetic blocks in the training mix (default {GenerationOptions().mix})")
     DistillOptions.add_arguments(sub)
@@ -53,7 +54,7 @@ def run(args) -> int:
     import torch
 
     from slimlm import outputs
-    from slimlm.distill.generate import SyntheticDataset
+    from slimlm.pipeline.synthetic import load_synthetic
     from slimlm.distill.trainer import check_vocabularies
     from slimlm.distill.training import training_arguments
     from slimlm.models import load_model, load_tokenizer, resolve_dtype
@@ -103,7 +104,10 @@ def run(args) -> int:
         raise InputError(str(error)) from None
     if teacher is not None:
         check_vocabularies(student, teacher, tokenizer, teacher_tokenizer)
-    synthetic_texts = SyntheticDataset.load(args.synthetic).texts() if args.synthetic else None
+    # Teacher-written text: its cached top-k targets when slimlm generate kept them, else its texts by source.
+    synthetic = load_synthetic(args.synthetic) if args.synthetic else None
+    synthetic_caches = synthetic.caches if synthetic is not None and synthetic.caches else None
+    synthetic_texts = synthetic.texts_by_source() if synthetic is not None and not synthetic_caches else None
     rank_zero = os.environ.get("RANK", "0") == "0"
     train = arguments.training_data(args)
     if args.teacher_cache is not None:
@@ -125,7 +129,7 @@ def run(args) -> int:
     layer_map = distill.pruned_layer_map(args.student, student, teacher) if options.hidden_loss_weight > 0 else None
     _, log_history = distill.distill_stage(
         teacher, student, tokenizer, train, args.out, options, synthetic_texts=synthetic_texts,
-        mix_fraction=args.mix if synthetic_texts else 0.0, seed=args.seed, training_args=training_args,
+        synthetic_caches=synthetic_caches, mix_fraction=args.mix if synthetic is not None else 0.0, seed=args.seed, training_args=training_args,
         layer_map=layer_map, teacher_cache=args.teacher_cache, overwrite=args.overwrite, resume=not args.overwrite,
         disable_tqdm=not arguments.progress(args), save_dtype=args.save_dtype,
         extra_record={"teacher": args.teacher, "student": args.student},

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -51,8 +52,10 @@ class SamplingParams:
 class SyntheticDataset(torch.utils.data.Dataset):
     """The records of a synthetic JSONL file (dicts, see the module docstring)."""
 
-    def __init__(self, records: list[dict]):
+    def __init__(self, records: list[dict], *, counts: dict | None = None, caches: dict | None = None):
         self.records = records
+        self.counts = counts or {}
+        self.caches = caches or {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -61,8 +64,22 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return self.records[index]
 
     def texts(self) -> list[str]:
-        """Prompt + generation of every record: what the student is distilled on."""
+        """Prompt and generation of every record, joined as the teacher saw them: what the student is distilled on."""
         return [record["text"] for record in self.records]
+
+    def texts_by_source(self) -> dict[str, list[str]]:
+        """{prompt source: the texts of its records} (records without a source count as "data")."""
+        found: dict[str, list[str]] = {}
+        for record in self.records:
+            found.setdefault(record.get("source", "data"), []).append(record["text"])
+        return found
+
+    def sources(self) -> dict[str, int]:
+        """{prompt source: records} (records of files before sources were kept count as "data")."""
+        found: dict[str, int] = {}
+        for record in self.records:
+            found[record.get("source", "data")] = found.get(record.get("source", "data"), 0) + 1
+        return found
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SyntheticDataset":
@@ -84,6 +101,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 break  # the last write was interrupted; that record is regenerated
             raise InputError(f"{path}:{number} is not valid JSON") from None
     return records
+
+
+def read_json_file(path) -> dict | None:
+    """A JSON file's value; None when it does not parse."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _drop_torn_tail(path: str | os.PathLike) -> None:
@@ -131,6 +157,9 @@ def prompts_from_texts(texts: Iterable[str], *, max_prompts: int, sentences: int
 
 
 def _encode_prompt(tokenizer, prompt: str, chat_template) -> list[int]:
+    if prompt == "":  # free sampling: from the BOS token alone (EOS for a tokenizer without one)
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [start] if start is not None else []
     if chat_template is None:
         return tokenizer(prompt, add_special_tokens=True)["input_ids"]
     template = None if chat_template is True else chat_template
@@ -171,10 +200,136 @@ def check_generation(teacher, tokenizer, prompts: Sequence[str], *, max_new_toke
     return encoded
 
 
+ENGINES = ("slimlm", "generate")
+
+
+def _sources_and_prompts(prompts) -> tuple[list[str], list[str]]:
+    """(source names, prompt texts) of prompts given as texts (source "data") or (source, text) pairs."""
+    pairs = [(item if isinstance(item, tuple) else ("data", item)) for item in prompts]
+    return [source for source, _ in pairs], [prompt for _, prompt in pairs]
+
+
+def _sentence_end(tokenizer, new_ids: list[int]) -> int:
+    """The length of the longest prefix of ``new_ids`` whose text ends a sentence (0: none does)."""
+    for length in range(len(new_ids), 0, -1):
+        if tokenizer.decode(new_ids[:length], skip_special_tokens=True).rstrip().endswith((".", "!", "?", '."', '!"',
+                                                                                               '?"')):
+            return length
+    return 0
+
+
+def _hf_generate(teacher, encoded, todo, *, batch_size, pad_id, eos_id, seed, num_return_sequences, **sampling):
+    """Samples of HF ``generate`` (left-padded batches seeded by their first prompt), as
+    ``slimlm.distill.sampler.Sample``-like tuples (index, prompt ids, new ids, finish)."""
+    device = next(teacher.parameters()).device
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        width = max(len(encoded[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):
+            ids = encoded[index]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        torch.manual_seed(seed + batch[0])
+        with torch.no_grad():
+            output = teacher.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                      do_sample=True, num_return_sequences=num_return_sequences, pad_token_id=pad_id,
+                                      use_cache=True, **sampling)
+        new_tokens = output[:, width:].cpu()
+        for row in range(new_tokens.shape[0]):
+            index = batch[row // num_return_sequences]
+            tokens, finish = new_tokens[row].tolist(), "length"
+            if eos_id is not None and eos_id in tokens:
+                tokens, finish = tokens[: tokens.index(eos_id)], "eos"
+            yield index, row % num_return_sequences, encoded[index], tokens, finish, None
+
+
+def _slimlm_sample(teacher, encoded, todo, *, batch_size, eos_id, seed, num_return_sequences, keep_topk, dtype,
+                   max_new_tokens, temperature, top_p):
+    """Samples of ``slimlm.distill.sampler.sample``: every (prompt, return sequence) its own
+    seeded stream, so the samples do not depend on the batching."""
+    from slimlm.distill.sampler import sample
+
+    expanded = [(index, repeat) for index in todo for repeat in range(num_return_sequences)]
+    if not expanded:  # a resumed run with every prompt done
+        return
+    for drawn in sample(teacher, [encoded[index] for index, _ in expanded], max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, eos_token_id=eos_id,
+                        keep_topk=keep_topk, dtype=dtype, streams=[index * num_return_sequences + repeat
+                                                                   for index, repeat in expanded]):
+        index, repeat = expanded[drawn.index]
+        rows = None if drawn.topk_logprobs is None else (drawn.topk_logprobs, drawn.topk_indices)
+        yield index, repeat, drawn.prompt_ids, list(drawn.new_ids), drawn.finish, rows
+
+
+def cache_folder_name(source: str) -> str:
+    """The folder of a prompt source's top-k cache: its name with anything but letters, digits,
+    '.', '_' and '-' as '_' (a file source is named by its path)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", source).strip(".") or "_"
+
+
+class _Caches:
+    """One top-k cache writer per prompt source (``<cache_dir>/<source>``), continued on resume:
+    the sequences of records read back that a cache does not hold yet are computed by a teacher
+    forward (``teacher_topk``), the new ones come with their sampled rows."""
+
+    def __init__(self, teacher, tokenizer, cache_dir: str, k: int):
+        from slimlm.architectures import lm_head
+        from slimlm.distill.topk_cache import teacher_identity
+
+        self.teacher, self.tokenizer, self.folder, self.k = teacher, tokenizer, cache_dir, k
+        self.identity, self.vocab = teacher_identity(teacher), lm_head(teacher).weight.shape[0]
+        self.writers: dict = {}
+
+    def writer(self, source: str):
+        from slimlm.distill.topk_cache import TopKCacheWriter
+
+        if source not in self.writers:
+            folder = os.path.join(self.folder, cache_folder_name(source))
+            manifest = os.path.join(folder, "manifest.json")
+            if os.path.isfile(manifest) and (read_json_file(manifest) or {}).get("complete"):
+                # finished by a run stopped before its file was swapped in: written again from the records
+                shutil.rmtree(folder)
+            self.writers[source] = TopKCacheWriter(os.path.join(self.folder, cache_folder_name(source)), k=self.k,
+                                                   vocab_size=self.vocab,
+                                                   teacher=self.identity, tokenizer=self.tokenizer,
+                                                   shard_tokens=1 << 16)
+        return self.writers[source]
+
+    def add(self, source: str, ids: list[int], rows) -> None:
+        writer = self.writer(source)
+        if not writer.needs(ids):
+            return
+        if rows is None:
+            from slimlm.distill.topk_cache import teacher_topk
+
+            device = next(self.teacher.parameters()).device
+            logprobs, indices = teacher_topk(self.teacher, torch.tensor([ids], device=device), self.k)
+            rows = (logprobs[0].cpu(), indices[0].cpu())
+        logprobs, indices = rows
+        if logprobs.shape[0] < len(ids):  # the row after a closing EOS is never a target (a sequence start follows)
+            extra = len(ids) - logprobs.shape[0]
+            logprobs = torch.cat([logprobs, logprobs[-1:].expand(extra, -1)])
+            indices = torch.cat([indices, indices[-1:].expand(extra, -1)])
+        writer.add(ids, logprobs[: len(ids)], indices[: len(ids)])
+
+    def finish(self) -> dict[str, str]:
+        paths = {}
+        for source, writer in self.writers.items():
+            writer.finish()
+            paths[source] = writer.folder
+        return paths
+
+    def discard(self) -> None:
+        for writer in self.writers.values():
+            writer.discard()
+
+
 def generate_synthetic(
     teacher,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence,
     *,
     out_path: str | os.PathLike,
     max_new_tokens: int = 128,
@@ -186,17 +341,50 @@ def generate_synthetic(
     chat_template=None,
     min_new_tokens: int = 1,
     dedupe: bool = True,
+    engine: str = "slimlm",
+    keep_topk: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    filters: bool = True,
     progress: bool = True,
 ) -> SyntheticDataset:
     """Sample ``num_return_sequences`` generations per prompt from ``teacher`` and append them to ``out_path``.
 
-    ``chat_template``: None continues the raw prompt; True wraps it as a user turn with the
-    tokenizer's chat template; a string is used as the template. Each batch is sampled with
-    ``torch.manual_seed(seed + index of its first prompt)``, so a given batch is reproducible.
+    ``prompts``: texts, or (source, text) pairs (``slimlm.distill.prompts.mix_prompts``); a
+    record keeps its source. ``chat_template``: None continues the raw prompt; True wraps it as a
+    user turn with the tokenizer's chat template; a string is used as the template. An empty
+    prompt samples freely from the BOS token. ``engine``: "slimlm" (``slimlm.distill.sampler``:
+    every sample its own seeded stream, independent of the batching) or "generate" (Hugging
+    Face ``generate``, each batch seeded by its first prompt).
+
+    A record's ``text`` joins prompt and answer the way the teacher saw them
+    (``slimlm.distill.prompts.joined_text``: the chat template's markup kept), and ``ids`` are
+    their tokens (with the closing EOS when the answer ended). With ``filters``, degenerate
+    samples are dropped (``slimlm.distill.prompts.degeneration``: empty, short, repetition
+    loops) and an answer cut by ``max_new_tokens`` is trimmed to its last sentence end (dropped
+    when it has none); the counts per reason are the dataset's ``counts``.
+
+    ``keep_topk`` (with ``cache_dir``): the teacher's top-k log-probabilities of every position
+    of each kept sample (temperature 1, the distribution it sampled from before temperature and
+    top-p) go into a top-k cache per source, ``<cache_dir>/<source>``
+    (``slimlm.distill.topk_cache``): distilling on this text then needs no teacher pass.
     Returns every record in the file (earlier runs' included).
     """
+    from slimlm.distill.prompts import FilterCounts, degeneration, joined_text
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if (keep_topk is None) != (cache_dir is None):
+        raise ValueError("keep_topk and cache_dir go together: the top-k rows are kept in a cache")
+    if keep_topk is not None and keep_topk < 1:
+        raise ValueError(f"keep_topk must be >= 1, got {keep_topk}")
+    if keep_topk is not None:  # at most the vocabulary: then the whole distribution is kept
+        from slimlm.architectures import lm_head
+
+        keep_topk = min(keep_topk, lm_head(teacher).weight.shape[0])
+    sources, texts = _sources_and_prompts(prompts)
     params = SamplingParams(max_new_tokens, temperature, top_p, num_return_sequences, seed)
-    encoded = check_generation(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+    encoded = check_generation(teacher, tokenizer, texts, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, num_return_sequences=num_return_sequences, batch_size=batch_size,
                                seed=seed, chat_template=chat_template, min_new_tokens=min_new_tokens)
 
@@ -205,78 +393,88 @@ def generate_synthetic(
         records = read_jsonl(out_path)
     else:
         records = []
-    done = {record["prompt"] for record in records}
+    # A record names its prompt's place in the list (the same list on resume: its digest is part
+    # of the run's inputs), so a prompt drawn twice (free sampling's, a cycled pool's) counts twice.
+    done = {record["index"] if "index" in record else (record.get("source", "data"), record["prompt"])
+            for record in records}
     seen = {" ".join(record["generation"].split()) for record in records}
-    todo = [index for index, prompt in enumerate(prompts) if prompt not in done]
+    todo = [index for index, pair in enumerate(zip(sources, texts)) if index not in done and pair not in done]
     provenance = {
         "name": getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__,
         "fingerprint": model_fingerprint(teacher),
     }
     sampling = vars(params)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
-    device = next(teacher.parameters()).device
+    counts, duplicates = FilterCounts(), 0
     was_training = teacher.training
     teacher.eval()
+    caches = _Caches(teacher, tokenizer, os.fspath(cache_dir), keep_topk) if keep_topk else None
+    if caches is not None:  # continue the caches: the records read back first, in file order
+        for record in records:
+            caches.add(record.get("source", "data"), record["ids"], None)
 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    bar = tqdm(total=len(todo), desc="generating", unit="prompt", disable=not progress)
+    if engine == "slimlm":
+        drawn = _slimlm_sample(teacher, encoded, todo, batch_size=batch_size, eos_id=eos_id, seed=seed,
+                               num_return_sequences=num_return_sequences, keep_topk=keep_topk, dtype=dtype,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    else:
+        drawn = _hf_generate(teacher, encoded, todo, batch_size=batch_size, pad_id=pad_id, eos_id=eos_id, seed=seed,
+                             num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p)
+    bar = tqdm(total=len(todo) * num_return_sequences, desc="generating", unit="sample", disable=not progress)
     try:
         with open(out_path, "a", encoding="utf-8") as handle:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                width = max(len(encoded[i]) for i in batch)
-                # Left padding, so every prompt ends where generation starts.
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, index in enumerate(batch):
-                    ids = encoded[index]
-                    input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                    attention_mask[row, width - len(ids) :] = 1
-                torch.manual_seed(seed + batch[0])
-                with torch.no_grad():
-                    output = teacher.generate(
-                        input_ids=input_ids.to(device),
-                        attention_mask=attention_mask.to(device),
-                        do_sample=True,
-                        temperature=temperature,
-                        top_p=top_p,
-                        max_new_tokens=max_new_tokens,
-                        num_return_sequences=num_return_sequences,
-                        pad_token_id=pad_id,
-                        use_cache=True,
-                    )
-                new_tokens = output[:, width:].cpu()
-                for row in range(new_tokens.shape[0]):
-                    index = batch[row // num_return_sequences]
-                    tokens = new_tokens[row]
-                    if tokenizer.eos_token_id is not None:
-                        stops = (tokens == tokenizer.eos_token_id).nonzero()
-                        if len(stops):
-                            tokens = tokens[: stops[0, 0]]
-                    generation = tokenizer.decode(tokens, skip_special_tokens=True)
-                    key = " ".join(generation.split())
-                    if len(tokens) < min_new_tokens or not key or (dedupe and key in seen):
-                        continue
-                    seen.add(key)
-                    record = {
-                        "prompt": prompts[index],
-                        "generation": generation,
-                        "text": prompts[index] + generation,
-                        "sample": row % num_return_sequences,
-                        "num_new_tokens": int(len(tokens)),
-                        "teacher": provenance,
-                        "sampling": sampling,
-                    }
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    records.append(record)
-                handle.flush()
-                bar.update(len(batch))
+            for index, repeat, prompt_ids, new_ids, finish, rows in drawn:
+                bar.update(1)
+                prompt_ids, reason = list(prompt_ids), None
+                if filters and finish == "length":  # cut by the limit: trimmed to its last sentence end
+                    new_ids = new_ids[: _sentence_end(tokenizer, new_ids)]
+                    reason = None if new_ids else "cut"
+                generation = tokenizer.decode(new_ids, skip_special_tokens=True)
+                key = " ".join(generation.split())
+                if filters and reason is None:
+                    reason = degeneration(new_ids, generation, "stop", min_new_tokens=min_new_tokens)
+                if reason is None and (len(new_ids) < min_new_tokens or not key):
+                    reason = "short" if key else "empty"
+                if reason is None and dedupe and key in seen:
+                    duplicates += 1
+                    continue
+                counts.add(reason)
+                if reason is not None:
+                    continue
+                seen.add(key)
+                ids = prompt_ids + new_ids + ([eos_id] if finish == "eos" and eos_id is not None else [])
+                record = {
+                    "index": index,
+                    "source": sources[index],
+                    "prompt": texts[index],
+                    "generation": generation,
+                    "text": joined_text(tokenizer, prompt_ids, ids[len(prompt_ids):]),
+                    "ids": ids,
+                    "sample": repeat,
+                    "num_new_tokens": len(new_ids),
+                    "finish": finish,
+                    "teacher": provenance,
+                    "sampling": sampling,
+                }
+                if caches is not None:
+                    caches.add(sources[index], ids, rows)
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                records.append(record)
+            handle.flush()
+        paths = caches.finish() if caches is not None else {}
+    except BaseException:
+        if caches is not None:
+            caches.discard()
+        raise
     finally:
         bar.close()
         teacher.train(was_training)
-    return SyntheticDataset(records)
+    return SyntheticDataset(records, counts={**counts.as_record(), "duplicate": duplicates}, caches=paths)
 
 
 def mix(classic: Sequence, synthetic: Sequence, *, synthetic_fraction: float, num_samples: int | None = None, seed: int = 0) -> list:

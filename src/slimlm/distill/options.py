@@ -31,14 +31,45 @@ class GenerationOptions(Options):
     num_return_sequences: int = option(1, "generations per prompt", check="positive")
     batch_size: int = option(8, "prompts per generation batch", check="positive")
     chat: bool = option(False, "wrap each prompt as a user turn of the tokenizer's chat template")
+    sources: str = option("data=1", "prompt sources and their weights, e.g. 'general=0.8,data=0.2': general (the "
+                                  "built-in everyday prompts for chat teachers), bos (free sampling from BOS, for "
+                                  "base models), data (first sentences of the training documents), file:PATH")
+    engine: str = option("slimlm", "what samples: slimlm (the batched sampler, each sample its own seeded stream) "
+                                   "or generate (Hugging Face generate)", choices=("slimlm", "generate"))
+    precision: str = option("auto", "what the teacher samples in (auto: bfloat16 on a CPU with native bfloat16, "
+                                    "float32 on other CPUs, as loaded on a GPU)", choices=("auto", "float32", "bfloat16"),
+                            renamed=RENAMED_DTYPES)
+    keep_topk: int = option(64, "keep the teacher's top-k log-probs (at most its vocabulary) of every position while sampling, so "
+                                "distilling on the text needs no teacher pass (0: keep none)", check="non_negative")
+    filters: bool = option(True, "drop degenerate samples (empty, short, repetition loops) and trim answers "
+                                 "cut by max_new_tokens to their last sentence end")
+    min_new_tokens: int = option(8, "a kept sample's new tokens at least (at most max_new_tokens)",
+                                 check="non_negative")
     mix: float = option(0.3, "share of synthetic blocks in the distillation's training mix (a recipe's; "
                              "slimlm distill takes --mix)", check="fraction", cli=False)
+
+    def check(self) -> None:
+        from slimlm.distill.prompts import parse_sources
+
+        parse_sources(self.sources)
 
     def sampling(self, seed: int) -> dict:
         """The keyword arguments of ``generate_stage``/``check_generation`` these options give."""
         return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                     num_return_sequences=self.num_return_sequences, batch_size=self.batch_size, seed=seed,
-                    chat_template=True if self.chat else None)
+                    chat_template=True if self.chat else None,
+                    min_new_tokens=min(self.min_new_tokens, self.max_new_tokens))
+
+    def writing(self, device: str = "cpu") -> dict:
+        """The keyword arguments of ``generate_synthetic`` beyond the sampling: engine, dtype, filters, top-k."""
+        import torch
+
+        from slimlm.distill.training import cpu_has_bf16
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(self.precision)
+        if self.precision == "auto" and device == "cpu":
+            dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+        return dict(engine=self.engine, dtype=dtype, filters=self.filters, keep_topk=self.keep_topk or None)
 
 
 @dataclass
@@ -91,6 +122,14 @@ class DistillOptions(Options):
                                      "precision; softmax, KL and CE are float32 always)", choices=tuple(GEMM_DTYPES),
                             renamed=RENAMED_DTYPES)
     freeze_embeddings: bool = option(False, "keep the student's token embedding and LM head as pruned")
+    dynamic_mix: bool = option(False, "move the training mix's weights towards the sources where the student's "
+                                      "held-out loss exceeds the teacher's most (Sheared-LLaMA); else a static mix")
+    mix_every: int = option(32, "steps between the dynamic mix's updates", check="positive")
+    mix_heldout_blocks: int = option(4, "held-out blocks per source that the dynamic mix compares the losses on",
+                                     check="positive")
+    mix_step_size: float = option(1.0, "the dynamic mix's step: weights move by exp(step x excess loss)",
+                                  check="positive")
+    mix_smoothing: float = option(0.1, "share of the uniform mix blended into each dynamic update", check="fraction")
     eval_steps: int | None = option(None, "held-out NLL every this many steps (a recipe's held-out sets)",
                                     check="positive", cli=False)
     eval_blocks: int = option(8, "held-out blocks per evaluation along the training", check="positive", cli=False)

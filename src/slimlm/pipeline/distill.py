@@ -9,12 +9,13 @@ from slimlm import outputs
 from slimlm.errors import InputError
 from slimlm.pipeline.checkpoints import plan_checkpoints
 from slimlm.pipeline.stage import RunContext, Stage
+from slimlm.pipeline.recipe import general_sets
 from slimlm.pipeline.records import DISTILL_RECORD, RUN_RECORD, data_digest, has_weights, inputs_stale_reason, \
     read_json, read_json_roundtrip, texts_digest
 
 
 def distill_inputs(teacher, student, train, options=None, *, synthetic_texts=None, mix_fraction=0.0, seed=0,
-                   training_args=(), layer_map=None, teacher_cache=None) -> dict:
+                   training_args=(), layer_map=None, teacher_cache=None, synthetic_caches=None) -> dict:
     """Everything a distillation run depends on: the models' fingerprints, the data's digests,
     the options that shape the result (``DistillOptions``; not the time caps nor the evaluation
     along the way), the training arguments and the precisions as asked ("auto" resolves per
@@ -22,13 +23,16 @@ def distill_inputs(teacher, student, train, options=None, *, synthetic_texts=Non
     ``slimlm.pipeline.correct.correct_teacher_stage`` adds its correction's inputs
     ("teacher_correction"): its weights' fingerprint alone may miss the fine-tuning. ``train``:
     token shards or texts (``data_digest``); ``teacher_cache``: a top-k cache folder the student
-    learns from instead of ``teacher`` (None then), recorded by its manifest's digest."""
+    learns from instead of ``teacher`` (None then), recorded by its manifest's digest; so are the
+    ``synthetic_caches`` of teacher-written text."""
     from slimlm.distill.options import DistillOptions
     from slimlm.fingerprint import model_fingerprint
     from slimlm.pipeline.correct import CORRECTION_ATTRIBUTE
 
     options = options if options is not None else DistillOptions()
-    mixed = bool(synthetic_texts) and mix_fraction > 0
+    mixed = bool(synthetic_texts or synthetic_caches) and mix_fraction > 0
+    texts = [text for part in synthetic_texts.values() for text in part] if isinstance(synthetic_texts, dict) \
+        else synthetic_texts
     correction = getattr(teacher, CORRECTION_ATTRIBUTE, None)
     extra = options.distillation_options()
     if layer_map is not None:
@@ -38,13 +42,93 @@ def distill_inputs(teacher, student, train, options=None, *, synthetic_texts=Non
         "teacher": model_fingerprint(teacher) if teacher is not None else None,
         "student": model_fingerprint(student), "train": data_digest(train),
         **({"teacher_cache": outputs.file_digest(os.path.join(teacher_cache, "manifest.json"))}
-           if teacher_cache is not None else {}), "synthetic": texts_digest(synthetic_texts) if mixed else None,
+           if teacher_cache is not None else {}),
+        **({"synthetic_caches": {source: outputs.file_digest(os.path.join(path, "manifest.json"))
+                                 for source, path in sorted(synthetic_caches.items())}} if synthetic_caches and mixed
+           else {}),
+        **({"dynamic_mix": {name: getattr(options, name) for name in MIX_FIELDS}} if options.dynamic_mix else {}),
+        "synthetic": texts_digest(texts) if mixed and texts else None,
         "mix": mix_fraction if mixed else 0.0, "seq_len": options.seq_len, "max_tokens": options.max_tokens,
         "batch_size": options.batch_size, "learning_rate": options.lr, "temperature": options.temperature,
         "beta": options.beta, "kd_weight": options.kd_weight, "ce_weight": options.ce_weight, "seed": seed,
         "training_args": list(training_args), "teacher_precision": options.teacher_precision,
         "student_precision": options.student_precision, "fit_to_time": options.fit_to_time,
         **({"distillation_options": extra} if extra else {})})
+
+
+MIX_FIELDS = ("mix_every", "mix_heldout_blocks", "mix_step_size", "mix_smoothing")
+
+
+def source_mixture(classic, synthetic: dict, mix_fraction: float, options, *, num_items: int, seed: int,
+                   teacher=None, log=print):
+    """The training set of a mix of sources — ``classic`` (the corpus's blocks) and each
+    ``synthetic`` source ({name: blocks}) — drawn batch by batch (``slimlm.distill.mixture.SourceMixture``:
+    every batch from one source, so cached-target blocks and live-teacher blocks never share one).
+    The synthetic sources share ``mix_fraction`` of the weight by their sizes. With
+    ``options.dynamic_mix`` the last ``mix_heldout_blocks`` blocks of each source are held out
+    and the weights follow the student's excess loss over ``teacher``'s on them
+    (``dynamic_mix_callback``). Returns (dataset, callbacks)."""
+    from torch.utils.data import Subset
+
+    from slimlm.distill.mixture import SourceMixture, dynamic_mix_callback, reference_losses
+
+    sources = {"corpus": classic, **synthetic} if mix_fraction < 1 else dict(synthetic)
+    heldout = {}
+    if options.dynamic_mix:
+        if teacher is None:
+            raise InputError("the dynamic mix compares the student's loss with the live teacher's: it needs the "
+                             "teacher (not a teacher cache alone)")
+        count = options.mix_heldout_blocks
+        for name, blocks in list(sources.items()):
+            if len(blocks) <= count:
+                raise InputError(f"the dynamic mix holds out {count} blocks of each source, but source {name!r} has "
+                                 f"{len(blocks)}: lower distill.mix_heldout_blocks or give it more text")
+            heldout[name] = [blocks[index] for index in range(len(blocks) - count, len(blocks))]
+            sources[name] = Subset(blocks, range(len(blocks) - count))
+    synthetic_size = sum(len(sources[name]) for name in synthetic)
+    weights = {name: (1.0 - mix_fraction) if name == "corpus" else mix_fraction * len(sources[name]) / synthetic_size
+               for name in sources}
+    mixture = SourceMixture(sources, weights, batch_size=options.batch_size, num_items=num_items, seed=seed)
+    callbacks = []
+    if options.dynamic_mix:
+        reference = reference_losses(teacher, heldout, batch_size=options.batch_size)
+        log(f"[distill] dynamic mix over {', '.join(sources)}: the teacher's held-out NLL "
+            + ", ".join(f"{name} {value:.3f}" for name, value in reference.items()))
+        callbacks.append(dynamic_mix_callback(mixture, heldout, reference, every=options.mix_every,
+                                              batch_size=options.batch_size, step_size=options.mix_step_size,
+                                              smoothing=options.mix_smoothing, log=log))
+    return mixture, callbacks
+
+
+def synthetic_blocks(synthetic_texts, synthetic_caches, tokenizer, options, *, student, log=print) -> dict:
+    """{source name: blocks} of the teacher-written text: the packed blocks of each top-k cache
+    (``PackedTopKBlocks``, checked against the student's vocabulary and the temperature; a cache
+    shorter than one block is left out, with a line in the log), else of the texts (one source,
+    or {source: texts})."""
+    from slimlm.architectures import lm_head
+    from slimlm.distill.items import training_items_of
+    from slimlm.distill.topk_cache import PackedTopKBlocks, load_teacher_topk
+
+    if synthetic_caches:
+        blocks = {}
+        for source, path in synthetic_caches.items():
+            cache = load_teacher_topk(path)
+            if cache.num_tokens < options.seq_len:
+                log(f"[distill] synthetic text of {source!r} left out: {cache.num_tokens} tokens, fewer than one "
+                    f"block of {options.seq_len}")
+                continue
+            packed = PackedTopKBlocks(cache, options.seq_len)
+            try:
+                packed.cache.check_compatible(vocab_size=lm_head(student).weight.shape[0],
+                                              temperature=options.temperature)
+            except ValueError as error:
+                raise InputError(f"synthetic text of {source!r}: {error}") from None
+            blocks[f"synthetic/{source}"] = packed
+        return blocks
+    if isinstance(synthetic_texts, dict):
+        return {f"synthetic/{source}": training_items_of(texts, tokenizer, options.seq_len, model=student)
+                for source, texts in synthetic_texts.items()}
+    return {"synthetic": training_items_of(synthetic_texts, tokenizer, options.seq_len, model=student)}
 
 
 def pruned_layer_map(student_dir: str, student, teacher) -> dict[int, int] | None:
@@ -76,7 +160,8 @@ def eval_blocks(data, tokenizer, seq_len: int, count: int, *, model=None):
 
 
 def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *, synthetic_texts=None,
-                  mix_fraction=0.0, seed=0, training_args=(), layer_map=None, teacher_cache=None, resume=True,
+                  mix_fraction=0.0, seed=0, training_args=(), layer_map=None, teacher_cache=None,
+                  synthetic_caches=None, resume=True,
                   overwrite=False,
                   clear_stale_checkpoints=False, checkpoints: str | None = None, disable_tqdm: bool = False,
                   extra_record=None, save_dtype=None, eval_texts: dict | None = None, log=print):
@@ -86,6 +171,11 @@ def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *,
     student to ``out`` atomically. With ``teacher_cache`` (a top-k cache of ``train``'s blocks,
     ``slimlm.distill.topk_cache``) the student learns from the cached teacher: no teacher is
     needed (``teacher`` may be None), the blocks are the cache's and synthetic text cannot mix in.
+    ``synthetic_caches`` ({prompt source: top-k cache of its teacher-written text},
+    ``slimlm.distill.generate.generate_synthetic``): the synthetic blocks learn from the cached
+    targets, with no teacher pass; then, or with ``options.dynamic_mix``, the training set is a
+    mix of sources drawn batch by batch (``source_mixture``), else classic and synthetic blocks
+    are shuffled together (``training_set``).
 
     ``options`` (``slimlm.distill.options.DistillOptions``; default its defaults) says how:
     blocks of ``seq_len`` tokens, ``batch_size`` per device, peak ``lr``, the loss and the
@@ -139,9 +229,9 @@ def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *,
         raise InputError(f"mix_fraction must be in [0, 1], got {mix_fraction}")
     if options.fit_to_time and not options.max_minutes:
         raise InputError("fit_to_time fits the schedule to max_minutes: give max_minutes too")
-    if teacher_cache is not None and synthetic_texts and mix_fraction > 0:
-        raise InputError("synthetic text needs a live teacher: a top-k cache holds the teacher on the training "
-                         "blocks only")
+    if teacher_cache is not None and (synthetic_texts or synthetic_caches) and mix_fraction > 0:
+        raise InputError("a top-k cache of the training blocks replaces the teacher for the whole run: synthetic "
+                         "text does not mix in there")
     config = options.distillation_config(layer_map=layer_map, topk=teacher_cache)
     seq_len, batch_size = options.seq_len, options.batch_size
     out = outputs.check_output(out, overwrite)
@@ -149,7 +239,7 @@ def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *,
     student_before = model_fingerprint(student)
     inputs = distill_inputs(teacher, student, train, options, synthetic_texts=synthetic_texts,
                             mix_fraction=mix_fraction, seed=seed, training_args=training_args, layer_map=layer_map,
-                            teacher_cache=teacher_cache)
+                            teacher_cache=teacher_cache, synthetic_caches=synthetic_caches)
     saved_dtype = resolve_save_dtype(student, save_dtype)
     args = training_arguments(student_precision_flags(options.student_precision, training_args, log=log),
                               output_dir=checkpoints, batch_size=batch_size, learning_rate=options.lr, seed=seed)
@@ -159,19 +249,34 @@ def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *,
         plan_checkpoints(checkpoints, inputs, resume=resume, clear_stale=clear_stale_checkpoints)
     set_seed(seed)
 
-    mixed = bool(synthetic_texts) and mix_fraction > 0
-    if teacher_cache is not None:
-        dataset = None  # the cache's blocks (DistillationTrainer)
-    else:
-        synthetic = training_items_of(synthetic_texts, tokenizer, seq_len, model=student) if mixed else None
-        dataset = training_set(training_items_of(train, tokenizer, seq_len, model=student), synthetic, mix_fraction,
-                               seed=seed)
     explicit_steps = any(flag.split("=")[0] == "--max_steps" for flag in training_args)
     if options.max_tokens is not None and not explicit_steps:
         args.max_steps = max(1, math.ceil(options.max_tokens / tokens_per_step(args, seq_len)))
+    mixed = bool(synthetic_texts or synthetic_caches) and mix_fraction > 0
+    mix_callbacks = []
+    if teacher_cache is not None:
+        dataset = None  # the cache's blocks (DistillationTrainer)
+    elif mixed and (synthetic_caches or options.dynamic_mix):
+        if args.max_steps is None or args.max_steps < 1:
+            raise InputError("a mix of sources is drawn for a known number of steps: give max_tokens or --max_steps")
+        synthetic = synthetic_blocks(synthetic_texts, synthetic_caches, tokenizer, options, student=student, log=log)
+        if not synthetic:
+            raise InputError("no synthetic source holds a block of seq_len tokens: generate more text or lower "
+                             "synthetic.mix to 0")
+        num_items = args.max_steps * tokens_per_step(args, seq_len) // seq_len
+        dataset, mix_callbacks = source_mixture(training_items_of(train, tokenizer, seq_len, model=student),
+                                                synthetic, mix_fraction, options, num_items=num_items, seed=seed,
+                                                teacher=teacher, log=log)
+    else:
+        synthetic = synthetic_blocks(synthetic_texts, None, tokenizer, options, student=student, log=log) \
+            if mixed else None
+        synthetic = [item for part in synthetic.values() for item in part] if synthetic else None
+        dataset = training_set(training_items_of(train, tokenizer, seq_len, model=student), synthetic, mix_fraction,
+                               seed=seed)
 
     max_minutes = options.max_minutes
     callbacks = [time_budget_callback(max_minutes * 60)] if max_minutes else []
+    callbacks += mix_callbacks
     if options.fit_to_time:  # before the evaluation callback, which evaluates at the (fitted) last step
         callbacks.insert(0, fit_schedule_callback(max_minutes * 60, log=log))
     if eval_texts and options.eval_steps:
@@ -357,12 +462,15 @@ class DistillStage(Stage):
         cache = done.get("teacher_cache")
         if cache is not None:  # the cached teacher replaces the live one
             self.teacher = None
-        self.data = dict(synthetic_texts=synthetic, mix_fraction=ctx.recipe["synthetic"]["mix"] if synthetic else 0.0,
+        # Teacher-written text: its cached targets when the synthetic stage kept them, else its texts by source.
+        caches = synthetic.caches if synthetic is not None and synthetic.caches else None
+        texts = synthetic.texts_by_source() if synthetic is not None and not caches else None
+        self.data = dict(synthetic_texts=texts, synthetic_caches=caches,
+                         mix_fraction=ctx.recipe["synthetic"]["mix"] if synthetic is not None else 0.0,
                          seed=ctx.recipe["seed"], training_args=ctx.training_flags(), layer_map=self.layer_map,
                          teacher_cache=cache)
         self.train = done["tokenize"]["train"]
-        self.eval_sets = {name: done["tokenize"][name] for name in ("heldout", "general")
-                          if done["tokenize"][name] is not None}
+        self.eval_sets = {name: done["tokenize"][name] for name in ("heldout", *general_sets(ctx.recipe))}
         inputs = distill_inputs(self.teacher, self.student, self.train, self.options, **self.data)
         return with_save_dtype(inputs, save_dtype(self.student, self.save_dtype))
 

@@ -3,6 +3,7 @@ model on the held-out blocks (``eval.json``, keyed by the models' fingerprints a
 from __future__ import annotations
 
 from slimlm import outputs
+from slimlm.pipeline.recipe import general_sets
 from slimlm.pipeline.records import DISTILL_RECORD, data_digest, read_json, read_json_roundtrip
 from slimlm.pipeline.stage import RunContext, Stage
 
@@ -18,8 +19,8 @@ def keyed_stale_reason(path: str, key: dict, what: str) -> str | None:
 
 
 class EvalStage(Stage):
-    """Perplexity on the held-out blocks (and on the general held-out set's, when the recipe has
-    one), decode speed and samples of each model; its value is the ``evaluate_model`` results,
+    """Perplexity on the held-out blocks (and on each general held-out set's, ``data.general``),
+    decode speed and samples of each model; its value is the ``evaluate_model`` results,
     the teacher's first."""
 
     name, output = "eval", "eval.json"
@@ -38,8 +39,9 @@ class EvalStage(Stage):
         for name in MODELS[1:]:
             self.models[name] = load_model(self.specs[name], dtype=ctx.dtype, device=ctx.device)
         self.sets = done["tokenize"]
+        self.general = {name: self.sets[name] for name in general_sets(ctx.recipe)}
         return {"heldout": data_digest(self.sets["heldout"]), "settings": self.settings(ctx),
-                "general": data_digest(self.sets["general"]) if self.sets["general"] is not None else None,
+                "general": {name: data_digest(shards) for name, shards in self.general.items()} or None,
                 "fingerprints": {name: model_fingerprint(model) for name, model in self.models.items()},
                 "distilled_record": read_json(os.path.join(self.specs["distilled"], DISTILL_RECORD)).get(
                     "train_seconds")}
@@ -57,7 +59,7 @@ class EvalStage(Stage):
             return eval_blocks(shards, ctx.tokenizer, section["seq_len"], section["max_blocks"], model=ctx.teacher)
 
         heldout = blocks(self.sets["heldout"])
-        general = blocks(self.sets["general"]) if self.sets["general"] is not None else None
+        general = {name: blocks(shards) for name, shards in self.general.items()}
         results = [evaluate_model(model, heldout, tokenizer=ctx.tokenizer, prompts=section["prompts"],
                                   max_new_tokens=section["max_new_tokens"], batch_size=section["batch_size"],
                                   spec=self.specs[name], progress=ctx.progress, name=name, general_blocks=general)

@@ -21,6 +21,7 @@ from slimlm.shards import TokenizeOptions
 from slimlm.options import check_type
 from slimlm.pipeline.correct import CorrectionOptions
 from slimlm.search.options import SearchOptions
+from slimlm.search.schedule import ScheduleOptions
 from slimlm.surgery.options import ReconstructOptions
 
 
@@ -80,7 +81,7 @@ _ANY = object()
 # num_samples blocks of importance.seq_len tokens of the training text, for the search's
 # candidates and the prune stage both; correct_teacher is Minitron's teacher correction.
 OPTION_SECTIONS = (TokenizeOptions, ImportanceOptions, GenerationOptions, DistillOptions, SearchOptions,
-                   ReconstructOptions, CorrectionOptions, EvalOptions, TeacherCacheOptions)
+                   ReconstructOptions, CorrectionOptions, EvalOptions, TeacherCacheOptions, ScheduleOptions)
 # TokenizeOptions' fields a recipe sets elsewhere: the data section's text field and held-out
 # split (by document, with the recipe's seed), which the tokenize stage passes on.
 TOKENIZE_FROM_DATA = ("text_field", "documents", "heldout_fraction", "seed")
@@ -90,11 +91,12 @@ RECIPE_FIELDS = {
            "save_dtype": (str, "auto"),
            "device": (str, None), "data": (dict, _ANY), "tokenize": (dict, {}), "importance": (dict, {}),
            "target": (dict, _ANY), "teacher_cache": ((dict, type(None)), None),
-           "search": ((dict, type(None)), None),
+           "search": ((dict, type(None)), None), "schedule": ((dict, type(None)), None),
            "reconstruct": ((dict, type(None)), None), "correct_teacher": ((dict, type(None)), None), "synthetic": ((dict, type(None)), None), "distill": (dict, {}), "eval": (dict, {}), "report": (dict, {})},
-    # general: a held-out set of another register than the training text (the demo's: Python's
-    # language reference and the common licences), evaluated and reported beside heldout.
-    "data": {"train": ((str, list), _ANY), "heldout": ((str, list), None), "general": ((str, list), None),
+    # general: held-out sets of other registers than the training text, evaluated and reported
+    # beside heldout: one set (named "general") or a mapping {split name: paths} (the demo's:
+    # general = Python's language reference and the common licences, english = general English prose).
+    "data": {"train": ((str, list), _ANY), "heldout": ((str, list), None), "general": ((str, list, dict), None),
              "heldout_fraction": (float, 0.1),
              "text_field": (str, "text")},
     "report": {"title": (str, "slimlm report")},
@@ -156,11 +158,33 @@ def _check_semantics(recipe: dict, where: str) -> None:
             parse_param_count(budget.target_params, 1)  # finite, positive, a fraction or a whole count
     except (ValueError, TypeError) as error:
         raise InputError(f"{where}: target: {error}") from None
+    recipe["data"]["general"] = _general_sets(recipe["data"]["general"], where)
     if not 0.0 < recipe["data"]["heldout_fraction"] < 1.0:
         raise InputError(f"{where}: data.heldout_fraction must be in (0, 1), got {recipe['data']['heldout_fraction']}")
     for field in ("dtype", "save_dtype"):
         if recipe[field] != "auto" and recipe[field] not in DTYPES:
             raise InputError(f"{where}: {field}{unknown_value(recipe[field], ('auto', *DTYPE_NAMES))}")
+
+
+_SPLIT_NAME = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def _general_sets(value, where: str) -> dict | None:
+    """data.general as {split name: paths} (one set given bare is named "general"); None without it."""
+    if value is None:
+        return None
+    sets = value if isinstance(value, dict) else {"general": value}
+    for name, paths in sets.items():
+        if not isinstance(name, str) or not _SPLIT_NAME.fullmatch(name) or name in ("train", "heldout"):
+            raise InputError(f"{where}: data.general: split name {name!r} must be lowercase letters, digits, '_' "
+                             "or '-' (and not train or heldout)")
+        check_type(f"{where}: data.general.{name}", paths, (str, list))
+    return sets or None
+
+
+def general_sets(recipe: dict) -> dict:
+    """{split name: paths} of the recipe's general held-out sets ({} without data.general)."""
+    return recipe["data"]["general"] or {}
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
@@ -181,9 +205,11 @@ def load_recipe(path: str | os.PathLike) -> dict:
 
     if os.path.exists(local(recipe["teacher"])):
         recipe["teacher"] = local(recipe["teacher"])
-    for key in ("train", "heldout", "general"):
+    for key in ("train", "heldout"):
         if recipe["data"][key] is not None:
             recipe["data"][key] = local(recipe["data"][key])
+    for name, paths in general_sets(recipe).items():
+        recipe["data"]["general"][name] = local(paths)
     stem = os.path.splitext(os.path.basename(path))[0]
     recipe["out"] = local(recipe["out"]) if recipe["out"] else os.path.join(base, f"{stem}-run")
     return recipe

@@ -35,5 +35,29 @@ class ReportStage(Stage):
                           device=f"{ctx.device} ({torch.get_num_threads()} threads)", timings=self.timings)
         report = write_report(ctx.path(self.output), results=done["eval"], scores=done["importance"],
                               log_history=done["distill"], plan_text=done["prune"], notes=notes,
-                              title=recipe["report"]["title"], speed=done["speed"], search=done["search"])
+                              title=recipe["report"]["title"], speed=done["speed"], search=done["search"],
+                              sections=report_sections(done))
         return {"report": report, "table": report["table"], "results": done["eval"]}
+
+
+def report_sections(done: dict) -> dict[str, list[str]]:
+    """The report's sections beyond the one-shot run's: a gradual schedule's steps, and what the
+    teacher wrote (prompt sources, filtered samples, cached targets)."""
+    sections = {}
+    if done.get("gradual") is not None:
+        from slimlm.pipeline.gradual import gradual_report_lines
+
+        sections["Gradual pruning: the steps"] = gradual_report_lines(done["gradual"])
+    synthetic = done.get("synthetic")
+    if synthetic is not None:
+        sources = ", ".join(f"{source} {count}" for source, count in synthetic.sources().items())
+        dropped = ", ".join(f"{reason} {count}" for reason, count in (synthetic.counts or {}).items()
+                            if reason != "kept" and count)
+        tokens = sum(record.get("num_new_tokens", 0) for record in synthetic.records)
+        sections["Teacher-written text"] = [
+            f"{len(synthetic)} samples ({tokens:,} new tokens) by prompt source: {sources}.",
+            f"Dropped by the filters: {dropped or 'none'}.",
+            "The distillation learns on them from the teacher's top-k log-probs kept while it sampled "
+            "(no second teacher pass)." if synthetic.caches else
+            "The distillation runs the teacher on them like on the corpus."]
+    return sections

@@ -16,8 +16,10 @@ from slimlm.pipeline import synthetic
 from slimlm.pipeline.correct import CorrectTeacherStage
 from slimlm.pipeline.distill import DistillStage
 from slimlm.pipeline.evaluate import EvalStage
+from slimlm.pipeline.gradual import GradualStage, check_schedule_settings
 from slimlm.pipeline.importance import ImportanceStage
 from slimlm.pipeline.prune import PruneStage
+from slimlm.pipeline.recipe import general_sets
 from slimlm.pipeline.report import ReportStage
 from slimlm.pipeline.search import SearchStage
 from slimlm.pipeline.speed import SpeedStage
@@ -63,8 +65,8 @@ class Pipeline:
         cleared (another recipe's run, ``overwrite``)."""
         data = self.recipe["data"]
         inputs = {"teacher": self.recipe["teacher"], "training data": data["train"],
-                  "held-out data": data["heldout"], "general held-out data": data["general"],
-                  "recipe": self.recipe_path}
+                  "held-out data": data["heldout"], "recipe": self.recipe_path,
+                  **{f"general held-out data {name}": paths for name, paths in general_sets(self.recipe).items()}}
         self.out = outputs.check_output(self.out, True, inputs, what="output folder")
         self._restore_previous(only_if_recipe=self.recipe)
         if not (os.path.isdir(self.out) and os.listdir(self.out)):
@@ -155,11 +157,12 @@ class Pipeline:
                                   top_k=section["top_k"])
         except (ValueError, TypeError, OverflowError) as error:
             raise InputError(f"{'search' if recipe['search'] else 'target'}: {error}") from None
-        for name in ("train", "heldout", "general"):  # every data path exists (read by the tokenize stage)
-            if recipe["data"][name] is not None and not any(str(spec).startswith(("hub:", "hf://"))
-                                                            for spec in _listed(recipe["data"][name])):
+        data_sets = {"train": recipe["data"]["train"], "heldout": recipe["data"]["heldout"],
+                     **{f"general.{name}": paths for name, paths in general_sets(recipe).items()}}
+        for name, paths in data_sets.items():  # every data path exists (read by the tokenize stage)
+            if paths is not None and not any(str(spec).startswith(("hub:", "hf://")) for spec in _listed(paths)):
                 try:
-                    source_paths(recipe["data"][name])
+                    source_paths(paths)
                 except InputError as error:
                     raise InputError(f"data.{name}: {error}") from None
         context = RunContext(recipe=recipe, out=self.out, device=self.device, dtype=self.dtype, teacher=teacher,
@@ -201,11 +204,16 @@ class Pipeline:
             check_correction_settings(tokens=correction["tokens"], learning_rate=correction["lr"] or section["lr"] / 10,
                                       seq_len=correction["seq_len"] or section["seq_len"],
                                       batch_size=correction["batch_size"] or section["batch_size"])
+        check_schedule_settings(ctx)
 
 
     # ------------------------------------------------------------------ run
     def stages(self) -> tuple[Stage, ...]:
-        """The stages in the order they run (``slimlm.pipeline.stage``)."""
+        """The stages in the order they run (``slimlm.pipeline.stage``); with a schedule, the
+        gradual stage in place of the search, prune and distill stages."""
+        if self.recipe.get("schedule") is not None:
+            return (TokenizeStage(), ImportanceStage(), SyntheticStage(), CorrectTeacherStage(), TeacherCacheStage(),
+                    GradualStage(), EvalStage(), SpeedStage(), ReportStage(self.timings))
         return (TokenizeStage(), ImportanceStage(), SearchStage(), PruneStage(), SyntheticStage(),
                 CorrectTeacherStage(), TeacherCacheStage(), DistillStage(), EvalStage(), SpeedStage(),
                 ReportStage(self.timings))

@@ -4,16 +4,17 @@ every later stage reads from disk in constant memory (``slimlm.shards``).
 ``tokens/train`` holds the training text; ``tokens/heldout`` the held-out text — ``data.heldout``,
 or, without it, the documents of ``data.train`` that a seeded split by document sets aside
 (``data.heldout_fraction``; each document on one side only, never used for calibration or
-training); ``tokens/general`` the general held-out text when the recipe has ``data.general``.
+training); ``tokens/<split>`` each general held-out set of ``data.general`` (``general`` when given bare).
 """
 from __future__ import annotations
 
 import os
 
 from slimlm.errors import InputError
+from slimlm.pipeline.recipe import general_sets
 from slimlm.pipeline.stage import RunContext, Stage
 
-SETS = ("train", "heldout", "general")
+SETS = ("train", "heldout")  # and the general held-out sets (recipe.general_sets)
 
 
 def shard_plan(ctx: RunContext) -> dict[str, tuple[list | str, object]]:
@@ -33,14 +34,14 @@ def shard_plan(ctx: RunContext) -> dict[str, tuple[list | str, object]]:
         split = dict(heldout_fraction=data["heldout_fraction"], seed=seed)
         plan = {"train": (data["train"], options(documents="train", **split)),
                 "heldout": (data["train"], options(documents="heldout", **split))}
-    if data["general"] is not None:
-        plan["general"] = (data["general"], options())
+    for name, sources in general_sets(ctx.recipe).items():
+        plan[name] = (sources, options())
     return plan
 
 
 class TokenizeStage(Stage):
     """Token shards of the training, held-out and general text; its value is {set name:
-    ``TokenShards``} (the general set's None without ``data.general``)."""
+    ``TokenShards``}: train, heldout and each split of ``data.general``."""
 
     name, output = "tokenize", "tokens"
 
@@ -73,7 +74,7 @@ class TokenizeStage(Stage):
     def load(self, ctx: RunContext, done: dict) -> dict:
         from slimlm.shards import TokenShards
 
-        shards = {name: None for name in SETS}
+        shards = {}
         for name in shard_plan(ctx):
             shards[name] = TokenShards(ctx.path(os.path.join(self.output, name)))
         for name in ("train", "heldout"):

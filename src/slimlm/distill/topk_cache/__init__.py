@@ -30,6 +30,7 @@ arguments keeps the listed parts (after checking their sizes, digests and that t
 starts with the same sequences) and computes the rest. A listed file that is missing, truncated
 or altered is an InputError naming it, and nothing is overwritten.
 """
+from slimlm.distill.topk_cache.blocks import PackedTopKBlocks
 from slimlm.distill.topk_cache.compute import cache_teacher_topk, teacher_topk
 from slimlm.distill.topk_cache.format import (
     FILES,
@@ -49,6 +50,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_1_INDEX",
     "MANIFEST",
+    "PackedTopKBlocks",
     "RUN_FIELDS",
     "SUFFIXES",
     "TeacherTopKCache",

@@ -184,6 +184,15 @@ class TeacherTopKCache:
         logprobs, ids = zip(*(self.read(start, start + length) for start in starts))
         return torch.stack(logprobs), torch.stack(ids)
 
+    def sequence_starts(self, start: int, stop: int) -> np.ndarray:
+        """The global token positions in [start, stop) where a sequence begins (int64, ascending)."""
+        found = []
+        for part, low, high in self._pieces(start, stop):
+            offsets = self._array(part, "offsets")[:-1]
+            inside = offsets[(offsets >= low) & (offsets < high)]
+            found.append(inside.astype(np.int64) + int(self._token_starts[part]))
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
+
     def sequence(self, index: int) -> dict:
         """Sequence ``index``: ``{"input_ids", "topk_logprobs", "topk_indices"}``."""
         if not 0 <= index < self.num_sequences:
