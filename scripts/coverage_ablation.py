@@ -60,7 +60,9 @@ def main() -> None:
     for arm in args.arms:
         student = load_model(os.path.join(args.run, "search", "winner"), dtype=torch.float32)
         layer_map = pruned_layer_map(os.path.join(args.run, "search", "winner"), student, teacher)
-        options = dataclasses.replace(base, dynamic_mix=arm == "dynamic")
+        # the demo's dynamic mix, updated 4 times over the arm's steps (the demo: every 64 of ~290)
+        steps = max(1, args.tokens // (base.batch_size * base.seq_len))
+        options = dataclasses.replace(base, dynamic_mix=arm == "dynamic", mix_every=max(1, steps // 4))
         data = {"corpus": dict(mix_fraction=0.0),
                 "live": dict(synthetic_texts=synthetic.texts_by_source(), mix_fraction=mix),
                 "cached": dict(synthetic_caches=synthetic.caches, mix_fraction=mix),
