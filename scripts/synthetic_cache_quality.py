@@ -33,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     teacher = load_model(smollm2_gguf_path(), dtype=torch.float32).eval()
     eos = load_tokenizer(smollm2_gguf_path()).eos_token_id
-    for folder in sorted(glob.glob(os.path.join(args.run, "synthetic.jsonl.topk", "*"))):
+    for folder in sorted(glob.glob(os.path.join(args.run, "synthetic.jsonl.topk", "*", ""))):
+        folder = folder.rstrip(os.sep)
         cache = load_teacher_topk(folder)
         cached_kl, live_kl, agree, rows = 0.0, 0.0, 0, 0
         for index in range(min(args.sequences, cache.num_sequences)):
