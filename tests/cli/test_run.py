@@ -312,6 +312,28 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
     assert any(line.startswith("[distill] skipped") for line in stage_lines(printed))
 
 
+@pytest.mark.parametrize("writer", ["corrected", "original"])
+def test_the_corrected_teacher_writes_the_synthetic_text(workspace, capsys, tmp_path, writer):
+    from slimlm.fingerprint import model_fingerprint
+    from slimlm.models import load_model
+
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, f"writer-{writer}.yaml", out=str(out),
+                          correct_teacher={"tokens": 256, "lr": 0.01},
+                          synthetic={"num_prompts": 3, "max_new_tokens": 4, "mix": 0.3, "filters": False,
+                                     "keep_topk": 8, "teacher": writer},
+                          distill__teacher_precision="float32", distill__student_precision="float32")
+    code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    stages = [line.split("]")[0][1:] for line in stage_lines(printed) if " running" in line or "skipped" in line]
+    assert stages.index("correct_teacher") < stages.index("synthetic")
+    written_by = json.loads((out / "synthetic.jsonl.done.json").read_text())["inputs"]["teacher"]
+    corrected = model_fingerprint(load_model(str(out / "teacher-corrected")))
+    original = model_fingerprint(load_model(str(workspace / "teacher")))
+    assert corrected != original
+    assert written_by == (corrected if writer == "corrected" else original)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"distill__hidden_loss_schedule": "sometimes"}, "distill.hidden_loss_schedule: unknown value 'sometimes'"),
     ({"distill__on_policy_fraction": 1.5}, "distill.on_policy_fraction must be in [0, 1]"),

@@ -45,6 +45,10 @@ class GenerationOptions(Options):
                                  "cut by max_new_tokens to their last sentence end")
     min_new_tokens: int = option(8, "a kept sample's new tokens at least (at most max_new_tokens)",
                                  check="non_negative")
+    teacher: str = option("corrected", "which teacher writes the text in a recipe with a correct_teacher section: "
+                                       "corrected (the one the distillation learns from, so the top-k targets kept "
+                                       "while sampling are the ones a live teacher would give) or original",
+                          choices=("corrected", "original"), cli=False)
     mix: float = option(0.3, "share of synthetic blocks in the distillation's training mix (a recipe's; "
                              "slimlm distill takes --mix)", check="fraction", cli=False)
 

@@ -34,7 +34,7 @@ RECIPE_COPY = "recipe.yaml"
 class Pipeline:
     """A validated recipe's run in its ``out`` folder: ``run`` sets it up (``setup``: every input
     checked, the teacher and data loaded, the folder claimed) and runs ``stages`` in order
-    (tokenize, importance, search, prune, synthetic, correct_teacher, teacher_cache, distill, eval,
+    (tokenize, importance, search, prune, correct_teacher, synthetic, teacher_cache, distill, eval,
     speed, report); each
     logs whether its output is already there and made from the same inputs, and skips or runs."""
 
@@ -212,10 +212,10 @@ class Pipeline:
         """The stages in the order they run (``slimlm.pipeline.stage``); with a schedule, the
         gradual stage in place of the search, prune and distill stages."""
         if self.recipe.get("schedule") is not None:
-            return (TokenizeStage(), ImportanceStage(), SyntheticStage(), CorrectTeacherStage(), TeacherCacheStage(),
+            return (TokenizeStage(), ImportanceStage(), CorrectTeacherStage(), SyntheticStage(), TeacherCacheStage(),
                     GradualStage(), EvalStage(), SpeedStage(), ReportStage(self.timings))
-        return (TokenizeStage(), ImportanceStage(), SearchStage(), PruneStage(), SyntheticStage(),
-                CorrectTeacherStage(), TeacherCacheStage(), DistillStage(), EvalStage(), SpeedStage(),
+        return (TokenizeStage(), ImportanceStage(), SearchStage(), PruneStage(), CorrectTeacherStage(),
+                SyntheticStage(), TeacherCacheStage(), DistillStage(), EvalStage(), SpeedStage(),
                 ReportStage(self.timings))
 
     def run(self, until: str | None = None) -> dict:

@@ -198,27 +198,38 @@ def source_prompts(sources: str, total: int, *, seed: int, data=None, tokenizer=
 class SyntheticStage(Stage):
     """The teacher's generations from the prompts of the synthetic section's sources
     (``synthetic.jsonl``, with their top-k caches in ``synthetic.jsonl.topk/``), when the recipe
-    has a synthetic section; its value is the ``SyntheticDataset`` (None without the section)."""
+    has a synthetic section; its value is the ``SyntheticDataset`` (None without the section).
+    It runs after the teacher correction: the corrected teacher writes (``synthetic.teacher``),
+    so the targets kept while sampling come from the teacher the distillation learns from."""
 
     name, output = "synthetic", "synthetic.jsonl"
 
     def wanted(self, ctx: RunContext) -> bool:
         return ctx.recipe["synthetic"] is not None
 
+    @staticmethod
+    def writer(ctx: RunContext, done: dict):
+        """The teacher that writes: the corrected one (the correct_teacher stage's value, the
+        teacher itself without that section) unless ``synthetic.teacher`` is ``original``."""
+        if ctx.recipe["synthetic"].get("teacher", "corrected") == "original":
+            return ctx.teacher
+        return done.get("correct_teacher", ctx.teacher)
+
     def inputs(self, ctx: RunContext, done: dict) -> dict:
         section = ctx.recipe["synthetic"]
         self.prompts = source_prompts(section["sources"], section["num_prompts"], seed=ctx.recipe["seed"],
                                       data=done["tokenize"]["train"], tokenizer=ctx.tokenizer)
         settings = synthetic_settings(ctx)
-        check_synthetic(ctx.teacher, ctx.tokenizer, self.prompts, **settings)
-        return synthetic_inputs(ctx.teacher, self.prompts, **settings)
+        teacher = self.writer(ctx, done)
+        check_synthetic(teacher, ctx.tokenizer, self.prompts, **settings)
+        return synthetic_inputs(teacher, self.prompts, **settings)
 
     def stale_reason(self, ctx: RunContext, inputs: dict) -> str | None:
         return synthetic_stale_reason(ctx.path(self.output), inputs)
 
     def run(self, ctx: RunContext, done: dict, inputs: dict):
-        return generate_stage(ctx.teacher, ctx.tokenizer, self.prompts, ctx.path(self.output), progress=ctx.progress,
-                              log=ctx.log, **synthetic_settings(ctx))
+        return generate_stage(self.writer(ctx, done), ctx.tokenizer, self.prompts, ctx.path(self.output),
+                              progress=ctx.progress, log=ctx.log, **synthetic_settings(ctx))
 
     def load(self, ctx: RunContext, done: dict):
         return load_synthetic(ctx.path(self.output))
