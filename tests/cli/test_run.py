@@ -321,7 +321,7 @@ def test_the_corrected_teacher_writes_the_synthetic_text(workspace, capsys, tmp_
     recipe = write_recipe(workspace, f"writer-{writer}.yaml", out=str(out),
                           correct_teacher={"tokens": 256, "lr": 0.01},
                           synthetic={"num_prompts": 3, "max_new_tokens": 4, "mix": 0.3, "filters": False,
-                                     "keep_topk": 8, "teacher": writer},
+                                     "keep_topk": 8, "writer": writer},
                           distill__teacher_precision="float32", distill__student_precision="float32")
     code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
     assert code == 0, err

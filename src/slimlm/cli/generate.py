@@ -81,7 +81,7 @@ def run(args) -> int:
         raise
     dataset = synthetic.generate_stage(teacher, tokenizer, prompts, args.out, **options.sampling(args.seed),
                                        writing=options.writing(str(next(teacher.parameters()).device.type)),
-                                       progress=arguments.progress(args))
+                                       model_path=args.teacher, progress=arguments.progress(args))
     kept = ", ".join(f"{count} {reason}" for reason, count in dataset.counts.items())
     print(f"{len(dataset)} generations in {args.out} ({kept})"
           + (f"; the teacher's top-k in {args.out}{synthetic.CACHE_SUFFIX}/" if dataset.caches else ""))

@@ -200,7 +200,7 @@ def check_generation(teacher, tokenizer, prompts: Sequence[str], *, max_new_toke
     return encoded
 
 
-ENGINES = ("slimlm", "generate")
+ENGINES = ("slimlm", "generate", "vllm")
 
 
 def _sources_and_prompts(prompts) -> tuple[list[str], list[str]]:
@@ -258,6 +258,22 @@ def _slimlm_sample(teacher, encoded, todo, *, batch_size, eos_id, seed, num_retu
                         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, eos_token_id=eos_id,
                         keep_topk=keep_topk, dtype=dtype, streams=[index * num_return_sequences + repeat
                                                                    for index, repeat in expanded]):
+        index, repeat = expanded[drawn.index]
+        rows = None if drawn.topk_logprobs is None else (drawn.topk_logprobs, drawn.topk_indices)
+        yield index, repeat, drawn.prompt_ids, list(drawn.new_ids), drawn.finish, rows
+
+
+def _engine_sample(engine, encoded, todo, *, batch_size, eos_id, seed, num_return_sequences, keep_topk,
+                   max_new_tokens, temperature, top_p):
+    """Samples of an engine object with ``slimlm.distill.vllm_sampler.VLLMSampler``'s ``sample``,
+    every (prompt, return sequence) its own stream, as ``_slimlm_sample``."""
+    expanded = [(index, repeat) for index in todo for repeat in range(num_return_sequences)]
+    if not expanded:
+        return
+    for drawn in engine.sample([encoded[index] for index, _ in expanded], max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed, eos_token_id=eos_id,
+                               keep_topk=keep_topk, batch_size=batch_size,
+                               streams=[index * num_return_sequences + repeat for index, repeat in expanded]):
         index, repeat = expanded[drawn.index]
         rows = None if drawn.topk_logprobs is None else (drawn.topk_logprobs, drawn.topk_indices)
         yield index, repeat, drawn.prompt_ids, list(drawn.new_ids), drawn.finish, rows
@@ -347,6 +363,8 @@ def generate_synthetic(
     dtype: torch.dtype | None = None,
     filters: bool = True,
     progress: bool = True,
+    model_path: str | os.PathLike | None = None,
+    engine_args: str | dict | None = None,
 ) -> SyntheticDataset:
     """Sample ``num_return_sequences`` generations per prompt from ``teacher`` and append them to ``out_path``.
 
@@ -354,8 +372,11 @@ def generate_synthetic(
     record keeps its source. ``chat_template``: None continues the raw prompt; True wraps it as a
     user turn with the tokenizer's chat template; a string is used as the template. An empty
     prompt samples freely from the BOS token. ``engine``: "slimlm" (``slimlm.distill.sampler``:
-    every sample its own seeded stream, independent of the batching) or "generate" (Hugging
-    Face ``generate``, each batch seeded by its first prompt).
+    every sample its own seeded stream, independent of the batching), "generate" (Hugging
+    Face ``generate``, each batch seeded by its first prompt) or "vllm"
+    (``slimlm.distill.vllm_sampler.VLLMSampler`` over ``model_path``, the teacher's Hugging Face
+    folder, by default the one it was loaded from; ``engine_args``: more ``vllm.LLM`` arguments,
+    a mapping or JSON text), or an object with ``VLLMSampler``'s ``sample``.
 
     A record's ``text`` joins prompt and answer the way the teacher saw them
     (``slimlm.distill.prompts.joined_text``: the chat template's markup kept), and ``ids`` are
@@ -372,8 +393,12 @@ def generate_synthetic(
     """
     from slimlm.distill.prompts import FilterCounts, degeneration, joined_text
 
-    if engine not in ENGINES:
+    if isinstance(engine, str) and engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "vllm":
+        from slimlm.distill.vllm_sampler import VLLMSampler, engine_kwargs, model_folder
+
+        engine = VLLMSampler(model_folder(teacher, model_path), dtype=dtype, **engine_kwargs(engine_args))
     if (keep_topk is None) != (cache_dir is None):
         raise ValueError("keep_topk and cache_dir go together: the top-k rows are kept in a cache")
     if keep_topk is not None and keep_topk < 1:
@@ -420,6 +445,10 @@ def generate_synthetic(
     if engine == "slimlm":
         drawn = _slimlm_sample(teacher, encoded, todo, batch_size=batch_size, eos_id=eos_id, seed=seed,
                                num_return_sequences=num_return_sequences, keep_topk=keep_topk, dtype=dtype,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    elif not isinstance(engine, str):
+        drawn = _engine_sample(engine, encoded, todo, batch_size=batch_size, eos_id=eos_id, seed=seed,
+                               num_return_sequences=num_return_sequences, keep_topk=keep_topk,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     else:
         drawn = _hf_generate(teacher, encoded, todo, batch_size=batch_size, pad_id=pad_id, eos_id=eos_id, seed=seed,

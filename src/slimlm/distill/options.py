@@ -34,8 +34,11 @@ class GenerationOptions(Options):
     sources: str = option("data=1", "prompt sources and their weights, e.g. 'general=0.8,data=0.2': general (the "
                                   "built-in everyday prompts for chat teachers), bos (free sampling from BOS, for "
                                   "base models), data (first sentences of the training documents), file:PATH")
-    engine: str = option("slimlm", "what samples: slimlm (the batched sampler, each sample its own seeded stream) "
-                                   "or generate (Hugging Face generate)", choices=("slimlm", "generate"))
+    engine: str = option("slimlm", "what samples: slimlm (the batched sampler, each sample its own seeded stream), "
+                                   "generate (Hugging Face generate) or vllm (vLLM over the teacher's Hugging Face "
+                                   "folder, where vLLM is installed)", choices=("slimlm", "generate", "vllm"))
+    engine_args: str = option("", "more vllm.LLM arguments for engine vllm, as a JSON object, e.g. "
+                                  "'{\"tensor_parallel_size\": 2}'")
     precision: str = option("auto", "what the teacher samples in (auto: bfloat16 on a CPU with native bfloat16, "
                                     "float32 on other CPUs, as loaded on a GPU)", choices=("auto", "float32", "bfloat16"),
                             renamed=RENAMED_DTYPES)
@@ -45,17 +48,24 @@ class GenerationOptions(Options):
                                  "cut by max_new_tokens to their last sentence end")
     min_new_tokens: int = option(8, "a kept sample's new tokens at least (at most max_new_tokens)",
                                  check="non_negative")
-    teacher: str = option("corrected", "which teacher writes the text in a recipe with a correct_teacher section: "
-                                       "corrected (the one the distillation learns from, so the top-k targets kept "
-                                       "while sampling are the ones a live teacher would give) or original",
-                          choices=("corrected", "original"), cli=False)
+    writer: str = option("corrected", "which teacher writes the text in a recipe with a correct_teacher section: "
+                                      "corrected (the one the distillation learns from, so the top-k targets kept "
+                                      "while sampling are the ones a live teacher would give) or original",
+                         choices=("corrected", "original"), cli=False)
     mix: float = option(0.3, "share of synthetic blocks in the distillation's training mix (a recipe's; "
                              "slimlm distill takes --mix)", check="fraction", cli=False)
 
     def check(self) -> None:
         from slimlm.distill.prompts import parse_sources
+        from slimlm.distill.vllm_sampler import engine_kwargs
 
         parse_sources(self.sources)
+        try:
+            engine_kwargs(self.engine_args)
+        except InputError as error:
+            raise OptionError("engine_args", str(error).removeprefix("engine_args ")) from None
+        if self.engine_args and self.engine != "vllm":
+            raise OptionError("engine_args", "applies to {engine} vllm only, not " + self.engine, mentions=("engine",))
 
     def sampling(self, seed: int) -> dict:
         """The keyword arguments of ``generate_stage``/``check_generation`` these options give."""
@@ -73,7 +83,8 @@ class GenerationOptions(Options):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(self.precision)
         if self.precision == "auto" and device == "cpu":
             dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
-        return dict(engine=self.engine, dtype=dtype, filters=self.filters, keep_topk=self.keep_topk or None)
+        return dict(engine=self.engine, dtype=dtype, filters=self.filters, keep_topk=self.keep_topk or None,
+                    **({"engine_args": self.engine_args} if self.engine_args else {}))
 
 
 @dataclass

@@ -182,7 +182,11 @@ class Pipeline:
 
         recipe = ctx.recipe
         if recipe["synthetic"] is not None:  # the settings now; the prompts cut from the data, in the stage
-            synthetic.check_synthetic(ctx.teacher, ctx.tokenizer, ["A prompt."], **synthetic.synthetic_settings(ctx))
+            # engine vllm reads the writing teacher's folder: the recipe's teacher, now; the
+            # corrected teacher's, once its stage has written it
+            settings, folder = synthetic.synthetic_settings(ctx), synthetic.SyntheticStage.writer_folder(ctx)
+            synthetic.check_synthetic(ctx.teacher, ctx.tokenizer, ["A prompt."], model_path=ctx.recipe["teacher"],
+                                      **({**settings, "writing": None} if folder else settings))
         section = recipe["distill"]  # its own values were checked with the recipe (DistillOptions)
         try:
             training_arguments(ctx.training_flags(), output_dir=ctx.path("distilled.checkpoints"),

@@ -34,11 +34,16 @@ def _pairs(prompts) -> list[tuple[str, str]]:
     return [item if isinstance(item, tuple) else ("data", item) for item in prompts]
 
 
-def check_synthetic(teacher, tokenizer, prompts, *, writing=None, **settings) -> None:
+def check_synthetic(teacher, tokenizer, prompts, *, writing=None, model_path=None, **settings) -> None:
     """Every check the synthetic stage makes on its settings and prompts, as an InputError,
-    before anything is written (``slimlm.distill.generate.check_generation``)."""
+    before anything is written (``slimlm.distill.generate.check_generation``; with engine vllm,
+    that the teacher is a Hugging Face folder: ``model_path``, else the one it was loaded from)."""
     from slimlm.distill.generate import check_generation
 
+    if (writing or {}).get("engine") == "vllm":
+        from slimlm.distill.vllm_sampler import model_folder
+
+        model_folder(teacher, model_path)
     try:
         check_generation(teacher, tokenizer, [prompt for _, prompt in _pairs(prompts)], **settings)
     except ValueError as error:
@@ -47,13 +52,14 @@ def check_synthetic(teacher, tokenizer, prompts, *, writing=None, **settings) ->
 
 def generate_stage(teacher, tokenizer, prompts, out: str, *, max_new_tokens=64, temperature=0.8, top_p=0.95,
                    num_return_sequences=1, batch_size=8, seed=0, chat_template=None, min_new_tokens=1, writing=None,
-                   progress=True, log=print):
+                   model_path=None, progress=True, log=print):
     """Sample synthetic text from ``teacher`` into a staging sibling of the JSONL ``out``
     (continuing one an interrupted run of these same inputs left), swap it into place, then
     mark it complete with ``<out>.done.json`` (the inputs, the file's digest, the filter counts
     and the caches). ``prompts``: texts or (source, text) pairs. ``writing``: the engine, dtype,
     filters and ``keep_topk`` (``GenerationOptions.writing``); with ``keep_topk`` the top-k caches
-    go to ``<out>.topk/<source>``, staged and swapped in with the file."""
+    go to ``<out>.topk/<source>``, staged and swapped in with the file. ``model_path``: the
+    teacher's Hugging Face folder for engine vllm (default: the one it was loaded from)."""
     from slimlm.distill.generate import generate_synthetic
 
     writing = dict(writing or {})
@@ -61,7 +67,7 @@ def generate_stage(teacher, tokenizer, prompts, out: str, *, max_new_tokens=64, 
                     num_return_sequences=num_return_sequences, batch_size=batch_size, seed=seed,
                     chat_template=chat_template, min_new_tokens=min_new_tokens)
     out = outputs.resolve(out)
-    check_synthetic(teacher, tokenizer, prompts, **settings)
+    check_synthetic(teacher, tokenizer, prompts, writing=writing, model_path=model_path, **settings)
     inputs = read_json_roundtrip(synthetic_inputs(teacher, prompts, **settings, writing=writing))
     staging = outputs.staging_path(out)
     staging_inputs = staging + ".inputs.json"
@@ -78,7 +84,8 @@ def generate_stage(teacher, tokenizer, prompts, out: str, *, max_new_tokens=64, 
     outputs.write_json(staging_inputs, {"inputs": inputs})
     keep = writing.get("keep_topk")
     dataset = generate_synthetic(teacher, tokenizer, prompts, out_path=staging, progress=progress,
-                                 cache_dir=staging_cache if keep else None, **settings, **writing)
+                                 cache_dir=staging_cache if keep else None, model_path=model_path, **settings,
+                                 **writing)
     if len(dataset) == 0:
         raise RuntimeError(f"the teacher produced no usable generation for {len(prompts)} prompts "
                            f"(filtered: {dataset.counts})")
@@ -199,7 +206,7 @@ class SyntheticStage(Stage):
     """The teacher's generations from the prompts of the synthetic section's sources
     (``synthetic.jsonl``, with their top-k caches in ``synthetic.jsonl.topk/``), when the recipe
     has a synthetic section; its value is the ``SyntheticDataset`` (None without the section).
-    It runs after the teacher correction: the corrected teacher writes (``synthetic.teacher``),
+    It runs after the teacher correction: the corrected teacher writes (``synthetic.writer``),
     so the targets kept while sampling come from the teacher the distillation learns from."""
 
     name, output = "synthetic", "synthetic.jsonl"
@@ -210,10 +217,20 @@ class SyntheticStage(Stage):
     @staticmethod
     def writer(ctx: RunContext, done: dict):
         """The teacher that writes: the corrected one (the correct_teacher stage's value, the
-        teacher itself without that section) unless ``synthetic.teacher`` is ``original``."""
-        if ctx.recipe["synthetic"].get("teacher", "corrected") == "original":
+        teacher itself without that section) unless ``synthetic.writer`` is ``original``."""
+        if ctx.recipe["synthetic"].get("writer", "corrected") == "original":
             return ctx.teacher
         return done.get("correct_teacher", ctx.teacher)
+
+    @staticmethod
+    def writer_folder(ctx: RunContext) -> str | None:
+        """The writing teacher's folder (engine vllm reads it): the corrected teacher's output
+        folder, else None (the folder the teacher was loaded from)."""
+        if ctx.recipe["correct_teacher"] is not None and ctx.recipe["synthetic"].get("writer") != "original":
+            from slimlm.pipeline.correct import CorrectTeacherStage
+
+            return ctx.path(CorrectTeacherStage.output)
+        return None
 
     def inputs(self, ctx: RunContext, done: dict) -> dict:
         section = ctx.recipe["synthetic"]
@@ -221,7 +238,7 @@ class SyntheticStage(Stage):
                                       data=done["tokenize"]["train"], tokenizer=ctx.tokenizer)
         settings = synthetic_settings(ctx)
         teacher = self.writer(ctx, done)
-        check_synthetic(teacher, ctx.tokenizer, self.prompts, **settings)
+        check_synthetic(teacher, ctx.tokenizer, self.prompts, model_path=self.writer_folder(ctx), **settings)
         return synthetic_inputs(teacher, self.prompts, **settings)
 
     def stale_reason(self, ctx: RunContext, inputs: dict) -> str | None:
@@ -229,7 +246,8 @@ class SyntheticStage(Stage):
 
     def run(self, ctx: RunContext, done: dict, inputs: dict):
         return generate_stage(self.writer(ctx, done), ctx.tokenizer, self.prompts, ctx.path(self.output),
-                              progress=ctx.progress, log=ctx.log, **synthetic_settings(ctx))
+                              model_path=self.writer_folder(ctx), progress=ctx.progress, log=ctx.log,
+                              **synthetic_settings(ctx))
 
     def load(self, ctx: RunContext, done: dict):
         return load_synthetic(ctx.path(self.output))
