@@ -11,6 +11,7 @@ short-distilled winner), the same corrected teacher, the same tokens, and
 Each arm's student: perplexity on the run's held-out sets (24 blocks of 256 tokens each), tokens/s.
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/coverage_ablation.py RUN OUT [--tokens 49152] [--arms corpus live ...]
+        [--mix 0.35]
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--tokens", type=int, default=49152)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--mix", type=float, help="the synthetic share of the arms with teacher-written text "
+                                                  "(default: the demo recipe's synthetic.mix)")
     args = parser.parse_args()
     recipe = builtin_recipe("demo")
     section = {key: value for key, value in recipe["distill"].items()}
@@ -52,7 +55,7 @@ def main() -> None:
     blocks = {name: eval_blocks(shards, tokenizer, 256, 24) for name, shards in sets.items()}
     train = TokenShards(os.path.join(args.run, "tokens", "train"))
     synthetic = load_synthetic(os.path.join(args.run, "synthetic.jsonl"))
-    mix = recipe["synthetic"]["mix"]
+    mix = recipe["synthetic"]["mix"] if args.mix is None else args.mix
     flags = ["--use_cpu", "true"]  # the demo's training arguments, checkpoints only at the end
     for key, value in {**recipe["distill"]["training_args"], "save_steps": 100000}.items():
         flags += [f"--{key}", str(value)]
@@ -81,7 +84,7 @@ def main() -> None:
     print("teacher", json.dumps(results["teacher"]), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ablation.json"), "w", encoding="utf-8") as handle:
-        json.dump({"tokens": args.tokens, "results": results}, handle, indent=1)
+        json.dump({"tokens": args.tokens, "mix": mix, "results": results}, handle, indent=1)
 
 
 if __name__ == "__main__":
