@@ -275,3 +275,21 @@ def test_carried_scores_are_the_scores_of_the_units_a_cut_kept():
     # The cut model's shapes are the carried scores' (what select_units checks on the next cut).
     sizes = model_sizes(pruned.config)
     assert carried.get("neuron").shape == (sizes["num_layers"], sizes["intermediate_size"])
+
+
+def test_the_steps_share_the_minutes_as_they_share_the_tokens():
+    import time
+    from types import SimpleNamespace
+
+    from slimlm.pipeline.gradual import _GradualRun
+
+    lines = []
+    run = SimpleNamespace(distill=SimpleNamespace(max_minutes=10.0), plan=SimpleNamespace(shares=[1000, 3000]),
+                          clock=time.monotonic() - 60, log=lines.append)
+    assert _GradualRun.step_minutes(run, 1) == pytest.approx(1.5, abs=0.01)  # a quarter of 10, less the minute gone
+    assert _GradualRun.step_minutes(run, 2) == pytest.approx(9.0, abs=0.01)
+    assert "25% of distill.max_minutes 10" in lines[0]
+    run.clock = time.monotonic() - 300  # step 1's search overran its share: it still distills a minute
+    assert _GradualRun.step_minutes(run, 1) == 1.0
+    run.distill.max_minutes = None
+    assert _GradualRun.step_minutes(run, 1) is None

@@ -13,7 +13,9 @@ Step k (1-based) starts from the model the previous step made (the teacher for s
 4. distills the cut student from the (corrected) teacher for the step's share of the tokens less
    the re-ranking tokens the winner already trained on, continuing from the winner; the
    hidden-state loss maps each student layer to the teacher layer it descends from (the maps of
-   the cuts composed);
+   the cuts composed). Under ``distill.max_minutes`` (in a recipe, shortened to end by
+   ``distill.finish_by_minutes``) the steps share the minutes as they share the tokens
+   (``_GradualRun.step_minutes``), so ``fit_to_time`` fits each step's schedule to its share;
 5. measures held-out perplexity after the cut and after the distillation, per split.
 
 ``out/steps/step-<k>/`` is the step's student, an ordinary Hugging Face checkpoint, with its done
@@ -340,6 +342,7 @@ class _GradualRun:
             outputs.remove(os.path.join(self.out, STEPS_DIR))
         os.makedirs(self.out, exist_ok=True)
         outputs.claim(self.out)
+        self.clock = time.monotonic()  # the steps share distill.max_minutes from here (step_minutes)
         num_layers = self.teacher.config.num_hidden_layers
         source, layer_map, records = self.teacher_fp, identity_layer_map(num_layers), []
         self.write_record(records)
@@ -529,6 +532,22 @@ class _GradualRun:
                                 inputs=inputs, save_dtype=dtype, reconstruct=stats)
         return pruned
 
+    def step_minutes(self, step: int) -> float | None:
+        """Step ``step``'s distillation minutes under ``distill.max_minutes`` (None without it): the
+        steps share the minutes as they share the tokens, counted from the start of the run, so
+        step k's distillation ends when the first k shares of the minutes have passed (its scoring,
+        search and cut come out of its own share), and runs at least ``MIN_DISTILL_MINUTES``."""
+        from slimlm.pipeline.distill import MIN_DISTILL_MINUTES
+
+        if self.distill.max_minutes is None:
+            return None
+        share = sum(self.plan.shares[:step]) / sum(self.plan.shares)
+        left = self.distill.max_minutes * share - (time.monotonic() - self.clock) / 60
+        minutes = max(left, MIN_DISTILL_MINUTES)
+        self.log(f"[gradual] step {step}: distilling for at most {minutes:.1f} min ({share:.0%} of "
+                 f"distill.max_minutes {self.distill.max_minutes:g} by the end of this step)")
+        return minutes
+
     def distill_step(self, step: int, start: str, tokens: int, layer_map: dict[int, int]) -> None:
         """Distill the student in ``start`` for ``tokens`` into step ``step``'s folder (read back
         when it holds this distillation; its checkpoints resumed as ``distill_stage`` resumes them)."""
@@ -549,6 +568,7 @@ class _GradualRun:
             self.log(f"[gradual] step {step}: {os.path.relpath(folder, self.out)} is already distilled")
             return
         self.log(f"[gradual] step {step}: distilling {tokens:,} tokens from {os.path.relpath(start, self.out)}")
+        options = dataclasses.replace(options, max_minutes=self.step_minutes(step))
         distill_stage(self.distill_teacher, student, self.tokenizer, self.train, folder, options, overwrite=True,
                       clear_stale_checkpoints=True, checkpoints=os.path.join(work_dir(self.out, step), "checkpoints"),
                       disable_tqdm=not self.progress, extra_record={"gradual_step": step}, save_dtype=dtype,
@@ -678,16 +698,21 @@ class GradualStage(Stage):
         from slimlm.search import SearchOptions
         from slimlm.surgery.options import ReconstructOptions
 
+        from slimlm.pipeline.distill import distill_minutes
+
         recipe = ctx.recipe
         train = done["tokenize"]["train"]
         synthetic = done.get("synthetic")
+        # the whole schedule ends by distill.finish_by_minutes of the run; its steps share the minutes
+        distill = dataclasses.replace(DistillOptions(**recipe["distill"]),
+                                      max_minutes=distill_minutes(recipe["distill"], ctx.started, ctx.log))
         # Teacher-written text as the distill stage takes it: its cached targets, else its texts by source.
         caches = synthetic.caches if synthetic is not None and synthetic.caches else None
         texts = synthetic.texts_by_source() if synthetic is not None and not caches else None
         record = gradual_prune(
             ctx.teacher, ctx.tokenizer, train, ctx.out, target=recipe["target"],
             schedule=ScheduleOptions(**recipe["schedule"]), search=SearchOptions(**recipe["search"]),
-            distill=DistillOptions(**recipe["distill"]), importance=ImportanceOptions(**recipe["importance"]),
+            distill=distill, importance=ImportanceOptions(**recipe["importance"]),
             evaluation=EvalOptions(**recipe["eval"]),
             reconstruct=ReconstructOptions(**recipe["reconstruct"]) if recipe["reconstruct"] is not None else None,
             heldout={name: done["tokenize"][name] for name in ("heldout", *general_sets(recipe))},
