@@ -194,3 +194,25 @@ def exit_distributed() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def assert_cached_targets_are_live(teacher, data, k: int, rows_left_out) -> None:
+    """Every top-k cache of a synthetic dataset ``data`` holds its records' tokens, and each cached
+    id carries the live ``teacher``'s log-prob of it (to the codec's 6-bit precision), the live top
+    ``k`` (up to near-ties of a random tiny model); ``rows_left_out(record)``: the rows at a
+    sequence's end that are never targets."""
+    from slimlm.distill.topk_cache import load_teacher_topk
+
+    for source, path in data.caches.items():
+        cache = load_teacher_topk(path)
+        records = [r for r in data.records if r["source"] == source]
+        assert cache.num_sequences == len(records)
+        for number, record in enumerate(records):
+            stored = cache.sequence(number)
+            assert stored["input_ids"].tolist() == record["ids"]
+            with torch.no_grad():
+                live = torch.log_softmax(teacher(stored["input_ids"][None]).logits[0].float(), dim=-1)
+            rows = len(record["ids"]) - rows_left_out(record)
+            cached = stored["topk_logprobs"][:rows]
+            assert (cached - live[:rows].gather(1, stored["topk_indices"][:rows])).abs().max() < 0.05
+            assert (live[:rows].topk(k).values[:, -1] - cached[:, -1]).abs().max() < 0.05

@@ -15,7 +15,7 @@ from slimlm.distill.options import GenerationOptions
 from slimlm.distill.topk_cache import load_teacher_topk
 from slimlm.distill.vllm_sampler import VLLMSampler, model_folder, sample_of, stream_seed
 from slimlm.errors import InputError
-from tiny import tiny_model, word_tokenizer
+from tiny import assert_cached_targets_are_live, tiny_model, word_tokenizer
 
 PROMPTS = ["the teacher is", "a small model", "we prune the layer", "they distill data", "the layer is"]
 
@@ -110,20 +110,8 @@ def test_kept_topk_equals_a_live_teacher_forward(fake_vllm, teacher_dir, tmp_pat
     assert FakeLLM.started[0]["enforce_eager"] is True and FakeLLM.started[0]["skip_tokenizer_init"] is True
     assert data.counts["kept"] + data.counts["empty"] == len(prompts) and len(data) >= 3
     assert set(data.caches) == {record["source"] for record in data.records}
-    for source, path in data.caches.items():
-        cache = load_teacher_topk(path)
-        records = [r for r in data.records if r["source"] == source]
-        assert cache.num_sequences == len(records)
-        for number, record in enumerate(records):
-            stored = cache.sequence(number)
-            assert stored["input_ids"].tolist() == record["ids"]
-            with torch.no_grad():
-                live = torch.log_softmax(teacher(stored["input_ids"][None]).logits[0].float(), dim=-1)
-            # the row after the last token is never a target (vLLM gives none after a "length" answer)
-            rows = len(record["ids"]) - 1
-            cached = stored["topk_logprobs"][:rows]
-            assert (cached - live[:rows].gather(1, stored["topk_indices"][:rows])).abs().max() < 0.05
-            assert (live[:rows].topk(4).values[:, -1] - cached[:, -1]).abs().max() < 0.05
+    # the row after the last token is never a target (vLLM gives none after a "length" answer)
+    assert_cached_targets_are_live(teacher, data, 4, lambda record: 1)
 
 
 def test_a_sample_does_not_depend_on_the_batching(fake_vllm, teacher_dir):
