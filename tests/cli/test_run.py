@@ -334,6 +334,19 @@ def test_the_corrected_teacher_writes_the_synthetic_text(workspace, capsys, tmp_
     assert written_by == (corrected if writer == "corrected" else original)
 
 
+@pytest.mark.parametrize("synthetic, message", [
+    ({"engine": "vllm", "server": "http://127.0.0.1:9"}, "synthetic.server serves the teacher it was started with"),
+    ({"engine": "vllm", "engine_args": "{nope"}, "synthetic.engine_args is not JSON"),
+    ({"engine_args": '{"enforce_eager": true}'}, "synthetic.engine_args applies to synthetic.engine vllm only"),
+])
+def test_vllm_generation_settings_are_checked_before_any_work(workspace, capsys, tmp_path, synthetic, message):
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "bad-vllm.yaml", out=str(out), correct_teacher={"tokens": 64},
+                          synthetic={"num_prompts": 3, "max_new_tokens": 4, **synthetic})
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert message in one_line_error(code, err, "run") and not out.exists()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"distill__hidden_loss_schedule": "sometimes"}, "distill.hidden_loss_schedule: unknown value 'sometimes'"),
     ({"distill__on_policy_fraction": 1.5}, "distill.on_policy_fraction must be in [0, 1]"),

@@ -199,3 +199,84 @@ def test_slimlm_generate_through_vllm(fake_vllm, teacher_dir, tmp_path, capsys):
     assert load_teacher_topk(folder).num_sequences == len(records)
     done = json.loads((tmp_path / "synthetic.jsonl.done.json").read_text())
     assert done["inputs"]["sampling"]["engine"] == "vllm"
+
+
+@pytest.fixture
+def fake_server(teacher_dir):
+    """A stand-in vLLM OpenAI-compatible server on loopback: /v1/models, /version and
+    /v1/completions answered by ``FakeLLM`` in vLLM's JSON shapes."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    llm, lock, seen = FakeLLM(str(teacher_dir)), threading.Lock(), []
+
+    def as_json(entries):
+        return {f"token_id:{token}": entry.logprob for token, entry in entries.items()}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def answer(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/v1/models":
+                return self.answer({"data": [{"id": str(teacher_dir), "root": str(teacher_dir)}]})
+            return self.answer({"version": "0.0-test"})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            params = SamplingParams(max_tokens=body["max_tokens"], temperature=body["temperature"], seed=body["seed"],
+                                    logprobs=body["logprobs"], prompt_logprobs=body.get("prompt_logprobs"),
+                                    stop_token_ids=body.get("stop_token_ids"), ignore_eos=body["ignore_eos"],
+                                    detokenize=False)
+            with lock:
+                output = llm._one(body["prompt"], params)
+            answer = output.outputs[0]
+            prompt = None if output.prompt_logprobs is None else [None] + [
+                {str(token): {"logprob": entry.logprob, "rank": entry.rank} for token, entry in position.items()}
+                for position in output.prompt_logprobs[1:]]
+            self.answer({"choices": [{"index": 0, "finish_reason": answer.finish_reason, "prompt_logprobs": prompt,
+                                      "logprobs": {"tokens": [f"token_id:{t}" for t in answer.token_ids],
+                                                   "top_logprobs": [as_json(step) for step in answer.logprobs]}}]})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+
+
+def test_generation_through_a_vllm_server_writes_the_same_cache(fake_server, teacher_dir, tmp_path, monkeypatch):
+    url, seen = fake_server
+    teacher = _teacher(teacher_dir)
+    prompts = [("data", p) for p in PROMPTS[:3]]
+    kwargs = dict(max_new_tokens=5, min_new_tokens=0, progress=False, filters=False, dedupe=False, engine="vllm",
+                  keep_topk=4, seed=5, batch_size=2)
+    served = generate_synthetic(teacher, word_tokenizer(), prompts, out_path=tmp_path / "s.jsonl", server=url,
+                                model_path=teacher_dir, cache_dir=tmp_path / "cache", **kwargs)
+    assert len(seen) == 3 and all(body["model"] == str(teacher_dir) and body["prompt_logprobs"] == 4 for body in seen)
+    assert len({body["seed"] for body in seen}) == 3
+    assert_cached_targets_are_live(teacher, served, 4, lambda record: 1)
+    # the same requests as the engine in process: the same samples
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM, SamplingParams=SamplingParams))
+    local = generate_synthetic(teacher, word_tokenizer(), prompts, out_path=tmp_path / "l.jsonl",
+                               model_path=teacher_dir, cache_dir=tmp_path / "local", **kwargs)
+    assert [r["ids"] for r in served.records] == [r["ids"] for r in local.records]
+
+
+def test_server_options_are_checked():
+    with pytest.raises(InputError, match="server.*vllm only"):
+        GenerationOptions(server="http://localhost:8000")
+    with pytest.raises(InputError, match="server.*http"):
+        GenerationOptions(engine="vllm", server="localhost:8000")
+    with pytest.raises(InputError, match="server_model.*give it too"):
+        GenerationOptions(engine="vllm", server_model="m")
+    with pytest.raises(InputError, match="engine_args"):
+        GenerationOptions(engine="vllm", server="http://h:1", engine_args='{"a": 1}')

@@ -365,6 +365,8 @@ def generate_synthetic(
     progress: bool = True,
     model_path: str | os.PathLike | None = None,
     engine_args: str | dict | None = None,
+    server: str | None = None,
+    server_model: str | None = None,
 ) -> SyntheticDataset:
     """Sample ``num_return_sequences`` generations per prompt from ``teacher`` and append them to ``out_path``.
 
@@ -376,7 +378,9 @@ def generate_synthetic(
     Face ``generate``, each batch seeded by its first prompt) or "vllm"
     (``slimlm.distill.vllm_sampler.VLLMSampler`` over ``model_path``, the teacher's Hugging Face
     folder, by default the one it was loaded from; ``engine_args``: more ``vllm.LLM`` arguments,
-    a mapping or JSON text), or an object with ``VLLMSampler``'s ``sample``.
+    a mapping or JSON text; with ``server``, ``VLLMServerSampler`` through a vLLM
+    OpenAI-compatible server at that URL serving ``server_model``, by default ``model_path``),
+    or an object with ``VLLMSampler``'s ``sample``.
 
     A record's ``text`` joins prompt and answer the way the teacher saw them
     (``slimlm.distill.prompts.joined_text``: the chat template's markup kept), and ``ids`` are
@@ -395,7 +399,13 @@ def generate_synthetic(
 
     if isinstance(engine, str) and engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "vllm":
+    if engine == "vllm" and server:
+        from slimlm.architectures import lm_head
+        from slimlm.distill.vllm_sampler import VLLMServerSampler
+
+        name = server_model or (os.fspath(model_path) if model_path is not None else teacher.config._name_or_path)
+        engine = VLLMServerSampler(server, name, vocab_size=lm_head(teacher).weight.shape[0])
+    elif engine == "vllm":
         from slimlm.distill.vllm_sampler import VLLMSampler, engine_kwargs, model_folder
 
         engine = VLLMSampler(model_folder(teacher, model_path), dtype=dtype, **engine_kwargs(engine_args))

@@ -39,6 +39,9 @@ class GenerationOptions(Options):
                                    "folder, where vLLM is installed)", choices=("slimlm", "generate", "vllm"))
     engine_args: str = option("", "more vllm.LLM arguments for engine vllm, as a JSON object, e.g. "
                                   "'{\"tensor_parallel_size\": 2}'")
+    server: str = option("", "engine vllm through a vLLM OpenAI-compatible server (vllm serve MODEL --max-logprobs K, "
+                             "in its own environment) at this URL, e.g. http://localhost:8000, instead of in process")
+    server_model: str = option("", "the teacher's model name on server (default: the teacher as given)")
     precision: str = option("auto", "what the teacher samples in (auto: bfloat16 on a CPU with native bfloat16, "
                                     "float32 on other CPUs, as loaded on a GPU)", choices=("auto", "float32", "bfloat16"),
                             renamed=RENAMED_DTYPES)
@@ -64,8 +67,16 @@ class GenerationOptions(Options):
             engine_kwargs(self.engine_args)
         except InputError as error:
             raise OptionError("engine_args", str(error).removeprefix("engine_args ")) from None
-        if self.engine_args and self.engine != "vllm":
-            raise OptionError("engine_args", "applies to {engine} vllm only, not " + self.engine, mentions=("engine",))
+        for name in ("engine_args", "server", "server_model"):
+            if getattr(self, name) and self.engine != "vllm":
+                raise OptionError(name, "applies to {engine} vllm only, not " + self.engine, mentions=("engine",))
+        if self.server and self.engine_args:
+            raise OptionError("engine_args", "are vllm.LLM arguments of an engine in process; the {server} was "
+                              "started with its own", mentions=("server",))
+        if self.server_model and not self.server:
+            raise OptionError("server_model", "names the model on a {server}: give it too", mentions=("server",))
+        if self.server and not self.server.startswith(("http://", "https://")):
+            raise OptionError("server", f"must be an http:// or https:// URL, got {self.server!r}")
 
     def sampling(self, seed: int) -> dict:
         """The keyword arguments of ``generate_stage``/``check_generation`` these options give."""
@@ -84,7 +95,8 @@ class GenerationOptions(Options):
         if self.precision == "auto" and device == "cpu":
             dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
         return dict(engine=self.engine, dtype=dtype, filters=self.filters, keep_topk=self.keep_topk or None,
-                    **({"engine_args": self.engine_args} if self.engine_args else {}))
+                    **{name: getattr(self, name) for name in ("engine_args", "server", "server_model")
+                       if getattr(self, name)})
 
 
 @dataclass

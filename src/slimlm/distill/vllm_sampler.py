@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import json
 import os
+import types
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import torch
 
 from slimlm.distill.sampler import Sample
-from slimlm.distill.served import VLLM_EXTRA, PromptLogprobs, _token_id, served_rows, top_k_entries
+from slimlm.distill.served import VLLM_EXTRA, OpenAIServerEngine, PromptLogprobs, _token_id, served_rows, \
+    top_k_entries
 from slimlm.errors import InputError
 
 
@@ -122,6 +125,56 @@ class VLLMSampler:
                                         use_tqdm=False)
             for index, output in zip(chunk, outputs):
                 yield sample_of(index, prompts[index], output, eos_token_id, keep_topk)
+
+
+class VLLMServerSampler:
+    """``VLLMSampler``'s sampling through a vLLM OpenAI-compatible server (``vllm serve MODEL
+    --max-logprobs K``, in an environment of its own or on another machine) at ``base_url``,
+    serving ``model``: one ``/v1/completions`` request per sample, the prompt as token ids,
+    with vLLM's extra parameters (``seed``, ``prompt_logprobs``, ``ignore_eos``,
+    ``stop_token_ids``, ``return_tokens_as_token_ids``), ``batch_size`` requests in flight (the
+    server batches them). The answers map onto ``Sample`` as ``VLLMSampler``'s do (module
+    docstring). ``vocab_size``: the teacher's LM-head rows. Connection errors and 5xx answers are
+    retried as ``OpenAIServerEngine`` retries them."""
+
+    def __init__(self, base_url: str, model: str, *, vocab_size: int, timeout: float = 600.0, retries: int = 4):
+        self.engine = OpenAIServerEngine(base_url, model, vocab_size=vocab_size, timeout=timeout, retries=retries)
+        self.identity = None
+
+    def sample(self, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+               seed: int, eos_token_id: int | None, keep_topk: int | None = None, batch_size: int = 64,
+               streams: Sequence[int] | None = None) -> Iterator[Sample]:
+        """As ``VLLMSampler.sample``."""
+        prompts = [[int(token) for token in prompt] for prompt in prompts]
+        if streams is not None and len(streams) != len(prompts):
+            raise InputError(f"streams names {len(streams)} streams for {len(prompts)} prompts")
+        if any(not prompt for prompt in prompts):
+            raise InputError("a prompt is empty: free sampling starts from the BOS token")
+        if self.identity is None:
+            self.identity = self.engine.start(keep_topk or 1)
+        streams = list(range(len(prompts))) if streams is None else list(streams)
+        # log-probs of at least one entry: the generated tokens come back as ids only with them
+        common = {"model": self.engine.model, "max_tokens": max_new_tokens, "temperature": float(temperature),
+                  "top_p": float(top_p), "n": 1, "logprobs": keep_topk or 1, "return_tokens_as_token_ids": True,
+                  "add_special_tokens": False, "ignore_eos": eos_token_id is not None,
+                  **({"stop_token_ids": [eos_token_id]} if eos_token_id is not None else {}),
+                  **({"prompt_logprobs": keep_topk} if keep_topk else {})}
+
+        def request(index: int):
+            answer = self.engine._request("/v1/completions", {**common, "prompt": prompts[index],
+                                                               "seed": stream_seed(seed, streams[index])})
+            (choice,) = answer.get("choices") or [None]
+            if choice is None or not choice.get("logprobs"):
+                raise ValueError(f"prompt {index}: {self.engine.base_url} answered without log-probs: {answer!r:.300}")
+            steps = choice["logprobs"]["top_logprobs"]
+            generated = [_token_id(token) for token in choice["logprobs"]["tokens"]]
+            output = types.SimpleNamespace(prompt_logprobs=choice.get("prompt_logprobs"), outputs=[
+                types.SimpleNamespace(token_ids=generated, logprobs=steps, finish_reason=choice.get("finish_reason"))])
+            return sample_of(index, prompts[index], output, eos_token_id, keep_topk)
+
+        with ThreadPoolExecutor(max_workers=batch_size) as pool:
+            for start in range(0, len(prompts), batch_size):
+                yield from pool.map(request, range(start, min(start + batch_size, len(prompts))))
 
 
 def sample_of(index: int, prompt: list[int], output, eos_token_id: int | None, keep_topk: int | None) -> Sample:

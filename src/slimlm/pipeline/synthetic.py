@@ -40,7 +40,7 @@ def check_synthetic(teacher, tokenizer, prompts, *, writing=None, model_path=Non
     that the teacher is a Hugging Face folder: ``model_path``, else the one it was loaded from)."""
     from slimlm.distill.generate import check_generation
 
-    if (writing or {}).get("engine") == "vllm":
+    if (writing or {}).get("engine") == "vllm" and not writing.get("server"):
         from slimlm.distill.vllm_sampler import model_folder
 
         model_folder(teacher, model_path)
