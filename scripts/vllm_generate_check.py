@@ -1,7 +1,7 @@
 """Does generation through vLLM (``engine: vllm``) write what the slimlm sampler writes?
 
     PYTHONPATH=src VENV/bin/python scripts/vllm_generate_check.py --model DIR [--prompts 32]
-        [--max-new-tokens 64] [--keep-topk 16] [--dtype bfloat16] [--json OUT]
+        [--max-new-tokens 64] [--keep-topk 16] [--dtype bfloat16] [--server] [--json OUT]
 
 Run with the python of a virtualenv that has vLLM (``scripts/vllm_check.sh`` installs one) and
 slimlm's sources on PYTHONPATH. For the built-in general prompts as chat turns, it samples once
@@ -15,8 +15,12 @@ through the slimlm sampler, each into a synthetic file with its top-k caches, an
   sequence's last token left out: it is never a target);
 - the filter counts of both.
 
-The two engines draw different samples for one seed, so their texts are not compared token by
-token. Exits 1 when vLLM's cached targets agree less with the float32 teacher than the slimlm
+With ``--server`` it also starts vLLM's OpenAI-compatible server (``vllm_teacher_check.start_server``)
+and samples through ``VLLMServerSampler``: same seeds, so it should draw what the in-process vLLM
+drew (the records compared), into the same format (its cache's fidelity printed the same way).
+
+The slimlm sampler and vLLM draw different samples for one seed, so their texts are not compared
+token by token. Exits 1 when vLLM's cached targets agree less with the float32 teacher than the slimlm
 sampler's do (top-1 agreement more than 2 points lower).
 """
 from __future__ import annotations
@@ -65,6 +69,7 @@ def main() -> int:
     parser.add_argument("--keep-topk", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--server", action="store_true", help="also sample through vLLM's OpenAI-compatible server")
     parser.add_argument("--json")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -81,18 +86,43 @@ def main() -> int:
         list(sampler.sample([[1, 2, 3]], max_new_tokens=2, temperature=1.0, top_p=1.0, seed=0, eos_token_id=None,
                             keep_topk=args.keep_topk))
         figures["vllm_start_s"] = time.perf_counter() - started
-        for name, engine in (("vllm", sampler), ("slimlm", "slimlm")):
+        engines = [("vllm", sampler), ("slimlm", "slimlm")]
+        process = None
+        if args.server:
+            import argparse as _argparse
+
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from vllm_teacher_check import start_server
+
+            from slimlm.distill.vllm_sampler import VLLMServerSampler
+
+            started = time.perf_counter()
+            process, url = start_server(_argparse.Namespace(model=args.model, dtype=args.dtype, seq_len=2047,
+                                                            k=[args.keep_topk]), os.path.join(work, "server.log"))
+            figures["server_start_s"] = time.perf_counter() - started
+            engines.append(("vllm-server", VLLMServerSampler(url, args.model,
+                                                              vocab_size=teacher.get_output_embeddings().weight.shape[0])))
+        records = {}
+        for name, engine in engines:
             started = time.perf_counter()
             data = generate_synthetic(teacher, tokenizer, prompts, out_path=os.path.join(work, f"{name}.jsonl"),
                                       engine=engine, cache_dir=os.path.join(work, f"{name}.topk"), **common)
             seconds = time.perf_counter() - started
             new = sum(record["num_new_tokens"] for record in data.records)
+            records[name] = [record["ids"] for record in data.records]
             figures[name] = {"seconds": seconds, "kept_new_tokens": new, "counts": data.counts,
                              **fidelity(teacher, data.caches)}
             print(f"{name}: {len(data)} records, {new} kept new tokens in {seconds:.1f} s "
                   f"(counts {data.counts}); cached targets against float32: top-1 "
                   f"{figures[name]['top1_agrees']:.1%}, mean |Δ log p| {figures[name]['mean_abs_delta']:.4f} "
                   f"over {figures[name]['rows']} rows", flush=True)
+        if process is not None:
+            process.terminate()
+            process.wait(60)
+            same = sum(a == b for a, b in zip(records["vllm"], records["vllm-server"]))
+            figures["server_records_equal"] = same
+            print(f"vllm-server: {same} of {len(records['vllm'])} records identical to the in-process vLLM's "
+                  f"(server start-up {figures['server_start_s']:.1f} s)")
     print(f"vLLM start-up {figures['vllm_start_s']:.1f} s")
     if args.json:
         with open(args.json, "w") as handle:
