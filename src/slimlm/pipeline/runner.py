@@ -184,13 +184,13 @@ class Pipeline:
         if recipe["synthetic"] is not None:  # the settings now; the prompts cut from the data, in the stage
             # engine vllm reads the writing teacher's folder: the recipe's teacher, now; the
             # corrected teacher's, once its stage has written it
-            settings, folder = synthetic.synthetic_settings(ctx), synthetic.SyntheticStage.writer_folder(ctx)
-            if folder and settings["writing"].get("server"):
+            settings, corrected = synthetic.synthetic_settings(ctx), synthetic.SyntheticStage.corrected_writer(ctx)
+            if corrected and settings["writing"].get("server"):
                 raise InputError("synthetic.server serves the teacher it was started with, and the corrected "
                                  "teacher is made during the run: set synthetic.writer: original, or sample in "
                                  "process (no synthetic.server)")
             synthetic.check_synthetic(ctx.teacher, ctx.tokenizer, ["A prompt."], model_path=ctx.recipe["teacher"],
-                                      **({**settings, "writing": None} if folder else settings))
+                                      **({**settings, "writing": None} if corrected else settings))
         section = recipe["distill"]  # its own values were checked with the recipe (DistillOptions)
         try:
             training_arguments(ctx.training_flags(), output_dir=ctx.path("distilled.checkpoints"),

@@ -223,14 +223,19 @@ class SyntheticStage(Stage):
         return done.get("correct_teacher", ctx.teacher)
 
     @staticmethod
-    def writer_folder(ctx: RunContext) -> str | None:
-        """The writing teacher's folder (engine vllm reads it): the corrected teacher's output
-        folder, else None (the folder the teacher was loaded from)."""
-        if ctx.recipe["correct_teacher"] is not None and ctx.recipe["synthetic"].get("writer") != "original":
+    def writer_folder(ctx: RunContext) -> str:
+        """The writing teacher's folder (engine vllm reads it, and a server's model name defaults
+        to it): the corrected teacher's output folder, else the recipe's teacher as given."""
+        if SyntheticStage.corrected_writer(ctx):
             from slimlm.pipeline.correct import CorrectTeacherStage
 
             return ctx.path(CorrectTeacherStage.output)
-        return None
+        return ctx.recipe["teacher"]
+
+    @staticmethod
+    def corrected_writer(ctx: RunContext) -> bool:
+        """Whether the teacher that writes is one this run corrects."""
+        return ctx.recipe["correct_teacher"] is not None and ctx.recipe["synthetic"].get("writer") != "original"
 
     def inputs(self, ctx: RunContext, done: dict) -> dict:
         section = ctx.recipe["synthetic"]
