@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from slimlm.distill.served import (OpenAIServerEngine, PromptLogprobs, VLLMEngin
 from slimlm.distill.topk_cache import teacher_identity
 from slimlm.distill.topk_codec import MASS_STEP, TopKCodec
 from slimlm.errors import InputError
+from http_stub import JSONHandler
 from tiny import tiny_model
 
 K = 5
@@ -207,24 +208,13 @@ def test_writer_takes_precomputed_rows(tmp_path, teacher):
     assert_same_cache(tmp_path / "w", tmp_path / "inproc")
 
 
-class FakeServer(BaseHTTPRequestHandler):
+class FakeServer(JSONHandler):
     """vLLM's OpenAI-compatible routes, answering from a FakeVLLM as vLLM serialises them; the
     first completions request fails with 503 (retried)."""
 
     engine: FakeVLLM
     bodies: list = []
     failures = [1]
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code, value):
-        data = json.dumps(value).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         if self.path == "/v1/models":

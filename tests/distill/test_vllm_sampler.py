@@ -15,6 +15,7 @@ from slimlm.distill.options import GenerationOptions
 from slimlm.distill.topk_cache import load_teacher_topk
 from slimlm.distill.vllm_sampler import VLLMSampler, model_folder, sample_of, stream_seed
 from slimlm.errors import InputError
+from http_stub import JSONHandler
 from tiny import assert_cached_targets_are_live, tiny_model, word_tokenizer
 
 PROMPTS = ["the teacher is", "a small model", "we prune the layer", "they distill data", "the layer is"]
@@ -206,24 +207,16 @@ def fake_server(teacher_dir):
     """A stand-in vLLM OpenAI-compatible server on loopback: /v1/models, /version and
     /v1/completions answered by ``FakeLLM`` in vLLM's JSON shapes."""
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import ThreadingHTTPServer
 
     llm, lock, seen = FakeLLM(str(teacher_dir)), threading.Lock(), []
 
     def as_json(entries):
         return {f"token_id:{token}": entry.logprob for token, entry in entries.items()}
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
+    class Handler(JSONHandler):
         def answer(self, body):
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self._send(200, body)
 
         def do_GET(self):
             if self.path == "/v1/models":
