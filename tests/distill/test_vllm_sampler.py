@@ -169,6 +169,13 @@ def test_bad_engine_settings_are_refused(monkeypatch, teacher_dir, tmp_path):
     with pytest.raises(InputError, match="engine vllm needs vllm"):
         next(VLLMSampler(teacher_dir).sample([[1, 2]], max_new_tokens=2, temperature=1.0, top_p=1.0, seed=0,
                                              eos_token_id=None))
+    out = tmp_path / "s.jsonl"
+    with pytest.raises(InputError, match="engine vllm needs vllm"):
+        from slimlm.pipeline.synthetic import generate_stage
+
+        generate_stage(_teacher(teacher_dir), word_tokenizer(), PROMPTS, str(out), max_new_tokens=2,
+                       writing={"engine": "vllm"}, model_path=teacher_dir, progress=False)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was staged
     with pytest.raises(InputError, match="Hugging Face folder"):
         model_folder(_teacher(teacher_dir), tmp_path / "model.gguf")
     assert model_folder(_teacher(teacher_dir), None) == str(teacher_dir)

@@ -61,6 +61,15 @@ def engine_kwargs(text: str | dict | None) -> dict:
     return value
 
 
+def require_vllm():
+    """The ``vllm`` module; InputError naming the extra when it cannot be imported."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise InputError(f"engine vllm needs {VLLM_EXTRA}; importing it failed: {error}") from None
+    return vllm
+
+
 def model_folder(teacher, model_path: str | os.PathLike | None) -> str:
     """The teacher's Hugging Face folder for vLLM: ``model_path``, else the folder the teacher was
     loaded from; InputError when that is not a folder with a config.json."""
@@ -87,10 +96,7 @@ class VLLMSampler:
         self.max_logprobs = 0
 
     def _start(self, keep_topk: int | None):
-        try:
-            import vllm
-        except ImportError as error:
-            raise InputError(f"engine vllm needs {VLLM_EXTRA}; importing it failed: {error}") from None
+        vllm = require_vllm()
         wanted = max(keep_topk or 0, 1)
         if self.llm is not None and wanted > self.max_logprobs:
             raise InputError(f"this vLLM engine was started for {self.max_logprobs} log-probs, asked for {wanted}")

@@ -41,9 +41,10 @@ def check_synthetic(teacher, tokenizer, prompts, *, writing=None, model_path=Non
     from slimlm.distill.generate import check_generation
 
     if (writing or {}).get("engine") == "vllm" and not writing.get("server"):
-        from slimlm.distill.vllm_sampler import model_folder
+        from slimlm.distill.vllm_sampler import model_folder, require_vllm
 
         model_folder(teacher, model_path)
+        require_vllm()  # before anything is staged
     try:
         check_generation(teacher, tokenizer, [prompt for _, prompt in _pairs(prompts)], **settings)
     except ValueError as error:
