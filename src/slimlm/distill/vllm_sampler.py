@@ -61,6 +61,17 @@ def engine_kwargs(text: str | dict | None) -> dict:
     return value
 
 
+def _checked(prompts, streams) -> tuple[list[list[int]], list[int]]:
+    """The prompts as lists of ints and each one's stream (default: its place); InputError for an
+    empty prompt or a streams list of another length."""
+    prompts = [[int(token) for token in prompt] for prompt in prompts]
+    if streams is not None and len(streams) != len(prompts):
+        raise InputError(f"streams names {len(streams)} streams for {len(prompts)} prompts")
+    if any(not prompt for prompt in prompts):
+        raise InputError("a prompt is empty: free sampling starts from the BOS token")
+    return prompts, list(range(len(prompts))) if streams is None else list(streams)
+
+
 def require_vllm():
     """The ``vllm`` module; InputError naming the extra when it cannot be imported."""
     try:
@@ -113,13 +124,8 @@ class VLLMSampler:
                streams: Sequence[int] | None = None) -> Iterator[Sample]:
         """One ``Sample`` per prompt (token ids), ``batch_size`` requests per call of vLLM, each
         sample seeded by ``stream_seed(seed, its stream)``: ``streams[i]``, else i."""
-        prompts = [[int(token) for token in prompt] for prompt in prompts]
-        if streams is not None and len(streams) != len(prompts):
-            raise InputError(f"streams names {len(streams)} streams for {len(prompts)} prompts")
-        if any(not prompt for prompt in prompts):
-            raise InputError("a prompt is empty: free sampling starts from the BOS token")
+        prompts, streams = _checked(prompts, streams)
         vllm = self._start(keep_topk)
-        streams = list(range(len(prompts))) if streams is None else list(streams)
         common = dict(max_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                       detokenize=False, ignore_eos=eos_token_id is not None,
                       stop_token_ids=[eos_token_id] if eos_token_id is not None else None,
@@ -151,14 +157,9 @@ class VLLMServerSampler:
                seed: int, eos_token_id: int | None, keep_topk: int | None = None, batch_size: int = 64,
                streams: Sequence[int] | None = None) -> Iterator[Sample]:
         """As ``VLLMSampler.sample``."""
-        prompts = [[int(token) for token in prompt] for prompt in prompts]
-        if streams is not None and len(streams) != len(prompts):
-            raise InputError(f"streams names {len(streams)} streams for {len(prompts)} prompts")
-        if any(not prompt for prompt in prompts):
-            raise InputError("a prompt is empty: free sampling starts from the BOS token")
+        prompts, streams = _checked(prompts, streams)
         if self.identity is None:
             self.identity = self.engine.start(keep_topk or 1)
-        streams = list(range(len(prompts))) if streams is None else list(streams)
         # log-probs of at least one entry: the generated tokens come back as ids only with them
         common = {"model": self.engine.model, "max_tokens": max_new_tokens, "temperature": float(temperature),
                   "top_p": float(top_p), "n": 1, "logprobs": keep_topk or 1, "return_tokens_as_token_ids": True,
