@@ -312,6 +312,22 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
     assert any(line.startswith("[distill] skipped") for line in stage_lines(printed))
 
 
+def test_run_mixes_each_training_file_as_its_own_source(workspace, capsys, tmp_path):
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "sources.yaml", out=str(out), distill__corpus_sources=True,
+                          distill__corpus_weights="train0=1,train1=1,train2=1,train3=1")
+    code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    assert "[distill] the corpus's sources: train0 " in printed
+    record = json.loads((out / "distilled" / "slimlm_distill.json").read_text())
+    assert record["inputs"]["corpus_sources"] == "train0=1,train1=1,train2=1,train3=1"
+    # The corpus's four files share what the teacher-written text (synthetic.mix 0.3) leaves; static.
+    [mix] = record["data_mix"]
+    assert mix["from_batch"] == 0 and sorted(mix["weights"]) == [
+        "corpus/train0", "corpus/train1", "corpus/train2", "corpus/train3", "synthetic/data"]
+    assert all(mix["weights"][f"corpus/train{index}"] == pytest.approx(0.7 / 4) for index in range(4))
+
+
 @pytest.mark.parametrize("writer", ["corrected", "original"])
 def test_the_corrected_teacher_writes_the_synthetic_text(workspace, capsys, tmp_path, writer):
     from slimlm.fingerprint import model_fingerprint
@@ -356,6 +372,10 @@ def test_vllm_generation_settings_are_checked_before_any_work(workspace, capsys,
     ({"distill__teacher_precision": "bf16"}, "distill.teacher_precision: unknown value 'bf16' (known: auto, float32, "
                                              "bfloat16, int8; bf16 is now bfloat16)"),
     ({"distill__fit_to_time": True, "distill__max_minutes": None}, "distill.fit_to_time fits the schedule"),
+    ({"distill__corpus_weights": "train0=1"}, "distill.corpus_weights weighs the corpus's sources: set "
+                                              "distill.corpus_sources too"),
+    ({"distill__corpus_sources": True, "distill__corpus_weights": "train0=1"},
+     "distill.corpus_weights must name exactly data.train's sources (train0, train1, train2, train3), not train0"),
     ({"correct_teacher": {"tokens": 0}}, "correct_teacher.tokens must be > 0"),
     ({"correct_teacher": {"lr": 0.1}}, "correct_teacher.tokens is required"),
 ])

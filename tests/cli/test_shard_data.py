@@ -144,6 +144,35 @@ def test_generate_cuts_its_prompts_from_the_shards_documents(workspace, shards, 
     assert sorted(record["prompt"] for record in records) == sorted(sentences(12, index)[0] for index in range(2))
 
 
+def test_distill_mixes_each_data_source_of_the_shards(workspace, shards, capsys, tmp_path):
+    from .helpers import pruned_dir
+
+    out = tmp_path / "distilled"
+    common = ["distill", "--teacher", workspace / "teacher", "--student", pruned_dir(workspace, capsys), "--data",
+              shards, "--seq-len", 16, "--batch-size", 2, "--max_steps", 4, "--save_strategy", "no", "--no-progress"]
+    code, stdout, err = run_cli(capsys, *common, "--corpus-sources", "--corpus-weights",
+                                "train0=1,train1=1,train2=2,train3=0", "--dynamic-mix", "--mix-every", 2, "--mix-heldout-blocks", 1, "--out", out)
+    assert code == 0, err
+    assert "[distill] the corpus's sources: train0 " in stdout
+    record = json.loads((out / "slimlm_distill.json").read_text())
+    assert record["inputs"]["corpus_sources"] == "train0=1,train1=1,train2=2,train3=0"
+    mixes = [entry for entry in record["log_history"] if "mix/corpus/train0" in entry]
+    assert [entry["step"] for entry in mixes] == [0, 2]
+    assert [mixes[0][f"mix/corpus/train{index}"] for index in range(4)] == [0.25, 0.25, 0.5, 0.0]
+    for argv, message in (
+            (["--corpus-weights", "train0=1"], "--corpus-weights weighs the corpus's sources: set --corpus-sources too"),
+            (["--corpus-sources", "--corpus-weights", "train0=-1"], "the weight of 'train0' must be a finite number"),
+            (["--corpus-sources", "--corpus-weights", "train0=1,other=1"],
+             "corpus_weights must name exactly the corpus's sources (train0, train1, train2, train3): unknown other: "
+             "missing train1, train2, train3")):
+        code, _, err = run_cli(capsys, *common, *argv, "--out", tmp_path / "refused")
+        assert message in one_line_error(code, err, "distill")
+    code, _, err = run_cli(capsys, *common[:6], workspace / "heldout.txt", *common[7:], "--corpus-sources",
+                           "--out", tmp_path / "refused")
+    assert "corpus_sources needs the training data as token shards" in one_line_error(code, err, "distill")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_a_seq_len_above_the_models_limit_is_refused(workspace, shards, capsys):
     code, _, err = run_cli(capsys, "eval", "--model", workspace / "teacher", "--data", shards, "--seq-len", 256)
     assert "seq_len 256 is above the model's limit" in one_line_error(code, err, "eval")

@@ -96,6 +96,11 @@ def test_a_recipe_with_a_teacher_cache_distills_from_it(workspace, capsys, tmp_p
     code, _, err = run_cli(capsys, "run", bad, "--no-progress")
     assert "synthetic.mix need(s) the live teacher" in one_line_error(code, err, "run")
     assert not (tmp_path / "bad").exists()
+    bad = write_recipe(workspace, "cached-bad.yaml", out=str(tmp_path / "bad"), synthetic=None,
+                       teacher_cache={"k": 8}, distill__corpus_sources=True)
+    code, _, err = run_cli(capsys, "run", bad, "--no-progress")
+    assert "which distill.corpus_sources cannot split by source" in one_line_error(code, err, "run")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_served_teacher_makes_the_same_cache(workspace, shards, capsys, tmp_path):

@@ -212,6 +212,46 @@ class SourceMixture(torch.utils.data.Dataset):
         return cached[1]
 
 
+class BlockRanges(torch.utils.data.Dataset):
+    """The items of ``blocks`` (a map-style dataset) at the indices of ``ranges`` ([start, stop)
+    pairs), in order: a ``Subset`` that holds the ranges, not one index per block, so a source of
+    10⁸ blocks costs a few numbers."""
+
+    def __init__(self, blocks, ranges):
+        self.blocks = blocks
+        self.ranges = [(int(start), int(stop)) for start, stop in ranges if stop > start]
+        self._ends = np.cumsum([stop - start for start, stop in self.ranges], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = int(np.searchsorted(self._ends, index, side="right"))
+        before = int(self._ends[part - 1]) if part else 0
+        return self.blocks[self.ranges[part][0] + int(index) - before]
+
+
+def corpus_sources(shards, blocks, seq_len: int) -> dict[str, BlockRanges]:
+    """{name: its blocks} of each data source of the token ``shards`` (``TokenShards.source_names``),
+    ``blocks`` being the shards' blocks of ``seq_len`` tokens: the blocks that lie wholly in that
+    source's tokens (a block across two sources' boundary belongs to neither). InputError when a
+    source holds no whole block."""
+    names = shards.source_names()
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for source, start, stop in shards.source_ranges():
+        first, last = -(-start // seq_len), min(stop // seq_len, len(blocks))
+        ranges.setdefault(source, []).append((first, last))
+    sources = {}
+    for index, name in enumerate(names):
+        sources[name] = BlockRanges(blocks, ranges.get(index, []))
+        if len(sources[name]) == 0:
+            raise InputError(f"data source {name!r} of the token shards {shards.path} holds no whole block of "
+                             f"{seq_len} tokens: give it more text or leave it out of the data")
+    return sources
+
+
 def update_weights(weights: dict[str, float], excess: dict[str, float], *, step_size: float = 1.0,
                    smoothing: float = 1e-4, min_weight: float = 0.0, max_weight: float = 1.0) -> dict[str, float]:
     """Sheared-LLaMA's update of the sampling weights from each source's excess loss

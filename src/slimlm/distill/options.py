@@ -3,6 +3,7 @@
 ``distill:`` and ``synthetic:`` sections, and ``DistillOptions`` / ``GenerationOptions`` in Python."""
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass
 
@@ -151,6 +152,11 @@ class DistillOptions(Options):
     freeze_embeddings: bool = option(False, "keep the student's token embedding and LM head as pruned")
     dynamic_mix: bool = option(False, "move the training mix's weights towards the sources where the student's "
                                       "held-out loss exceeds the teacher's most (Sheared-LLaMA); else a static mix")
+    corpus_sources: bool = option(False, "each data source of the training shards (file, folder or dataset) is a "
+                                         "source of the training mix, with its own weight and, with dynamic_mix, its "
+                                         "own held-out slice; else the corpus is one source")
+    corpus_weights: str = option("", "with corpus_sources, their static (starting) weights by name, e.g. "
+                                     "'docs=0.7,books=0.3' (a file's name without extensions; default: by tokens)")
     mix_every: int = option(32, "steps between the dynamic mix's updates", check="positive")
     mix_heldout_blocks: int = option(4, "held-out blocks per source that the dynamic mix compares the losses on",
                                      check="positive")
@@ -168,6 +174,14 @@ class DistillOptions(Options):
         if self.fit_to_time and not (self.max_minutes or self.finish_by_minutes):
             raise OptionError("fit_to_time", "fits the schedule to {max_minutes}: give {max_minutes} too",
                               mentions=("max_minutes",))
+        if self.corpus_weights:
+            if not self.corpus_sources:
+                raise OptionError("corpus_weights", "weighs the corpus's sources: set {corpus_sources} too",
+                                  mentions=("corpus_sources",))
+            try:
+                parse_corpus_weights(self.corpus_weights)
+            except InputError as error:
+                raise OptionError("corpus_weights", f": {error}") from None
         if self.hidden_loss_schedule == "minitron" and self.hidden_loss_weight > 0 and self.kd_weight == 0:
             raise OptionError("hidden_loss_schedule", "minitron weights the hidden loss by the logit loss: it "
                                                       "needs {kd_weight} > 0", mentions=("kd_weight",))
@@ -229,3 +243,28 @@ class TeacherCacheOptions(Options):
         if needs:
             raise InputError(f"teacher_cache: the distillation learns from the cached teacher alone, but "
                              f"{', '.join(needs)} need(s) the live teacher: set them to 0 or drop teacher_cache")
+        if distill.get("corpus_sources"):
+            raise InputError("teacher_cache: the cached blocks are read in the cache's order, which distill.corpus_sources "
+                             "cannot split by source: drop one of them")
+
+
+def parse_corpus_weights(spec: str) -> dict[str, float]:
+    """``"docs=0.7,books=0.3"`` as {name: weight}; InputError (one line) for an entry without
+    ``=``, a name given twice, a weight that is not a finite number >= 0, or all weights 0."""
+    weights: dict[str, float] = {}
+    for entry in spec.split(","):
+        name, sep, value = (part.strip() for part in entry.partition("="))
+        if not sep or not name:
+            raise InputError(f"{entry.strip()!r} is not NAME=WEIGHT (write e.g. 'docs=0.7,books=0.3')")
+        if name in weights:
+            raise InputError(f"source {name!r} is given twice")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise InputError(f"the weight of {name!r} is not a number: {value!r}") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise InputError(f"the weight of {name!r} must be a finite number >= 0, got {value}")
+        weights[name] = weight
+    if not any(weights.values()):
+        raise InputError("every weight is 0; give at least one source a positive weight")
+    return weights

@@ -47,6 +47,7 @@ def distill_inputs(teacher, student, train, options=None, *, synthetic_texts=Non
                                  for source, path in sorted(synthetic_caches.items())}} if synthetic_caches and mixed
            else {}),
         **({"dynamic_mix": {name: getattr(options, name) for name in MIX_FIELDS}} if options.dynamic_mix else {}),
+        **({"corpus_sources": options.corpus_weights or "by tokens"} if options.corpus_sources else {}),
         "synthetic": texts_digest(texts) if mixed and texts else None,
         "mix": mix_fraction if mixed else 0.0, "seq_len": options.seq_len, "max_tokens": options.max_tokens,
         "batch_size": options.batch_size, "learning_rate": options.lr, "temperature": options.temperature,
@@ -61,18 +62,31 @@ MIX_FIELDS = ("mix_every", "mix_heldout_blocks", "mix_step_size", "mix_smoothing
 
 def source_mixture(classic, synthetic: dict, mix_fraction: float, options, *, num_items: int, seed: int,
                    teacher=None, log=print):
-    """The training set of a mix of sources — ``classic`` (the corpus's blocks) and each
-    ``synthetic`` source ({name: blocks}) — drawn batch by batch (``slimlm.distill.mixture.SourceMixture``:
-    every batch from one source, so cached-target blocks and live-teacher blocks never share one).
-    The synthetic sources share ``mix_fraction`` of the weight by their sizes. With
-    ``options.dynamic_mix`` the last ``mix_heldout_blocks`` blocks of each source are held out
-    and the weights follow the student's excess loss over ``teacher``'s on them
-    (``dynamic_mix_callback``). Returns (dataset, callbacks)."""
+    """The training set of a mix of sources — the corpus (``classic``: its blocks as one source
+    "corpus", or {name: blocks} as sources "corpus/<name>", ``slimlm.distill.mixture.corpus_sources``)
+    and each ``synthetic`` source ({name: blocks}) — drawn batch by batch
+    (``slimlm.distill.mixture.SourceMixture``: every batch from one source, so cached-target
+    blocks and live-teacher blocks never share one). The synthetic sources share ``mix_fraction``
+    of the weight by their sizes; the corpus's sources the rest, by their sizes or as
+    ``options.corpus_weights`` says. With ``options.dynamic_mix`` the last ``mix_heldout_blocks``
+    blocks of each source are held out and the weights follow the student's excess loss over
+    ``teacher``'s on them (``dynamic_mix_callback``). Returns (dataset, callbacks)."""
     from torch.utils.data import Subset
 
     from slimlm.distill.mixture import SourceMixture, dynamic_mix_callback, reference_losses
+    from slimlm.distill.options import parse_corpus_weights
 
-    sources = {"corpus": classic, **synthetic} if mix_fraction < 1 else dict(synthetic)
+    corpus = {f"corpus/{name}": blocks for name, blocks in classic.items()} if isinstance(classic, dict) \
+        else {"corpus": classic}
+    given = parse_corpus_weights(options.corpus_weights) if options.corpus_weights else None
+    if given is not None:
+        names = [name.removeprefix("corpus/") for name in corpus]
+        unknown, missing = sorted(set(given) - set(names)), [name for name in names if name not in given]
+        if unknown or missing:
+            raise InputError(f"corpus_weights must name exactly the corpus's sources ({', '.join(names)})"
+                             + (f": unknown {', '.join(unknown)}" if unknown else "")
+                             + (f": missing {', '.join(missing)}" if missing else ""))
+    sources = {**corpus, **synthetic} if mix_fraction < 1 else dict(synthetic)
     heldout = {}
     if options.dynamic_mix:
         if teacher is None:
@@ -86,8 +100,11 @@ def source_mixture(classic, synthetic: dict, mix_fraction: float, options, *, nu
             heldout[name] = [blocks[index] for index in range(len(blocks) - count, len(blocks))]
             sources[name] = Subset(blocks, range(len(blocks) - count))
     synthetic_size = sum(len(sources[name]) for name in synthetic)
-    weights = {name: (1.0 - mix_fraction) if name == "corpus" else mix_fraction * len(sources[name]) / synthetic_size
-               for name in sources}
+    corpus_share = {name: given[name.removeprefix("corpus/")] if given is not None else len(sources[name])
+                    for name in corpus if name in sources}
+    corpus_total = sum(corpus_share.values())
+    weights = {name: (1.0 - mix_fraction) * corpus_share[name] / corpus_total if name in corpus
+               else mix_fraction * len(sources[name]) / synthetic_size for name in sources}
     mixture = SourceMixture(sources, weights, batch_size=options.batch_size, num_items=num_items, seed=seed)
     callbacks = []
     if options.dynamic_mix:
@@ -219,6 +236,7 @@ def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *,
     from slimlm.distill.options import DistillOptions
     from slimlm.distill.trainer import DistillationTrainer
     from slimlm.distill.items import training_items_of, training_set
+    from slimlm.distill.mixture import SourceMixture, corpus_sources
     from slimlm.distill.training import fit_schedule_callback, heldout_eval_callback, student_precision_flags, \
         time_budget_callback, tokens_per_step, training_arguments
     from slimlm.fingerprint import model_fingerprint
@@ -232,6 +250,16 @@ def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *,
     if teacher_cache is not None and (synthetic_texts or synthetic_caches) and mix_fraction > 0:
         raise InputError("a top-k cache of the training blocks replaces the teacher for the whole run: synthetic "
                          "text does not mix in there")
+    if options.corpus_sources:
+        from slimlm.shards import TokenShards
+
+        if teacher_cache is not None:
+            raise InputError("corpus_sources draws each batch from one of the corpus's sources; a top-k cache of the "
+                             "training blocks is read in its own order: drop one of them")
+        if not isinstance(train, TokenShards):
+            raise InputError("corpus_sources needs the training data as token shards (slimlm tokenize), which "
+                             "record each token's data source")
+        train.source_ranges()  # shards of an older slimlm are refused before any work
     config = options.distillation_config(layer_map=layer_map, topk=teacher_cache)
     seq_len, batch_size = options.seq_len, options.batch_size
     out = outputs.check_output(out, overwrite)
@@ -256,17 +284,22 @@ def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *,
     mix_callbacks = []
     if teacher_cache is not None:
         dataset = None  # the cache's blocks (DistillationTrainer)
-    elif mixed and (synthetic_caches or options.dynamic_mix):
+    elif (mixed and (synthetic_caches or options.dynamic_mix)) or options.corpus_sources:
         if args.max_steps is None or args.max_steps < 1:
             raise InputError("a mix of sources is drawn for a known number of steps: give max_tokens or --max_steps")
-        synthetic = synthetic_blocks(synthetic_texts, synthetic_caches, tokenizer, options, student=student, log=log)
-        if not synthetic:
+        synthetic = synthetic_blocks(synthetic_texts, synthetic_caches, tokenizer, options, student=student, log=log) \
+            if mixed else {}
+        if mixed and not synthetic:
             raise InputError("no synthetic source holds a block of seq_len tokens: generate more text or lower "
                              "synthetic.mix to 0")
         num_items = args.max_steps * tokens_per_step(args, seq_len) // seq_len
-        dataset, mix_callbacks = source_mixture(training_items_of(train, tokenizer, seq_len, model=student),
-                                                synthetic, mix_fraction, options, num_items=num_items, seed=seed,
-                                                teacher=teacher, log=log)
+        classic = training_items_of(train, tokenizer, seq_len, model=student)
+        if options.corpus_sources:
+            classic = corpus_sources(train, classic, seq_len)
+            log("[distill] the corpus's sources: " + ", ".join(f"{name} {len(blocks):,} blocks"
+                                                              for name, blocks in classic.items()))
+        dataset, mix_callbacks = source_mixture(classic, synthetic, mix_fraction if mixed else 0.0, options,
+                                                num_items=num_items, seed=seed, teacher=teacher, log=log)
     else:
         synthetic = synthetic_blocks(synthetic_texts, None, tokenizer, options, student=student, log=log) \
             if mixed else None
@@ -296,7 +329,10 @@ def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *,
               "inputs": with_save_dtype(inputs, saved_dtype), "train_data": data_digest(train),
               "num_train_items": len(trainer.train_dataset),
               "max_steps": args.max_steps, "seq_len": seq_len, "learning_rate": args.learning_rate,
-              "distillation": vars(config), "precision_used": precision_used(trainer), **(extra_record or {})}
+              "distillation": vars(config), "precision_used": precision_used(trainer),
+              **({"data_mix": [{"from_batch": start, "weights": weights} for start, weights in dataset.history]}
+                 if isinstance(dataset, SourceMixture) else {}),
+              **(extra_record or {})}
     _save_student(trainer, tokenizer, out, record, seq_len, saved_dtype)
     return trainer.model, trainer.state.log_history
 

@@ -203,6 +203,15 @@ class Pipeline:
             from slimlm.pipeline.search import check_token_budget, rerank_tokens
 
             check_token_budget(section["max_tokens"], rerank_tokens(search, train_blocks=0))
+        if section["corpus_weights"]:  # named after data.train's files, which the recipe's check did not read
+            from slimlm.distill.options import parse_corpus_weights
+            from slimlm.shards.identity import source_names
+
+            names = source_names(recipe["data"]["train"], "data.train")
+            given = parse_corpus_weights(section["corpus_weights"])
+            if sorted(names) != sorted(given):
+                raise InputError(f"distill.corpus_weights must name exactly data.train's sources ({', '.join(names)}), "
+                                 f"not {', '.join(given)}")
         if recipe["teacher_cache"] is not None:
             from slimlm.distill.options import TeacherCacheOptions
 

@@ -70,6 +70,35 @@ def _size_and_mtime(path: str) -> tuple[int, float]:
     return sum(s.st_size for s in stats), max((s.st_mtime for s in stats), default=0.0)
 
 
+def source_name(record: dict) -> str:
+    """A data source's short name, as a mix names it: a file's or folder's name without its
+    extensions (``docs.part1.jsonl`` → ``docs``), a hub dataset's name without its owner."""
+    if "hub" in record:
+        return record["hub"].rsplit("/", 1)[-1]
+    return os.path.basename(record["path"].rstrip(os.sep)).split(".")[0] or record["path"]
+
+
+def source_names(sources, where: str) -> list[str]:
+    """The names (``source_name``) of ``sources`` — paths, globs, hub ids as ``write_shards`` takes
+    them, or its source records — in reading order; InputError naming ``where`` when two share one."""
+    if isinstance(sources, list) and all(isinstance(record, dict) for record in sources):
+        records = sources
+    else:
+        records = []
+        for spec in _specs(sources):
+            hub = _hub_name(spec)
+            records += [{"hub": hub.partition(":")[0]}] if hub is not None else \
+                [{"path": path} for path in source_paths(spec)]
+    names = []
+    for record in records:
+        name = source_name(record)
+        if name in names:
+            raise InputError(f"{where}: two data sources are named {name!r}; rename one file so that each source of "
+                             "the mix has its own name")
+        names.append(name)
+    return names
+
+
 def source_records(sources, split: str | None = None, *, known: Iterable[dict] = ()) -> list[dict]:
     """One record per source in reading order: a local file or saved dataset as its absolute
     path, size, mtime and SHA-256 (``outputs.file_digest``), a hub dataset as its name, config

@@ -16,6 +16,7 @@ from slimlm.shards.identity import (
     _settings_difference,
     _sources_difference,
     _tokenizer_difference,
+    source_names,
     source_records,
     tokenizer_identity,
 )
@@ -138,6 +139,33 @@ class TokenShards:
                 if outputs.file_digest(os.path.join(self.path, name)) != shard[key]:
                     raise InputError(f"token shards {self.path}: {name} changed since written (its SHA-256 "
                                      "differs from the manifest's); write the shards again")
+
+    def source_ranges(self) -> list[tuple[int, int, int]]:
+        """(source index, start, stop) for each run of the stream read from one data source
+        (``manifest["sources"][index]``), in stream order; InputError for shards written before
+        slimlm recorded that (write them again)."""
+        ranges: list[list[int]] = []
+        start = 0
+        for shard in self.manifest["shards"]:
+            runs = shard.get("sources")
+            if not isinstance(runs, list):
+                raise InputError(f"token shards {self.path} do not record which data source each token came from "
+                                 "(written by an older slimlm): write them again (slimlm tokenize --overwrite)")
+            for source, count in runs:
+                if ranges and ranges[-1][0] == source and ranges[-1][2] == start:
+                    ranges[-1][2] += count
+                else:
+                    ranges.append([int(source), start, start + int(count)])
+                start += int(count)
+        if start != self.num_tokens:
+            raise InputError(f"token shards {self.path}: {MANIFEST} is damaged (its sources hold {start} tokens, "
+                             f"the shards {self.num_tokens})")
+        return [tuple(item) for item in ranges]
+
+    def source_names(self) -> list[str]:
+        """The name of each data source of ``manifest["sources"]`` (``slimlm.shards.identity.source_name``:
+        a file's name without its extensions); InputError when two share one."""
+        return source_names(self.manifest.get("sources", []), f"token shards {self.path}")
 
     # ------------------------------------------------------------- freshness
     def stale_reason(self, tokenizer=None, sources=None, options: TokenizeOptions | None = None, *,

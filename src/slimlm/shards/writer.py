@@ -27,6 +27,7 @@ class _ShardFile:
         self.handles = [open(os.path.join(folder, name), "wb") for name in self.names]
         self.digests = [hashlib.sha256(), hashlib.sha256()]
         self.num_tokens = self.num_documents = 0
+        self.sources: list[list[int]] = []  # [source index, tokens] runs, in stream order
         self._write(1, np.zeros(1, dtype=_OFFSET))
 
     def _write(self, which: int, values: np.ndarray) -> None:
@@ -34,11 +35,20 @@ class _ShardFile:
         self.handles[which].write(raw)
         self.digests[which].update(raw)
 
-    def append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def append(self, tokens: np.ndarray, lengths: np.ndarray, sources: np.ndarray) -> None:
+        """Append documents of ``lengths`` tokens (0: left out) read from data sources ``sources``."""
         self._write(0, tokens)
         self._write(1, self.num_tokens + np.cumsum(lengths[lengths > 0], dtype=_OFFSET))
         self.num_tokens += tokens.size
         self.num_documents += int(np.count_nonzero(lengths))
+        for source in np.unique(sources).tolist():  # sources come in order: one run each per batch
+            count = int(lengths[sources == source].sum())
+            if not count:
+                continue
+            if self.sources and self.sources[-1][0] == source:
+                self.sources[-1][1] += count
+            else:
+                self.sources.append([source, count])
 
     def close(self, next_position) -> dict:
         for handle in self.handles:
@@ -47,7 +57,8 @@ class _ShardFile:
             handle.close()
         return {"tokens": self.names[0], "docs": self.names[1], "num_tokens": self.num_tokens,
                 "num_documents": self.num_documents, "tokens_sha256": self.digests[0].hexdigest()[:16],
-                "docs_sha256": self.digests[1].hexdigest()[:16], "next": list(next_position)}
+                "docs_sha256": self.digests[1].hexdigest()[:16], "next": list(next_position),
+                "sources": self.sources}
 
     def discard(self) -> None:
         for handle in self.handles:
@@ -76,6 +87,7 @@ class _ShardSet:
     def add(self, tokens: np.ndarray, lengths: np.ndarray, positions: list) -> None:
         """Append a batch; stops short (``done``) at the first document boundary past ``max_tokens``."""
         ends = np.cumsum(lengths)
+        sources = np.fromiter((position[0] for position in positions), dtype=np.int64, count=len(positions))
         first_doc = first_token = 0
         while first_doc < len(lengths) and not self.done:
             if self.current is None:
@@ -85,16 +97,16 @@ class _ShardSet:
                 room = min(room, self.options.max_tokens - self.total)
             last = int(np.searchsorted(ends, first_token + room, side="left"))
             if last >= len(lengths):
-                self._append(tokens[first_token:], lengths[first_doc:])
+                self._append(tokens[first_token:], lengths[first_doc:], sources[first_doc:])
                 self.last_position = (positions[-1][0], positions[-1][1] + 1)
                 return
-            self._append(tokens[first_token : ends[last]], lengths[first_doc : last + 1])
+            self._append(tokens[first_token : ends[last]], lengths[first_doc : last + 1], sources[first_doc : last + 1])
             self.last_position = (positions[last][0], positions[last][1] + 1)
             self._close()
             first_doc, first_token = last + 1, int(ends[last])
 
-    def _append(self, tokens, lengths) -> None:
-        self.current.append(tokens, lengths)
+    def _append(self, tokens, lengths, sources) -> None:
+        self.current.append(tokens, lengths, sources)
         self.total += tokens.size
         self.written += tokens.size
 
