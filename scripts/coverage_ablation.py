@@ -6,12 +6,19 @@ short-distilled winner), the same corrected teacher, the same tokens, and
 - ``live``: + the teacher-written text of the run's synthetic stage, a static mix, the teacher run
   on every block (the texts re-tokenised);
 - ``cached``: the same text learnt from the top-k kept while the teacher sampled (no teacher pass);
-- ``dynamic``: ``cached`` with the dynamic mix (the demo's settings).
+- ``dynamic``: ``cached`` with the dynamic mix (the demo's settings);
+- ``sources``: ``corpus`` with each data source of the corpus a source of its own, weighted by the
+  dynamic mix (``distill.corpus_sources``; needs ``--train``, shards that record their sources);
+- ``sources-cached``: ``cached`` with the corpus's sources, the dynamic mix over them all.
 
 Each arm's student: perplexity on the run's held-out sets (24 blocks of 256 tokens each), tokens/s.
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/coverage_ablation.py RUN OUT [--tokens 49152] [--arms corpus live ...]
-        [--mix 0.35]
+        [--mix 0.35] [--train SHARDS]
+
+``--train``: the token shards the arms train on (default the run's ``tokens/train``); the
+``sources`` arms need shards written from one file per source (e.g. the demo's train split cut by
+its records' ``source`` prefix).
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from slimlm.pipeline.distill import distill_stage, eval_blocks, pruned_layer_map
 from slimlm.pipeline.synthetic import load_synthetic
 from slimlm.shards import TokenShards
 
-ARMS = ("corpus", "live", "cached", "dynamic")
+ARMS = ("corpus", "live", "cached", "dynamic", "sources", "sources-cached")
 
 
 def main() -> None:
@@ -39,6 +46,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--tokens", type=int, default=49152)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--train", help="token shards to train on (default: the run's tokens/train)")
     parser.add_argument("--mix", type=float, help="the synthetic share of the arms with teacher-written text "
                                                   "(default: the demo recipe's synthetic.mix)")
     args = parser.parse_args()
@@ -53,7 +61,7 @@ def main() -> None:
     sets = {name: TokenShards(os.path.join(args.run, "tokens", name)) for name in ("heldout", "general", "english")
             if os.path.isdir(os.path.join(args.run, "tokens", name))}
     blocks = {name: eval_blocks(shards, tokenizer, 256, 24) for name, shards in sets.items()}
-    train = TokenShards(os.path.join(args.run, "tokens", "train"))
+    train = TokenShards(args.train or os.path.join(args.run, "tokens", "train"))
     synthetic = load_synthetic(os.path.join(args.run, "synthetic.jsonl"))
     mix = recipe["synthetic"]["mix"] if args.mix is None else args.mix
     flags = ["--use_cpu", "true"]  # the demo's training arguments, checkpoints only at the end
@@ -65,11 +73,14 @@ def main() -> None:
         layer_map = pruned_layer_map(os.path.join(args.run, "search", "winner"), student, teacher)
         # the demo's dynamic mix, updated 4 times over the arm's steps (the demo: every 64 of ~290)
         steps = max(1, args.tokens // (base.batch_size * base.seq_len))
-        options = dataclasses.replace(base, dynamic_mix=arm == "dynamic", mix_every=max(1, steps // 4))
+        options = dataclasses.replace(base, dynamic_mix=arm in ("dynamic", "sources", "sources-cached"),
+                                      corpus_sources=arm.startswith("sources"), mix_every=max(1, steps // 4))
         data = {"corpus": dict(mix_fraction=0.0),
                 "live": dict(synthetic_texts=synthetic.texts_by_source(), mix_fraction=mix),
                 "cached": dict(synthetic_caches=synthetic.caches, mix_fraction=mix),
-                "dynamic": dict(synthetic_caches=synthetic.caches, mix_fraction=mix)}[arm]
+                "dynamic": dict(synthetic_caches=synthetic.caches, mix_fraction=mix),
+                "sources": dict(mix_fraction=0.0),
+                "sources-cached": dict(synthetic_caches=synthetic.caches, mix_fraction=mix)}[arm]
         model, history = distill_stage(teacher, student, tokenizer, train, os.path.join(args.out, arm), options,
                                        seed=0, layer_map=layer_map, overwrite=True, resume=False,
                                        disable_tqdm=True, training_args=flags, **data)
@@ -77,6 +88,10 @@ def main() -> None:
         train_s = next((entry["train_runtime"] for entry in reversed(history) if "train_runtime" in entry), None)
         results[arm] = {name: perplexity(model, split, progress=False)["perplexity"] for name, split in blocks.items()}
         results[arm]["train_s"] = train_s
+        with open(os.path.join(args.out, arm, "slimlm_distill.json"), encoding="utf-8") as handle:
+            mix = json.load(handle).get("data_mix")
+        if mix:  # the weights the last batches were drawn with
+            results[arm]["mix"] = {name: round(weight, 3) for name, weight in mix[-1]["weights"].items()}
         print(arm, json.dumps(results[arm]), flush=True)
     teacher.eval()
     results["teacher"] = {name: perplexity(teacher, split, progress=False)["perplexity"]
