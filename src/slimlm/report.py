@@ -381,9 +381,27 @@ def run_notes(recipe: dict, *, command: str, documents: dict[str, int], distill_
         distillation += ", embeddings and LM head frozen"
     if recipe["correct_teacher"]:
         distillation += f", from the teacher corrected on {recipe['correct_teacher']['tokens']:,} tokens"
+    mix = mix_note(record)
     return {"command": command, "teacher": recipe["teacher"], "target": recipe["target"], "data": data,
-            "distillation": distillation, "sizes on disk": sizes, "device": device,
+            "distillation": distillation, **({"data mix": mix} if mix else {}), "sizes on disk": sizes,
+            "device": device,
             "stage seconds": ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items())}
+
+
+def mix_note(distill_record: dict) -> str | None:
+    """The sampling weight of each source of a mixed training set (the record's ``data_mix``): the
+    static weights, or a dynamic mix's first and last; None without a mix."""
+    history = distill_record.get("data_mix")
+    if not history:
+        return None
+
+    def weights(entry):
+        return ", ".join(f"{name} {weight:.3f}" for name, weight in entry["weights"].items())
+
+    if len(history) == 1:
+        return f"static: {weights(history[0])}"
+    return (f"dynamic, {len(history) - 1} update(s): from {weights(history[0])} to {weights(history[-1])} "
+            f"(from batch {history[-1]['from_batch']})")
 
 
 def minutes_note(section: dict, distill_record: dict) -> str:

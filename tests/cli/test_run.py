@@ -312,20 +312,29 @@ def test_run_corrects_the_teacher_and_takes_distillation_options(workspace, caps
     assert any(line.startswith("[distill] skipped") for line in stage_lines(printed))
 
 
-def test_run_mixes_each_training_file_as_its_own_source(workspace, capsys, tmp_path):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_run_mixes_each_training_file_as_its_own_source(workspace, capsys, tmp_path, dynamic):
     out = tmp_path / "run"
     recipe = write_recipe(workspace, "sources.yaml", out=str(out), distill__corpus_sources=True,
-                          distill__corpus_weights="train0=1,train1=1,train2=1,train3=1")
+                          distill__corpus_weights="train0=1,train1=1,train2=1,train3=1", distill__dynamic_mix=dynamic,
+                          distill__mix_every=1, distill__mix_heldout_blocks=1)
     code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
     assert code == 0, err
     assert "[distill] the corpus's sources: train0 " in printed
     record = json.loads((out / "distilled" / "slimlm_distill.json").read_text())
     assert record["inputs"]["corpus_sources"] == "train0=1,train1=1,train2=1,train3=1"
-    # The corpus's four files share what the teacher-written text (synthetic.mix 0.3) leaves; static.
-    [mix] = record["data_mix"]
-    assert mix["from_batch"] == 0 and sorted(mix["weights"]) == [
+    # The corpus's four files share what the teacher-written text (synthetic.mix 0.3) leaves.
+    first = record["data_mix"][0]
+    assert first["from_batch"] == 0 and sorted(first["weights"]) == [
         "corpus/train0", "corpus/train1", "corpus/train2", "corpus/train3", "synthetic/data"]
-    assert all(mix["weights"][f"corpus/train{index}"] == pytest.approx(0.7 / 4) for index in range(4))
+    assert all(first["weights"][f"corpus/train{index}"] == pytest.approx(0.7 / 4) for index in range(4))
+    report = (out / "report" / "report.md").read_text()
+    if dynamic:
+        assert len(record["data_mix"]) == record["steps"]  # an update after every step but the last
+        assert "- **data mix**: dynamic, " in report and "mix.png" in report
+    else:
+        assert len(record["data_mix"]) == 1 and "mix.png" not in report
+        assert "- **data mix**: static: corpus/train0 0.175, corpus/train1 0.175, corpus/train2 0.175, " in report
 
 
 @pytest.mark.parametrize("writer", ["corrected", "original"])

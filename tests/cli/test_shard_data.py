@@ -151,7 +151,8 @@ def test_distill_mixes_each_data_source_of_the_shards(workspace, shards, capsys,
     common = ["distill", "--teacher", workspace / "teacher", "--student", pruned_dir(workspace, capsys), "--data",
               shards, "--seq-len", 16, "--batch-size", 2, "--max_steps", 4, "--save_strategy", "no", "--no-progress"]
     code, stdout, err = run_cli(capsys, *common, "--corpus-sources", "--corpus-weights",
-                                "train0=1,train1=1,train2=2,train3=0", "--dynamic-mix", "--mix-every", 2, "--mix-heldout-blocks", 1, "--out", out)
+                                "train0=1,train1=1,train2=2,train3=0", "--dynamic-mix", "--mix-every", 2,
+                                "--mix-heldout-blocks", 1, "--out", out)
     assert code == 0, err
     assert "[distill] the corpus's sources: train0 " in stdout
     record = json.loads((out / "slimlm_distill.json").read_text())
@@ -160,7 +161,8 @@ def test_distill_mixes_each_data_source_of_the_shards(workspace, shards, capsys,
     assert [entry["step"] for entry in mixes] == [0, 2]
     assert [mixes[0][f"mix/corpus/train{index}"] for index in range(4)] == [0.25, 0.25, 0.5, 0.0]
     for argv, message in (
-            (["--corpus-weights", "train0=1"], "--corpus-weights weighs the corpus's sources: set --corpus-sources too"),
+            (["--corpus-weights", "train0=1"],
+             "--corpus-weights weighs the corpus's sources: set --corpus-sources too"),
             (["--corpus-sources", "--corpus-weights", "train0=-1"], "the weight of 'train0' must be a finite number"),
             (["--corpus-sources", "--corpus-weights", "train0=1,other=1"],
              "corpus_weights must name exactly the corpus's sources (train0, train1, train2, train3): unknown other: "

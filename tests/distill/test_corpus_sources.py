@@ -256,3 +256,24 @@ def test_parse_corpus_weights():
     assert np.isclose(sum(parse_corpus_weights("a=1,b=2,c=3").values()), 6)
     with pytest.raises(InputError, match="is not NAME=WEIGHT"):
         parse_corpus_weights("=1")
+
+
+def test_a_corpus_of_a_hundred_billion_tokens_costs_a_few_numbers_per_source():
+    class Shards:  # what corpus_sources reads of TokenShards, at a real run's scale
+        path = "huge"
+
+        @staticmethod
+        def source_names():
+            return ["web", "code"]
+
+        @staticmethod
+        def source_ranges():
+            return [(0, 0, 6 * 10**10), (1, 6 * 10**10, 10**11 + 5)]
+
+    blocks = range(10**11 // 512)
+    sources = corpus_sources(Shards, blocks, 512)
+    assert len(sources["web"]) == 6 * 10**10 // 512
+    assert len(sources["code"]) == 10**11 // 512 - -(-6 * 10**10 // 512)
+    assert sources["code"][0] == -(-6 * 10**10 // 512)
+    assert sources["web"][len(sources["web"]) - 1] == 6 * 10**10 // 512 - 1
+    assert all(len(source.ranges) == 1 for source in sources.values())

@@ -244,8 +244,8 @@ class TeacherCacheOptions(Options):
             raise InputError(f"teacher_cache: the distillation learns from the cached teacher alone, but "
                              f"{', '.join(needs)} need(s) the live teacher: set them to 0 or drop teacher_cache")
         if distill.get("corpus_sources"):
-            raise InputError("teacher_cache: the cached blocks are read in the cache's order, which distill.corpus_sources "
-                             "cannot split by source: drop one of them")
+            raise InputError("teacher_cache: the cached blocks are read in the cache's order, which "
+                             "distill.corpus_sources cannot split by source: drop one of them")
 
 
 def parse_corpus_weights(spec: str) -> dict[str, float]:
