@@ -171,7 +171,7 @@ class Options:
                 help_text += "" if required else f" (comma-separated; default {','.join(map(str, default)) or 'none'})"
             else:
                 kind = next(k for k in kinds if k is not type(None))
-                help_text += f" (default {default})" if default is not None and not required else ""
+                help_text += f" (default {default})" if default not in (None, "") and not required else ""
             # (an option with renamed spellings is checked by from_args, which names the new one)
             choices = field.metadata.get("choices") if kind is str and not field.metadata.get("renamed") else None
             target.add_argument(flag, dest=field.name, type=_argument_type(kind), help=help_text, choices=choices,
