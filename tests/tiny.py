@@ -167,6 +167,19 @@ def assert_untouched(model, before) -> None:
     assert model.config.to_dict() == config
 
 
+def fit(model, rows: torch.Tensor, steps: int, *, lr: float = 1e-2, batch: int = 16, seed: int = 0):
+    """``model`` trained in place on random batches of ``rows`` (token ids) with Adam; returned in eval mode."""
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        chosen = rows[torch.randint(0, len(rows), (batch,), generator=generator)]
+        optimizer.zero_grad()
+        model(input_ids=chosen, labels=chosen).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 def token_dataset(vocab_size: int, num: int, seq: int, seed: int, max_pad: int = 3) -> list[dict]:
     """Random training examples (input_ids, attention_mask, labels = ids with -100 on padding),
     each right-padded with 0..max_pad pad tokens (id 0)."""

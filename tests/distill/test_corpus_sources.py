@@ -16,7 +16,7 @@ from slimlm.errors import InputError
 from slimlm.options import OptionError
 from slimlm.pipeline import distill as stage
 from slimlm.shards import TokenShards, write_shards
-from tests.tiny import tiny_model, word_tokenizer
+from tests.tiny import fit, tiny_model, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,17 +190,10 @@ def test_the_dynamic_mix_moves_weight_to_the_source_the_student_lags_on(models, 
     easy = write_jsonl(tmp_path / "data" / "easy.jsonl", ["the model is small ."] * 200)
     hard = write_jsonl(tmp_path / "data" / "hard.jsonl", chain_texts(200, 5))
     train = shards_of([easy, hard], tokenizer, tmp_path / "train")
-    teacher = tiny_model("llama", "training", vocab_size=len(tokenizer), seed=1).train()
     rows = torch.stack([torch.as_tensor(train.tokens(start, start + 16).astype("int64"))
                         for start in range(0, train.num_tokens - 16, 8)])
-    optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(120):
-        batch = rows[torch.randint(0, len(rows), (16,), generator=generator)]
-        optimizer.zero_grad()
-        teacher(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-    distill({**models, "teacher": teacher.eval()}, tokenizer, train, tmp_path / "out", steps=24, lr=1e-2,
+    teacher = fit(tiny_model("llama", "training", vocab_size=len(tokenizer), seed=1), rows, 120)
+    distill({**models, "teacher": teacher}, tokenizer, train, tmp_path / "out", steps=24, lr=1e-2,
             corpus_sources=True, corpus_weights="easy=1,hard=1", dynamic_mix=True, mix_every=6, mix_heldout_blocks=4)
     record = json.loads((tmp_path / "out" / "slimlm_distill.json").read_text())
     mixes = [entry for entry in record["log_history"] if "mix/corpus/hard" in entry]

@@ -12,7 +12,7 @@ import transformers
 from slimlm.distill.mixture import SourceMixture, dynamic_mix_callback, reference_losses, update_weights
 from slimlm.distill.trainer import DistillationTrainer
 from slimlm.errors import InputError
-from tests.tiny import tiny_model
+from tests.tiny import fit, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,16 +188,8 @@ def items(rows: torch.Tensor) -> list[dict]:
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)
-    model = tiny_model("llama", "training", vocab_size=VOCAB, seed=1).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     rows = torch.cat([easy_rows(200, 1), hard_rows(200, 2)])
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        batch = rows[torch.randint(0, len(rows), (16,), generator=generator)]
-        optimizer.zero_grad()
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-    return model.eval()
+    return fit(tiny_model("llama", "training", vocab_size=VOCAB, seed=1), rows, 150)
 
 
 HELDOUT = {"easy": items(easy_rows(8, 11)), "hard": items(hard_rows(8, 12))}
