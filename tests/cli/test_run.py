@@ -337,6 +337,23 @@ def test_run_mixes_each_training_file_as_its_own_source(workspace, capsys, tmp_p
         assert "- **data mix**: static: corpus/train0 0.175, corpus/train1 0.175, corpus/train2 0.175, " in report
 
 
+def test_shards_without_each_tokens_source_are_written_again_for_a_mix_of_sources(workspace, capsys, tmp_path):
+    out = tmp_path / "run"
+    recipe = write_recipe(workspace, "one.yaml", out=str(out), synthetic=None, distill__corpus_sources=True)
+    code, _, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    manifest_path = out / "tokens" / "train" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for shard in manifest["shards"]:  # as an older slimlm wrote them
+        del shard["sources"]
+    manifest_path.write_text(json.dumps(manifest))
+    code, printed, err = run_cli(capsys, "run", recipe, "--no-progress")
+    assert code == 0, err
+    assert "[tokenize] running (tokens: train: token shards" in printed
+    assert "do not record which data source each token came from" in printed
+    assert all("sources" in shard for shard in json.loads(manifest_path.read_text())["shards"])
+
+
 @pytest.mark.parametrize("writer", ["corrected", "original"])
 def test_the_corrected_teacher_writes_the_synthetic_text(workspace, capsys, tmp_path, writer):
     from slimlm.fingerprint import model_fingerprint

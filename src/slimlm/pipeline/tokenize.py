@@ -55,6 +55,13 @@ class TokenizeStage(Stage):
             reason = shards_stale_reason(ctx.path(os.path.join(self.output, name)), ctx.tokenizer, sources, options)
             if reason is not None:
                 return f"{name}: {reason}"
+        if ctx.recipe["distill"]["corpus_sources"]:  # shards of an older slimlm lack each token's source
+            from slimlm.shards import TokenShards
+
+            try:
+                TokenShards(ctx.path(os.path.join(self.output, "train"))).source_ranges()
+            except InputError as error:
+                return f"train: {error}"
         return None
 
     def run(self, ctx: RunContext, done: dict, inputs: dict) -> dict:
