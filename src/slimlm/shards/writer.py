@@ -174,7 +174,7 @@ def write_shards(sources, tokenizer, out, *, options: TokenizeOptions | None = N
     previous = read_json(os.path.join(out, MANIFEST)) or {}
     identity = _identity(tokenizer, sources, options, known=previous.get("sources", ()))
     if previous.get("complete") and _identity_difference(previous, identity) is None and \
-            shards_stale_reason(out) is None:
+            shards_stale_reason(out) is None and all("sources" in shard for shard in previous["shards"]):
         log(f"[tokenize] {out} already holds these shards")
         return TokenShards(out)
     outputs.recover(out)
