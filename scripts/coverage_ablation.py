@@ -9,7 +9,10 @@ short-distilled winner), the same corrected teacher, the same tokens, and
 - ``dynamic``: ``cached`` with the dynamic mix (the demo's settings);
 - ``sources``: ``corpus`` with each data source of the corpus a source of its own, weighted by the
   dynamic mix (``distill.corpus_sources``; needs ``--train``, shards that record their sources);
-- ``sources-cached``: ``cached`` with the corpus's sources, the dynamic mix over them all.
+- ``sources-cached``: ``cached`` with the corpus's sources, the dynamic mix over them all;
+- ``live-sources``: ``live`` drawn batch by batch from one source at a time (the corpus's
+  sources and the prompt sources, static weights), as the cached arms draw: it separates what
+  one-source batches cost from what the cached targets cost.
 
 Each arm's student: perplexity on the run's held-out sets (24 blocks of 256 tokens each), tokens/s.
 
@@ -37,7 +40,7 @@ from slimlm.pipeline.distill import distill_stage, eval_blocks, pruned_layer_map
 from slimlm.pipeline.synthetic import load_synthetic
 from slimlm.shards import TokenShards
 
-ARMS = ("corpus", "live", "cached", "dynamic", "sources", "sources-cached")
+ARMS = ("corpus", "live", "cached", "dynamic", "sources", "sources-cached", "live-sources")
 
 
 def main() -> None:
@@ -74,13 +77,14 @@ def main() -> None:
         # the demo's dynamic mix, updated 4 times over the arm's steps (the demo: every 64 of ~290)
         steps = max(1, args.tokens // (base.batch_size * base.seq_len))
         options = dataclasses.replace(base, dynamic_mix=arm in ("dynamic", "sources", "sources-cached"),
-                                      corpus_sources=arm.startswith("sources"), mix_every=max(1, steps // 4))
+                                      corpus_sources="sources" in arm, mix_every=max(1, steps // 4))
         data = {"corpus": dict(mix_fraction=0.0),
                 "live": dict(synthetic_texts=synthetic.texts_by_source(), mix_fraction=mix),
                 "cached": dict(synthetic_caches=synthetic.caches, mix_fraction=mix),
                 "dynamic": dict(synthetic_caches=synthetic.caches, mix_fraction=mix),
                 "sources": dict(mix_fraction=0.0),
-                "sources-cached": dict(synthetic_caches=synthetic.caches, mix_fraction=mix)}[arm]
+                "sources-cached": dict(synthetic_caches=synthetic.caches, mix_fraction=mix),
+                "live-sources": dict(synthetic_texts=synthetic.texts_by_source(), mix_fraction=mix)}[arm]
         model, history = distill_stage(teacher, student, tokenizer, train, os.path.join(args.out, arm), options,
                                        seed=0, layer_map=layer_map, overwrite=True, resume=False,
                                        disable_tqdm=True, training_args=flags, **data)
