@@ -304,3 +304,27 @@ def test_bad_callback_inputs_are_named():
         dynamic_mix_callback(mixture, HELDOUT, {"easy": 1.0, "hard": 1.0}, every=0)
     with pytest.raises(InputError, match=r"the bounds must satisfy"):
         dynamic_mix_callback(mixture, HELDOUT, {"easy": 1.0, "hard": 1.0}, every=2, min_weight=0.6, max_weight=0.5)
+
+
+# ---- training_set with a known length (texts, live targets) ---------------------------------
+
+
+def test_a_mix_of_known_length_holds_exactly_its_share_of_synthetic_items():
+    from collections import Counter
+
+    from slimlm.distill.items import training_set
+
+    classic = [{"id": ("corpus", index)} for index in range(1000)]
+    synthetic = [{"id": ("synthetic", index)} for index in range(7)]
+    mixed = training_set(classic, synthetic, 0.35, seed=3, num_items=40)
+    ids = [mixed[index]["id"] for index in range(len(mixed))]
+    assert len(ids) == 40 and sum(kind == "synthetic" for kind, _ in ids) == 14
+    # each source repeats an item only once it has served them all
+    assert set(Counter(ids[i] for i in range(40) if ids[i][0] == "synthetic").values()) == {2}
+    assert len({item for item in ids if item[0] == "corpus"}) == 26
+    assert [training_set(classic, synthetic, 0.35, seed=3, num_items=40)[i]["id"] for i in range(40)] == ids
+    assert [training_set(classic, synthetic, 0.35, seed=4, num_items=40)[i]["id"] for i in range(40)] != ids
+    # Over whole epochs (no known length) the share is of the whole corpus, and nothing repeats.
+    assert len(training_set(classic, synthetic, 0.35, seed=3)) == 1007
+    with pytest.raises(IndexError):
+        mixed[40]

@@ -107,3 +107,13 @@ def test_a_failed_swap_keeps_the_finished_output(models, tmp_path, monkeypatch):
         distill(models, out, overwrite=True, resume=False)
     assert failures and sorted(os.listdir(out)) == before[0]
     assert all(torch.equal(before[1][name], weights(out)[name]) for name in before[1])
+
+
+def test_the_synthetic_share_is_of_the_items_the_run_reads(models, tmp_path):
+    """A run that reads 16 of the corpus's blocks with mix_fraction 0.5 trains on 8 synthetic
+    blocks, however large the corpus (the share used to be taken of the whole corpus)."""
+    lines = []
+    distill(models, tmp_path / "out", steps=8, lines=lines, synthetic_texts=texts(7, count=2), mix_fraction=0.5)
+    record = json.loads((tmp_path / "out" / "slimlm_distill.json").read_text())
+    assert record["num_train_items"] == 16
+    assert any("[distill] the teacher-written text is" in line and "of the run's 16 is 8" in line for line in lines)

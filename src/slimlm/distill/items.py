@@ -4,6 +4,7 @@ a dataset of any size), and the seeded constant-memory order a run and its resum
 (``SeededOrder``)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -13,22 +14,71 @@ def training_items(blocks) -> list[dict]:
             for ids, mask in zip(blocks.input_ids, blocks.attention_mask)]
 
 
-def training_set(classic, synthetic: list | None, mix_fraction: float, *, seed: int = 0):
-    """All ``classic`` items, joined by ``synthetic`` ones up to ``mix_fraction`` of the total
-    (fewer when there are not enough of them; none is repeated), shuffled with ``seed``.
-    ``mix_fraction`` 1: the synthetic items alone; 0 or ``synthetic`` None: ``classic`` as it is.
-    ``classic`` is a list, or a map-style dataset (the blocks of token shards) mixed lazily
-    (``MixedItems``: constant memory whatever its size)."""
+def training_set(classic, synthetic: list | None, mix_fraction: float, *, seed: int = 0, num_items: int | None = None):
+    """The training items of ``classic`` joined by ``synthetic`` ones, shuffled with ``seed``.
+
+    With ``num_items`` (what the run reads: max_steps × batch): exactly ``round(num_items ·
+    mix_fraction)`` of those items are synthetic, in a seeded order mixed item by item
+    (``ExactMix``; each source repeats only once it has served every item). Without it (a run
+    over whole epochs): all ``classic`` items joined by synthetic ones up to ``mix_fraction`` of
+    the total (fewer when there are not enough of them; none is repeated). ``mix_fraction`` 1:
+    the synthetic items alone; 0 or ``synthetic`` None: ``classic`` as it is. ``classic`` is a
+    list, or a map-style dataset (the blocks of token shards) mixed lazily (constant memory
+    whatever its size)."""
     from slimlm.distill.generate import mix
 
     if synthetic is None or mix_fraction <= 0:
         return classic
+    if num_items is not None:
+        return ExactMix(classic, synthetic, num_items=num_items, num_synthetic=round(num_items * mix_fraction),
+                        seed=seed)
     wanted = len(classic) * mix_fraction / (1.0 - mix_fraction) if mix_fraction < 1 else len(synthetic)
     num_synthetic = min(len(synthetic), round(wanted))
     total = len(classic) + num_synthetic if mix_fraction < 1 else num_synthetic
     if isinstance(classic, list):
         return mix(classic, synthetic, synthetic_fraction=num_synthetic / total, num_samples=total, seed=seed)
     return MixedItems(classic if mix_fraction < 1 else [], synthetic[:num_synthetic], seed=seed)
+
+
+class ExactMix(torch.utils.data.Dataset):
+    """``num_items`` items of which ``num_synthetic`` come from ``synthetic`` and the rest from
+    ``classic``, in one seeded order computed per index: slot i holds the item that a
+    ``slimlm.shards.Permutation`` of the slots sends to rank r; ranks below ``num_synthetic``
+    walk ``synthetic``, the others ``classic``, each in its own seeded permutation, pass after
+    pass (an item repeats only once its source has served them all). Constant memory."""
+
+    def __init__(self, classic, synthetic, *, num_items: int, num_synthetic: int, seed: int = 0):
+        from slimlm.shards import Permutation
+
+        if not 0 <= num_synthetic <= num_items:
+            raise ValueError(f"num_synthetic must be in [0, num_items={num_items}], got {num_synthetic}")
+        if num_synthetic and not len(synthetic) or num_synthetic < num_items and not len(classic):
+            raise ValueError("a source the mix draws from is empty")
+        self.classic, self.synthetic = classic, synthetic
+        self.num_items, self.num_synthetic, self.seed = num_items, num_synthetic, seed
+        self.order = Permutation(num_items, seed)
+        self._seeds = {name: int(np.random.SeedSequence([seed % (1 << 64), tag]).generate_state(1, np.uint64)[0])
+                       for tag, name in enumerate(("synthetic", "classic"), start=1)}
+        self._walks = {}  # the permutation of each source's current pass
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def _walk(self, source, name: str, rank: int):
+        from slimlm.shards import Permutation
+
+        walk_pass, step = divmod(rank, len(source))
+        if self._walks.get(name, (None,))[0] != walk_pass:
+            self._walks[name] = (walk_pass, Permutation(len(source), self._seeds[name], walk_pass))
+        return source[int(self._walks[name][1]([step])[0])]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_items:
+            raise IndexError(index)
+        rank = int(self.order([index])[0])
+        if rank < self.num_synthetic:
+            return self._walk(self.synthetic, "synthetic", rank)
+        return self._walk(self.classic, "classic", rank - self.num_synthetic)
 
 
 class MixedItems(torch.utils.data.Dataset):

@@ -304,8 +304,16 @@ def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *,
         synthetic = synthetic_blocks(synthetic_texts, None, tokenizer, options, student=student, log=log) \
             if mixed else None
         synthetic = [item for part in synthetic.values() for item in part] if synthetic else None
+        # with a known step count, mix_fraction of the items the run reads are synthetic (repeated
+        # when there are fewer), however large the corpus it reads a part of
+        known = args.max_steps is not None and args.max_steps > 0
         dataset = training_set(training_items_of(train, tokenizer, seq_len, model=student), synthetic, mix_fraction,
-                               seed=seed)
+                               seed=seed, num_items=args.max_steps * tokens_per_step(args, seq_len) // seq_len
+                               if known and synthetic else None)
+        if known and synthetic and dataset.num_synthetic > len(synthetic):
+            log(f"[distill] the teacher-written text is {len(synthetic):,} blocks; {mix_fraction:.0%} of the run's "
+                f"{dataset.num_items:,} is {dataset.num_synthetic:,}: each is read "
+                f"{dataset.num_synthetic / len(synthetic):.1f} times")
 
     max_minutes = options.max_minutes
     callbacks = [time_budget_callback(max_minutes * 60)] if max_minutes else []
