@@ -93,9 +93,9 @@ def main() -> None:
         results[arm] = {name: perplexity(model, split, progress=False)["perplexity"] for name, split in blocks.items()}
         results[arm]["train_s"] = train_s
         with open(os.path.join(args.out, arm, "slimlm_distill.json"), encoding="utf-8") as handle:
-            mix = json.load(handle).get("data_mix")
-        if mix:  # the weights the last batches were drawn with
-            results[arm]["mix"] = {name: round(weight, 3) for name, weight in mix[-1]["weights"].items()}
+            data_mix = json.load(handle).get("data_mix")
+        if data_mix:  # the weights the last batches were drawn with
+            results[arm]["mix"] = {name: round(weight, 3) for name, weight in data_mix[-1]["weights"].items()}
         print(arm, json.dumps(results[arm]), flush=True)
     teacher.eval()
     results["teacher"] = {name: perplexity(teacher, split, progress=False)["perplexity"]
