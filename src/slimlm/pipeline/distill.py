@@ -312,7 +312,7 @@ def distill_stage(teacher, student, tokenizer, train, out: str, options=None, *,
                                if known and synthetic else None)
         if known and synthetic and dataset.num_synthetic > len(synthetic):
             log(f"[distill] the teacher-written text is {len(synthetic):,} blocks; {mix_fraction:.0%} of the run's "
-                f"{dataset.num_items:,} is {dataset.num_synthetic:,}: each is read "
+                f"{dataset.num_items:,} (at most) is {dataset.num_synthetic:,}: each is read up to "
                 f"{dataset.num_synthetic / len(synthetic):.1f} times")
 
     max_minutes = options.max_minutes
