@@ -116,5 +116,6 @@ def test_the_synthetic_share_is_of_the_items_the_run_reads(models, tmp_path):
     distill(models, tmp_path / "out", steps=8, lines=lines, synthetic_texts=texts(7, count=2), mix_fraction=0.5)
     record = json.loads((tmp_path / "out" / "slimlm_distill.json").read_text())
     assert record["num_train_items"] == 16
+    assert record["inputs"]["mix_share"] == "items read"  # checkpoints of a run that mixed by the corpus are not this
     assert any("[distill] the teacher-written text is" in line and "of the run's 16 (at most) is 8" in line
                for line in lines)

@@ -48,6 +48,8 @@ def distill_inputs(teacher, student, train, options=None, *, synthetic_texts=Non
            else {}),
         **({"dynamic_mix": {name: getattr(options, name) for name in MIX_FIELDS}} if options.dynamic_mix else {}),
         **({"corpus_sources": options.corpus_weights or "by tokens"} if options.corpus_sources else {}),
+        # teacher-written texts: their share is of the items the run reads (older runs: of the corpus)
+        **({"mix_share": "items read"} if mixed and texts and not synthetic_caches else {}),
         "synthetic": texts_digest(texts) if mixed and texts else None,
         "mix": mix_fraction if mixed else 0.0, "seq_len": options.seq_len, "max_tokens": options.max_tokens,
         "batch_size": options.batch_size, "learning_rate": options.lr, "temperature": options.temperature,
