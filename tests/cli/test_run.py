@@ -401,7 +401,8 @@ def test_vllm_generation_settings_are_checked_before_any_work(workspace, capsys,
     ({"distill__corpus_weights": "train0=1"}, "distill.corpus_weights weighs the corpus's sources: set "
                                               "distill.corpus_sources too"),
     ({"distill__corpus_sources": True, "distill__corpus_weights": "train0=1"},
-     "distill.corpus_weights must name exactly data.train's sources (train0, train1, train2, train3), not train0"),
+     "distill.corpus_weights must name exactly the corpus's sources (train0, train1, train2, train3): missing "
+     "train1, train2, train3"),
     ({"correct_teacher": {"tokens": 0}}, "correct_teacher.tokens must be > 0"),
     ({"correct_teacher": {"lr": 0.1}}, "correct_teacher.tokens is required"),
 ])

@@ -268,3 +268,15 @@ def parse_corpus_weights(spec: str) -> dict[str, float]:
     if not any(weights.values()):
         raise InputError("every weight is 0; give at least one source a positive weight")
     return weights
+
+
+def corpus_weights_of(spec: str, names: list[str], what: str) -> dict[str, float]:
+    """``parse_corpus_weights(spec)``, checked to name exactly the sources ``names``; InputError
+    starting with ``what`` (e.g. "corpus_weights") naming those unknown and missing."""
+    given = parse_corpus_weights(spec)
+    unknown, missing = sorted(set(given) - set(names)), [name for name in names if name not in given]
+    if unknown or missing:
+        raise InputError(f"{what} must name exactly the corpus's sources ({', '.join(names)})"
+                         + (f": unknown {', '.join(unknown)}" if unknown else "")
+                         + (f": missing {', '.join(missing)}" if missing else ""))
+    return given

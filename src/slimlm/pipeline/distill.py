@@ -76,18 +76,12 @@ def source_mixture(classic, synthetic: dict, mix_fraction: float, options, *, nu
     from torch.utils.data import Subset
 
     from slimlm.distill.mixture import SourceMixture, dynamic_mix_callback, reference_losses
-    from slimlm.distill.options import parse_corpus_weights
+    from slimlm.distill.options import corpus_weights_of
 
     corpus = {f"corpus/{name}": blocks for name, blocks in classic.items()} if isinstance(classic, dict) \
         else {"corpus": classic}
-    given = parse_corpus_weights(options.corpus_weights) if options.corpus_weights else None
-    if given is not None:
-        names = [name.removeprefix("corpus/") for name in corpus]
-        unknown, missing = sorted(set(given) - set(names)), [name for name in names if name not in given]
-        if unknown or missing:
-            raise InputError(f"corpus_weights must name exactly the corpus's sources ({', '.join(names)})"
-                             + (f": unknown {', '.join(unknown)}" if unknown else "")
-                             + (f": missing {', '.join(missing)}" if missing else ""))
+    given = corpus_weights_of(options.corpus_weights, [name.removeprefix("corpus/") for name in corpus],
+                              "corpus_weights") if options.corpus_weights else None
     sources = {**corpus, **synthetic} if mix_fraction < 1 else dict(synthetic)
     heldout = {}
     if options.dynamic_mix:

@@ -204,14 +204,11 @@ class Pipeline:
 
             check_token_budget(section["max_tokens"], rerank_tokens(search, train_blocks=0))
         if section["corpus_weights"]:  # named after data.train's files, which the recipe's check did not read
-            from slimlm.distill.options import parse_corpus_weights
+            from slimlm.distill.options import corpus_weights_of
             from slimlm.shards.identity import source_names
 
-            names = source_names(recipe["data"]["train"], "data.train")
-            given = parse_corpus_weights(section["corpus_weights"])
-            if sorted(names) != sorted(given):
-                raise InputError(f"distill.corpus_weights must name exactly data.train's sources ({', '.join(names)}), "
-                                 f"not {', '.join(given)}")
+            corpus_weights_of(section["corpus_weights"], source_names(recipe["data"]["train"], "data.train"),
+                              "distill.corpus_weights")
         if recipe["teacher_cache"] is not None:
             from slimlm.distill.options import TeacherCacheOptions
 
